@@ -1,0 +1,165 @@
+// CPU kernels of fasthg::upsample_add: out = skip + nearest_upsample(low) in one pass,
+// and its backward (grad_low = block sum of grad_out), for NCHW and channels_last.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../upsample_add.h"
+
+namespace fasthg {
+namespace {
+
+// Elements per task: below this, threading costs more than it saves (ATen's value).
+constexpr int64_t kGrain = 32768;
+
+std::vector<int64_t> src_map(int64_t in, int64_t out) {
+  std::vector<int64_t> m(out);
+  for (int64_t d = 0; d < out; ++d) m[d] = nearest_src(d, in, out);
+  return m;
+}
+
+template <typename scalar_t>
+void forward_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t NC,
+                  int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo) {
+  const auto src_w = src_map(Wi, Wo);
+  const bool twice = Wo == 2 * Wi;
+  const int64_t grain = std::max<int64_t>(1, kGrain / Wo);
+  at::parallel_for(0, NC * Ho, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t nc = r / Ho, h = r % Ho;
+      const scalar_t* l = low + (nc * Hi + nearest_src(h, Hi, Ho)) * Wi;
+      const scalar_t* s = skip + r * Wo;
+      scalar_t* o = out + r * Wo;
+      if (twice) {
+        for (int64_t j = 0; j < Wi; ++j) {
+          const scalar_t v = l[j];
+          o[2 * j] = s[2 * j] + v;
+          o[2 * j + 1] = s[2 * j + 1] + v;
+        }
+      } else {
+        for (int64_t w = 0; w < Wo; ++w) o[w] = s[w] + l[src_w[w]];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t N, int64_t C,
+                  int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo) {
+  const auto src_w = src_map(Wi, Wo);
+  const int64_t grain = std::max<int64_t>(1, kGrain / C);
+  at::parallel_for(0, N * Ho * Wo, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t w = p % Wo, h = (p / Wo) % Ho, n = p / (Wo * Ho);
+      const scalar_t* l = low + ((n * Hi + nearest_src(h, Hi, Ho)) * Wi + src_w[w]) * C;
+      const scalar_t* s = skip + p * C;
+      scalar_t* o = out + p * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = s[c] + l[c];
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nchw(const scalar_t* g, scalar_t* gl, int64_t NC, int64_t Hi, int64_t Wi,
+                   int64_t Ho, int64_t Wo) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto src_w = src_map(Wi, Wo);
+  const bool twice = Wo == 2 * Wi;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (4 * Wi));
+  at::parallel_for(0, NC * Hi, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Wi);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t nc = r / Hi, i = r % Hi;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t h_end = nearest_dst_begin(i + 1, Hi, Ho);
+      for (int64_t h = nearest_dst_begin(i, Hi, Ho); h < h_end; ++h) {
+        const scalar_t* row = g + (nc * Ho + h) * Wo;
+        if (twice) {
+          for (int64_t j = 0; j < Wi; ++j)
+            acc[j] += static_cast<acc_t>(row[2 * j]) + static_cast<acc_t>(row[2 * j + 1]);
+        } else {
+          for (int64_t w = 0; w < Wo; ++w) acc[src_w[w]] += static_cast<acc_t>(row[w]);
+        }
+      }
+      scalar_t* o = gl + r * Wi;
+      for (int64_t j = 0; j < Wi; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nhwc(const scalar_t* g, scalar_t* gl, int64_t N, int64_t C, int64_t Hi, int64_t Wi,
+                   int64_t Ho, int64_t Wo) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (4 * C));
+  at::parallel_for(0, N * Hi * Wi, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t j = p % Wi, i = (p / Wi) % Hi, n = p / (Wi * Hi);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t h_end = nearest_dst_begin(i + 1, Hi, Ho);
+      const int64_t w_begin = nearest_dst_begin(j, Wi, Wo), w_end = nearest_dst_begin(j + 1, Wi, Wo);
+      for (int64_t h = nearest_dst_begin(i, Hi, Ho); h < h_end; ++h) {
+        for (int64_t w = w_begin; w < w_end; ++w) {
+          const scalar_t* px = g + ((n * Ho + h) * Wo + w) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(px[c]);
+        }
+      }
+      scalar_t* o = gl + p * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+}
+
+at::Tensor upsample_add_cpu(const at::Tensor& low_in, const at::Tensor& skip_in) {
+  check_upsample_add_args(low_in, skip_in);
+  TORCH_CHECK(skip_in.device().is_cpu(), "upsample_add: expected CPU tensors");
+  const auto fmt = skip_in.suggest_memory_format();
+  const auto skip = skip_in.contiguous(fmt);
+  const auto low = low_in.contiguous(fmt);
+  auto out = at::empty(skip.sizes(), skip.options().memory_format(fmt));
+  const int64_t N = skip.size(0), C = skip.size(1), Ho = skip.size(2), Wo = skip.size(3);
+  const int64_t Hi = low.size(2), Wi = low.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, skip.scalar_type(), "upsample_add_cpu", [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      forward_nhwc(low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(),
+                   out.mutable_data_ptr<scalar_t>(), N, C, Hi, Wi, Ho, Wo);
+    } else {
+      forward_nchw(low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(),
+                   out.mutable_data_ptr<scalar_t>(), N * C, Hi, Wi, Ho, Wo);
+    }
+  });
+  return out;
+}
+
+at::Tensor upsample_add_backward_cpu(const at::Tensor& grad_in, int64_t low_h, int64_t low_w) {
+  check_upsample_add_backward_args(grad_in, low_h, low_w);
+  const auto fmt = grad_in.suggest_memory_format();
+  const auto grad = grad_in.contiguous(fmt);
+  const int64_t N = grad.size(0), C = grad.size(1), Ho = grad.size(2), Wo = grad.size(3);
+  auto grad_low = at::empty({N, C, low_h, low_w}, grad.options().memory_format(fmt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_add_backward_cpu", [&] {
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      backward_nhwc(grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(), N, C,
+                    low_h, low_w, Ho, Wo);
+    } else {
+      backward_nchw(grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(), N * C,
+                    low_h, low_w, Ho, Wo);
+    }
+  });
+  return grad_low;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
+  m.impl("upsample_add", &upsample_add_cpu);
+  m.impl("upsample_add_backward", &upsample_add_backward_cpu);
+}
+
+}  // namespace fasthg

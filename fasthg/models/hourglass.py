@@ -1,0 +1,116 @@
+"""The Stacked Hourglass network (Newell, Yang, Deng, ECCV 2016), as in the authors' Torch
+code: pre-activation bottleneck residual modules, hourglasses of depth 4 whose skip merges
+are nearest-2x-upsample + add, and intermediate supervision between stacks."""
+from typing import List
+
+import torch
+from torch import nn
+
+from fasthg import ops
+
+
+def bn_relu(channels: int) -> nn.Module:
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=False))
+
+
+class Residual(nn.Module):
+    """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
+    (through a 1x1 conv when the channel counts differ). Paper Fig. 4."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        mid = out_channels // 2
+        self.body = nn.Sequential(
+            bn_relu(in_channels), nn.Conv2d(in_channels, mid, 1),
+            bn_relu(mid), nn.Conv2d(mid, mid, 3, padding=1),
+            bn_relu(mid), nn.Conv2d(mid, out_channels, 1),
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return self.body(x) + self.skip(x)
+
+
+class Hourglass(nn.Module):
+    """up1 = res(x); low = res(maxpool(x)) -> hourglass(depth-1) or res -> res;
+    out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add."""
+
+    def __init__(self, depth: int, channels: int, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.up1 = Residual(channels, channels)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.low1 = Residual(channels, channels)
+        self.low2 = Hourglass(depth - 1, channels, backend) if depth > 1 else Residual(channels, channels)
+        self.low3 = Residual(channels, channels)
+
+    def forward(self, x):
+        up1 = self.up1(x)
+        low = self.low3(self.low2(self.low1(self.pool(x))))
+        if low.dtype != up1.dtype:  # autocast may leave the branches in different dtypes
+            dtype = torch.promote_types(low.dtype, up1.dtype)
+            low, up1 = low.to(dtype), up1.to(dtype)
+        return ops.upsample_add(low, up1, backend=self.backend)
+
+
+class StackedHourglass(nn.Module):
+    """Input [B, 3, H, W] (H, W multiples of 4 * 2**depth); output the heatmaps of every
+    stack, [B, num_stacks, num_joints, H/4, W/4]. The loss supervises every stack."""
+
+    def __init__(self, num_stacks: int = 8, num_features: int = 256, num_joints: int = 16,
+                 depth: int = 4, backend: str = "auto"):
+        super().__init__()
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        for name, v in (("num_stacks", num_stacks), ("num_features", num_features),
+                        ("num_joints", num_joints), ("depth", depth)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if num_features % 2:
+            raise ValueError(f"num_features must be even, got {num_features}")
+        self.num_stacks, self.num_joints, self.depth, self.backend = num_stacks, num_joints, depth, backend
+        f = num_features
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, stride=2, padding=3), bn_relu(64),
+            Residual(64, 128), nn.MaxPool2d(2, 2), Residual(128, 128), Residual(128, f),
+        )
+        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend) for _ in range(num_stacks))
+        self.features = nn.ModuleList(
+            nn.Sequential(Residual(f, f), nn.Conv2d(f, f, 1), bn_relu(f)) for _ in range(num_stacks))
+        self.heads = nn.ModuleList(nn.Conv2d(f, num_joints, 1) for _ in range(num_stacks))
+        # Intermediate supervision: each stack's features and heatmaps re-enter the next.
+        self.remap_features = nn.ModuleList(nn.Conv2d(f, f, 1) for _ in range(num_stacks - 1))
+        self.remap_heatmaps = nn.ModuleList(nn.Conv2d(num_joints, f, 1) for _ in range(num_stacks - 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        mult = 4 * 2 ** self.depth
+        if images.shape[2] % mult or images.shape[3] % mult:
+            raise ValueError(f"image height and width must be multiples of {mult} for depth "
+                             f"{self.depth}, got {tuple(images.shape[2:])}")
+        x = self.stem(images)
+        heatmaps: List[torch.Tensor] = []
+        for i in range(self.num_stacks):
+            feat = self.features[i](self.hourglasses[i](x))
+            hm = self.heads[i](feat)
+            heatmaps.append(hm)
+            if i < self.num_stacks - 1:
+                x = x + self.remap_features[i](feat) + self.remap_heatmaps[i](hm)
+        return torch.stack(heatmaps, dim=1)
+
+
+def hg1(**kw) -> StackedHourglass:
+    return StackedHourglass(num_stacks=1, **kw)
+
+
+def hg2(**kw) -> StackedHourglass:
+    return StackedHourglass(num_stacks=2, **kw)
+
+
+def hg4(**kw) -> StackedHourglass:
+    return StackedHourglass(num_stacks=4, **kw)
+
+
+def hg8(**kw) -> StackedHourglass:
+    return StackedHourglass(num_stacks=8, **kw)

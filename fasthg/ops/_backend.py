@@ -1,0 +1,59 @@
+"""Backend names and how `auto` picks one for a tensor."""
+import os
+
+import torch
+
+from fasthg import _ext
+
+BACKENDS = ("auto", "eager", "native", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device_type: str) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors only under TRITON_INTERPRET=1 (for tests)."""
+    if not triton_available():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
+
+
+def resolve(backend: str, op: str, t: torch.Tensor) -> str:
+    """The concrete backend (eager, native or triton) that runs `op` on tensors like `t`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = t.device.type
+    if backend == "auto":
+        if _ext.has_kernel(op, dev):
+            return "native"
+        if dev == "cuda" and triton_usable(dev):
+            return "triton"
+        return "eager"
+    if backend == "native" and not _ext.has_kernel(op, dev):
+        why = f"the extension failed to load: {_ext.LOAD_ERROR}" if _ext._C is None else (
+            f"fasthg._C was built without {dev.upper()} kernels")
+        raise RuntimeError(f"backend='native' cannot run {op} on {dev} tensors: {why}")
+    if backend == "triton" and not triton_usable(dev):
+        raise RuntimeError(
+            f"backend='triton' cannot run {op} on {dev} tensors: Triton needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 for CPU tensors) and an importable triton package")
+    return backend
+
+
+def available(device_type: str) -> list:
+    """The concrete backends that can run every fused op on a device type."""
+    out = ["eager"]
+    if _ext.has_kernel("upsample_add", device_type):
+        out.append("native")
+    if triton_usable(device_type):
+        out.append("triton")
+    return out

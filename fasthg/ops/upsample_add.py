@@ -1,0 +1,95 @@
+"""upsample_add(low, skip) = skip + nearest_upsample(low, size=skip's H, W): the hourglass's
+skip merge, in one pass instead of materialising the upsampled tensor.
+
+Backends: eager (fasthg.reference), native (fasthg::upsample_add from csrc/, CPU and CUDA)
+and triton (kernels/upsample_add.py, registered here as fasthg::upsample_add_triton). Both
+custom ops get the same autograd: grad_skip is grad_out itself, grad_low its block sum.
+
+Any ratio of sizes follows F.interpolate(mode="nearest", size=...) exactly (including
+non-integer ratios and shrinking); the hourglass always uses exactly 2x.
+"""
+import torch
+
+from fasthg import _ext, reference
+from fasthg._layout import memory_format_of
+from fasthg.ops import _backend
+
+
+def check_args(low: torch.Tensor, skip: torch.Tensor) -> None:
+    """The errors every backend gives for bad input (the C++ ops check the same)."""
+    for name, t in (("low", low), ("skip", skip)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"upsample_add: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"upsample_add: `{name}` must be a 4-D [N, C, H, W] tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"upsample_add: `{name}` must have a floating-point dtype, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"upsample_add: empty tensors are not supported, got `{name}` of shape {tuple(t.shape)}")
+    if low.shape[:2] != skip.shape[:2]:
+        raise ValueError("upsample_add: `low` and `skip` must have the same batch and channel sizes, "
+                         f"got {tuple(low.shape)} and {tuple(skip.shape)}")
+    if low.dtype != skip.dtype:
+        raise ValueError(f"upsample_add: `low` and `skip` must have the same dtype, got {low.dtype} and {skip.dtype}")
+    if low.device != skip.device:
+        raise ValueError(f"upsample_add: `low` and `skip` must be on the same device, got {low.device} and {skip.device}")
+
+
+def _fake_forward(low, skip):
+    return torch.empty_like(skip, memory_format=memory_format_of(skip))
+
+
+def _fake_backward(grad_out, low_h, low_w):
+    n, c = grad_out.shape[:2]
+    return grad_out.new_empty((n, c, low_h, low_w)).contiguous(memory_format=memory_format_of(grad_out))
+
+
+def _setup_context(ctx, inputs, output):
+    low, _ = inputs
+    ctx.low_hw = low.shape[-2:]
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out):
+        return backward_op(grad_out, ctx.low_hw[0], ctx.low_hw[1]), grad_out
+
+    return backward
+
+
+if _ext._C is not None:
+    torch.library.register_fake("fasthg::upsample_add")(_fake_forward)
+    torch.library.register_fake("fasthg::upsample_add_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "fasthg::upsample_add", _make_backward(torch.ops.fasthg.upsample_add_backward),
+        setup_context=_setup_context)
+
+if _backend.triton_available():
+    from fasthg.kernels import upsample_add as _tk
+
+    @torch.library.custom_op("fasthg::upsample_add_triton", mutates_args=())
+    def _upsample_add_triton(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return _tk.upsample_add(low, skip)
+
+    @torch.library.custom_op("fasthg::upsample_add_backward_triton", mutates_args=())
+    def _upsample_add_backward_triton(grad_out: torch.Tensor, low_h: int, low_w: int) -> torch.Tensor:
+        return _tk.upsample_add_backward(grad_out, low_h, low_w)
+
+    _upsample_add_triton.register_fake(_fake_forward)
+    _upsample_add_backward_triton.register_fake(_fake_backward)
+    _upsample_add_triton.register_autograd(
+        _make_backward(torch.ops.fasthg.upsample_add_backward_triton), setup_context=_setup_context)
+
+
+def upsample_add(low: torch.Tensor, skip: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """skip + F.interpolate(low, size=skip.shape[-2:], mode="nearest"), fused.
+
+    low: [N, C, h, w], skip: [N, C, H, W], same dtype and device. The output has skip's
+    memory format (NCHW or channels_last); other strides are copied into one of those.
+    """
+    check_args(low, skip)
+    which = _backend.resolve(backend, "upsample_add", skip)
+    if which == "native":
+        return torch.ops.fasthg.upsample_add(low, skip)
+    if which == "triton":
+        return torch.ops.fasthg.upsample_add_triton(low, skip)
+    return reference.upsample_add(low, skip)

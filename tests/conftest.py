@@ -1,0 +1,72 @@
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through its interpreter. It must be
+# switched on before triton is first imported (fasthg imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fasthg  # noqa: E402,F401
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device visible")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison():
+    """Fill every freshly allocated tensor with NaN (torch's deterministic mode does this for
+    torch.empty), so an output element a kernel never writes shows up as NaN."""
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(8)).all(), "poisoning is not in effect"
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """|out - ref| / |ref| over the whole tensor, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def backends_on(device: str):
+    """Concrete backends that can run on a device here (Triton on CPU: the interpreter)."""
+    if device == "cuda" and not HAS_CUDA:
+        return ["eager", "native", "triton"]  # collected, then skipped
+    return fasthg.ops.available(device)
+
+
+def device_backend_params(include_eager=True):
+    """(device, backend) pairs: every backend available on the CPU here, and every backend on
+    CUDA (marked `cuda`, so skipped without a GPU)."""
+    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu")
+           if include_eager or b != "eager"]
+    out += [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda)
+            for b in ("eager", "native", "triton") if include_eager or b != "eager"]
+    return out
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def skip_unsupported(device: str, backend: str, dtype: torch.dtype):
+    if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16; bf16 Triton runs in the CUDA tests")

@@ -1,0 +1,148 @@
+"""The Stacked Hourglass model: shapes, size, intermediate supervision, layouts, dtypes, and
+equality of every backend with the eager model."""
+import copy
+
+import pytest
+import torch
+
+from conftest import device_backend_params, rel_err
+from fasthg.models import PRESETS, StackedHourglass, hg2, hg8
+
+
+def small(**kw):
+    kw = {"num_stacks": 2, "num_features": 16, "num_joints": 5, "depth": 2, **kw}
+    return StackedHourglass(**kw)
+
+
+def residual_params(i, o):
+    m = o // 2
+    bns = 2 * i + 2 * m + 2 * m
+    convs = (i * m + m) + (9 * m * m + m) + (m * o + o)
+    return bns + convs + (i * o + o if i != o else 0)
+
+
+def expected_params(stacks, f=256, joints=16, depth=4):
+    stem = (3 * 64 * 49 + 64) + 2 * 64 + residual_params(64, 128) + residual_params(128, 128) + residual_params(128, f)
+    hourglass = (3 * depth + 1) * residual_params(f, f)
+    after = residual_params(f, f) + (f * f + f) + 2 * f + (f * joints + joints)
+    remap = (f * f + f) + (joints * f + f)
+    return stem + stacks * (hourglass + after) + (stacks - 1) * remap
+
+
+@pytest.mark.parametrize("preset,stacks", [(hg2, 2), (hg8, 8)])
+def test_parameter_count_matches_hand_count(preset, stacks):
+    n = sum(p.numel() for p in preset(backend="eager").parameters())
+    assert n == expected_params(stacks)
+    # The paper's sizes: about 25M for 8 stacks, 6.7M for 2.
+    assert {2: 6.5e6, 8: 25e6}[stacks] * 0.95 < n < {2: 6.5e6, 8: 25e6}[stacks] * 1.1
+
+
+def test_presets():
+    assert [PRESETS[k](num_features=8, backend="eager").num_stacks for k in ("hg1", "hg2", "hg4", "hg8")] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("stacks,size", [(1, 64), (3, 32)])
+def test_output_shape(stacks, size):
+    model = small(num_stacks=stacks, backend="eager")
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, stacks, 5, size // 4, size // 4)
+
+
+def test_full_size_hg2_forward_shape():
+    model = hg2(backend="auto").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 256))
+    assert out.shape == (1, 2, 16, 64, 64)
+
+
+def test_intermediate_supervision_feeds_heatmaps_forward():
+    torch.manual_seed(0)
+    model = small(backend="eager").eval()
+    x = torch.randn(1, 3, 32, 32)
+    seen = {}
+    model.hourglasses[1].register_forward_pre_hook(lambda m, args: seen.setdefault("x1", args[0]))
+    model.stem.register_forward_hook(lambda m, args, out: seen.setdefault("x0", out))
+    model.features[0].register_forward_hook(lambda m, args, out: seen.setdefault("feat0", out))
+    with torch.no_grad():
+        out = model(x)
+        expected = seen["x0"] + model.remap_features[0](seen["feat0"]) + model.remap_heatmaps[0](out[:, 0])
+    torch.testing.assert_close(seen["x1"], expected)
+    # Changing how stack 1's heatmaps re-enter changes stack 2's output, not stack 1's.
+    with torch.no_grad():
+        model.remap_heatmaps[0].weight.mul_(3)
+        out2 = model(x)
+    torch.testing.assert_close(out2[:, 0], out[:, 0])
+    assert not torch.allclose(out2[:, 1], out[:, 1])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_backend_matches_eager_model(device, backend, layout):
+    torch.manual_seed(0)
+    eager = small(backend="eager").to(device).train()
+    fused = copy.deepcopy(eager)
+    for m in fused.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=layout)
+    eager, fused = eager.to(memory_format=layout), fused.to(memory_format=layout)
+    out_e, out_f = eager(x), fused(x)
+    assert rel_err(out_f, out_e) < 1e-5
+    g = torch.randn_like(out_e)
+    out_e.backward(g)
+    out_f.backward(g)
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        assert rel_err(pf.grad, pe.grad) < 1e-4, name
+
+
+def test_channels_last_model_matches_nchw():
+    torch.manual_seed(0)
+    model = small(backend="auto").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_autocast_bfloat16_cpu(backend):
+    torch.manual_seed(0)
+    model = small(backend=backend).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 5e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_cuda(backend, dtype):
+    torch.manual_seed(0)
+    model = small(backend=backend).cuda().train()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    ref = model(x)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(x)
+    out.float().sum().backward()
+    assert rel_err(out, ref) < 5e-2
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"backend": "fast"}, "backend must be one of"),
+    ({"num_stacks": 0}, "num_stacks"),
+    ({"num_features": 15}, "num_features must be even"),
+])
+def test_bad_arguments(kw, message):
+    with pytest.raises(ValueError, match=message):
+        small(**kw)
+
+
+@pytest.mark.parametrize("shape,message", [((1, 1, 32, 32), r"\[B, 3, H, W\]"), ((1, 3, 30, 32), "multiples of 16")])
+def test_bad_images(shape, message):
+    with pytest.raises(ValueError, match=message):
+        small(backend="eager")(torch.randn(shape))

@@ -1,0 +1,196 @@
+"""fasthg.ops.upsample_add on every backend against the float64 eager reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DTYPES, TOL, device_backend_params, rel_err, skip_unsupported
+from fasthg import ops, reference
+
+# (low shape, skip H, W): the hourglass's exact 2x, odd sizes, 3x, non-integer, shrinking, 1x.
+CASES = [
+    ((2, 3, 4, 5), (8, 10)),
+    ((1, 5, 3, 7), (6, 14)),
+    ((2, 4, 1, 1), (2, 2)),
+    ((1, 3, 3, 2), (9, 6)),
+    ((1, 2, 5, 7), (9, 11)),
+    ((2, 3, 6, 8), (3, 5)),
+    ((1, 4, 4, 4), (4, 4)),
+]
+CASE_IDS = ["2x", "2x-odd", "1px", "3x", "non-integer", "shrink", "same"]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def make(low_shape, hw, dtype, device, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(low_shape, generator=g, dtype=torch.float64)
+    skip = torch.randn(low_shape[:2] + hw, generator=g, dtype=torch.float64)
+    cast = lambda t: t.to(device=device, dtype=dtype).contiguous(memory_format=layout)  # noqa: E731
+    return low, skip, cast(low), cast(skip)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("low_shape,hw", CASES, ids=CASE_IDS)
+def test_forward_backward_match_float64_reference(device, backend, dtype, layout, low_shape, hw, poison):
+    skip_unsupported(device, backend, dtype)
+    low64, skip64, low, skip = make(low_shape, hw, dtype, device, layout)
+    low.requires_grad_(True)
+    skip.requires_grad_(True)
+    out = ops.upsample_add(low, skip, backend=backend)
+    assert out.shape == skip.shape and out.dtype == dtype and out.device == skip.device
+    assert out.is_contiguous(memory_format=layout)
+    assert not out.isnan().any()
+    low64.requires_grad_(True)
+    skip64.requires_grad_(True)
+    ref = reference.upsample_add(low64, skip64)
+    assert rel_err(out, ref) < TOL[dtype]
+
+    grad = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(grad.to(device=device, dtype=dtype).contiguous(memory_format=layout))
+    ref.backward(grad)
+    assert not low.grad.isnan().any()
+    assert rel_err(low.grad, low64.grad) < TOL[dtype]
+    assert rel_err(skip.grad, skip64.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_exact_on_integer_ratios(device, backend):
+    # Forward is a copy plus one rounding, as in eager: equal bit for bit in float32.
+    low = torch.randn(2, 3, 5, 6, device=device)
+    skip = torch.randn(2, 3, 10, 12, device=device)
+    torch.testing.assert_close(ops.upsample_add(low, skip, backend=backend),
+                               skip + F.interpolate(low, scale_factor=2, mode="nearest"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+def test_non_contiguous_and_mixed_layouts(device, backend):
+    low64 = torch.randn(2, 6, 8, 5, dtype=torch.float64)
+    skip64 = torch.randn(2, 3, 10, 16, dtype=torch.float64)
+    low = low64.to(device, torch.float32)[:, ::2].transpose(2, 3)  # strided view, 2x3x5x8
+    skip = skip64.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
+    out = ops.upsample_add(low, skip, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, reference.upsample_add(low64[:, ::2].transpose(2, 3), skip64)) < 1e-6
+    sliced = skip64.to(device, torch.float32)[..., 3:13]  # not contiguous in any format
+    out = ops.upsample_add(low[..., :5, :5], sliced, backend=backend)
+    assert rel_err(out, reference.upsample_add(low64[:, ::2].transpose(2, 3)[..., :5, :5], skip64[..., 3:13])) < 1e-6
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+def test_grad_of_skip_is_grad_out_itself(device, backend):
+    low = torch.randn(1, 2, 3, 3, device=device, requires_grad=True)
+    skip = torch.randn(1, 2, 6, 6, device=device, requires_grad=True)
+    seen = {}
+    out = ops.upsample_add(low, skip, backend=backend)
+    out.register_hook(lambda g: seen.setdefault("out", g))
+    skip.register_hook(lambda g: seen.setdefault("skip", g))
+    out.sum().backward()
+    assert seen["skip"].data_ptr() == seen["out"].data_ptr()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("low_shape,hw", [CASES[0], CASES[3], CASES[4], CASES[5]], ids=["2x", "3x", "non-integer", "shrink"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_gradcheck_float64(device, backend, low_shape, hw, layout):
+    _, _, low, skip = make(low_shape, hw, torch.float64, device, layout)
+    low.requires_grad_(True)
+    skip.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.upsample_add(a, b, backend=backend), (low, skip))
+
+
+def _opcheck_ops(backend):
+    if backend == "native":
+        return torch.ops.fasthg.upsample_add, torch.ops.fasthg.upsample_add_backward
+    return torch.ops.fasthg.upsample_add_triton, torch.ops.fasthg.upsample_add_backward_triton
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("low_shape,hw", [CASES[0], CASES[4]], ids=["2x", "non-integer"])
+def test_opcheck(device, backend, layout, low_shape, hw):
+    fwd, bwd = _opcheck_ops(backend)
+    _, _, low, skip = make(low_shape, hw, torch.float32, device, layout)
+    torch.library.opcheck(fwd, (low.requires_grad_(True), skip.requires_grad_(True)))
+    grad = torch.randn_like(skip)
+    torch.library.opcheck(bwd, (grad, low.shape[2], low.shape[3]))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+
+    def f(low, skip):
+        return ops.upsample_add(torch.relu(low), skip * 2, backend=backend).square().sum()
+
+    low = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    skip = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(low, skip)
+    out.backward()
+    grads = low.grad.clone(), skip.grad.clone()
+    low.grad = skip.grad = None
+    f(low, skip).backward()
+    torch.testing.assert_close(out, f(low, skip))
+    torch.testing.assert_close(grads, (low.grad, skip.grad))
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_native():
+    torch._dynamo.reset()
+    low = torch.randn(2, 3, 4, 4)
+    skip = torch.randn(2, 3, 8, 8)
+    f = torch.compile(lambda a, b: ops.upsample_add(a + 1, b, backend="native") * 3, fullgraph=True)
+    torch.testing.assert_close(f(low, skip), (reference.upsample_add(low + 1, skip)) * 3)
+
+
+BAD = [
+    ("low", lambda: (torch.randn(3, 4, 4), torch.randn(1, 3, 8, 8)), "4-D"),
+    ("skip", lambda: (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8, 1)), "4-D"),
+    ("channel", lambda: (torch.randn(1, 3, 4, 4), torch.randn(1, 4, 8, 8)), "same batch and channel"),
+    ("batch", lambda: (torch.randn(2, 3, 4, 4), torch.randn(1, 3, 8, 8)), "same batch and channel"),
+    ("dtype", lambda: (torch.randn(1, 3, 4, 4).half(), torch.randn(1, 3, 8, 8)), "same dtype"),
+    ("integer", lambda: (torch.ones(1, 3, 4, 4, dtype=torch.int32), torch.ones(1, 3, 8, 8, dtype=torch.int32)), "floating-point"),
+    ("empty", lambda: (torch.randn(0, 3, 4, 4), torch.randn(0, 3, 8, 8)), "empty"),
+    ("empty-hw", lambda: (torch.randn(1, 3, 0, 4), torch.randn(1, 3, 8, 8)), "empty"),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton", "auto"])
+@pytest.mark.parametrize("what,inputs,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_error(backend, what, inputs, message):
+    low, skip = inputs()
+    with pytest.raises(ValueError, match=message):
+        ops.upsample_add(low, skip, backend=backend)
+
+
+@pytest.mark.parametrize("what,inputs,message", BAD, ids=[b[0] for b in BAD])
+def test_native_op_checks_its_arguments(what, inputs, message):
+    low, skip = inputs()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fasthg.upsample_add(low, skip)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.upsample_add(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 4, 4), backend="cudnn")
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="same device"):
+        ops.upsample_add(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8, device="cuda"))
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.fasthg.upsample_add(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8, device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_hourglass_sizes(backend, dtype):
+    # The real shapes (batch 16, 256 channels, 64x64 out), where indexing bugs hide.
+    low = torch.randn(16, 256, 32, 32, device="cuda", dtype=dtype)
+    skip = torch.randn(16, 256, 64, 64, device="cuda", dtype=dtype)
+    for fmt in LAYOUTS:
+        low, skip = low.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt)
+        assert rel_err(ops.upsample_add(low, skip, backend=backend), reference.upsample_add(low.double(), skip.double())) < TOL[dtype]
