@@ -11,12 +11,20 @@ except ImportError as e:  # not built: the eager and Triton backends still work
     LOAD_ERROR = e
 
 
+OPS = ("upsample_add",)
+
+# Looked up once: registrations do not change after import, and a plain dict lookup is
+# something torch.compile can trace through.
+_KERNELS = {
+    (op, dev): _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fasthg::{op}", key)
+    for op in OPS
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether fasthg::<op> has a native kernel for a device type ("cpu" or "cuda")."""
-    if _C is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fasthg::{op}", key)
+    return _KERNELS.get((op, device_type), False)
 
 
 def build_info() -> dict:

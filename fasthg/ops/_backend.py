@@ -8,7 +8,7 @@ from fasthg import _ext
 BACKENDS = ("auto", "eager", "native", "triton")
 
 
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -16,8 +16,17 @@ def triton_available() -> bool:
     return True
 
 
+# Read once, at import: triton reads TRITON_INTERPRET when it is first imported too.
+_TRITON = _import_triton()
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return _TRITON
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETED
 
 
 def triton_usable(device_type: str) -> bool:
