@@ -64,12 +64,31 @@ void forward_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int6
   });
 }
 
+// Exact 2x (the hourglass): each low element sums a 2x2 block, one pass, no buffer.
+template <typename scalar_t>
+void backward_nchw_2x(const scalar_t* g, scalar_t* gl, int64_t NC, int64_t Hi, int64_t Wi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Wo = 2 * Wi;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (4 * Wi));
+  at::parallel_for(0, NC * Hi, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* g0 = g + 2 * r * Wo;  // rows 2i and 2i+1 of plane r / Hi
+      const scalar_t* g1 = g0 + Wo;
+      scalar_t* o = gl + r * Wi;
+      for (int64_t j = 0; j < Wi; ++j) {
+        o[j] = static_cast<scalar_t>(
+            (static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g0[2 * j + 1])) +
+            (static_cast<acc_t>(g1[2 * j]) + static_cast<acc_t>(g1[2 * j + 1])));
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void backward_nchw(const scalar_t* g, scalar_t* gl, int64_t NC, int64_t Hi, int64_t Wi,
                    int64_t Ho, int64_t Wo) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto src_w = src_map(Wi, Wo);
-  const bool twice = Wo == 2 * Wi;
   const int64_t grain = std::max<int64_t>(1, kGrain / (4 * Wi));
   at::parallel_for(0, NC * Hi, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(Wi);
@@ -79,15 +98,33 @@ void backward_nchw(const scalar_t* g, scalar_t* gl, int64_t NC, int64_t Hi, int6
       const int64_t h_end = nearest_dst_begin(i + 1, Hi, Ho);
       for (int64_t h = nearest_dst_begin(i, Hi, Ho); h < h_end; ++h) {
         const scalar_t* row = g + (nc * Ho + h) * Wo;
-        if (twice) {
-          for (int64_t j = 0; j < Wi; ++j)
-            acc[j] += static_cast<acc_t>(row[2 * j]) + static_cast<acc_t>(row[2 * j + 1]);
-        } else {
-          for (int64_t w = 0; w < Wo; ++w) acc[src_w[w]] += static_cast<acc_t>(row[w]);
-        }
+        for (int64_t w = 0; w < Wo; ++w) acc[src_w[w]] += static_cast<acc_t>(row[w]);
       }
       scalar_t* o = gl + r * Wi;
       for (int64_t j = 0; j < Wi; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nhwc_2x(const scalar_t* g, scalar_t* gl, int64_t N, int64_t C, int64_t Hi,
+                      int64_t Wi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Wo = 2 * Wi, row = Wo * C;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (4 * C));
+  at::parallel_for(0, N * Hi * Wi, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t j = p % Wi, ni = p / Wi;  // ni = n * Hi + i
+      const scalar_t* g00 = g + (2 * ni * Wo + 2 * j) * C;
+      const scalar_t* g01 = g00 + C;
+      const scalar_t* g10 = g00 + row;
+      const scalar_t* g11 = g10 + C;
+      scalar_t* o = gl + p * C;
+      for (int64_t c = 0; c < C; ++c) {
+        o[c] = static_cast<scalar_t>(
+            (static_cast<acc_t>(g00[c]) + static_cast<acc_t>(g01[c])) +
+            (static_cast<acc_t>(g10[c]) + static_cast<acc_t>(g11[c])));
+      }
     }
   });
 }
@@ -144,12 +181,16 @@ at::Tensor upsample_add_backward_cpu(const at::Tensor& grad_in, int64_t low_h, i
   const int64_t N = grad.size(0), C = grad.size(1), Ho = grad.size(2), Wo = grad.size(3);
   auto grad_low = at::empty({N, C, low_h, low_w}, grad.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_add_backward_cpu", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* gl = grad_low.mutable_data_ptr<scalar_t>();
+    const bool twice = Ho == 2 * low_h && Wo == 2 * low_w;
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      backward_nhwc(grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(), N, C,
-                    low_h, low_w, Ho, Wo);
+      if (twice) backward_nhwc_2x(g, gl, N, C, low_h, low_w);
+      else backward_nhwc(g, gl, N, C, low_h, low_w, Ho, Wo);
+    } else if (twice) {
+      backward_nchw_2x(g, gl, N * C, low_h, low_w);
     } else {
-      backward_nchw(grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(), N * C,
-                    low_h, low_w, Ho, Wo);
+      backward_nchw(g, gl, N * C, low_h, low_w, Ho, Wo);
     }
   });
   return grad_low;
