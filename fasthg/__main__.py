@@ -1,0 +1,3 @@
+from fasthg.cli import main
+
+raise SystemExit(main())

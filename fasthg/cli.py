@@ -1,0 +1,48 @@
+"""The `fasthg` command (also `python -m fasthg`)."""
+import argparse
+import sys
+
+
+def _info(args):
+    from fasthg import info
+
+    print(info.render(info.collect()))
+    return 0
+
+
+def _bench(args):
+    from fasthg import bench
+
+    levels = [int(x) for x in args.levels.split(",")]
+    result = bench.run(device=args.device, levels=levels, repeats=args.repeats,
+                       model=None if args.model == "none" else args.model, model_repeats=args.model_repeats,
+                       image_size=args.image_size, out_dir=args.out)
+    print(bench.table(result))
+    if args.out:
+        print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="fasthg", description=__doc__)
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("info", help="versions, extension build, backends per device").set_defaults(fn=_info)
+    b = sub.add_parser("bench", help="fused ops and a training step against eager, timed in one run")
+    b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    b.add_argument("--levels", default="64,32,16,8", help="upsample-add output sizes (comma-separated)")
+    b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
+    b.add_argument("--model", default="hg2", choices=["hg1", "hg2", "hg4", "hg8", "none"],
+                   help="model whose training step is timed (none to skip)")
+    b.add_argument("--model-repeats", type=int, default=3)
+    b.add_argument("--image-size", type=int, default=256)
+    b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")
+    b.set_defaults(fn=_bench)
+    args = p.parse_args(argv)
+    if not getattr(args, "fn", None):
+        p.print_help()
+        return 2
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""What `fasthg info` prints: versions, how the extension was built, usable backends."""
+import platform
+
+import torch
+
+import fasthg
+from fasthg import _ext
+from fasthg.ops import _backend
+
+
+def collect() -> dict:
+    info = {
+        "fasthg": fasthg.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension_loaded": _ext._C is not None,
+        "extension_error": None if _ext.LOAD_ERROR is None else str(_ext.LOAD_ERROR),
+        **_ext.build_info(),
+        "triton": None,
+        "triton_interpreter": _backend.triton_interpreted(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_devices": [],
+        "backends": {"cpu": _backend.available("cpu")},
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            info["cuda_devices"].append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+        info["backends"]["cuda"] = _backend.available("cuda")
+    return info
+
+
+def render(info: dict) -> str:
+    rows = [
+        ("fasthg", info["fasthg"]),
+        ("python", info["python"]),
+        ("torch", f'{info["torch"]} (CUDA {info["torch_cuda"] or "none"})'),
+        ("triton", (info["triton"] or "not installed") + (" [interpreter]" if info["triton_interpreter"] else "")),
+        ("extension", "loaded" if info["extension_loaded"] else f'NOT loaded: {info["extension_error"]}'),
+        ("built with CUDA", f'yes, archs {info["cuda_archs"]}' if info["with_cuda"] else "no"),
+        ("built against torch", info["built_against_torch"]),
+        ("CPU threads", info["cpu_threads"]),
+        ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
+    ]
+    rows += [(f"backends on {dev}", ", ".join(b)) for dev, b in info["backends"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
