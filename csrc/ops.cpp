@@ -14,4 +14,16 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("upsample_add(Tensor low, Tensor skip) -> Tensor");
   // grad_low[..., i, j] = sum of grad_out over the outputs that read low[..., i, j]
   m.def("upsample_add_backward(Tensor grad_out, SymInt low_h, SymInt low_w) -> Tensor");
+
+  // Fused BatchNorm(+ReLU) over the channels of x [N, C, H, W]; statistics and parameters
+  // are float32 whatever x's dtype. Per-channel mean and biased variance of x:
+  m.def("bn_relu_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  // y = max(0, (x - mean) * invstd * weight + bias)
+  m.def("bn_relu_forward(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> Tensor");
+  // sums over N, H, W of g and g * xhat, g = grad_out where the forward output was > 0
+  m.def("bn_relu_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor bias) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  // grad_x = weight * invstd * (g - mean_g - xhat * mean_g_xhat); the means are 0 in eval
+  m.def("bn_relu_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor bias, Tensor mean_g, Tensor mean_g_xhat) -> Tensor");
 }

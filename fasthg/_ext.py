@@ -11,7 +11,7 @@ except ImportError as e:  # not built: the eager and Triton backends still work
     LOAD_ERROR = e
 
 
-OPS = ("upsample_add",)
+OPS = ("upsample_add", "bn_relu_forward")
 
 # Looked up once: registrations do not change after import, and a plain dict lookup is
 # something torch.compile can trace through.

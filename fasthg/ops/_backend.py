@@ -58,10 +58,10 @@ def resolve(backend: str, op: str, t: torch.Tensor) -> str:
     return backend
 
 
-def available(device_type: str) -> list:
-    """The concrete backends that can run every fused op on a device type."""
+def available(device_type: str, op: str = None) -> list:
+    """The concrete backends that can run `op` (default: every fused op) on a device type."""
     out = ["eager"]
-    if _ext.has_kernel("upsample_add", device_type):
+    if all(_ext.has_kernel(o, device_type) for o in ([op] if op else _ext.OPS)):
         out.append("native")
     if triton_usable(device_type):
         out.append("triton")

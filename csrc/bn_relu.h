@@ -1,0 +1,76 @@
+// Shared by the CPU and CUDA kernels of the fused BatchNorm+ReLU ops: the per-element math
+// (so both devices compute exactly the same expressions) and the argument checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+namespace fasthg {
+
+// y = max(0, (x - mean) * invstd * weight + bias); subtracting the mean first keeps large
+// offsets (x ~ 1e4, small variance) exact to float32 rounding.
+// T is the math type: float (for float/half/bfloat16 x) or double (for double x).
+template <typename T>
+C10_HOST_DEVICE inline T bn_relu_value(T x, T mean, T invstd, T weight, T bias) {
+  const T y = (x - mean) * (invstd * weight) + bias;
+  return y > T(0) ? y : T(0);
+}
+
+// The upstream gradient with the ReLU mask recomputed from the input (not stored): zero
+// where the forward output was clamped.
+template <typename T>
+C10_HOST_DEVICE inline T bn_relu_masked_grad(T dy, T x, T mean, T invstd, T weight, T bias) {
+  return (x - mean) * (invstd * weight) + bias > T(0) ? dy : T(0);
+}
+
+// grad_x of training-mode BN given the masked gradient g and the channel means of g and of
+// g * xhat (zero in eval mode, where the statistics are constants).
+template <typename T>
+C10_HOST_DEVICE inline T bn_relu_grad_input(T g, T x, T mean, T invstd, T weight, T mean_g,
+                                            T mean_g_xhat) {
+  const T xhat = (x - mean) * invstd;
+  return weight * invstd * (g - mean_g - xhat * mean_g_xhat);
+}
+
+// Chan et al.'s merge of two (count, mean, M2) partial statistics.
+C10_HOST_DEVICE inline void welford_merge(double& n, double& mean, double& m2, double nb,
+                                          double mean_b, double m2_b) {
+  if (nb == 0) return;
+  const double total = n + nb, delta = mean_b - mean;
+  mean += delta * nb / total;
+  m2 += m2_b + delta * delta * n * nb / total;
+  n = total;
+}
+
+inline void check_bn_relu_input(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, op, ": `x` must be a 4-D [N, C, H, W] tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": `x` must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.numel() > 0, op, ": `x` must not be empty, got ", x.sizes());
+}
+
+// Statistics and parameters are float32, or float64 when x is (for gradcheck).
+inline at::ScalarType bn_relu_param_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_bn_relu_channel(const char* op, const char* name, const at::Tensor& t,
+                                  const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": `", name,
+              "` must be a 1-D tensor of ", x.size(1), " (the channels of `x`), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == bn_relu_param_dtype(x), op, ": `", name, "` must be ",
+              bn_relu_param_dtype(x), " for ", x.scalar_type(), " `x`, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": `", name, "` must be on ", x.device(),
+              " like `x`, got ", t.device());
+}
+
+inline void check_same_as_x(const char* op, const char* name, const at::Tensor& t,
+                            const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&
+                  t.device() == x.device(),
+              op, ": `", name, "` must match `x` (", x.sizes(), ", ", x.scalar_type(), ", ",
+              x.device(), "), got ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
+}
+
+}  // namespace fasthg

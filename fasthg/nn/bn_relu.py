@@ -1,0 +1,37 @@
+"""BNReLU: a drop-in for nn.Sequential(nn.BatchNorm2d(C), nn.ReLU()) running the fused op."""
+from torch import nn
+
+from fasthg import ops
+
+
+class BNReLU(nn.BatchNorm2d):
+    """nn.BatchNorm2d followed by ReLU, fused. A subclass of nn.BatchNorm2d: the same
+    arguments (momentum=None for a cumulative average, affine, track_running_stats), the
+    same parameters and buffers (num_batches_tracked included), so state_dicts load
+    unchanged; plus `backend` ("auto", "eager", "native", "triton")."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, backend="auto"):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"BNReLU: expected a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"BNReLU: expected {self.num_features} channels, got input of shape {tuple(x.shape)}")
+        # The running-average factor and the train/eval choice exactly as nn.BatchNorm2d.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return ops.bn_relu(x, self.weight, self.bias, self.running_mean if track else None,
+                           self.running_var if track else None, use_batch_stats, factor, self.eps,
+                           backend=self.backend)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", backend={self.backend!r}"

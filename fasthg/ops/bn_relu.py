@@ -1,0 +1,154 @@
+"""bn_relu: max(0, BatchNorm2d(x)) fused, for training and inference.
+
+Training forward: one statistics pass (per-channel mean and biased variance) and one
+normalise+clamp pass; running statistics are updated as nn.BatchNorm2d does. Backward saves
+only x and the per-channel statistics and recomputes the ReLU mask from them: one reduction
+pass and one elementwise pass. Backends: eager (fasthg.reference), native (fasthg::bn_relu_*
+from csrc/, CPU; CUDA to come), triton (kernels/bn_relu.py as fasthg::bn_relu_*_triton).
+Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
+"""
+from types import SimpleNamespace
+
+import torch
+
+from fasthg import _ext, reference
+from fasthg._layout import memory_format_of
+from fasthg.ops import _backend
+
+
+def _param_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_args(x, weight, bias, running_mean, running_var, training):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"bn_relu: `x` must be a 4-D [N, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"bn_relu: `x` must have a floating-point dtype, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"bn_relu: `x` must not be empty, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != c:
+            raise ValueError(f"bn_relu: `{name}` must have shape ({c},) for the {c} channels of `x`, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"bn_relu: `{name}` must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"bn_relu: `{name}` must be on {x.device} like `x`, got {t.device}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("bn_relu: eval mode (training=False) needs `running_mean` and `running_var`")
+    if training and x.numel() // c <= 1:
+        raise ValueError(f"bn_relu: expected more than 1 value per channel when training, got `x` of shape {tuple(x.shape)}")
+
+
+def _fake_stats(x):
+    c = x.shape[1]
+    return x.new_empty(c, dtype=_param_dtype(x)), x.new_empty(c, dtype=_param_dtype(x))
+
+
+def _fake_like_x(x_or_grad, x, *rest):
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+def _fake_forward(x, mean, invstd, weight, bias):
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+def _fake_reduce(grad_out, x, mean, invstd, weight, bias):
+    return _fake_stats(x)
+
+
+_OPS = {}
+if _ext._C is not None:
+    torch.library.register_fake("fasthg::bn_relu_stats")(_fake_stats)
+    torch.library.register_fake("fasthg::bn_relu_forward")(_fake_forward)
+    torch.library.register_fake("fasthg::bn_relu_backward_reduce")(_fake_reduce)
+    torch.library.register_fake("fasthg::bn_relu_backward_elemt")(_fake_like_x)
+    _OPS["native"] = SimpleNamespace(
+        stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
+        backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce,
+        backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt)
+
+if _backend.triton_available():
+    from fasthg.kernels import bn_relu as _tk
+
+    @torch.library.custom_op("fasthg::bn_relu_stats_triton", mutates_args=())
+    def _stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.stats(x)
+
+    @torch.library.custom_op("fasthg::bn_relu_forward_triton", mutates_args=())
+    def _forward_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor) -> torch.Tensor:
+        return _tk.forward(x, mean, invstd, weight, bias)
+
+    @torch.library.custom_op("fasthg::bn_relu_backward_reduce_triton", mutates_args=())
+    def _reduce_triton(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                       weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.backward_reduce(grad_out, x, mean, invstd, weight, bias)
+
+    @torch.library.custom_op("fasthg::bn_relu_backward_elemt_triton", mutates_args=())
+    def _elemt_triton(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                      weight: torch.Tensor, bias: torch.Tensor, mean_g: torch.Tensor,
+                      mean_g_xhat: torch.Tensor) -> torch.Tensor:
+        return _tk.backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_g_xhat)
+
+    _stats_triton.register_fake(_fake_stats)
+    _forward_triton.register_fake(_fake_forward)
+    _reduce_triton.register_fake(_fake_reduce)
+    _elemt_triton.register_fake(_fake_like_x)
+    _OPS["triton"] = SimpleNamespace(stats=torch.ops.fasthg.bn_relu_stats_triton,
+                                     forward=torch.ops.fasthg.bn_relu_forward_triton,
+                                     backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce_triton,
+                                     backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt_triton)
+
+
+class _BNReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops):
+        count = x.numel() // x.shape[1]
+        if training:
+            mean, var = ops.stats(x)
+            invstd = torch.rsqrt(var + eps)
+            if running_mean is not None:
+                with torch.no_grad():
+                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        else:
+            mean = running_mean.to(weight.dtype)
+            invstd = torch.rsqrt(running_var.to(weight.dtype) + eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.training, ctx.count, ctx.ops = training, count, ops
+        return ops.forward(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, x, mean, invstd, weight, bias)
+        if ctx.training:
+            mean_g, mean_gx = sum_g / ctx.count, sum_gx / ctx.count
+        else:  # the statistics are constants
+            mean_g = mean_gx = torch.zeros_like(sum_g)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.ops.backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx)
+        return grad_x, sum_gx, sum_g, None, None, None, None, None, None
+
+
+def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
+            momentum=0.1, eps=1e-5, backend="auto"):
+    """relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),
+    fused. weight/bias None mean affine=False; running stats None mean batch statistics only.
+    `momentum` is the weight of the new batch in the running average (as in F.batch_norm)."""
+    check_args(x, weight, bias, running_mean, running_var, training)
+    which = _backend.resolve(backend, "bn_relu_forward", x)
+    if which == "eager":
+        return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    pdtype = _param_dtype(x)
+    c = x.shape[1]
+    weight = x.new_ones(c, dtype=pdtype) if weight is None else weight.to(pdtype)
+    bias = x.new_zeros(c, dtype=pdtype) if bias is None else bias.to(pdtype)
+    return _BNReLU.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+                         _OPS[which])

@@ -1,0 +1,154 @@
+"""Triton kernels of the fused BatchNorm+ReLU ops, the same four passes as csrc/cpu/bn_relu.cpp:
+per-channel statistics, normalise+clamp, and the backward's reduction and elementwise pass
+(ReLU mask recomputed from x). Plain functions over tensors (NCHW or channels_last); the
+math runs in float32 (float64 for float64 x), like the statistics and parameters.
+One program per channel reduces over N*H*W: simple and exact; not yet tuned for few
+channels with large H*W."""
+import torch
+import triton
+import triton.language as tl
+
+from fasthg._layout import memory_format_of
+
+BLOCK = 1024
+
+
+@triton.jit
+def _channel_offsets(idx, c, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Offsets of elements idx (0..N*HW) of channel c."""
+    if CHANNELS_LAST:
+        return idx * C + c
+    return (idx // HW * C + c) * HW + idx % HW
+
+
+@triton.jit
+def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return offs % C
+    return offs // HW % C
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_ptr, var_ptr, M, C, HW, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    # Sums of x - pivot (the channel's first element): large offsets cost no precision.
+    pivot = tl.load(x_ptr + _channel_offsets(0, c, C, HW, CHANNELS_LAST)).to(ACC)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, M, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < M
+        x = tl.load(x_ptr + _channel_offsets(idx, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
+        acc += tl.where(mask, x - pivot, 0.0)
+    mean = pivot + tl.sum(acc, axis=0) / M
+    acc2 = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, M, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < M
+        x = tl.load(x_ptr + _channel_offsets(idx, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
+        d = tl.where(mask, x - mean, 0.0)
+        acc2 += d * d
+    tl.store(mean_ptr + c, mean)
+    tl.store(var_ptr + c, tl.sum(acc2, axis=0) / M)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, HW,
+                    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    c = _channel_of(offs, C, HW, CHANNELS_LAST)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
+    scale = tl.load(invstd_ptr + c, mask=mask, other=0.0) * tl.load(w_ptr + c, mask=mask, other=0.0)
+    y = (x - mean) * scale + tl.load(b_ptr + c, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, tl.maximum(y, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr,
+                            M, C, HW, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    mean = tl.load(mean_ptr + c)
+    invstd = tl.load(invstd_ptr + c)
+    scale = invstd * tl.load(w_ptr + c)
+    bias = tl.load(b_ptr + c)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    accx = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, M, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < M
+        offs = _channel_offsets(idx, c, C, HW, CHANNELS_LAST)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = tl.where(mask & ((x - mean) * scale + bias > 0), dy, 0.0)
+        acc += g
+        accx += g * ((x - mean) * invstd)
+    tl.store(sum_g_ptr + c, tl.sum(acc, axis=0))
+    tl.store(sum_gx_ptr + c, tl.sum(accx, axis=0))
+
+
+@triton.jit
+def _backward_elemt_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mean_g_ptr,
+                           mean_gx_ptr, total, C, HW, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    c = _channel_of(offs, C, HW, CHANNELS_LAST)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=mask, other=0.0)
+    g = tl.where((x - mean) * (invstd * w) + tl.load(b_ptr + c, mask=mask, other=0.0) > 0, dy, 0.0)
+    xhat = (x - mean) * invstd
+    dx = w * invstd * (g - tl.load(mean_g_ptr + c, mask=mask, other=0.0)
+                       - xhat * tl.load(mean_gx_ptr + c, mask=mask, other=0.0))
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _prep(x):
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    n, c, h, w = x.shape
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    pdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x, fmt, n * h * w, c, h * w, fmt == torch.channels_last, acc, pdtype
+
+
+def stats(x: torch.Tensor):
+    """Per-channel mean and biased variance (float32, or float64 for float64 x)."""
+    x, _, M, C, HW, cl, acc, pdtype = _prep(x)
+    mean = torch.empty(C, dtype=pdtype, device=x.device)
+    var = torch.empty(C, dtype=pdtype, device=x.device)
+    _stats_kernel[(C,)](x, mean, var, M, C, HW, CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+    return mean, var
+
+
+def forward(x, mean, invstd, weight, bias):
+    x, fmt, _, C, HW, cl, acc, _ = _prep(x)
+    y = torch.empty_like(x, memory_format=fmt)
+    total = x.numel()
+    _forward_kernel[(triton.cdiv(total, BLOCK),)](x, y, mean, invstd, weight, bias, total, C, HW,
+                                                  CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+    return y
+
+
+def backward_reduce(grad_out, x, mean, invstd, weight, bias):
+    x, fmt, M, C, HW, cl, acc, pdtype = _prep(x)
+    dy = grad_out.contiguous(memory_format=fmt)
+    sum_g = torch.empty(C, dtype=pdtype, device=x.device)
+    sum_gx = torch.empty(C, dtype=pdtype, device=x.device)
+    _backward_reduce_kernel[(C,)](dy, x, mean, invstd, weight, bias, sum_g, sum_gx, M, C, HW,
+                                  CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+    return sum_g, sum_gx
+
+
+def backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx):
+    x, fmt, _, C, HW, cl, acc, _ = _prep(x)
+    dy = grad_out.contiguous(memory_format=fmt)
+    dx = torch.empty_like(x, memory_format=fmt)
+    total = x.numel()
+    _backward_elemt_kernel[(triton.cdiv(total, BLOCK),)](dy, x, dx, mean, invstd, weight, bias, mean_g, mean_gx,
+                                                         total, C, HW, CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+    return dx

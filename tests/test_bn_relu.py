@@ -1,0 +1,220 @@
+"""fasthg.ops.bn_relu and fasthg.nn.BNReLU on every backend against the float64 eager
+reference relu(batch_norm(x))."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import DTYPES, TOL, rel_err, skip_unsupported
+import fasthg
+from fasthg import ops
+from fasthg.nn import BNReLU
+
+SHAPES = [(2, 3, 5, 7), (4, 16, 4, 4), (1, 5, 3, 1), (3, 2, 1, 1)]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def params():
+    """(device, backend) pairs: the backends with bn_relu kernels here, CUDA ones marked."""
+    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu", "bn_relu_forward") if b != "eager"]
+    out += [pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.cuda)]
+    return out
+
+
+def make_x(shape, dtype, device, layout, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x64 = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.3 + offset)
+    x = x64.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+    return x.double().cpu(), x  # the reference sees the rounded values
+
+
+def reference(x64, w, b, rm, rv, training, momentum=0.1, eps=1e-5):
+    return fasthg.reference.bn_relu(x64, w, b, rm, rv, training, momentum, eps)
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_training_forward_backward_and_running_stats(device, backend, dtype, layout, shape, poison):
+    skip_unsupported(device, backend, dtype)
+    c = shape[1]
+    x64, x = make_x(shape, dtype, device, layout)
+    g = torch.Generator().manual_seed(1)
+    w64, b64 = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64)
+    rm64, rv64 = torch.randn(c, dtype=torch.float64, generator=g), torch.rand(c, dtype=torch.float64, generator=g) + 0.5
+    w, b = w64.float().to(device).requires_grad_(), b64.float().to(device).requires_grad_()
+    rm, rv = rm64.float().to(device), rv64.float().to(device)
+    x.requires_grad_(True)
+    x64.requires_grad_(True)
+    w64.requires_grad_(True)
+    b64.requires_grad_(True)
+    y = ops.bn_relu(x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, backend=backend)
+    ref = reference(x64, w64, b64, rm64, rv64, True)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout) and not y.isnan().any()
+    assert rel_err(y, ref) < TOL[dtype]
+    assert rel_err(rm, rm64) < 1e-6 and rel_err(rv, rv64) < 1e-6
+    gy64 = torch.randn(shape, dtype=torch.float64, generator=g)
+    gy = gy64.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    rx, rw, rb = torch.autograd.grad(ref, (x64, w64, b64), gy.double().cpu())
+    assert not gx.isnan().any()
+    assert gx.is_contiguous(memory_format=layout)
+    for got, want in ((gx, rx), (gw, rw), (gb, rb)):
+        assert rel_err(got.cpu(), want) < max(TOL[dtype], 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_eval_forward_backward(device, backend, layout, poison):
+    x64, x = make_x((2, 4, 3, 5), torch.float32, device, layout)
+    rm64, rv64 = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    w64, b64 = torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    w, b = w64.detach().float().to(device).requires_grad_(), b64.detach().float().to(device).requires_grad_()
+    x.requires_grad_(True)
+    x64.requires_grad_(True)
+    rm, rv = rm64.float().to(device), rv64.float().to(device)
+    y = ops.bn_relu(x, w, b, rm, rv, training=False, backend=backend)
+    ref = reference(x64, w64, b64, rm64, rv64, False)
+    assert rel_err(y, ref) < 1e-6
+    assert torch.equal(rm, rm64.float().to(device))  # eval leaves the statistics alone
+    gy = torch.randn(y.shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, w, b), gy.float().to(device).contiguous(memory_format=layout))
+    want = torch.autograd.grad(ref, (x64, w64, b64), gy)
+    for a, e in zip(got, want):
+        assert rel_err(a.cpu(), e) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("case", ["constant-channel", "offset-1e4"])
+def test_hard_statistics(device, backend, case):
+    x64, x = make_x((3, 4, 6, 5), torch.float32, device, torch.contiguous_format, offset=1e4 if case == "offset-1e4" else 0.0)
+    if case == "constant-channel":
+        x64[:, 1] = 0.75
+        x = x64.float().to(device)
+    y = ops.bn_relu(x, None, None, None, None, training=True, backend=backend)
+    ref = reference(x64, None, None, None, None, True)
+    assert not y.isnan().any()
+    # A float32 mean of ~1e4 is itself only exact to ~5e-4: ask for eager float32's accuracy.
+    eager32 = reference(x64.float(), None, None, None, None, True).to(device)
+    assert rel_err(y, ref) < max(1e-5, 2 * rel_err(eager32, ref))
+    if case == "constant-channel":
+        assert (y[:, 1] == 0).all()  # zero variance: normalised to 0, not NaN
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_float64(device, backend, layout, training):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 4, 3, dtype=torch.float64, generator=g)).to(device).contiguous(memory_format=layout)
+    w = torch.rand(3, dtype=torch.float64, generator=g).to(device) + 0.5
+    b = torch.randn(3, dtype=torch.float64, generator=g).to(device) * 0.1
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    f = lambda x, w, b: ops.bn_relu(x, w, b, None if training else rm, None if training else rv,  # noqa: E731
+                                    training=training, backend=backend)
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def _native_ops():
+    return [torch.ops.fasthg.bn_relu_stats, torch.ops.fasthg.bn_relu_forward,
+            torch.ops.fasthg.bn_relu_backward_reduce, torch.ops.fasthg.bn_relu_backward_elemt]
+
+
+def _triton_ops():
+    return [torch.ops.fasthg.bn_relu_stats_triton, torch.ops.fasthg.bn_relu_forward_triton,
+            torch.ops.fasthg.bn_relu_backward_reduce_triton, torch.ops.fasthg.bn_relu_backward_elemt_triton]
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck(device, backend, layout):
+    stats, fwd, red, elemt = _native_ops() if backend == "native" else _triton_ops()
+    x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=layout)
+    gy = torch.randn_like(x)
+    v = [torch.rand(3, device=device) + 0.5 for _ in range(6)]
+    torch.library.opcheck(stats, (x,))
+    torch.library.opcheck(fwd, (x, v[0], v[1], v[2], v[3]))
+    torch.library.opcheck(red, (gy, x, v[0], v[1], v[2], v[3]))
+    torch.library.opcheck(elemt, (gy, x, v[0], v[1], v[2], v[3], v[4], v[5]))
+
+
+@pytest.mark.parametrize("device,backend", params())
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    m = BNReLU(3, backend=backend).to(device)
+    ref = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).to(device)
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    out = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    out.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    expected = ref(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gx, x.grad)
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+@pytest.mark.parametrize("kw", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+                         ids=["default", "cumulative", "no-affine", "no-running-stats"])
+def test_module_is_a_drop_in_for_batchnorm_relu(backend, kw):
+    if backend not in fasthg.ops.available("cpu", "bn_relu_forward"):
+        pytest.skip(f"{backend} has no CPU bn_relu here")
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(4, **kw), nn.ReLU())
+    m = BNReLU(4, backend=backend, **kw)
+    m.load_state_dict(ref[0].state_dict())  # same names: loads unchanged
+    assert list(m.state_dict()) == list(ref[0].state_dict())
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1) if kw.get("affine", True) else None
+    opt = torch.optim.SGD(m.parameters(), lr=0.1) if kw.get("affine", True) else None
+    for step in range(3):
+        x = torch.randn(3, 4, 5, 5) * (step + 1) + step
+        for mod, opt_ in ((ref, opt_ref), (m, opt)):
+            mod.train()
+            y = mod(x)
+            if opt_:
+                opt_.zero_grad()
+                (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+                opt_.step()
+    for k, v in ref[0].state_dict().items():
+        torch.testing.assert_close(m.state_dict()[k], v, msg=k)
+    x = torch.randn(2, 4, 3, 3)
+    m.eval()
+    ref.eval()
+    torch.testing.assert_close(m(x), ref(x))
+
+
+BAD = [
+    ("rank", lambda: (torch.randn(2, 3, 4),), {}, "4-D"),
+    ("weight-channels", lambda: (torch.randn(2, 3, 4, 4), torch.ones(4), torch.zeros(3)), {}, "`weight` must have shape"),
+    ("integer", lambda: (torch.ones(2, 3, 4, 4, dtype=torch.int64),), {}, "floating-point"),
+    ("empty", lambda: (torch.randn(0, 3, 4, 4),), {}, "empty"),
+    ("one-value-per-channel", lambda: (torch.randn(1, 3, 1, 1),), {}, "more than 1 value per channel"),
+    ("eval-without-stats", lambda: (torch.randn(2, 3, 4, 4),), {"training": False}, "needs `running_mean`"),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton", "auto"])
+@pytest.mark.parametrize("what,args,kw,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_error(backend, what, args, kw, message):
+    with pytest.raises(ValueError, match=message):
+        ops.bn_relu(*args(), backend=backend, **kw)
+
+
+def test_native_ops_check_their_arguments():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="`mean` must be a 1-D tensor of 3"):
+        torch.ops.fasthg.bn_relu_forward(x, torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="`weight` must be Float"):
+        torch.ops.fasthg.bn_relu_forward(x, torch.zeros(3), torch.ones(3), torch.ones(3).half(), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="`grad_out` must match `x`"):
+        torch.ops.fasthg.bn_relu_backward_reduce(torch.randn(2, 3, 4, 5), x, *[torch.ones(3)] * 4)
+
+
+def test_module_bad_input():
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        BNReLU(3)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BNReLU(3, backend="cudnn")
