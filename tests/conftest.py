@@ -70,3 +70,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def skip_unsupported(device: str, backend: str, dtype: torch.dtype):
     if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bfloat16; bf16 Triton runs in the CUDA tests")
+
+
+def require_backend(device: str, backend: str, op: str = None):
+    """Skip when `backend` has no kernel for `op` (default: every fused op) on `device`."""
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("no CUDA device visible")
+    if backend not in fasthg.ops.available(device, op):
+        pytest.skip(f"{backend} has no {op or 'complete'} kernel set for {device} in this build")

@@ -7,23 +7,20 @@ import torch
 from torch import nn
 
 from fasthg import ops
-
-
-def bn_relu(channels: int) -> nn.Module:
-    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=False))
+from fasthg.nn import BNReLU
 
 
 class Residual(nn.Module):
     """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
     (through a 1x1 conv when the channel counts differ). Paper Fig. 4."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
         super().__init__()
         mid = out_channels // 2
         self.body = nn.Sequential(
-            bn_relu(in_channels), nn.Conv2d(in_channels, mid, 1),
-            bn_relu(mid), nn.Conv2d(mid, mid, 3, padding=1),
-            bn_relu(mid), nn.Conv2d(mid, out_channels, 1),
+            BNReLU(in_channels, backend=backend), nn.Conv2d(in_channels, mid, 1),
+            BNReLU(mid, backend=backend), nn.Conv2d(mid, mid, 3, padding=1),
+            BNReLU(mid, backend=backend), nn.Conv2d(mid, out_channels, 1),
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
@@ -38,11 +35,11 @@ class Hourglass(nn.Module):
     def __init__(self, depth: int, channels: int, backend: str = "auto"):
         super().__init__()
         self.backend = backend
-        self.up1 = Residual(channels, channels)
+        self.up1 = Residual(channels, channels, backend)
         self.pool = nn.MaxPool2d(2, 2)
-        self.low1 = Residual(channels, channels)
-        self.low2 = Hourglass(depth - 1, channels, backend) if depth > 1 else Residual(channels, channels)
-        self.low3 = Residual(channels, channels)
+        self.low1 = Residual(channels, channels, backend)
+        self.low2 = Hourglass(depth - 1, channels, backend) if depth > 1 else Residual(channels, channels, backend)
+        self.low3 = Residual(channels, channels, backend)
 
     def forward(self, x):
         up1 = self.up1(x)
@@ -71,12 +68,13 @@ class StackedHourglass(nn.Module):
         self.num_stacks, self.num_joints, self.depth, self.backend = num_stacks, num_joints, depth, backend
         f = num_features
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 7, stride=2, padding=3), bn_relu(64),
-            Residual(64, 128), nn.MaxPool2d(2, 2), Residual(128, 128), Residual(128, f),
+            nn.Conv2d(3, 64, 7, stride=2, padding=3), BNReLU(64, backend=backend),
+            Residual(64, 128, backend), nn.MaxPool2d(2, 2), Residual(128, 128, backend), Residual(128, f, backend),
         )
         self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(Residual(f, f), nn.Conv2d(f, f, 1), bn_relu(f)) for _ in range(num_stacks))
+            nn.Sequential(Residual(f, f, backend), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
+            for _ in range(num_stacks))
         self.heads = nn.ModuleList(nn.Conv2d(f, num_joints, 1) for _ in range(num_stacks))
         # Intermediate supervision: each stack's features and heatmaps re-enter the next.
         self.remap_features = nn.ModuleList(nn.Conv2d(f, f, 1) for _ in range(num_stacks - 1))
