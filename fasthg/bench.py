@@ -51,13 +51,18 @@ def interleaved_medians(fns: Dict[str, Callable], device: torch.device, warmup: 
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def upsample_add_cases(device: torch.device, batch: int, channels: int, levels, dtypes, layouts):
+def op_cases(op: str, batch: int, channels: int, levels, dtypes, layouts):
     for dtype in dtypes:
         for layout in layouts:
             for hw in levels:
-                yield {"op": "upsample_add", "level": hw, "shape": [batch, channels, hw, hw],
+                yield {"op": op, "level": hw, "shape": [batch, channels, hw, hw],
                        "dtype": str(dtype).replace("torch.", ""), "layout": "nhwc" if layout == torch.channels_last else "nchw",
                        "_dtype": dtype, "_layout": layout}
+
+
+def _rows(case, backends, mode, med):
+    return [{**{k: v for k, v in case.items() if not k.startswith("_")}, "mode": mode, "backend": b,
+             "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b]} for b in backends]
 
 
 def bench_upsample_add(case, device, backends, repeats):
@@ -71,15 +76,36 @@ def bench_upsample_add(case, device, backends, repeats):
           for b in backends}
     rows = []
     for mode, fns in (("forward", fwd), ("forward+backward", fb)):
-        med = interleaved_medians(fns, device, repeats=repeats)
-        for b in backends:
-            rows.append({**{k: v for k, v in case.items() if not k.startswith("_")}, "mode": mode,
-                         "backend": b, "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b]})
+        rows += _rows(case, backends, mode, interleaved_medians(fns, device, repeats=repeats))
+    return rows
+
+
+def bench_bn_relu(case, device, backends, repeats):
+    """Training forward, training forward+backward (grads of x, weight, bias), eval forward."""
+    n, c, hw, _ = case["shape"]
+    x = torch.randn(n, c, hw, hw, device=device, dtype=case["_dtype"]).contiguous(memory_format=case["_layout"])
+    grad = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    w = torch.rand(c, device=device, requires_grad=True)
+    b = torch.randn(c, device=device, requires_grad=True)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    call = lambda inp, be, training: ops.bn_relu(inp, w, b, rm, rv, training, 0.1, 1e-5, backend=be)  # noqa: E731
+    modes = {
+        "train forward": {be: (lambda be=be: call(x, be, True)) for be in backends},
+        "train forward+backward": {be: (lambda be=be: torch.autograd.grad(call(xg, be, True), (xg, w, b), grad))
+                                   for be in backends},
+        "eval forward": {be: (lambda be=be: call(x, be, False)) for be in backends},
+    }
+    with torch.no_grad():
+        rows = _rows(case, backends, "train forward", interleaved_medians(modes["train forward"], device, repeats=repeats))
+        rows += _rows(case, backends, "eval forward", interleaved_medians(modes["eval forward"], device, repeats=repeats))
+    rows += _rows(case, backends, "train forward+backward",
+                  interleaved_medians(modes["train forward+backward"], device, repeats=repeats))
     return rows
 
 
 def bench_model(preset: str, device, backends, batch: int, image_size: int, repeats: int):
-    """Training step (forward, MSE loss over every stack, backward) per backend, same weights."""
+    """Training step (forward, MSE loss over every stack, backward, SGD) per backend, same weights."""
     torch.manual_seed(0)
     base = PRESETS[preset](backend="eager").to(device)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -90,12 +116,14 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
         m.load_state_dict(base.state_dict())
         models[b] = m
 
-    def step(m):
-        m.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(m(images), target).backward()
+    optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4) for b, m in models.items()}
 
-    med = interleaved_medians({b: (lambda m=m: step(m)) for b, m in models.items()}, device,
-                              warmup=1, repeats=repeats)
+    def step(b):
+        optims[b].zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(models[b](images), target).backward()
+        optims[b].step()
+
+    med = interleaved_medians({b: (lambda b=b: step(b)) for b in models}, device, warmup=1, repeats=repeats)
     return [{"op": f"{preset} train step", "level": image_size, "shape": [batch, 3, image_size, image_size],
              "dtype": "float32", "layout": "nchw", "mode": "forward+backward", "backend": b,
              "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b], "images_per_s": batch / med[b]}
@@ -107,19 +135,22 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), repeats: int = 20, model: 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     gpu = dev.type == "cuda"
-    backends = [b for b in ops.available(dev.type) if gpu or b != "triton"]  # interpreter: not for speed
+    # Backends with every op on this device; the Triton interpreter is not for speed.
+    backends = [b for b in ops.available(dev.type) if gpu or b != "triton"]
     batch = 16 if gpu else 4
     dtypes = [torch.float32, torch.bfloat16] if gpu else [torch.float32]
-    cases = list(upsample_add_cases(dev, batch, 256, levels, dtypes, [torch.contiguous_format, torch.channels_last]))
+    layouts = [torch.contiguous_format, torch.channels_last]
+    cases = [(bench_upsample_add, case) for case in op_cases("upsample_add", batch, 256, levels, dtypes, layouts)]
+    cases += [(bench_bn_relu, case) for case in op_cases("bn_relu", batch, 256, levels, dtypes, layouts)]
     rows = []
     bar = tqdm(total=len(cases) + (1 if model else 0), desc=f"bench on {dev.type}", disable=not progress)
-    for case in cases:
-        bar.set_postfix_str(f'upsample_add {case["layout"]} {case["level"]}x{case["level"]} {case["dtype"]}')
-        rows += bench_upsample_add(case, dev, backends, repeats)
+    for fn, case in cases:
+        bar.set_postfix_str(f'{case["op"]} {case["layout"]} {case["level"]}x{case["level"]} {case["dtype"]}')
+        rows += fn(case, dev, backends, repeats)
         bar.update()
     if model:
         bar.set_postfix_str(f"{model} training step")
-        rows += bench_model(model, dev, backends, 16 if gpu else 2, image_size, model_repeats)
+        rows += bench_model(model, dev, backends + ["auto"], 16 if gpu else 2, image_size, model_repeats)
         bar.update()
     bar.close()
     result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",

@@ -33,7 +33,7 @@ def main(argv=None):
     b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
     b.add_argument("--model", default="hg2", choices=["hg1", "hg2", "hg4", "hg8", "none"],
                    help="model whose training step is timed (none to skip)")
-    b.add_argument("--model-repeats", type=int, default=3)
+    b.add_argument("--model-repeats", type=int, default=5)
     b.add_argument("--image-size", type=int, default=256)
     b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")
     b.set_defaults(fn=_bench)
