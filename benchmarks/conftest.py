@@ -5,7 +5,7 @@ import fasthg
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The Triton interpreter is for correctness, not speed: Triton is benchmarked on GPUs only.
-BACKENDS = [b for b in fasthg.ops.available(DEVICE) if DEVICE == "cuda" or b != "triton"]
+BACKENDS = [b for b in fasthg.ops.available(DEVICE, "upsample_add") if DEVICE == "cuda" or b != "triton"]
 _EAGER_MEDIANS = {}
 
 
