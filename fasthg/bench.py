@@ -135,22 +135,26 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), repeats: int = 20, model: 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     gpu = dev.type == "cuda"
-    # Backends with every op on this device; the Triton interpreter is not for speed.
-    backends = [b for b in ops.available(dev.type) if gpu or b != "triton"]
+    # Per op, the backends with a kernel on this device; the Triton interpreter is not for speed.
+    def backends(op=None):
+        return [b for b in ops.available(dev.type, op) if gpu or b != "triton"]
+
     batch = 16 if gpu else 4
     dtypes = [torch.float32, torch.bfloat16] if gpu else [torch.float32]
     layouts = [torch.contiguous_format, torch.channels_last]
-    cases = [(bench_upsample_add, case) for case in op_cases("upsample_add", batch, 256, levels, dtypes, layouts)]
-    cases += [(bench_bn_relu, case) for case in op_cases("bn_relu", batch, 256, levels, dtypes, layouts)]
+    cases = [(bench_upsample_add, backends("upsample_add"), case)
+             for case in op_cases("upsample_add", batch, 256, levels, dtypes, layouts)]
+    cases += [(bench_bn_relu, backends("bn_relu_forward"), case)
+              for case in op_cases("bn_relu", batch, 256, levels, dtypes, layouts)]
     rows = []
     bar = tqdm(total=len(cases) + (1 if model else 0), desc=f"bench on {dev.type}", disable=not progress)
-    for fn, case in cases:
+    for fn, op_backends, case in cases:
         bar.set_postfix_str(f'{case["op"]} {case["layout"]} {case["level"]}x{case["level"]} {case["dtype"]}')
-        rows += fn(case, dev, backends, repeats)
+        rows += fn(case, dev, op_backends, repeats)
         bar.update()
     if model:
         bar.set_postfix_str(f"{model} training step")
-        rows += bench_model(model, dev, backends + ["auto"], 16 if gpu else 2, image_size, model_repeats)
+        rows += bench_model(model, dev, backends() + ["auto"], 16 if gpu else 2, image_size, model_repeats)
         bar.update()
     bar.close()
     result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
