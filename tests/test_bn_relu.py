@@ -9,7 +9,8 @@ import fasthg
 from fasthg import ops
 from fasthg.nn import BNReLU
 
-SHAPES = [(2, 3, 5, 7), (4, 16, 4, 4), (1, 5, 3, 1), (3, 2, 1, 1)]
+# Odd sizes, and sizes that cover the CPU's 8-wide AVX2 blocks plus their scalar tails.
+SHAPES = [(2, 3, 5, 7), (4, 16, 4, 4), (2, 20, 9, 7), (1, 5, 3, 1), (3, 2, 1, 1)]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 

@@ -1,7 +1,9 @@
 // CPU kernels of the fused BatchNorm+ReLU ops (training statistics, normalise+clamp, and
-// the two backward passes), for NCHW and channels_last. Sums run in double per chunk (a
-// plane in NCHW, a block of pixels in NHWC) and chunks merge with Chan's formula, so large
-// N*H*W and large means keep their precision.
+// the two backward passes), for NCHW and channels_last. Sums run in double (BN backward
+// subtracts nearly equal terms) per chunk (a plane in NCHW, a block of pixels in NHWC), and
+// chunks merge with Chan's formula, so large N*H*W and large means keep their precision.
+// The float32 reductions have AVX2 paths (setup.py builds with AVX2 where the machine has
+// it): a masked select feeding double accumulators is beyond GCC's auto-vectoriser.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -10,7 +12,12 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "../bn_relu.h"
 
@@ -32,105 +39,236 @@ View view_of(const at::Tensor& x, at::MemoryFormat fmt) {
 }
 
 // Rows of C channels per NHWC chunk: enough work per task, few partials to merge.
-int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(16, 8192 / C); }
+int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(16, 4096 / C); }
 
-// Per-chunk (count, mean, M2) partials of every channel, two passes over each cache-sized
-// chunk (mean, then squared deviations), then merged per channel.
+// Independent double accumulators: a single chain can be neither vectorised (no
+// reassociation) nor pipelined; kLanes of them can be both, and keep double precision.
+constexpr int kLanes = 8;
+
+template <typename F>
+C10_ALWAYS_INLINE void lane_sums(int64_t n, F f, double& s0, double& s1) {
+  double a[kLanes] = {}, b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) f(i + k, a[k], b[k]);
+  for (; i < n; ++i) f(i, a[0], b[0]);
+  s0 = s1 = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    s0 += a[k];
+    s1 += b[k];
+  }
+}
+
+#ifdef __AVX2__
+// 8 floats added in double: two halves of 4.
+C10_ALWAYS_INLINE void add_pd(__m256 v, __m256d& lo, __m256d& hi) {
+  lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+// The backward reduction's terms for 8 float elements, as bn_relu_masked_grad computes
+// them: g = dy where (x - mean) * (invstd * weight) + bias > 0, and g * xhat.
+C10_ALWAYS_INLINE void add_masked_terms(__m256 x, __m256 dy, __m256 mean, __m256 invstd, __m256 weight,
+                                        __m256 bias, __m256d* acc /* g lo, g hi, gx lo, gx hi */) {
+  const __m256 d = _mm256_sub_ps(x, mean);
+  const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(invstd, weight)), bias);
+  const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), dy);
+  add_pd(g, acc[0], acc[1]);
+  add_pd(_mm256_mul_ps(g, _mm256_mul_ps(d, invstd)), acc[2], acc[3]);
+}
+
+C10_ALWAYS_INLINE double hsum(__m256d v) {
+  alignas(32) double t[4];
+  _mm256_store_pd(t, v);
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+#endif
+
+// Mean and M2 of one NCHW plane: sum, then squared deviations (the plane stays in cache).
+template <typename scalar_t>
+void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double& m2) {
+  double s, unused;
+  lane_sums(n, [&](int64_t i, double& a, double&) { a += static_cast<double>(x[i]); }, s, unused);
+  const double m = s / n;
+  lane_sums(n, [&](int64_t i, double& a, double&) {
+    const double d = static_cast<double>(x[i]) - m;
+    a += d * d;
+  }, m2, unused);
+  mean = m;
+}
+
+// Per-channel sums and squared deviations of NHWC rows [r0, r1), C channels each.
+// Blocks of 8 channels keep their sums in registers while walking the (cached) rows.
+template <typename scalar_t>
+void rows_stats(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t C,
+                double* __restrict__ mean, double* __restrict__ m2) {
+  int64_t c0 = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const __m256d inv_n = _mm256_set1_pd(1.0 / (r1 - r0));
+    for (; c0 + 8 <= C; c0 += 8) {
+      __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+      for (int64_t r = r0; r < r1; ++r) add_pd(_mm256_loadu_ps(x + r * C + c0), lo, hi);
+      const __m256d mlo = _mm256_mul_pd(lo, inv_n), mhi = _mm256_mul_pd(hi, inv_n);
+      __m256d qlo = _mm256_setzero_pd(), qhi = _mm256_setzero_pd();
+      for (int64_t r = r0; r < r1; ++r) {
+        const __m256 v = _mm256_loadu_ps(x + r * C + c0);
+        const __m256d dlo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mlo);
+        const __m256d dhi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mhi);
+        qlo = _mm256_add_pd(qlo, _mm256_mul_pd(dlo, dlo));
+        qhi = _mm256_add_pd(qhi, _mm256_mul_pd(dhi, dhi));
+      }
+      _mm256_storeu_pd(mean + c0, mlo);
+      _mm256_storeu_pd(mean + c0 + 4, mhi);
+      _mm256_storeu_pd(m2 + c0, qlo);
+      _mm256_storeu_pd(m2 + c0 + 4, qhi);
+    }
+  }
+#endif
+  std::fill(mean + c0, mean + C, 0.0);
+  std::fill(m2 + c0, m2 + C, 0.0);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = c0; c < C; ++c) mean[c] += static_cast<double>(x[r * C + c]);
+  for (int64_t c = c0; c < C; ++c) mean[c] /= (r1 - r0);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = c0; c < C; ++c) {
+      const double d = static_cast<double>(x[r * C + c]) - mean[c];
+      m2[c] += d * d;
+    }
+}
+
+// Per-chunk (count, mean, M2) partials of every channel (a plane in NCHW, a block of rows
+// in NHWC), merged per channel with Chan's formula.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void stats_kernel(const scalar_t* x, const View& v, acc_t* mean_out, acc_t* var_out) {
   const int64_t C = v.C;
-  std::vector<double> pn, pm, pq;
-  int64_t chunks;
+  const int64_t R = rows_per_chunk(C), chunks = (v.outer + R - 1) / R;
+  // Partials to merge: one per image in NCHW (planes), one per thread in NHWC.
+  const int64_t parts = v.channels_last ? at::get_num_threads() : v.outer;
+  std::vector<double> pn(parts * C, 0.0), pm(parts * C, 0.0), pq(parts * C, 0.0);
   if (!v.channels_last) {
-    chunks = v.outer;  // chunk n holds plane (n, c) for every c
-    pn.assign(chunks * C, double(v.inner));
-    pm.resize(chunks * C);
-    pq.resize(chunks * C);
+    std::fill(pn.begin(), pn.end(), double(v.inner));
     at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / v.inner), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        const scalar_t* xp = x + p * v.inner;
-        double s = 0;
-        for (int64_t i = 0; i < v.inner; ++i) s += static_cast<double>(xp[i]);
-        const double m = s / v.inner;
-        double q = 0;
-        for (int64_t i = 0; i < v.inner; ++i) {
-          const double d = static_cast<double>(xp[i]) - m;
-          q += d * d;
-        }
-        pm[p] = m;
-        pq[p] = q;
-      }
+      for (int64_t p = b; p < e; ++p) plane_stats(x + p * v.inner, v.inner, pm[p], pq[p]);
     });
   } else {
-    const int64_t R = rows_per_chunk(C);
-    chunks = (v.outer + R - 1) / R;
-    pn.resize(chunks * C);
-    pm.resize(chunks * C);
-    pq.resize(chunks * C);
+    // Each thread folds its chunks into its own per-channel partial as it goes, so only
+    // one partial per thread is left to merge.
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      const int64_t t = at::get_thread_num();
+      std::vector<double> m(C), q(C);
       for (int64_t k = b; k < e; ++k) {
         const int64_t r0 = k * R, r1 = std::min(v.outer, r0 + R);
-        double* m = &pm[k * C];
-        double* q = &pq[k * C];
-        std::fill(m, m + C, 0.0);
-        std::fill(q, q + C, 0.0);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<double>(x[r * C + c]);
-        for (int64_t c = 0; c < C; ++c) m[c] /= (r1 - r0);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = 0; c < C; ++c) {
-            const double d = static_cast<double>(x[r * C + c]) - m[c];
-            q[c] += d * d;
-          }
-        std::fill(&pn[k * C], &pn[k * C] + C, double(r1 - r0));
+        rows_stats(x, r0, r1, C, m.data(), q.data());
+        for (int64_t c = 0; c < C; ++c) welford_merge(pn[t * C + c], pm[t * C + c], pq[t * C + c], double(r1 - r0), m[c], q[c]);
       }
     });
   }
   at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       double n = 0, m = 0, q = 0;
-      for (int64_t k = 0; k < chunks; ++k) welford_merge(n, m, q, pn[k * C + c], pm[k * C + c], pq[k * C + c]);
+      for (int64_t k = 0; k < parts; ++k) welford_merge(n, m, q, pn[k * C + c], pm[k * C + c], pq[k * C + c]);
       mean_out[c] = static_cast<acc_t>(m);
       var_out[c] = static_cast<acc_t>(q / n);
     }
   });
 }
 
-// Calls f(c, begin, end) over runs of elements that share channel c: whole planes in NCHW,
-// single elements of each pixel row in NHWC.
-template <typename F>
-void for_each_channel_run(const View& v, F f) {
+// Calls plane(c, begin, n) for every NCHW plane, or rows(begin_row, end_row) for NHWC.
+template <typename P, typename R>
+void elementwise(const View& v, P plane, R rows) {
   if (!v.channels_last) {
     at::parallel_for(0, v.outer * v.C, std::max<int64_t>(1, kGrain / v.inner), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) f(p % v.C, p * v.inner, (p + 1) * v.inner);
+      for (int64_t p = b; p < e; ++p) plane(p % v.C, p * v.inner, v.inner);
     });
   } else {
-    at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / v.C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        for (int64_t c = 0; c < v.C; ++c) f(c, r * v.C + c, r * v.C + c + 1);
-    });
+    at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / v.C), rows);
   }
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* mean,
                     const acc_t* invstd, const acc_t* w, const acc_t* b) {
-  if (!v.channels_last) {
-    for_each_channel_run(v, [&](int64_t c, int64_t i0, int64_t i1) {
-      const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
-      for (int64_t i = i0; i < i1; ++i) y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[i]), m, s, wc, bc));
-    });
-    return;
-  }
   const int64_t C = v.C;
-  at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t b0, int64_t e0) {
-    for (int64_t r = b0; r < e0; ++r) {
-      const scalar_t* xr = x + r * C;
-      scalar_t* yr = y + r * C;
+  elementwise(v, [&](int64_t c, int64_t i0, int64_t n) {
+    const scalar_t* __restrict__ xp = x + i0;
+    scalar_t* __restrict__ yp = y + i0;
+    const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
+    for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xp[i]), m, s, wc, bc));
+  }, [&](int64_t r0, int64_t r1) {
+    const acc_t* __restrict__ m = mean;
+    const acc_t* __restrict__ s = invstd;
+    const acc_t* __restrict__ wc = w;
+    const acc_t* __restrict__ bc = b;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ xr = x + r * C;
+      scalar_t* __restrict__ yr = y + r * C;
       for (int64_t c = 0; c < C; ++c)
-        yr[c] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xr[c]), mean[c], invstd[c], w[c], b[c]));
+        yr[c] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xr[c]), m[c], s[c], wc[c], bc[c]));
     }
   });
+}
+
+
+// One NCHW plane (constant channel parameters): sums of g and g * xhat.
+template <typename scalar_t, typename acc_t>
+void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp, int64_t n, acc_t m,
+                       acc_t s, acc_t w, acc_t b, double& sum_g, double& sum_gx) {
+  double a[kLanes] = {}, ax[kLanes] = {};
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(w), vb = _mm256_set1_ps(b);
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (; i + 8 <= n; i += 8)
+      add_masked_terms(_mm256_loadu_ps(xp + i), _mm256_loadu_ps(gp + i), vm, vs, vw, vb, acc);
+    a[0] = hsum(_mm256_add_pd(acc[0], acc[1]));
+    ax[0] = hsum(_mm256_add_pd(acc[2], acc[3]));
+  }
+#endif
+  for (; i < n; ++i) {
+    const acc_t xi = static_cast<acc_t>(xp[i]);
+    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gp[i]), xi, m, s, w, b);
+    a[i % kLanes] += g;
+    ax[i % kLanes] += g * ((xi - m) * s);
+  }
+  sum_g = sum_gx = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    sum_g += a[k];
+    sum_gx += ax[k];
+  }
+}
+
+// NHWC rows [r0, r1) of C channels: adds each channel's sums of g and g * xhat to a[c], ax[c].
+// Blocks of 8 channels keep their accumulators in registers while walking the rows.
+template <typename scalar_t, typename acc_t>
+void rows_masked_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t r0, int64_t r1,
+                      int64_t C, const acc_t* __restrict__ m, const acc_t* __restrict__ s,
+                      const acc_t* __restrict__ w, const acc_t* __restrict__ b, double* __restrict__ a,
+                      double* __restrict__ ax) {
+  int64_t c0 = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c0 + 8 <= C; c0 += 8) {
+      const __m256 vm = _mm256_loadu_ps(m + c0), vs = _mm256_loadu_ps(s + c0);
+      const __m256 vw = _mm256_loadu_ps(w + c0), vb = _mm256_loadu_ps(b + c0);
+      __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+      for (int64_t r = r0; r < r1; ++r)
+        add_masked_terms(_mm256_loadu_ps(x + r * C + c0), _mm256_loadu_ps(dy + r * C + c0), vm, vs, vw, vb, acc);
+      _mm256_storeu_pd(a + c0, _mm256_add_pd(_mm256_loadu_pd(a + c0), acc[0]));
+      _mm256_storeu_pd(a + c0 + 4, _mm256_add_pd(_mm256_loadu_pd(a + c0 + 4), acc[1]));
+      _mm256_storeu_pd(ax + c0, _mm256_add_pd(_mm256_loadu_pd(ax + c0), acc[2]));
+      _mm256_storeu_pd(ax + c0 + 4, _mm256_add_pd(_mm256_loadu_pd(ax + c0 + 4), acc[3]));
+    }
+  }
+#endif
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = c0; c < C; ++c) {
+      const acc_t xi = static_cast<acc_t>(x[r * C + c]);
+      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[r * C + c]), xi, m[c], s[c], w[c], b[c]);
+      a[c] += g;
+      ax[c] += g * ((xi - m[c]) * s[c]);
+    }
 }
 
 // sum over N*H*W of g and of g * xhat, g = grad_out masked by the recomputed ReLU.
@@ -139,46 +277,27 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
                             const acc_t* invstd, const acc_t* w, const acc_t* b, acc_t* sum_g,
                             acc_t* sum_gx) {
   const int64_t C = v.C;
-  std::vector<double> ps, px;
-  int64_t chunks;
+  const int64_t R = rows_per_chunk(C), chunks = (v.outer + R - 1) / R;
+  // Partials to add: one per image in NCHW (planes), one per thread in NHWC.
+  const int64_t parts = v.channels_last ? at::get_num_threads() : v.outer;
+  std::vector<double> ps(parts * C, 0.0), px(parts * C, 0.0);
   if (!v.channels_last) {
-    chunks = v.outer;
-    ps.resize(chunks * C);
-    px.resize(chunks * C);
-    for_each_channel_run(v, [&](int64_t c, int64_t i0, int64_t i1) {
-      const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
-      double a = 0, ax = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t xi = static_cast<acc_t>(x[i]);
-        const double g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, m, s, wc, bc);
-        a += g;
-        ax += g * ((xi - m) * s);
+    at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / v.inner), [&](int64_t b0, int64_t e0) {
+      for (int64_t p = b0; p < e0; ++p) {
+        const int64_t c = p % C;
+        plane_masked_sums(x + p * v.inner, dy + p * v.inner, v.inner, mean[c], invstd[c], w[c], b[c], ps[p], px[p]);
       }
-      ps[i0 / v.inner] = a;
-      px[i0 / v.inner] = ax;
     });
   } else {
-    const int64_t R = rows_per_chunk(C);
-    chunks = (v.outer + R - 1) / R;
-    ps.assign(chunks * C, 0.0);
-    px.assign(chunks * C, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t b0, int64_t e0) {
-      for (int64_t k = b0; k < e0; ++k) {
-        double* a = &ps[k * C];
-        double* ax = &px[k * C];
-        for (int64_t r = k * R; r < std::min(v.outer, (k + 1) * R); ++r)
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xi = static_cast<acc_t>(x[r * C + c]);
-            const double g = bn_relu_masked_grad(static_cast<acc_t>(dy[r * C + c]), xi, mean[c], invstd[c], w[c], b[c]);
-            a[c] += g;
-            ax[c] += g * ((xi - mean[c]) * invstd[c]);
-          }
-      }
+      const int64_t t = at::get_thread_num();
+      for (int64_t k = b0; k < e0; ++k)
+        rows_masked_sums(x, dy, k * R, std::min(v.outer, (k + 1) * R), C, mean, invstd, w, b, &ps[t * C], &px[t * C]);
     });
   }
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, ax = 0;
-    for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t k = 0; k < parts; ++k) {
       a += ps[k * C + c];
       ax += px[k * C + c];
     }
@@ -191,12 +310,33 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const View& v,
                            const acc_t* mean, const acc_t* invstd, const acc_t* w, const acc_t* b,
                            const acc_t* mean_g, const acc_t* mean_gx) {
-  for_each_channel_run(v, [&](int64_t c, int64_t i0, int64_t i1) {
+  const int64_t C = v.C;
+  elementwise(v, [&](int64_t c, int64_t i0, int64_t n) {
+    const scalar_t* __restrict__ xp = x + i0;
+    const scalar_t* __restrict__ gp = dy + i0;
+    scalar_t* __restrict__ dp = dx + i0;
     const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c], mg = mean_g[c], mgx = mean_gx[c];
-    for (int64_t i = i0; i < i1; ++i) {
-      const acc_t xi = static_cast<acc_t>(x[i]);
-      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, m, s, wc, bc);
-      dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m, s, wc, mg, mgx));
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xi = static_cast<acc_t>(xp[i]);
+      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gp[i]), xi, m, s, wc, bc);
+      dp[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m, s, wc, mg, mgx));
+    }
+  }, [&](int64_t r0, int64_t r1) {
+    const acc_t* __restrict__ m = mean;
+    const acc_t* __restrict__ s = invstd;
+    const acc_t* __restrict__ wc = w;
+    const acc_t* __restrict__ bc = b;
+    const acc_t* __restrict__ mg = mean_g;
+    const acc_t* __restrict__ mgx = mean_gx;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ xr = x + r * C;
+      const scalar_t* __restrict__ gr = dy + r * C;
+      scalar_t* __restrict__ dr = dx + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xi = static_cast<acc_t>(xr[c]);
+        const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gr[c]), xi, m[c], s[c], wc[c], bc[c]);
+        dr[c] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
+      }
     }
   });
 }

@@ -36,18 +36,13 @@ def triton_usable(device_type: str) -> bool:
     return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
 
 
-# Ops whose native kernel exists but measured slower than eager on a device (fasthg bench):
-# `auto` passes them over. The CPU BN-ReLU backward is not yet vectorised (see README).
-AUTO_SKIPS_NATIVE = {("bn_relu_forward", "cpu")}
-
-
 def resolve(backend: str, op: str, t: torch.Tensor) -> str:
     """The concrete backend (eager, native or triton) that runs `op` on tensors like `t`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dev = t.device.type
     if backend == "auto":
-        if _ext.has_kernel(op, dev) and (op, dev) not in AUTO_SKIPS_NATIVE:
+        if _ext.has_kernel(op, dev):
             return "native"
         if dev == "cuda" and triton_usable(dev):
             return "triton"
