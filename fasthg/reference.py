@@ -12,3 +12,37 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 def bn_relu(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
     """relu(batch_norm(x)): updates the running statistics in place when training."""
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+
+
+# The four passes of the fused BN-ReLU, composed from stock ops: the `eager` backend uses them
+# when statistics are synchronised across processes (plain F.batch_norm cannot be). Math in
+# the parameters' dtype (float32, float64 for float64 x), as the kernels do.
+def _per_channel(t):
+    return t.view(1, -1, 1, 1)
+
+
+def bn_relu_stats(x):
+    p = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xp = x.to(p)
+    return xp.mean((0, 2, 3)), xp.var((0, 2, 3), unbiased=False)
+
+
+def _pre_activation(x, mean, invstd, weight, bias):
+    return (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd * weight) + _per_channel(bias)
+
+
+def bn_relu_forward(x, mean, invstd, weight, bias):
+    return torch.relu(_pre_activation(x, mean, invstd, weight, bias)).to(x.dtype)
+
+
+def bn_relu_backward_reduce(grad_out, x, mean, invstd, weight, bias):
+    g = torch.where(_pre_activation(x, mean, invstd, weight, bias) > 0, grad_out.to(mean.dtype), 0)
+    xhat = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    return g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+
+
+def bn_relu_backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_g_xhat):
+    g = torch.where(_pre_activation(x, mean, invstd, weight, bias) > 0, grad_out.to(mean.dtype), 0)
+    xhat = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    dx = _per_channel(weight * invstd) * (g - _per_channel(mean_g) - xhat * _per_channel(mean_g_xhat))
+    return dx.to(x.dtype)

@@ -6,10 +6,16 @@ only x and the per-channel statistics and recomputes the ReLU mask from them: on
 pass and one elementwise pass. Backends: eager (fasthg.reference), native (fasthg::bn_relu_*
 from csrc/, CPU; CUDA to come), triton (kernels/bn_relu.py as fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
+
+Cross-process statistics (sync=True, like nn.SyncBatchNorm): the forward all-gathers each
+process's (count, mean, variance) and merges them exactly; the backward all-reduces the two
+per-channel sums. N processes then compute what one would on the concatenated batch; the
+weight and bias gradients stay local (DDP averages them), as in nn.SyncBatchNorm.
 """
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 from fasthg import _ext, reference
 from fasthg._layout import memory_format_of
@@ -61,7 +67,9 @@ def _fake_reduce(grad_out, x, mean, invstd, weight, bias):
     return _fake_stats(x)
 
 
-_OPS = {}
+_OPS = {"eager": SimpleNamespace(stats=reference.bn_relu_stats, forward=reference.bn_relu_forward,
+                                 backward_reduce=reference.bn_relu_backward_reduce,
+                                 backward_elemt=reference.bn_relu_backward_elemt)}
 if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_stats")(_fake_stats)
     torch.library.register_fake("fasthg::bn_relu_forward")(_fake_forward)
@@ -105,12 +113,28 @@ if _backend.triton_available():
                                      backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt_triton)
 
 
+def _merge_across_processes(mean, var, count, group):
+    """Exact (Chan) merge of every process's per-channel (count, mean, biased variance)."""
+    c = mean.numel()
+    local = torch.cat([mean.new_tensor([count], dtype=torch.float64), mean.double(), var.double()])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    g = torch.stack(parts)
+    n, m, v = g[:, :1], g[:, 1:1 + c], g[:, 1 + c:]
+    total = n.sum()
+    gmean = (n * m).sum(0) / total
+    m2 = (n * v).sum(0) + (n * (m - gmean) ** 2).sum(0)
+    return gmean.to(mean.dtype), (m2 / total).to(var.dtype), int(total.item())
+
+
 class _BNReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops, group):
         count = x.numel() // x.shape[1]
         if training:
             mean, var = ops.stats(x)
+            if group is not None:
+                mean, var, count = _merge_across_processes(mean, var, count, group)
             invstd = torch.rsqrt(var + eps)
             if running_mean is not None:
                 with torch.no_grad():
@@ -120,7 +144,7 @@ class _BNReLU(torch.autograd.Function):
             mean = running_mean.to(weight.dtype)
             invstd = torch.rsqrt(running_var.to(weight.dtype) + eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.training, ctx.count, ctx.ops = training, count, ops
+        ctx.training, ctx.count, ctx.ops, ctx.group = training, count, ops, group
         return ops.forward(x, mean, invstd, weight, bias)
 
     @staticmethod
@@ -128,27 +152,46 @@ class _BNReLU(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, x, mean, invstd, weight, bias)
         if ctx.training:
-            mean_g, mean_gx = sum_g / ctx.count, sum_gx / ctx.count
+            total_g, total_gx = sum_g, sum_gx
+            if ctx.group is not None:  # the statistics were global: so are their gradients
+                both = torch.cat([sum_g, sum_gx])
+                dist.all_reduce(both, group=ctx.group)
+                total_g, total_gx = both.chunk(2)
+            mean_g, mean_gx = total_g / ctx.count, total_gx / ctx.count
         else:  # the statistics are constants
             mean_g = mean_gx = torch.zeros_like(sum_g)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = ctx.ops.backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx)
-        return grad_x, sum_gx, sum_g, None, None, None, None, None, None
+        return grad_x, sum_gx, sum_g, None, None, None, None, None, None, None
+
+
+def _sync_group(sync, process_group):
+    """The process group to merge statistics over, or None when there is nothing to merge."""
+    if not sync:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("bn_relu: sync=True needs torch.distributed to be initialised "
+                         "(torch.distributed.init_process_group)")
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
-            momentum=0.1, eps=1e-5, backend="auto"):
+            momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None):
     """relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),
     fused. weight/bias None mean affine=False; running stats None mean batch statistics only.
-    `momentum` is the weight of the new batch in the running average (as in F.batch_norm)."""
+    `momentum` is the weight of the new batch in the running average (as in F.batch_norm).
+    sync=True (training only) merges the statistics over `process_group` (default: all
+    processes) so that every process normalises with those of the whole global batch."""
     check_args(x, weight, bias, running_mean, running_var, training)
     which = _backend.resolve(backend, "bn_relu_forward", x)
-    if which == "eager":
+    group = _sync_group(sync, process_group) if training else None
+    if which == "eager" and group is None:
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
     pdtype = _param_dtype(x)
     c = x.shape[1]
     weight = x.new_ones(c, dtype=pdtype) if weight is None else weight.to(pdtype)
     bias = x.new_zeros(c, dtype=pdtype) if bias is None else bias.to(pdtype)
     return _BNReLU.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
-                         _OPS[which])
+                         _OPS[which], group)
