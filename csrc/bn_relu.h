@@ -65,6 +65,16 @@ inline void check_bn_relu_channel(const char* op, const char* name, const at::Te
               " like `x`, got ", t.device());
 }
 
+inline void check_bn_relu_params(const char* op, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const at::Tensor& weight,
+                                 const at::Tensor& bias) {
+  check_bn_relu_input(op, x);
+  check_bn_relu_channel(op, "mean", mean, x);
+  check_bn_relu_channel(op, "invstd", invstd, x);
+  check_bn_relu_channel(op, "weight", weight, x);
+  check_bn_relu_channel(op, "bias", bias, x);
+}
+
 inline void check_same_as_x(const char* op, const char* name, const at::Tensor& t,
                             const at::Tensor& x) {
   TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&

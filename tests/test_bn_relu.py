@@ -17,7 +17,7 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 def params():
     """(device, backend) pairs: the backends with bn_relu kernels here, CUDA ones marked."""
     out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu", "bn_relu_forward") if b != "eager"]
-    out += [pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.cuda)]
+    out += [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in ("native", "triton")]
     return out
 
 
@@ -219,3 +219,24 @@ def test_module_bad_input():
         BNReLU(3)(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="backend must be one of"):
         BNReLU(3, backend="cudnn")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16, 64, 128, 128), (16, 256, 64, 64), (16, 256, 4, 4)], ids=str)
+def test_cuda_hourglass_sizes(backend, dtype, shape):
+    """The real shapes (largest and smallest levels), where indexing and reduction bugs hide."""
+    for layout in LAYOUTS:
+        x64, x = make_x(shape, dtype, "cuda", layout)
+        w = torch.rand(shape[1], device="cuda") + 0.5
+        b = torch.randn(shape[1], device="cuda") * 0.1
+        x.requires_grad_(True)
+        y = ops.bn_relu(x, w, b, None, None, training=True, backend=backend)
+        x64 = x64.cuda().requires_grad_(True)
+        ref = reference(x64, w.double(), b.double(), None, None, True)
+        assert rel_err(y, ref) < TOL[dtype]
+        gy = torch.randn_like(ref)
+        (gx,) = torch.autograd.grad(y, x, gy.to(dtype))
+        (rx,) = torch.autograd.grad(ref, x64, gy.to(dtype).double())
+        assert rel_err(gx, rx) < max(TOL[dtype], 1e-5)

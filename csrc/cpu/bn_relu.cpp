@@ -341,15 +341,6 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   });
 }
 
-void check_params(const char* op, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-                  const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_input(op, x);
-  check_bn_relu_channel(op, "mean", mean, x);
-  check_bn_relu_channel(op, "invstd", invstd, x);
-  check_bn_relu_channel(op, "weight", weight, x);
-  check_bn_relu_channel(op, "bias", bias, x);
-}
-
 #define FASTHG_DISPATCH(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
 
@@ -369,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x_in) {
 
 at::Tensor bn_relu_forward_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
                                const at::Tensor& weight, const at::Tensor& bias) {
-  check_params("bn_relu_forward", x_in, mean, invstd, weight, bias);
+  check_bn_relu_params("bn_relu_forward", x_in, mean, invstd, weight, bias);
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt);
   auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
@@ -386,7 +377,7 @@ at::Tensor bn_relu_forward_cpu(const at::Tensor& x_in, const at::Tensor& mean, c
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias) {
-  check_params("bn_relu_backward_reduce", x_in, mean, invstd, weight, bias);
+  check_bn_relu_params("bn_relu_backward_reduce", x_in, mean, invstd, weight, bias);
   check_same_as_x("bn_relu_backward_reduce", "grad_out", grad_in, x_in);
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt), dy = grad_in.contiguous(fmt);
@@ -406,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
 at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  check_params("bn_relu_backward_elemt", x_in, mean, invstd, weight, bias);
+  check_bn_relu_params("bn_relu_backward_elemt", x_in, mean, invstd, weight, bias);
   check_same_as_x("bn_relu_backward_elemt", "grad_out", grad_in, x_in);
   check_bn_relu_channel("bn_relu_backward_elemt", "mean_g", mean_g, x_in);
   check_bn_relu_channel("bn_relu_backward_elemt", "mean_g_xhat", mean_gx, x_in);

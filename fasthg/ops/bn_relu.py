@@ -4,7 +4,7 @@ Training forward: one statistics pass (per-channel mean and biased variance) and
 normalise+clamp pass; running statistics are updated as nn.BatchNorm2d does. Backward saves
 only x and the per-channel statistics and recomputes the ReLU mask from them: one reduction
 pass and one elementwise pass. Backends: eager (fasthg.reference), native (fasthg::bn_relu_*
-from csrc/, CPU; CUDA to come), triton (kernels/bn_relu.py as fasthg::bn_relu_*_triton).
+from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
 
 Cross-process statistics (sync=True, like nn.SyncBatchNorm): the forward all-gathers each

@@ -1,0 +1,233 @@
+// CUDA kernels of the fused BatchNorm+ReLU ops; the per-element math is shared with the CPU
+// twin through csrc/bn_relu.h. Reductions: one block per channel, double accumulators per
+// thread, cub::BlockReduce across the block (DESIGN.md: no hand-rolled shared-memory
+// reductions). Simple and exact; not yet tuned for few channels with large H*W or for the
+// strided channel walk of channels_last.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <tuple>
+
+#include "../bn_relu.h"
+
+namespace fasthg {
+namespace {
+
+constexpr int kReduceThreads = 512;
+constexpr int kThreads = 256;
+
+// Element i (0 <= i < N*H*W) of channel c in NCHW or NHWC memory.
+__device__ __forceinline__ int64_t channel_offset(int64_t i, int64_t c, int64_t C, int64_t HW,
+                                                  bool channels_last) {
+  return channels_last ? i * C + c : (i / HW * C + c) * HW + i % HW;
+}
+
+__device__ __forceinline__ int64_t channel_of(int64_t offset, int64_t C, int64_t HW, bool channels_last) {
+  return channels_last ? offset % C : offset / HW % C;
+}
+
+using BlockReduce = cub::BlockReduce<double, kReduceThreads>;
+
+// Both block sums, on thread 0.
+__device__ __forceinline__ void block_sums(double& a, double& b, typename BlockReduce::TempStorage& tmp) {
+  a = BlockReduce(tmp).Sum(a);
+  __syncthreads();  // the temporary storage is reused
+  b = BlockReduce(tmp).Sum(b);
+}
+
+// Sums of x - pivot and its square, pivot = the channel's first element: one pass, and large
+// offsets cost no precision.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads) stats_kernel(
+    const scalar_t* __restrict__ x, acc_t* __restrict__ mean, acc_t* __restrict__ var, int64_t M,
+    int64_t C, int64_t HW, bool channels_last) {
+  __shared__ typename BlockReduce::TempStorage tmp;
+  const int64_t c = blockIdx.x;
+  const double pivot = static_cast<double>(x[channel_offset(0, c, C, HW, channels_last)]);
+  double s1 = 0, s2 = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kReduceThreads) {
+    const double d = static_cast<double>(x[channel_offset(i, c, C, HW, channels_last)]) - pivot;
+    s1 += d;
+    s2 += d * d;
+  }
+  block_sums(s1, s2, tmp);
+  if (threadIdx.x == 0) {
+    const double m = s1 / M;
+    mean[c] = static_cast<acc_t>(pivot + m);
+    var[c] = static_cast<acc_t>(fmax(s2 / M - m * m, 0.0));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                               const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                               const acc_t* __restrict__ w, const acc_t* __restrict__ b, int64_t total,
+                               int64_t C, int64_t HW, bool channels_last) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = channel_of(i, C, HW, channels_last);
+    y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[i]), mean[c], invstd[c], w[c], b[c]));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads) backward_reduce_kernel(
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ invstd, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
+    acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t M, int64_t C, int64_t HW, bool channels_last) {
+  __shared__ typename BlockReduce::TempStorage tmp;
+  const int64_t c = blockIdx.x;
+  const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
+  double a = 0, ax = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kReduceThreads) {
+    const int64_t o = channel_offset(i, c, C, HW, channels_last);
+    const acc_t xi = static_cast<acc_t>(x[o]);
+    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[o]), xi, m, s, wc, bc);
+    a += g;
+    ax += g * ((xi - m) * s);
+  }
+  block_sums(a, ax, tmp);
+  if (threadIdx.x == 0) {
+    sum_g[c] = static_cast<acc_t>(a);
+    sum_gx[c] = static_cast<acc_t>(ax);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
+                                      const acc_t* __restrict__ invstd, const acc_t* __restrict__ w,
+                                      const acc_t* __restrict__ b, const acc_t* __restrict__ mean_g,
+                                      const acc_t* __restrict__ mean_gx, int64_t total, int64_t C, int64_t HW,
+                                      bool channels_last) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = channel_of(i, C, HW, channels_last);
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, mean[c], invstd[c], w[c], b[c]);
+    dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, mean[c], invstd[c], w[c], mean_g[c], mean_gx[c]));
+  }
+}
+
+unsigned int elementwise_blocks(int64_t n) {
+  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
+}
+
+// x made dense in its own memory format, and the facts the kernels need about it.
+struct Dense {
+  at::Tensor t;
+  at::MemoryFormat fmt;
+  int64_t M, C, HW;
+  bool channels_last;
+};
+
+Dense dense(const at::Tensor& x) {
+  const auto fmt = x.suggest_memory_format();
+  const int64_t HW = x.size(2) * x.size(3);
+  return {x.contiguous(fmt), fmt, x.size(0) * HW, x.size(1), HW, fmt == at::MemoryFormat::ChannelsLast};
+}
+
+#define FASTHG_DISPATCH(T, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
+  check_bn_relu_input("bn_relu_stats", x_in);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_stats: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
+  auto var = at::empty({d.C}, mean.options());
+  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, acc_t><<<d.C, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        d.t.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), d.M, d.C,
+        d.HW, d.channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+                                const at::Tensor& weight, const at::Tensor& bias) {
+  check_bn_relu_params("bn_relu_forward", x_in, mean, invstd, weight, bias);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_forward: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  auto y = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
+  const int64_t total = d.t.numel();
+  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
+        invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
+        bias.contiguous().const_data_ptr<acc_t>(), total, d.C, d.HW, d.channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias) {
+  check_bn_relu_params("bn_relu_backward_reduce", x_in, mean, invstd, weight, bias);
+  check_same_as_x("bn_relu_backward_reduce", "grad_out", grad_in, x_in);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_reduce: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  const auto dy = grad_in.contiguous(d.fmt);
+  auto sum_g = at::empty({d.C}, mean.options());
+  auto sum_gx = at::empty({d.C}, mean.options());
+  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_reduce_kernel<scalar_t, acc_t><<<d.C, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
+        invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
+        bias.contiguous().const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>(),
+        d.M, d.C, d.HW, d.channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_g, sum_gx};
+}
+
+at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
+                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
+  check_bn_relu_params("bn_relu_backward_elemt", x_in, mean, invstd, weight, bias);
+  check_same_as_x("bn_relu_backward_elemt", "grad_out", grad_in, x_in);
+  check_bn_relu_channel("bn_relu_backward_elemt", "mean_g", mean_g, x_in);
+  check_bn_relu_channel("bn_relu_backward_elemt", "mean_g_xhat", mean_gx, x_in);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_elemt: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  const auto dy = grad_in.contiguous(d.fmt);
+  auto dx = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
+  const int64_t total = d.t.numel();
+  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_elemt_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+        mean.contiguous().const_data_ptr<acc_t>(), invstd.contiguous().const_data_ptr<acc_t>(),
+        weight.contiguous().const_data_ptr<acc_t>(), bias.contiguous().const_data_ptr<acc_t>(),
+        mean_g.contiguous().const_data_ptr<acc_t>(), mean_gx.contiguous().const_data_ptr<acc_t>(), total, d.C, d.HW,
+        d.channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
+  m.impl("bn_relu_stats", &bn_relu_stats_cuda);
+  m.impl("bn_relu_forward", &bn_relu_forward_cuda);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
+  m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cuda);
+}
+
+}  // namespace fasthg
