@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check in one command, for a machine with an NVIDIA GPU, torch (CUDA) and nvcc
+# already installed and no network:
+#
+#     bash benchmarks/gpu_check.sh OUT_DIR
+#
+# 1. builds fasthg._C for the visible GPU (no build isolation, no downloads),
+# 2. runs every test marked `cuda`,
+# 3. runs the native and Triton op tests once more under compute-sanitizer memcheck
+#    (small shapes: the hourglass-size cases are left out),
+# 4. runs `fasthg bench` on the GPU,
+# writing every log, JSON, table and chart into OUT_DIR (at most 8 files) and printing a
+# short summary last. Any failure stops it with a non-zero exit and names the step and log.
+set -euo pipefail
+out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+summary="$out/summary.txt"
+: > "$summary"
+
+step() {  # step NAME LOG COMMAND...: run, time, and fail loudly with the log's tail
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name" >&2
+  if ! "$@" > "$log" 2>&1; then
+    echo "FAILED: $name (log: $log); last lines:" | tee -a "$summary" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+  echo "ok   $name ($((SECONDS - t0)) s)" >> "$summary"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary"
+step "build for the local GPU" "$out/build.log" \
+  env FASTHG_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+"$PY" -m fasthg info >> "$summary"
+step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider
+step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
+  compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+  "$PY" -m pytest tests/test_upsample_add.py tests/test_bn_relu.py -m cuda -q -p no:cacheprovider \
+  -k "not hourglass_sizes and not compile and not opcheck and not gradcheck"
+step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --out "$out/bench"
+
+{
+  echo
+  grep -E "passed|failed" "$out/tests.log" | tail -n 1 | sed 's/^/tests marked cuda: /'
+  grep -E "ERROR SUMMARY" "$out/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
+  echo
+  echo "fused vs eager, forward+backward (training), from $out/bench/bench.md:"
+  grep -E "forward\+backward" "$out/bench/bench.md" | grep -v "| eager |"
+} >> "$summary"
+cat "$summary"
