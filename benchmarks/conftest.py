@@ -4,8 +4,14 @@ import torch
 import fasthg
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The Triton interpreter is for correctness, not speed: Triton is benchmarked on GPUs only.
-BACKENDS = [b for b in fasthg.ops.available(DEVICE, "upsample_add") if DEVICE == "cuda" or b != "triton"]
+
+
+def backends_for(op: str):
+    """The backends with a kernel for `op` here. The Triton interpreter is for correctness,
+    not speed: Triton is benchmarked on GPUs only."""
+    return [b for b in fasthg.ops.available(DEVICE, op) if DEVICE == "cuda" or b != "triton"]
+
+
 _EAGER_MEDIANS = {}
 
 

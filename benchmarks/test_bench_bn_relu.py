@@ -7,15 +7,14 @@ import itertools
 import pytest
 import torch
 
-from conftest import DEVICE, record, sync
+from conftest import DEVICE, backends_for, record, sync
 from fasthg import ops
 
 BATCH = 16 if DEVICE == "cuda" else 4
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-BACKENDS = [b for b in ops.available(DEVICE, "bn_relu_forward") if DEVICE == "cuda" or b != "triton"]
 MODES = ["train forward", "train forward+backward", "eval forward"]
-CASES = list(itertools.product(MODES, DTYPES, LAYOUTS, [64, 32, 16, 8], BACKENDS))
+CASES = list(itertools.product(MODES, DTYPES, LAYOUTS, [64, 32, 16, 8], backends_for("bn_relu_forward")))
 
 
 @pytest.mark.parametrize("mode,dtype,layout,level,backend", CASES,

@@ -35,14 +35,18 @@ def bn_relu_forward(x, mean, invstd, weight, bias):
     return torch.relu(_pre_activation(x, mean, invstd, weight, bias)).to(x.dtype)
 
 
-def bn_relu_backward_reduce(grad_out, x, mean, invstd, weight, bias):
+def _masked_grad_and_xhat(grad_out, x, mean, invstd, weight, bias):
+    """grad_out where the forward output was > 0 (the ReLU mask, recomputed), and xhat."""
     g = torch.where(_pre_activation(x, mean, invstd, weight, bias) > 0, grad_out.to(mean.dtype), 0)
-    xhat = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    return g, (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+
+
+def bn_relu_backward_reduce(grad_out, x, mean, invstd, weight, bias):
+    g, xhat = _masked_grad_and_xhat(grad_out, x, mean, invstd, weight, bias)
     return g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
 
 
 def bn_relu_backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_g_xhat):
-    g = torch.where(_pre_activation(x, mean, invstd, weight, bias) > 0, grad_out.to(mean.dtype), 0)
-    xhat = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    g, xhat = _masked_grad_and_xhat(grad_out, x, mean, invstd, weight, bias)
     dx = _per_channel(weight * invstd) * (g - _per_channel(mean_g) - xhat * _per_channel(mean_g_xhat))
     return dx.to(x.dtype)
