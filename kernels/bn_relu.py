@@ -4,8 +4,8 @@ per-channel statistics, normalise+clamp, and the backward's reduction and elemen
 math runs in float32 (float64 for float64 x), like the statistics and parameters; the
 per-channel sums accumulate in float64, as ATen's CPU BatchNorm does: BN backward subtracts
 nearly equal terms, and float32 sums cost up to 1e-2 relative error in a stacked BN's grad_x.
-One program per channel reduces over N*H*W: simple and exact; not yet tuned for few
-channels with large H*W."""
+Reductions run on a (channels, splits) grid writing float64 partials that torch adds up, so
+that few channels with large H*W still fill the GPU."""
 import torch
 import triton
 import triton.language as tl
@@ -31,27 +31,32 @@ def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_ptr, var_ptr, M, C, HW, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _split_range(M, SPLITS, BLOCK: tl.constexpr):
+    """This program's [start, end) of the N*H*W elements of its channel (BLOCK-aligned)."""
+    per = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK) * BLOCK
+    start = tl.program_id(1).to(tl.int64) * per
+    return start, tl.minimum(start + per, M)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Partial sums of d = x - pivot and d*d, pivot = the channel's first element (shared by
+    every split, so partials add up; large offsets cost no precision)."""
     c = tl.program_id(0).to(tl.int64)
-    # Sums of x - pivot (the channel's first element): large offsets cost no precision.
     pivot = tl.load(x_ptr + _channel_offsets(0, c, C, HW, CHANNELS_LAST)).to(tl.float64)
+    start, end = _split_range(M, SPLITS, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(0, M, BLOCK):
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < M
-        x = tl.load(x_ptr + _channel_offsets(idx, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float64)
-        acc += tl.where(mask, x - pivot, 0.0)
-    mean = pivot + tl.sum(acc, axis=0) / M
     acc2 = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(0, M, BLOCK):
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < M
+    for first in range(start, end, BLOCK):
+        idx = first + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < end
         x = tl.load(x_ptr + _channel_offsets(idx, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float64)
-        d = tl.where(mask, x - mean, 0.0)
+        d = tl.where(mask, x - pivot, 0.0)
+        acc += d
         acc2 += d * d
-    tl.store(mean_ptr + c, mean.to(ACC))
-    tl.store(var_ptr + c, (tl.sum(acc2, axis=0) / M).to(ACC))
+    out = tl.program_id(1).to(tl.int64) * C + c
+    tl.store(s1_ptr + out, tl.sum(acc, axis=0))
+    tl.store(s2_ptr + out, tl.sum(acc2, axis=0))
 
 
 @triton.jit
@@ -69,25 +74,27 @@ def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, 
 
 @triton.jit
 def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr,
-                            M, C, HW, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                            M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     mean = tl.load(mean_ptr + c)
     invstd = tl.load(invstd_ptr + c)
     scale = invstd * tl.load(w_ptr + c)
     bias = tl.load(b_ptr + c)
+    start, end = _split_range(M, SPLITS, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     accx = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(0, M, BLOCK):
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < M
+    for first in range(start, end, BLOCK):
+        idx = first + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < end
         offs = _channel_offsets(idx, c, C, HW, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         g = tl.where(mask & ((x - mean) * scale + bias > 0), dy, 0.0)
         acc += g.to(tl.float64)
         accx += (g * ((x - mean) * invstd)).to(tl.float64)
-    tl.store(sum_g_ptr + c, tl.sum(acc, axis=0).to(ACC))
-    tl.store(sum_gx_ptr + c, tl.sum(accx, axis=0).to(ACC))
+    out = tl.program_id(1).to(tl.int64) * C + c
+    tl.store(sum_g_ptr + out, tl.sum(acc, axis=0))
+    tl.store(sum_gx_ptr + out, tl.sum(accx, axis=0))
 
 
 @triton.jit
@@ -118,13 +125,27 @@ def _prep(x):
     return x, fmt, n * h * w, c, h * w, fmt == torch.channels_last, acc, pdtype
 
 
+def _splits(C: int, M: int, device) -> int:
+    """Programs per channel: enough for about 4 per SM, none with less than a BLOCK."""
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(target, C), triton.cdiv(M, BLOCK)))
+
+
+def _partials(C, splits, device):
+    return (torch.empty((splits, C), dtype=torch.float64, device=device),
+            torch.empty((splits, C), dtype=torch.float64, device=device))
+
+
 def stats(x: torch.Tensor):
     """Per-channel mean and biased variance (float32, or float64 for float64 x)."""
-    x, _, M, C, HW, cl, acc, pdtype = _prep(x)
-    mean = torch.empty(C, dtype=pdtype, device=x.device)
-    var = torch.empty(C, dtype=pdtype, device=x.device)
-    _stats_kernel[(C,)](x, mean, var, M, C, HW, CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
-    return mean, var
+    x, _, M, C, HW, cl, _, pdtype = _prep(x)
+    splits = _splits(C, M, x.device)
+    s1, s2 = _partials(C, splits, x.device)
+    _stats_kernel[(C, splits)](x, s1, s2, M, C, HW, splits, CHANNELS_LAST=cl, BLOCK=BLOCK)
+    pivot = x[0, :, 0, 0].to(torch.float64)
+    d = s1.sum(0) / M
+    var = (s2.sum(0) / M - d * d).clamp_min_(0)
+    return (pivot + d).to(pdtype), var.to(pdtype)
 
 
 def forward(x, mean, invstd, weight, bias):
@@ -139,11 +160,11 @@ def forward(x, mean, invstd, weight, bias):
 def backward_reduce(grad_out, x, mean, invstd, weight, bias):
     x, fmt, M, C, HW, cl, acc, pdtype = _prep(x)
     dy = grad_out.contiguous(memory_format=fmt)
-    sum_g = torch.empty(C, dtype=pdtype, device=x.device)
-    sum_gx = torch.empty(C, dtype=pdtype, device=x.device)
-    _backward_reduce_kernel[(C,)](dy, x, mean, invstd, weight, bias, sum_g, sum_gx, M, C, HW,
-                                  CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
-    return sum_g, sum_gx
+    splits = _splits(C, M, x.device)
+    sum_g, sum_gx = _partials(C, splits, x.device)
+    _backward_reduce_kernel[(C, splits)](dy, x, mean, invstd, weight, bias, sum_g, sum_gx, M, C, HW, splits,
+                                         CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+    return sum_g.sum(0).to(pdtype), sum_gx.sum(0).to(pdtype)
 
 
 def backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx):

@@ -1,8 +1,9 @@
 // CUDA kernels of the fused BatchNorm+ReLU ops; the per-element math is shared with the CPU
-// twin through csrc/bn_relu.h. Reductions: one block per channel, double accumulators per
-// thread, cub::BlockReduce across the block (DESIGN.md: no hand-rolled shared-memory
-// reductions). Simple and exact; not yet tuned for few channels with large H*W or for the
-// strided channel walk of channels_last.
+// twin through csrc/bn_relu.h. Reductions run on a (channels, splits) grid so that few
+// channels with large H*W still fill the GPU: double accumulators per thread,
+// cub::BlockReduce across the block (DESIGN.md: no hand-rolled shared-memory reductions),
+// double partials per split, added by a one-thread-per-channel finalize kernel. Not yet
+// tuned for the strided channel walk of channels_last.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -43,27 +44,52 @@ __device__ __forceinline__ void block_sums(double& a, double& b, typename BlockR
   b = BlockReduce(tmp).Sum(b);
 }
 
-// Sums of x - pivot and its square, pivot = the channel's first element: one pass, and large
-// offsets cost no precision.
-template <typename scalar_t, typename acc_t>
+// This block's [begin, end) of the N*H*W elements of its channel (blockIdx.y of gridDim.y).
+__device__ __forceinline__ void split_range(int64_t M, int64_t& begin, int64_t& end) {
+  const int64_t per = (M + gridDim.y - 1) / gridDim.y;
+  begin = blockIdx.y * per;
+  end = min(M, begin + per);
+}
+
+// Partial sums of d = x - pivot and d*d, pivot = the channel's first element (shared by every
+// split, so partials add up; large offsets cost no precision), into s1/s2[split][channel].
+template <typename scalar_t>
 __global__ void __launch_bounds__(kReduceThreads) stats_kernel(
-    const scalar_t* __restrict__ x, acc_t* __restrict__ mean, acc_t* __restrict__ var, int64_t M,
-    int64_t C, int64_t HW, bool channels_last) {
+    const scalar_t* __restrict__ x, double* __restrict__ s1, double* __restrict__ s2, int64_t M, int64_t C,
+    int64_t HW, bool channels_last) {
   __shared__ typename BlockReduce::TempStorage tmp;
   const int64_t c = blockIdx.x;
   const double pivot = static_cast<double>(x[channel_offset(0, c, C, HW, channels_last)]);
-  double s1 = 0, s2 = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kReduceThreads) {
+  int64_t begin, end;
+  split_range(M, begin, end);
+  double a = 0, q = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
     const double d = static_cast<double>(x[channel_offset(i, c, C, HW, channels_last)]) - pivot;
-    s1 += d;
-    s2 += d * d;
+    a += d;
+    q += d * d;
   }
-  block_sums(s1, s2, tmp);
+  block_sums(a, q, tmp);
   if (threadIdx.x == 0) {
-    const double m = s1 / M;
-    mean[c] = static_cast<acc_t>(pivot + m);
-    var[c] = static_cast<acc_t>(fmax(s2 / M - m * m, 0.0));
+    s1[blockIdx.y * C + c] = a;
+    s2[blockIdx.y * C + c] = q;
   }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void stats_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ s1,
+                                      const double* __restrict__ s2, acc_t* __restrict__ mean,
+                                      acc_t* __restrict__ var, int64_t splits, int64_t M, int64_t C, int64_t HW,
+                                      bool channels_last) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  double a = 0, q = 0;
+  for (int64_t k = 0; k < splits; ++k) {
+    a += s1[k * C + c];
+    q += s2[k * C + c];
+  }
+  const double d = a / M;
+  mean[c] = static_cast<acc_t>(static_cast<double>(x[channel_offset(0, c, C, HW, channels_last)]) + d);
+  var[c] = static_cast<acc_t>(fmax(q / M - d * d, 0.0));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -77,16 +103,19 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
   }
 }
 
+// Partial sums of g and g * xhat into part_g/part_gx[split][channel].
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads) backward_reduce_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
-    acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t M, int64_t C, int64_t HW, bool channels_last) {
+    double* __restrict__ part_g, double* __restrict__ part_gx, int64_t M, int64_t C, int64_t HW, bool channels_last) {
   __shared__ typename BlockReduce::TempStorage tmp;
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
+  int64_t begin, end;
+  split_range(M, begin, end);
   double a = 0, ax = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kReduceThreads) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
     const int64_t o = channel_offset(i, c, C, HW, channels_last);
     const acc_t xi = static_cast<acc_t>(x[o]);
     const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[o]), xi, m, s, wc, bc);
@@ -95,9 +124,24 @@ __global__ void __launch_bounds__(kReduceThreads) backward_reduce_kernel(
   }
   block_sums(a, ax, tmp);
   if (threadIdx.x == 0) {
-    sum_g[c] = static_cast<acc_t>(a);
-    sum_gx[c] = static_cast<acc_t>(ax);
+    part_g[blockIdx.y * C + c] = a;
+    part_gx[blockIdx.y * C + c] = ax;
   }
+}
+
+template <typename acc_t>
+__global__ void sums_finalize_kernel(const double* __restrict__ part_g, const double* __restrict__ part_gx,
+                                     acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t splits,
+                                     int64_t C) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  double a = 0, ax = 0;
+  for (int64_t k = 0; k < splits; ++k) {
+    a += part_g[k * C + c];
+    ax += part_gx[k * C + c];
+  }
+  sum_g[c] = static_cast<acc_t>(a);
+  sum_gx[c] = static_cast<acc_t>(ax);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -114,6 +158,17 @@ __global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const sca
     dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, mean[c], invstd[c], w[c], mean_g[c], mean_gx[c]));
   }
 }
+
+// Blocks per channel: about 4 per SM over all channels, none with less than 4 elements a thread.
+int64_t reduce_splits(int64_t C, int64_t M, c10::DeviceIndex device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t want = (4 * int64_t(sms) + C - 1) / C;
+  const int64_t most = std::max<int64_t>(1, M / (4 * kReduceThreads));
+  return std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
+}
+
+unsigned int channel_blocks(int64_t C) { return static_cast<unsigned int>((C + kThreads - 1) / kThreads); }
 
 unsigned int elementwise_blocks(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
@@ -143,11 +198,19 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   const auto d = dense(x_in);
   auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
   auto var = at::empty({d.C}, mean.options());
+  const int64_t splits = reduce_splits(d.C, d.M, x_in.device().index());
+  auto s1 = at::empty({splits, d.C}, d.t.options().dtype(at::kDouble));
+  auto s2 = at::empty({splits, d.C}, s1.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_kernel<scalar_t, acc_t><<<d.C, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        d.t.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), d.M, d.C,
+    stats_kernel<scalar_t><<<dim3(d.C, splits), kReduceThreads, 0, stream>>>(
+        d.t.const_data_ptr<scalar_t>(), s1.mutable_data_ptr<double>(), s2.mutable_data_ptr<double>(), d.M, d.C,
         d.HW, d.channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stats_finalize_kernel<scalar_t, acc_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
+        d.t.const_data_ptr<scalar_t>(), s1.const_data_ptr<double>(), s2.const_data_ptr<double>(),
+        mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), splits, d.M, d.C, d.HW, d.channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
@@ -183,13 +246,21 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
   const auto dy = grad_in.contiguous(d.fmt);
   auto sum_g = at::empty({d.C}, mean.options());
   auto sum_gx = at::empty({d.C}, mean.options());
+  const int64_t splits = reduce_splits(d.C, d.M, x_in.device().index());
+  auto part_g = at::empty({splits, d.C}, d.t.options().dtype(at::kDouble));
+  auto part_gx = at::empty({splits, d.C}, part_g.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_reduce_kernel<scalar_t, acc_t><<<d.C, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    backward_reduce_kernel<scalar_t, acc_t><<<dim3(d.C, splits), kReduceThreads, 0, stream>>>(
         dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
         invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
-        bias.contiguous().const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>(),
-        d.M, d.C, d.HW, d.channels_last);
+        bias.contiguous().const_data_ptr<acc_t>(), part_g.mutable_data_ptr<double>(),
+        part_gx.mutable_data_ptr<double>(), d.M, d.C, d.HW, d.channels_last);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sums_finalize_kernel<acc_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
+        part_g.const_data_ptr<double>(), part_gx.const_data_ptr<double>(), sum_g.mutable_data_ptr<acc_t>(),
+        sum_gx.mutable_data_ptr<acc_t>(), splits, d.C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_g, sum_gx};
