@@ -106,7 +106,7 @@ setup(
     packages=find_packages(include=["fasthg", "fasthg.*"]) + ["fasthg.kernels"],
     package_dir={"fasthg.kernels": "kernels"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "opencv-python-headless", "h5py"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "triton; platform_system == 'Linux'"],
