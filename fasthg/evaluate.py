@@ -1,0 +1,81 @@
+"""From heatmaps to joint positions, and PCKh: what a pose researcher reports."""
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from fasthg.data.records import MPII_GROUPS
+from fasthg.data.transforms import from_heatmap_coords, invert, transform_points
+
+
+def decode_heatmaps(heatmaps) -> Tuple[np.ndarray, np.ndarray]:
+    """Argmax of each [.., J, h, w] heatmap, moved a quarter pixel towards the higher
+    neighbour in x and in y (the hourglass paper's sub-pixel step). Returns positions
+    (.., J, 2) in heatmap pixels (x, y) and the peak values (.., J)."""
+    hm = heatmaps.detach().float().cpu().numpy() if isinstance(heatmaps, torch.Tensor) else np.asarray(heatmaps, np.float32)
+    *lead, h, w = hm.shape
+    flat = hm.reshape(-1, h * w)
+    idx = flat.argmax(1)
+    peak = flat[np.arange(flat.shape[0]), idx]
+    y, x = np.divmod(idx, w)
+    maps = hm.reshape(-1, h, w)
+    rows = np.arange(maps.shape[0])
+    xs, ys = x.astype(np.float64), y.astype(np.float64)
+    inner_x = (x > 0) & (x < w - 1)
+    inner_y = (y > 0) & (y < h - 1)
+    dx = np.where(inner_x, maps[rows, y, np.minimum(x + 1, w - 1)] - maps[rows, y, np.maximum(x - 1, 0)], 0)
+    dy = np.where(inner_y, maps[rows, np.minimum(y + 1, h - 1), x] - maps[rows, np.maximum(y - 1, 0), x], 0)
+    xs += 0.25 * np.sign(dx)
+    ys += 0.25 * np.sign(dy)
+    return np.stack([xs, ys], -1).reshape(*lead, 2), peak.reshape(lead)
+
+
+def to_image_coords(points_hm: np.ndarray, matrices: np.ndarray, stride: float) -> np.ndarray:
+    """Heatmap positions (N, J, 2) back to source-image pixels, through each sample's crop
+    matrix (N, 2, 3) (the one that made the network's input)."""
+    crop = from_heatmap_coords(points_hm, stride)
+    return np.stack([transform_points(p, invert(m)) for p, m in zip(crop, np.asarray(matrices))])
+
+
+def flip_back(heatmaps: torch.Tensor, flip_pairs: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """Heatmaps of a horizontally flipped input, turned back: mirror x, swap left/right."""
+    out = heatmaps.flip(-1)
+    perm = list(range(out.shape[-3]))
+    for a, b in flip_pairs:
+        perm[a], perm[b] = b, a
+    return out[..., perm, :, :]
+
+
+def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.ndarray,
+         threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-joint fraction of annotated joints predicted within threshold x head size.
+    pred, gt: (N, J, 2) image pixels; visible: (N, J), 1 where annotated; head_size: (N,).
+    Returns (accuracy (J,), count (J,)); a joint never annotated has accuracy nan."""
+    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    visible, head_size = np.asarray(visible) > 0, np.asarray(head_size, np.float64)
+    if (visible.any(1) & ~(head_size > 0)).any():
+        raise ValueError("pckh: every person with annotated joints needs a positive head size")
+    dist = np.linalg.norm(pred - gt, axis=-1) / np.where(head_size > 0, head_size, 1.0)[:, None]
+    hit = (dist <= threshold) & visible
+    count = visible.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hit.sum(0) / count, count
+
+
+def pckh_table(accuracy: np.ndarray, count: np.ndarray,
+               groups=MPII_GROUPS) -> Dict[str, float]:
+    """The usual table: each group's accuracy over its joints' annotations, and Mean over
+    the joints of every group (for MPII: all but pelvis and thorax), in percent."""
+    out = {}
+    all_joints = []
+    for name, joints in groups:
+        j = list(joints)
+        all_joints += j
+        out[name] = 100.0 * float(np.nansum(accuracy[j] * count[j]) / max(count[j].sum(), 1))
+    out["Mean"] = 100.0 * float(np.nansum(accuracy[all_joints] * count[all_joints]) / max(count[all_joints].sum(), 1))
+    return out
+
+
+def format_table(table: Dict[str, float]) -> str:
+    names = list(table)
+    return " | ".join(f"{n:>8}" for n in names) + "\n" + " | ".join(f"{table[n]:8.2f}" for n in names)
