@@ -79,3 +79,44 @@ def pckh_table(accuracy: np.ndarray, count: np.ndarray,
 def format_table(table: Dict[str, float]) -> str:
     names = list(table)
     return " | ".join(f"{n:>8}" for n in names) + "\n" + " | ".join(f"{table[n]:8.2f}" for n in names)
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = False, device=None,
+                    num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
+    """Run the model (last stack's heatmaps) over an evaluation PoseDataset and map each
+    prediction back to its source image. Flip test: average with the heatmaps of the
+    mirrored input, turned back. Returns pred (N, J, 2), peak (N, J), joints, visible,
+    head_size and index, in dataset order."""
+    from tqdm import tqdm
+
+    if dataset.train:
+        raise ValueError("predict_dataset: pass an evaluation dataset (PoseDataset(..., train=False))")
+    device = torch.device(device or next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    out = {k: [] for k in ("pred", "peak", "joints", "visible", "head_size", "index")}
+    try:
+        for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+            images = batch["image"].to(device)
+            heatmaps = model(images)[:, -1].float()
+            if flip_test:
+                mirrored = model(images.flip(-1))[:, -1].float()
+                heatmaps = (heatmaps + flip_back(mirrored, dataset.flip_pairs)) / 2
+            pos, peak = decode_heatmaps(heatmaps)
+            out["pred"].append(to_image_coords(pos, batch["matrix"].numpy(), dataset.stride))
+            out["peak"].append(peak)
+            for k in ("joints", "visible", "head_size", "index"):
+                out[k].append(np.asarray(batch[k]))
+    finally:
+        model.train(was_training)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate(model, dataset, threshold: float = 0.5, **kw) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+    """PCKh@threshold table (percent) of the model on an evaluation PoseDataset, and the
+    predictions it was computed from."""
+    res = predict_dataset(model, dataset, **kw)
+    acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold)
+    return pckh_table(acc, count), res

@@ -66,6 +66,9 @@ class StackedHourglass(nn.Module):
         if num_features % 2:
             raise ValueError(f"num_features must be even, got {num_features}")
         self.num_stacks, self.num_joints, self.depth, self.backend = num_stacks, num_joints, depth, backend
+        # What rebuilds this network from a checkpoint (the backend is the loader's choice).
+        self.config = {"num_stacks": num_stacks, "num_features": num_features, "num_joints": num_joints,
+                       "depth": depth}
         f = num_features
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 7, stride=2, padding=3), BNReLU(64, backend=backend),

@@ -1,0 +1,50 @@
+"""Pictures of poses: skeletons drawn on images, and grids of predicted vs true."""
+from typing import Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from fasthg.data.records import MPII_SKELETON
+
+# Right side warm, left side cool, centre line white: the usual reading of pose pictures.
+_RIGHT, _LEFT, _MIDDLE = (255, 80, 40), (40, 140, 255), (255, 255, 255)
+_MPII_RIGHT, _MPII_LEFT = {0, 1, 2, 10, 11, 12}, {3, 4, 5, 13, 14, 15}
+
+
+def _bone_colour(a: int, b: int):
+    if a in _MPII_RIGHT or b in _MPII_RIGHT:
+        return _RIGHT
+    if a in _MPII_LEFT or b in _MPII_LEFT:
+        return _LEFT
+    return _MIDDLE
+
+
+def draw_skeleton(image: np.ndarray, joints: np.ndarray, visible: Optional[np.ndarray] = None,
+                  skeleton: Sequence[Tuple[int, int]] = MPII_SKELETON, colour=None, thickness: int = 2) -> np.ndarray:
+    """A copy of the RGB image with bones between joints (where both ends are visible)."""
+    out = np.ascontiguousarray(image).copy()
+    vis = np.ones(len(joints)) if visible is None else np.asarray(visible)
+    pt = lambda k: (int(round(joints[k][0])), int(round(joints[k][1])))  # noqa: E731
+    for a, b in skeleton:
+        if vis[a] > 0 and vis[b] > 0:
+            cv2.line(out, pt(a), pt(b), colour or _bone_colour(a, b), thickness, cv2.LINE_AA)
+    for k in range(len(joints)):
+        if vis[k] > 0:
+            cv2.circle(out, pt(k), thickness + 1, colour or (255, 255, 0), -1, cv2.LINE_AA)
+    return out
+
+
+def grid(images: Sequence[np.ndarray], columns: int = 4) -> np.ndarray:
+    """Same-size RGB images tiled row by row (blank tiles fill the last row)."""
+    h, w, _ = images[0].shape
+    rows = (len(images) + columns - 1) // columns
+    out = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return out
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
