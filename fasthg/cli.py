@@ -37,6 +37,9 @@ def main(argv=None):
     b.add_argument("--image-size", type=int, default=256)
     b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")
     b.set_defaults(fn=_bench)
+    from fasthg.poses_cli import add_commands
+
+    add_commands(sub)
     args = p.parse_args(argv)
     if not getattr(args, "fn", None):
         p.print_help()
