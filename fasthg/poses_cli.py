@@ -27,7 +27,7 @@ def eval_source(args, input_size):
     """The records to evaluate: held-out synthetic people by default, else the given files."""
     if args.mpii_json:
         from fasthg.data.mpii import load_mpii_json
-        return load_mpii_json(args.mpii_json, args.images, split=args.split)
+        return load_mpii_json(args.mpii_json, args.images, split=None if args.split == "all" else args.split)
     if args.mpii_h5:
         from fasthg.data.mpii import load_mpii_h5
         return load_mpii_h5(args.mpii_h5, args.images)
@@ -92,7 +92,8 @@ def add_commands(sub):
     e.add_argument("--mpii-h5", help="MPII annotations, HDF5 format (with head sizes)")
     e.add_argument("--coco", help="COCO keypoints JSON")
     e.add_argument("--images", help="image folder of --mpii-json/--mpii-h5/--coco")
-    e.add_argument("--split", choices=["train", "valid"], default="valid")
+    e.add_argument("--split", choices=["train", "valid", "all"], default="valid",
+                   help="for --mpii-json lists that flag validation people (use all for a file of one split)")
     e.add_argument("--threshold", type=float, default=0.5)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--grid", help="write a PNG grid of predicted vs true skeletons here")
