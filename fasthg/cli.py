@@ -38,8 +38,10 @@ def main(argv=None):
     b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")
     b.set_defaults(fn=_bench)
     from fasthg.poses_cli import add_commands
+    from fasthg.train_cli import add_command
 
     add_commands(sub)
+    add_command(sub)
     args = p.parse_args(argv)
     if not getattr(args, "fn", None):
         p.print_help()

@@ -26,9 +26,9 @@ class PoseDataset(torch.utils.data.Dataset):
     """Crops each person to `input_size` around centre/scale (the box 200 * scale *
     crop_factor), and for training augments it: rotation up to `rotation` degrees, scale
     by 1 +- `scale_jitter`, horizontal flip (left/right joints swapped), colour jitter.
-    Targets: one Gaussian per joint (sigma 1 at 64x64, scaled with the output size) on an
-    output_size map (input/4 by default), and per-joint weights (0: not annotated or
-    outside). Augmentation is a function of (seed, epoch, index): runs are reproducible and
+    Targets: one Gaussian per joint (sigma 1 at 64x64, scaled with the output size, unless
+    `sigma` is given) on an output_size map (input/4 by default), and per-joint weights (0:
+    not annotated or outside). Augmentation is a function of (seed, epoch, index): runs are reproducible and
     resumable; call set_epoch each epoch.
 
     Items are dicts: image (3, H, W) float32 in [-0.5, 0.5], heatmaps (J, h, w), weights (J,),
@@ -37,13 +37,15 @@ class PoseDataset(torch.utils.data.Dataset):
     def __init__(self, source: Sequence[PoseRecord], input_size: int = 256, output_size: Optional[int] = None,
                  train: bool = True, flip_pairs: Sequence[Tuple[int, int]] = MPII_FLIP_PAIRS, rotation: float = 30.0,
                  scale_jitter: float = 0.25, flip: bool = True, color: float = 0.2, crop_factor: float = 1.25,
-                 seed: int = 0):
+                 seed: int = 0, sigma: Optional[float] = None):
         self.source, self.input_size = source, input_size
         self.output_size = output_size or input_size // 4
         if input_size % self.output_size:
             raise ValueError(f"input_size {input_size} must be a multiple of output_size {self.output_size}")
         self.stride = input_size // self.output_size
-        self.sigma = self.output_size / 64.0
+        self.sigma = sigma if sigma is not None else self.output_size / 64.0
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
         self.train, self.flip_pairs, self.rotation = train, tuple(flip_pairs), rotation
         self.scale_jitter, self.flip, self.color, self.crop_factor = scale_jitter, flip, color, crop_factor
         self.seed, self.epoch = seed, 0

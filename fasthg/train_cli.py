@@ -1,0 +1,63 @@
+"""`fasthg train`: the README's main job."""
+import dataclasses
+
+import torch
+
+from fasthg.train import TrainConfig, Trainer
+
+# The paper's setting on a GPU; on a CPU a smaller input and width, so that the default run
+# finishes in minutes (README: what it reaches).
+GPU_DEFAULTS = dict(input_size=256, stacks=8, features=256, depth=4, optimizer="rmsprop", lr=2.5e-4, epochs=100,
+                    batch_size=16, train_size=20000, workers=8)
+CPU_DEFAULTS = dict(input_size=128, stacks=2, features=64, depth=3, optimizer="adam", lr=1e-3, sigma=1.0,
+                    epochs=6, batch_size=16, train_size=1600, val_size=300, workers=1)
+
+
+def config_from_args(args) -> TrainConfig:
+    """Device defaults (or, when resuming, the checkpoint's config), then the flags given."""
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.resume:
+        from fasthg import checkpoint
+
+        values = dict(checkpoint.read(args.resume)["config"])
+        values["lr_drops"] = tuple(values["lr_drops"])
+    else:
+        values = dict(GPU_DEFAULTS if gpu else CPU_DEFAULTS)
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig(**values)
+
+
+def run_train(args) -> int:
+    trainer = Trainer(config_from_args(args))
+    if args.resume:
+        trainer.resume(args.resume)
+    print(f"training on {trainer.device}: {dataclasses.asdict(trainer.cfg)}")
+    trainer.fit()
+    return 0
+
+
+def add_command(sub):
+    t = sub.add_parser("train", help="train a StackedHourglass (synthetic people by default)")
+    t.add_argument("--out", help="output folder (default: runs/train, or the resumed checkpoint's)")
+    t.add_argument("--resume", help="checkpoint to continue from (e.g. OUT/last.pt); its settings are kept "
+                                    "unless given again")
+    t.add_argument("--device", default="auto")
+    for name, kind in (("input_size", int), ("stacks", int), ("features", int), ("depth", int), ("sigma", float),
+                       ("epochs", int), ("batch_size", int), ("accumulate", int), ("lr", float), ("lr_gamma", float),
+                       ("train_size", int), ("val_size", int), ("workers", int), ("seed", int)):
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    t.add_argument("--lr-drops", dest="lr_drops", type=lambda s: tuple(int(x) for x in s.split(",") if x),
+                   help="comma-separated epochs at which the learning rate drops")
+    t.add_argument("--backend", choices=["auto", "eager", "native", "triton"])
+    t.add_argument("--optimizer", choices=["rmsprop", "adam"])
+    t.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    t.add_argument("--mpii-h5-train", dest="mpii_h5_train")
+    t.add_argument("--mpii-h5-valid", dest="mpii_h5_valid")
+    t.add_argument("--images")
+    for flag in ("channels_last", "compile", "flip_test", "tensorboard"):
+        t.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    t.set_defaults(fn=run_train)

@@ -1,0 +1,120 @@
+"""The training loop: resumable bit for bit after a signal, stops on a non-finite loss,
+writes its log, curves and checkpoints."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import fasthg
+import fasthg.train as train
+from fasthg import checkpoint
+from fasthg.train import TrainConfig, Trainer
+
+
+def tiny(out, **kw):
+    return TrainConfig(**{"out": str(out), "stacks": 1, "features": 16, "depth": 2, "input_size": 32,
+                          "epochs": 2, "batch_size": 4, "train_size": 16, "val_size": 4, "workers": 0,
+                          "progress": False, "backend": "eager", "optimizer": "adam", "lr": 1e-3, **kw})
+
+
+def weights(path):
+    return checkpoint.read(path)["model"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, backend, accumulate):
+    if backend not in fasthg.ops.available("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    whole = Trainer(tiny(tmp_path / "whole", backend=backend, accumulate=accumulate))
+    whole.fit()
+
+    calls = {"n": 0}
+    real = train.heatmap_loss
+
+    def interrupt_at_step_6(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, second batch (4 batches an epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(train, "heatmap_loss", interrupt_at_step_6)
+    cut = Trainer(tiny(tmp_path / "cut", backend=backend, accumulate=accumulate))
+    cut.fit()
+    state = checkpoint.read(str(tmp_path / "cut" / "last.pt"))
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 2
+    monkeypatch.setattr(train, "heatmap_loss", real)
+
+    resumed = Trainer(tiny(tmp_path / "cut", backend=backend, accumulate=accumulate))
+    resumed.resume(str(tmp_path / "cut" / "last.pt"))
+    resumed.fit()
+    a, b = weights(str(tmp_path / "whole" / "last.pt")), weights(str(tmp_path / "cut" / "last.pt"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["pckh_mean"] for r in whole.history] == [r["pckh_mean"] for r in resumed.history]
+
+
+def test_outputs_log_curves_and_best(tmp_path):
+    t = Trainer(tiny(tmp_path, epochs=2))
+    history = t.fit()
+    assert [r["epoch"] for r in history] == [1, 2]
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert rows == history and {"loss", "images_per_s", "lr", "pckh_mean", "pckh_head"} <= rows[0].keys()
+    for name in ("last.pt", "best.pt", "curves.png"):
+        assert (tmp_path / name).exists(), name
+    model = checkpoint.load_model(str(tmp_path / "best.pt"))
+    assert model.config["num_features"] == 16
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    Trainer(tiny(tmp_path, epochs=1)).fit()
+    before = weights(str(tmp_path / "last.pt"))
+    calls = {"n": 0}
+    real = train.heatmap_loss
+
+    def nan_at_step_3(*args):
+        calls["n"] += 1
+        return real(*args) * (float("nan") if calls["n"] == 3 else 1)
+
+    monkeypatch.setattr(train, "heatmap_loss", nan_at_step_3)
+    t = Trainer(tiny(tmp_path, epochs=2))
+    t.resume(str(tmp_path / "last.pt"))
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at epoch 1 step 2"):
+        t.fit()
+    after = weights(str(tmp_path / "last.pt"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="amp must be"):
+        Trainer(TrainConfig(amp="fp8"))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Trainer(TrainConfig(amp="fp16", device="cpu"))
+    with pytest.raises(ValueError, match="optimizer must be"):
+        Trainer(TrainConfig(optimizer="sgd"))
+
+
+def test_heatmap_loss_by_hand():
+    pred = torch.zeros(1, 2, 2, 2, 2)
+    target = torch.ones(1, 2, 2, 2)
+    weights = torch.tensor([[1.0, 0.0]])
+    # per stack: joint 0 contributes 0.5 * 4 pixels * 1, joint 1 is masked; mean over 2 joints = 1
+    assert train.heatmap_loss(pred, target, weights).item() == pytest.approx(2.0)
+
+
+def test_train_command_and_resume(tmp_path, capsys):
+    from fasthg.cli import main
+
+    args = ["train", "--out", str(tmp_path), "--input-size", "32", "--stacks", "1", "--features", "16", "--depth", "2",
+            "--train-size", "8", "--val-size", "4", "--batch-size", "4", "--workers", "0", "--no-progress",
+            "--device", "cpu", "--backend", "eager"]
+    assert main(args + ["--epochs", "1"]) == 0
+    # resuming keeps the checkpoint's settings; only what is given again changes
+    assert main(["train", "--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1:" in out and "epoch 2:" in out
+    assert checkpoint.read(str(tmp_path / "last.pt"))["epoch"] == 2
+    assert len(open(tmp_path / "log.jsonl").readlines()) == 2
