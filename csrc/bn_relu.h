@@ -2,9 +2,14 @@
 // (so both devices compute exactly the same expressions) and the argument checks.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
+
+// The activation dtypes every BN-ReLU kernel takes (float64 for gradcheck).
+#define FASTHG_BN_RELU_DISPATCH(T, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
 
 namespace fasthg {
 
@@ -81,6 +86,18 @@ inline void check_same_as_x(const char* op, const char* name, const at::Tensor& 
                   t.device() == x.device(),
               op, ": `", name, "` must match `x` (", x.sizes(), ", ", x.scalar_type(), ", ",
               x.device(), "), got ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
+}
+
+// The backward passes take grad_out like x, and the elementwise pass the two channel means.
+inline void check_bn_relu_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                        const at::Tensor& mean, const at::Tensor& invstd,
+                                        const at::Tensor& weight, const at::Tensor& bias,
+                                        const at::Tensor* mean_g = nullptr,
+                                        const at::Tensor* mean_g_xhat = nullptr) {
+  check_bn_relu_params(op, x, mean, invstd, weight, bias);
+  check_same_as_x(op, "grad_out", grad_out, x);
+  if (mean_g) check_bn_relu_channel(op, "mean_g", *mean_g, x);
+  if (mean_g_xhat) check_bn_relu_channel(op, "mean_g_xhat", *mean_g_xhat, x);
 }
 
 }  // namespace fasthg

@@ -341,16 +341,13 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   });
 }
 
-#define FASTHG_DISPATCH(T, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
-
 std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x_in) {
   check_bn_relu_input("bn_relu_stats", x_in);
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt);
   auto mean = at::empty({x.size(1)}, x.options().dtype(bn_relu_param_dtype(x)));
   auto var = at::empty({x.size(1)}, x.options().dtype(bn_relu_param_dtype(x)));
-  FASTHG_DISPATCH(x.scalar_type(), "bn_relu_stats_cpu", [&] {
+  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     stats_kernel(x.const_data_ptr<scalar_t>(), view_of(x, fmt), mean.mutable_data_ptr<acc_t>(),
                  var.mutable_data_ptr<acc_t>());
@@ -365,7 +362,7 @@ at::Tensor bn_relu_forward_cpu(const at::Tensor& x_in, const at::Tensor& mean, c
   const auto x = x_in.contiguous(fmt);
   auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
   const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  FASTHG_DISPATCH(x.scalar_type(), "bn_relu_forward_cpu", [&] {
+  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), view_of(x, fmt),
                    m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
@@ -377,14 +374,13 @@ at::Tensor bn_relu_forward_cpu(const at::Tensor& x_in, const at::Tensor& mean, c
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_params("bn_relu_backward_reduce", x_in, mean, invstd, weight, bias);
-  check_same_as_x("bn_relu_backward_reduce", "grad_out", grad_in, x_in);
+  check_bn_relu_backward_args("bn_relu_backward_reduce", grad_in, x_in, mean, invstd, weight, bias);
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt), dy = grad_in.contiguous(fmt);
   const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
   auto sum_g = at::empty({x.size(1)}, m.options());
   auto sum_gx = at::empty({x.size(1)}, m.options());
-  FASTHG_DISPATCH(x.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
+  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_reduce_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), view_of(x, fmt),
                            m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
@@ -397,16 +393,14 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
 at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  check_bn_relu_params("bn_relu_backward_elemt", x_in, mean, invstd, weight, bias);
-  check_same_as_x("bn_relu_backward_elemt", "grad_out", grad_in, x_in);
-  check_bn_relu_channel("bn_relu_backward_elemt", "mean_g", mean_g, x_in);
-  check_bn_relu_channel("bn_relu_backward_elemt", "mean_g_xhat", mean_gx, x_in);
+  check_bn_relu_backward_args("bn_relu_backward_elemt", grad_in, x_in, mean, invstd, weight, bias, &mean_g,
+                              &mean_gx);
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt), dy = grad_in.contiguous(fmt);
   auto dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
   const auto mg = mean_g.contiguous(), mgx = mean_gx.contiguous();
-  FASTHG_DISPATCH(x.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
+  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_elemt_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
                           view_of(x, fmt), m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),

@@ -188,9 +188,6 @@ Dense dense(const at::Tensor& x) {
   return {x.contiguous(fmt), fmt, x.size(0) * HW, x.size(1), HW, fmt == at::MemoryFormat::ChannelsLast};
 }
 
-#define FASTHG_DISPATCH(T, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
-
 std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   check_bn_relu_input("bn_relu_stats", x_in);
   TORCH_CHECK(x_in.is_cuda(), "bn_relu_stats: expected a CUDA `x`");
@@ -202,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   auto s1 = at::empty({splits, d.C}, d.t.options().dtype(at::kDouble));
   auto s2 = at::empty({splits, d.C}, s1.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_stats_cuda", [&] {
+  FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     stats_kernel<scalar_t><<<dim3(d.C, splits), kReduceThreads, 0, stream>>>(
         d.t.const_data_ptr<scalar_t>(), s1.mutable_data_ptr<double>(), s2.mutable_data_ptr<double>(), d.M, d.C,
@@ -224,7 +221,7 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
   const auto d = dense(x_in);
   auto y = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
   const int64_t total = d.t.numel();
-  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_forward_cuda", [&] {
+  FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
@@ -238,8 +235,7 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_params("bn_relu_backward_reduce", x_in, mean, invstd, weight, bias);
-  check_same_as_x("bn_relu_backward_reduce", "grad_out", grad_in, x_in);
+  check_bn_relu_backward_args("bn_relu_backward_reduce", grad_in, x_in, mean, invstd, weight, bias);
   TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_reduce: expected a CUDA `x`");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto d = dense(x_in);
@@ -250,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
   auto part_g = at::empty({splits, d.C}, d.t.options().dtype(at::kDouble));
   auto part_gx = at::empty({splits, d.C}, part_g.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
+  FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_reduce_kernel<scalar_t, acc_t><<<dim3(d.C, splits), kReduceThreads, 0, stream>>>(
         dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
@@ -269,17 +265,15 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
 at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
                                        const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                        const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  check_bn_relu_params("bn_relu_backward_elemt", x_in, mean, invstd, weight, bias);
-  check_same_as_x("bn_relu_backward_elemt", "grad_out", grad_in, x_in);
-  check_bn_relu_channel("bn_relu_backward_elemt", "mean_g", mean_g, x_in);
-  check_bn_relu_channel("bn_relu_backward_elemt", "mean_g_xhat", mean_gx, x_in);
+  check_bn_relu_backward_args("bn_relu_backward_elemt", grad_in, x_in, mean, invstd, weight, bias, &mean_g,
+                              &mean_gx);
   TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_elemt: expected a CUDA `x`");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto d = dense(x_in);
   const auto dy = grad_in.contiguous(d.fmt);
   auto dx = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
   const int64_t total = d.t.numel();
-  FASTHG_DISPATCH(d.t.scalar_type(), "bn_relu_backward_elemt_cuda", [&] {
+  FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_backward_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_elemt_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
