@@ -1,6 +1,8 @@
 # Two commands for a fresh machine (see README):
-#   make run    install into .venv, build the extension, run the main job (fasthg bench)
+#   make run    install into .venv, build the extension, run the main job (fasthg train)
 #   make test   install into .venv, build the extension, run the test suite
+# and two for numbers: make report (fasthg bench: the table, JSON and chart), make bench
+# (the pytest-benchmark suite).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +11,7 @@ JOBS   ?= 2
 # keeps CI short. `make run` builds for A100 and H100 (setup.py's default) or the visible GPU.
 TEST_CUDA_ARCHS := $(if $(shell command -v nvidia-smi 2>/dev/null),,9.0)
 
-.PHONY: install run test bench
+.PHONY: install run test report bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,10 @@ install: $(PY)
 
 run: install
 	$(PY) -m fasthg info
-	$(PY) -m fasthg bench --out runs/bench
+	$(PY) -m fasthg train --out runs/train
+
+report: install
+	$(PY) -m fasthg bench --model hg2,hg8 --out runs/bench
 
 test: export TORCH_CUDA_ARCH_LIST ?= $(TEST_CUDA_ARCHS)
 test: install

@@ -4,6 +4,12 @@ one run so that every ratio compares numbers taken under the same machine load.
 Timing: warm-up calls first, then the candidates run round-robin (interleaved) for
 `repeats` rounds and each reports its median; CUDA with events after a synchronize, CPU
 with a monotonic clock. The ratio `speedup` is eager's median / the backend's median.
+
+Against the hardware's limit: each op row carries the bytes a fused kernel must move (a
+counted model: every tensor read or written once per pass) and the GB/s that makes at the
+measured time, as a fraction of a large copy's bandwidth timed in the same run. Memory: the
+peak bytes each call allocates (fasthg.memory) and, for the model, the activation bytes
+saved for backward. `compile` is torch.compile of the eager composition.
 """
 import json
 import os
@@ -14,7 +20,7 @@ from typing import Callable, Dict, List
 import torch
 from tqdm import tqdm
 
-from fasthg import ops
+from fasthg import memory, ops, reference
 from fasthg.models import PRESETS
 
 
@@ -51,6 +57,24 @@ def interleaved_medians(fns: Dict[str, Callable], device: torch.device, warmup: 
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+# Bytes a fused kernel moves, in units of one full-resolution tensor (N*C*H*W elements):
+# upsample_add reads low (1/4) and skip, writes out; its backward reads grad and writes
+# grad_low (1/4; grad_skip is grad). bn_relu's training forward reads x for the statistics,
+# then reads x and writes y; its backward reads grad and x to reduce, then grad and x again
+# to write grad_x; eval reads x and writes y.
+TRAFFIC = {("upsample_add", "forward"): 2.25, ("upsample_add", "forward+backward"): 3.5,
+           ("bn_relu", "train forward"): 3.0, ("bn_relu", "train forward+backward"): 8.0,
+           ("bn_relu", "eval forward"): 2.0}
+
+
+def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 10) -> float:
+    """Bytes per second of a large device-to-device (or memcpy) copy: read + write."""
+    src = torch.empty(mib << 18, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeats=repeats)["copy"]
+    return 2 * src.numel() * src.element_size() / t
+
+
 def op_cases(op: str, batch: int, channels: int, levels, dtypes, layouts):
     for dtype in dtypes:
         for layout in layouts:
@@ -60,12 +84,28 @@ def op_cases(op: str, batch: int, channels: int, levels, dtypes, layouts):
                        "_dtype": dtype, "_layout": layout}
 
 
-def _rows(case, backends, mode, med):
+def _rows(case, fns, mode, med, device):
+    n, c, h, w = case["shape"]
+    moved = TRAFFIC[case["op"], mode] * n * c * h * w * case["_dtype"].itemsize
     return [{**{k: v for k, v in case.items() if not k.startswith("_")}, "mode": mode, "backend": b,
-             "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b]} for b in backends]
+             "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b], "bytes": moved,
+             "gb_s": moved / med[b] / 1e9, "peak_mb": memory.peak_bytes(fn, device) / 2**20}
+            for b, fn in fns.items()]
 
 
-def bench_upsample_add(case, device, backends, repeats):
+def _compiled(fn):
+    """torch.compile of an eager composition. Every case compiles the same code objects: let
+    shapes go dynamic after the first, and lift the recompile limit so that no case silently
+    falls back to eager."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    return torch.compile(fn)
+
+
+def bench_upsample_add(case, device, backends, repeats, compile=False):
     n, c, hw, _ = case["shape"]
     fmt, dtype = case["_layout"], case["_dtype"]
     make = lambda *s: torch.randn(*s, device=device, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
@@ -74,13 +114,17 @@ def bench_upsample_add(case, device, backends, repeats):
     fwd = {b: (lambda b=b: ops.upsample_add(low, skip, backend=b)) for b in backends}
     fb = {b: (lambda b=b: torch.autograd.grad(ops.upsample_add(lowg, skipg, backend=b), (lowg, skipg), grad))
           for b in backends}
+    if compile:
+        f = _compiled(reference.upsample_add)
+        fwd["compile"] = lambda: f(low, skip)
+        fb["compile"] = lambda: torch.autograd.grad(f(lowg, skipg), (lowg, skipg), grad)
     rows = []
     for mode, fns in (("forward", fwd), ("forward+backward", fb)):
-        rows += _rows(case, backends, mode, interleaved_medians(fns, device, repeats=repeats))
+        rows += _rows(case, fns, mode, interleaved_medians(fns, device, repeats=repeats), device)
     return rows
 
 
-def bench_bn_relu(case, device, backends, repeats):
+def bench_bn_relu(case, device, backends, repeats, compile=False):
     """Training forward, training forward+backward (grads of x, weight, bias), eval forward."""
     n, c, hw, _ = case["shape"]
     x = torch.randn(n, c, hw, hw, device=device, dtype=case["_dtype"]).contiguous(memory_format=case["_layout"])
@@ -96,42 +140,54 @@ def bench_bn_relu(case, device, backends, repeats):
                                    for be in backends},
         "eval forward": {be: (lambda be=be: call(x, be, False)) for be in backends},
     }
-    with torch.no_grad():
-        rows = _rows(case, backends, "train forward", interleaved_medians(modes["train forward"], device, repeats=repeats))
-        rows += _rows(case, backends, "eval forward", interleaved_medians(modes["eval forward"], device, repeats=repeats))
-    rows += _rows(case, backends, "train forward+backward",
-                  interleaved_medians(modes["train forward+backward"], device, repeats=repeats))
+    if compile:  # relu(batch_norm(x)) compiled, the running-statistics update included
+        train = _compiled(lambda inp: torch.relu(torch.nn.functional.batch_norm(inp, rm, rv, w, b, True, 0.1, 1e-5)))
+        infer = _compiled(lambda inp: torch.relu(torch.nn.functional.batch_norm(inp, rm, rv, w, b, False, 0.1, 1e-5)))
+        modes["train forward"]["compile"] = lambda: train(x)
+        modes["train forward+backward"]["compile"] = lambda: torch.autograd.grad(train(xg), (xg, w, b), grad)
+        modes["eval forward"]["compile"] = lambda: infer(x)
+    rows = []
+    for mode in ("train forward", "eval forward", "train forward+backward"):
+        with torch.no_grad() if "backward" not in mode else torch.enable_grad():
+            rows += _rows(case, modes[mode], mode, interleaved_medians(modes[mode], device, repeats=repeats), device)
     return rows
 
 
-def bench_model(preset: str, device, backends, batch: int, image_size: int, repeats: int):
-    """Training step (forward, MSE loss over every stack, backward, SGD) per backend, same weights."""
+def bench_model(preset: str, device, backends, batch: int, image_size: int, repeats: int, compile=False):
+    """Training step (forward, MSE loss over every stack, backward, SGD) per backend, same
+    weights; `compile` adds torch.compile of the eager model. Rows carry images/s, the peak
+    bytes a step allocates and the activation bytes saved for its backward."""
     torch.manual_seed(0)
     base = PRESETS[preset](backend="eager").to(device)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     target = torch.randn(batch, base.num_stacks, base.num_joints, image_size // 4, image_size // 4, device=device)
-    models = {}
-    for b in backends:
-        m = PRESETS[preset](backend=b).to(device)
+    models, forwards = {}, {}
+    for b in backends + (["compile"] if compile else []):
+        m = PRESETS[preset](backend="eager" if b == "compile" else b).to(device)
         m.load_state_dict(base.state_dict())
-        models[b] = m
-
+        models[b], forwards[b] = m, (torch.compile(m) if b == "compile" else m)
     optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4) for b, m in models.items()}
 
     def step(b):
         optims[b].zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(models[b](images), target).backward()
+        torch.nn.functional.mse_loss(forwards[b](images), target).backward()
         optims[b].step()
 
-    med = interleaved_medians({b: (lambda b=b: step(b)) for b in models}, device, warmup=1, repeats=repeats)
-    return [{"op": f"{preset} train step", "level": image_size, "shape": [batch, 3, image_size, image_size],
-             "dtype": "float32", "layout": "nchw", "mode": "forward+backward", "backend": b,
-             "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b], "images_per_s": batch / med[b]}
-            for b in backends]
+    fns = {b: (lambda b=b: step(b)) for b in models}
+    med = interleaved_medians(fns, device, warmup=2 if compile else 1, repeats=repeats)
+    rows = []
+    for b, fn in fns.items():
+        saved = memory.saved_activation_bytes(lambda: forwards[b](images), models[b].parameters())
+        rows.append({"op": f"{preset} train step", "level": image_size, "shape": [batch, 3, image_size, image_size],
+                     "dtype": "float32", "layout": "nchw", "mode": "forward+backward", "backend": b,
+                     "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b], "images_per_s": batch / med[b],
+                     "peak_mb": memory.peak_bytes(fn, device) / 2**20, "saved_mb": saved / 2**20})
+    return rows
 
 
-def run(device: str = "auto", levels=(64, 32, 16, 8), repeats: int = 20, model: str = "hg2",
-        model_repeats: int = 3, image_size: int = 256, out_dir: str = None, progress: bool = True):
+def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
+        model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
+        progress: bool = True):
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     gpu = dev.type == "cuda"
@@ -142,35 +198,49 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), repeats: int = 20, model: 
     batch = 16 if gpu else 4
     dtypes = [torch.float32, torch.bfloat16] if gpu else [torch.float32]
     layouts = [torch.contiguous_format, torch.channels_last]
-    cases = [(bench_upsample_add, backends("upsample_add"), case)
-             for case in op_cases("upsample_add", batch, 256, levels, dtypes, layouts)]
-    cases += [(bench_bn_relu, backends("bn_relu_forward"), case)
-              for case in op_cases("bn_relu", batch, 256, levels, dtypes, layouts)]
+    cases = []
+    for c in channels:
+        cases += [(bench_upsample_add, backends("upsample_add"), case)
+                  for case in op_cases("upsample_add", batch, c, levels, dtypes, layouts)]
+        cases += [(bench_bn_relu, backends("bn_relu_forward"), case)
+                  for case in op_cases("bn_relu", batch, c, levels, dtypes, layouts)]
     rows = []
-    bar = tqdm(total=len(cases) + (1 if model else 0), desc=f"bench on {dev.type}", disable=not progress)
+    bar = tqdm(total=len(cases) + len(models) + 1, desc=f"bench on {dev.type}", disable=not progress)
+    bar.set_postfix_str("copy bandwidth")
+    copy_bw = copy_bandwidth(dev)
+    bar.update()
     for fn, op_backends, case in cases:
-        bar.set_postfix_str(f'{case["op"]} {case["layout"]} {case["level"]}x{case["level"]} {case["dtype"]}')
-        rows += fn(case, dev, op_backends, repeats)
+        bar.set_postfix_str(f'{case["op"]} {case["layout"]} {case["shape"][1]}x{case["level"]}x{case["level"]} '
+                            f'{case["dtype"]}')
+        rows += fn(case, dev, op_backends, repeats, compile)
         bar.update()
-    if model:
-        bar.set_postfix_str(f"{model} training step")
-        rows += bench_model(model, dev, backends() + ["auto"], 16 if gpu else 2, image_size, model_repeats)
+    for preset in models:
+        bar.set_postfix_str(f"{preset} training step")
+        rows += bench_model(preset, dev, backends() + ["auto"], batch, image_size, model_repeats, compile)
         bar.update()
     bar.close()
+    for r in rows:
+        if "gb_s" in r:
+            r["of_copy"] = r["gb_s"] * 1e9 / copy_bw
     result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "copy_gb_s": copy_bw / 1e9, "rows": rows}
     if out_dir:
         write_outputs(result, out_dir)
     return result
 
 
 def table(result) -> str:
-    lines = [f"device: {result['device']}, torch {result['torch']} (medians; speedup = eager / backend, same run)",
-             "| op | level | layout | dtype | mode | backend | median ms | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"device: {result['device']}, torch {result['torch']}; copy bandwidth {result['copy_gb_s']:.1f} GB/s "
+             "(medians; speedup = eager / backend, same run)",
+             "| op | shape | layout | dtype | mode | backend | median ms | speedup | GB/s | of copy | peak MB "
+             "| img/s | saved MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    opt = lambda r, k, f: format(r[k], f) if k in r else ""  # noqa: E731
     for r in result["rows"]:
-        lines.append(f"| {r['op']} | {r['level']} | {r['layout']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
-                     f"{r['median_ms']:.3f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['mode']} "
+                     f"| {r['backend']} | {r['median_ms']:.3f} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
+                     f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
+                     f"| {opt(r, 'saved_mb', '.0f')} |")
     return "\n".join(lines)
 
 
@@ -188,7 +258,8 @@ def write_outputs(result, out_dir: str):
     except ImportError:
         return
     rows = [r for r in result["rows"] if r["backend"] != "eager"]
-    labels = [f"{r['op'].split()[0]} {r['layout']} {r['level']} {r['dtype']}\n{r['mode']} {r['backend']}" for r in rows]
+    labels = [f"{r['op'].split()[0]} {r['layout']} {r['shape'][1]}x{r['level']} {r['dtype']}\n{r['mode']} {r['backend']}"
+              for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 5))
     ax.bar(range(len(rows)), [r["speedup"] for r in rows], color="tab:blue")
     ax.axhline(1.0, color="k", lw=0.8)

@@ -13,10 +13,11 @@ def _info(args):
 def _bench(args):
     from fasthg import bench
 
-    levels = [int(x) for x in args.levels.split(",")]
-    result = bench.run(device=args.device, levels=levels, repeats=args.repeats,
-                       model=None if args.model == "none" else args.model, model_repeats=args.model_repeats,
-                       image_size=args.image_size, out_dir=args.out)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    models = [] if args.model == "none" else args.model.split(",")
+    result = bench.run(device=args.device, levels=ints(args.levels), channels=ints(args.channels),
+                       repeats=args.repeats, models=models, model_repeats=args.model_repeats,
+                       image_size=args.image_size, compile=args.compile, out_dir=args.out)
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
@@ -29,10 +30,14 @@ def main(argv=None):
     sub.add_parser("info", help="versions, extension build, backends per device").set_defaults(fn=_info)
     b = sub.add_parser("bench", help="fused ops and a training step against eager, timed in one run")
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    b.add_argument("--levels", default="64,32,16,8", help="upsample-add output sizes (comma-separated)")
+    b.add_argument("--levels", default="64,32,16,8",
+                   help="feature-map sizes the ops run at (comma-separated; the hourglass runs 128..4)")
+    b.add_argument("--channels", default="256", help="channel counts (comma-separated; the hourglass runs 64,128,256)")
     b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
-    b.add_argument("--model", default="hg2", choices=["hg1", "hg2", "hg4", "hg8", "none"],
-                   help="model whose training step is timed (none to skip)")
+    b.add_argument("--model", default="hg2",
+                   help="models whose training step is timed: hg1, hg2, hg4, hg8, comma-separated, or none")
+    b.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the eager compositions and model (compiles every shape)")
     b.add_argument("--model-repeats", type=int, default=5)
     b.add_argument("--image-size", type=int, default=256)
     b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")

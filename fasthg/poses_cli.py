@@ -85,7 +85,9 @@ def add_commands(sub):
         parser.add_argument("--backend", default="auto", choices=["auto", "eager", "native", "triton"])
         parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
         parser.add_argument("--input-size", type=int, default=None, help="default: the checkpoint's")
-        parser.add_argument("--flip-test", action="store_true", help="average with the mirrored image's heatmaps")
+        parser.add_argument("--flip-test", action="store_true",
+                            help="average with the mirrored image's heatmaps (real photos; not synthetic "
+                                 "people, whose left/right colour code a mirror inverts)")
     e.add_argument("--n", type=int, default=500, help="synthetic people to evaluate on")
     e.add_argument("--seed", type=int, default=12345, help="synthetic validation seed (training uses others)")
     e.add_argument("--mpii-json", help="MPII annotations, JSON list format")

@@ -6,7 +6,14 @@ and on SIGINT/SIGTERM (then the run stops); `resume` restores model, optimizer, 
 scaler, epoch, step within the epoch, RNG states and the data order, so an interrupted and
 resumed run ends with the weights of an uninterrupted one. A non-finite loss stops the run
 with a message naming the step; the last good checkpoint stays.
+
+Data-parallel under torchrun (`torchrun --nproc_per_node N -m fasthg train`): each process
+trains on batch_size people of every global batch of N * batch_size (one permutation per
+epoch, sliced by rank), DDP averages the gradients, `sync_bn` merges the BN-ReLU statistics
+across processes; only rank 0 evaluates, logs and writes checkpoints. With sync_bn, N
+processes follow the same trajectory as one process with the global batch.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,6 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from fasthg import checkpoint
@@ -37,9 +45,9 @@ class TrainConfig:
     sigma: Optional[float] = None        # heatmap Gaussian std in output pixels (None: output/64)
     backend: str = "auto"
     epochs: int = 10
-    batch_size: int = 16
+    batch_size: int = 16                 # per process (the global batch is batch_size x processes)
     accumulate: int = 1                  # optimizer step every `accumulate` batches
-    optimizer: str = "rmsprop"           # the paper's; or "adam"
+    optimizer: str = "rmsprop"           # the paper's; or "adam", "sgd" (momentum 0.9)
     lr: float = 2.5e-4
     lr_drops: tuple = ()                 # epochs at which the learning rate is multiplied by lr_gamma
     lr_gamma: float = 0.1
@@ -54,6 +62,8 @@ class TrainConfig:
     amp: str = "none"                    # none, bf16, fp16 (fp16: CUDA, with a grad scaler)
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False                # BN-ReLU statistics over all processes (torchrun)
+    cuda_graphs: bool = False            # capture the whole step once, replay it (static shapes)
     flip_test: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -68,49 +78,91 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch), from a given position: the data order
-    of a resumed run is the uninterrupted run's."""
+    """This process's share of a permutation that depends only on (seed, epoch), from a given
+    position: the data order of a resumed run is the uninterrupted run's. Global batch k is
+    perm[k*B*W:(k+1)*B*W] whatever the number of processes W; rank r takes its r-th B."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.batch_size, self.rank, self.world = n, seed, batch_size, rank, world
+        self.epoch, self.start = 0, 0
+        self.steps = n // (batch_size * world)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+        perm = torch.randperm(self.n, generator=g)[:self.steps * self.batch_size * self.world]
+        mine = perm.view(self.steps, self.world, self.batch_size)[:, self.rank].reshape(-1)
+        return iter(mine[self.start:].tolist())
 
     def __len__(self):
-        return self.n - self.start
+        return self.steps * self.batch_size - self.start
+
+
+def _torchrun_env():
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain process."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
-        if cfg.optimizer not in ("rmsprop", "adam"):
-            raise ValueError(f"optimizer must be rmsprop or adam, got {cfg.optimizer!r}")
+        if cfg.optimizer not in ("rmsprop", "adam", "sgd"):
+            raise ValueError(f"optimizer must be rmsprop, adam or sgd, got {cfg.optimizer!r}")
         if cfg.accumulate < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
             raise ValueError("epochs, batch_size and accumulate must be positive")
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if cfg.device == "auto" else cfg.device))
+        if cfg.cuda_graphs and (self.device.type != "cuda" or cfg.amp == "fp16" or cfg.accumulate != 1
+                                or cfg.compile or _torchrun_env()[1] > 1):
+            raise ValueError("cuda_graphs needs a CUDA device, one process, accumulate=1, no compile (use "
+                             "compile alone for its own graphs) and amp none or bf16 (fp16's grad scaler "
+                             "checks on the host)")
+        self.rank, self.world, local_rank = _torchrun_env()
+        self._owns_group = False
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self._owns_group = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp=fp16 needs a CUDA device (on the CPU use bf16)")
         self._seed_everything(cfg.seed)
         self.model = StackedHourglass(cfg.stacks, cfg.features, 16, cfg.depth, backend=cfg.backend).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = self.model
+        if self.world > 1:
+            if cfg.sync_bn:
+                from fasthg.nn import convert_sync_bn_relu
+                convert_sync_bn_relu(self.model)
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.step_model = torch.compile(self.step_model)
         params = self.model.parameters()
-        self.optimizer = (torch.optim.RMSprop(params, lr=cfg.lr) if cfg.optimizer == "rmsprop"
-                          else torch.optim.Adam(params, lr=cfg.lr))
+        graphs = dict(capturable=True) if cfg.cuda_graphs else {}
+        self.optimizer = {"rmsprop": lambda: torch.optim.RMSprop(params, lr=cfg.lr, **graphs),
+                          "adam": lambda: torch.optim.Adam(params, lr=cfg.lr, **graphs),
+                          "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)}[cfg.optimizer]()
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.lr_drops), cfg.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         train_src, val_src = self._sources()
-        self.train_set = PoseDataset(train_src, cfg.input_size, train=True, seed=cfg.seed, sigma=cfg.sigma)
+        # Synthetic people tell left from right by colour (warm right limbs): a mirrored one is
+        # not a synthetic person, so flip augmentation would teach the net that colour means nothing.
+        self.train_set = PoseDataset(train_src, cfg.input_size, train=True, seed=cfg.seed, sigma=cfg.sigma,
+                                     flip=not isinstance(train_src, SyntheticPoses))
         self.val_set = PoseDataset(val_src, cfg.input_size, train=False, sigma=cfg.sigma)
-        self.sampler = _EpochSampler(len(self.train_set), cfg.seed)
+        self.sampler = _EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
+        if self.sampler.steps < 1:
+            raise ValueError(f"{len(self.train_set)} training people make no batch of {cfg.batch_size} x "
+                             f"{self.world} processes")
         self.epoch, self.best, self.history = 0, -1.0, []
         self._stop = False
+        self._graph = None  # (CUDAGraph, static inputs, static loss, the lr it was captured with)
         self.log_path = os.path.join(cfg.out, "log.jsonl")
 
     def _sources(self):
@@ -161,38 +213,68 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop = True  # finish the step in flight, checkpoint, stop
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that evaluates, logs and writes checkpoints."""
+        return self.rank == 0
+
+    def _agree(self, *flags: bool) -> List[bool]:
+        """Each flag OR-ed over all processes, so that every process stops at the same step."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        """Leaves the process group this Trainer joined (torchrun), if any."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
     def fit(self) -> List[Dict]:
         cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
+        if self.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
         last = os.path.join(cfg.out, "last.pt")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         writer = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
         try:
             while self.epoch < cfg.epochs:
                 finished, step = self._train_epoch()
                 if not finished:
-                    self.save(last, step)
-                    print(f"stopped by a signal at epoch {self.epoch} step {step}; resume from {last}")
+                    if self.is_main:
+                        self.save(last, step)
+                        print(f"stopped by a signal at epoch {self.epoch} step {step}; resume from {last}")
+                    self._barrier()
                     return self.history
-                table, _ = evaluate(self.model, self.val_set, batch_size=cfg.batch_size, flip_test=cfg.flip_test,
-                                    progress=False)
-                self._record(table, writer)
+                if self.is_main:
+                    table, _ = evaluate(self.model, self.val_set, batch_size=cfg.batch_size,
+                                        flip_test=cfg.flip_test, progress=False)
+                    self._record(table, writer)
                 self.epoch += 1
                 self.scheduler.step()
                 self.sampler.start = 0
-                self.save(last)
-                if table["Mean"] > self.best:
-                    self.best = table["Mean"]
-                    self.save(os.path.join(cfg.out, "best.pt"))
+                if self.is_main:
+                    self.save(last)
+                    if table["Mean"] > self.best:
+                        self.best = table["Mean"]
+                        self.save(os.path.join(cfg.out, "best.pt"))
+                self._barrier()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             if writer:
                 writer.close()
-        self.plot()
+        if self.is_main:
+            self.plot()
         return self.history
 
     def _train_epoch(self):
@@ -205,34 +287,95 @@ class Trainer:
                                              pin_memory=self.device.type == "cuda")
         self.model.train()
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.is_main),
                    initial=first, total=first + len(loader), unit="batch")
-        t0, seen, losses = time.time(), 0, []
+        t0, seen, loss_sum, n = time.time(), 0, 0.0, 0
         step = first
         for step, batch in enumerate(bar, start=first):
+            boundary = (step + 1) % cfg.accumulate == 0
             images = batch["image"].to(self.device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = self.step_model(images)
-            loss = heatmap_loss(pred, batch["heatmaps"].to(self.device), batch["weights"].to(self.device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {self.epoch} step {step}; "
-                                         f"the last good checkpoint is in {cfg.out}")
-            self.scaler.scale(loss / cfg.accumulate).backward()
-            if (step + 1) % cfg.accumulate == 0:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            seen += len(images)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{seen / (time.time() - t0):.1f}")
+            if cfg.cuda_graphs:
+                value = self._graphed_step(images, batch["heatmaps"], batch["weights"], amp_dtype)
+                stop = self._stop
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {step} (with "
+                                             f"CUDA graphs after its update); the last good checkpoint is in {cfg.out}")
+            else:
+                value, stop = self._step(images, batch["heatmaps"], batch["weights"], amp_dtype, boundary, step)
+            loss_sum, n, seen = loss_sum + value, n + 1, seen + len(images)
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen * self.world / (time.time() - t0):.1f}")
             # Stop only between optimizer steps: a resumed run cannot rebuild half-accumulated grads.
-            if self._stop and (step + 1) % cfg.accumulate == 0:
+            if stop and boundary:
                 return False, step + 1
-        self._last_epoch = {"loss": float(np.mean(losses)) if losses else math.nan,
+        totals = torch.tensor([loss_sum, n, seen], dtype=torch.float64)
+        if self.world > 1:
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        loss_sum, n, seen = totals.tolist()
+        self._last_epoch = {"loss": loss_sum / n if n else math.nan,
                             "images_per_s": seen / max(time.time() - t0, 1e-9)}
         return True, step + 1
+
+    def _loss(self, images, heatmaps, weights, amp_dtype):
+        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = self.step_model(images)
+        return heatmap_loss(pred, heatmaps.to(self.device), weights.to(self.device))
+
+    def _step(self, images, heatmaps, weights, amp_dtype, boundary: bool, step: int):
+        """Forward, loss and backward, and the optimizer step at accumulation boundaries;
+        returns (loss, whether to stop), agreed by every process."""
+        ddp = isinstance(self.step_model, torch.nn.parallel.DistributedDataParallel)
+        # Between optimizer steps DDP need not all-reduce the gradients it accumulates.
+        with (self.step_model.no_sync() if ddp and not boundary else contextlib.nullcontext()):
+            loss = self._loss(images, heatmaps, weights, amp_dtype)
+            value = loss.item()
+            non_finite, stop = self._agree(not math.isfinite(value), self._stop)
+            if non_finite:
+                raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {step}; "
+                                         f"the last good checkpoint is in {self.cfg.out}")
+            self.scaler.scale(loss / self.cfg.accumulate).backward()
+        if boundary:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        return value, stop
+
+    def _graphed_step(self, images, heatmaps, weights, amp_dtype) -> float:
+        """The whole step (forward, loss, backward, optimizer) as one CUDA graph replay: the
+        launch-bound low-resolution levels cost one launch. The first step of a run is eager
+        (it creates the optimizer state); the graph is captured at the second and again
+        whenever the learning rate changed, since the graph holds it as a constant."""
+        heatmaps, weights = heatmaps.to(self.device), weights.to(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not self.optimizer.state:
+            value, _ = self._step(images, heatmaps, weights, amp_dtype, True, 0)
+            return value
+        if self._graph is None or self._graph[3] != lr:
+            static = (images.clone(), heatmaps.clone(), weights.clone())
+            buffers = [b.clone() for b in self.model.buffers()]  # the warm-up must not move BN statistics
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, allocator, cuDNN
+                for _ in range(2):
+                    self._loss(*static, amp_dtype).backward()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+            self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it fills
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = self._loss(*static, amp_dtype)
+                loss.backward()
+                self.optimizer.step()
+            self._graph = (graph, static, loss, lr)
+        graph, static, loss, _ = self._graph
+        for dst, src in zip(static, (images, heatmaps, weights)):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return loss.item()
 
     def _record(self, table: Dict[str, float], writer):
         row = {"epoch": self.epoch + 1, **self._last_epoch, "lr": self.optimizer.param_groups[0]["lr"],

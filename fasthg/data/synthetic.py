@@ -4,9 +4,14 @@ backgrounds. Needs no files or network; deterministic for a (seed, index).
 Each person is an articulated stick body: random but plausible limb lengths and joint angles,
 global rotation, size and position, seen from the front or the back. The person's right limbs
 are drawn in warm colours and the left ones in cool colours (the cue that tells left from
-right, as a face or a shirt pattern does in photographs); the draw order is random, so limbs
-occlude each other, and the background holds gradients, noise and distracting shapes in the
-same colours. Some people reach out of the frame: those joints have visibility 0.
+right, as a face or a shirt pattern does in photographs), upper and lower limb segments in
+different shades of them (the cue for elbows and knees, as sleeves and trousers are); the
+draw order of the two sides is random, so limbs occlude each other, and now and then the
+torso hides them; the background holds gradients, noise and distracting shapes in the same
+colours. Some people reach out of the frame: those joints have visibility 0.
+
+The colour code is chiral: a mirrored synthetic person is not one (its warm limbs are on its
+left), so neither flip augmentation nor the flip test suits this data.
 """
 import math
 
@@ -73,7 +78,7 @@ def _background(rng, size: int) -> np.ndarray:
         img = img.transpose(1, 0, 2)
     img = img + rng.normal(0, 12, img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
-    for _ in range(rng.integers(4, 12)):
+    for _ in range(rng.integers(2, 8)):
         kind = rng.integers(3)
         colour = _colour(rng, 0, 180) if rng.random() < 0.7 else tuple(int(c) for c in rng.integers(0, 256, 3))
         p = rng.uniform(0, size, 2).astype(int)
@@ -119,10 +124,11 @@ class SyntheticPoses:
 
     @staticmethod
     def _draw(img, joints, height, rng):
-        width = max(2, int(rng.uniform(0.045, 0.07) * height))
-        warm = [_colour(rng, -10, 25) for _ in range(2)]    # right: reds to yellows (hue wraps at 180)
-        cool = [_colour(rng, 85, 130) for _ in range(2)]    # left: cyans to blues
-        torso = _colour(rng, 35, 80)                         # greens
+        width = max(2, int(rng.uniform(0.05, 0.08) * height))
+        # (upper, lower) segment colours; OpenCV hues wrap at 180.
+        warm = [_colour(rng, -10, 5), _colour(rng, 15, 30)]     # right: reds, then oranges to yellows
+        cool = [_colour(rng, 85, 102), _colour(rng, 112, 130)]  # left: cyans, then blues
+        torso = _colour(rng, 40, 75)                            # greens
         p = lambda k: tuple(int(round(c)) for c in joints[k])  # noqa: E731
 
         def limbs(pairs, colours):
@@ -135,8 +141,11 @@ class SyntheticPoses:
             cv2.line(img, p(7), p(8), torso, width, cv2.LINE_AA)
             centre = tuple(int(c) for c in (joints[8] + joints[9]) / 2)
             radius = max(2, int(np.linalg.norm(joints[9] - joints[8]) / 2))
-            cv2.circle(img, centre, radius, _colour(rng, 10, 20), -1, cv2.LINE_AA)
+            cv2.circle(img, centre, radius, _colour(rng, 140, 165), -1, cv2.LINE_AA)  # purples
 
-        parts = [lambda: limbs(LIMBS_RIGHT, warm), lambda: limbs(LIMBS_LEFT, cool), body]
-        for k in rng.permutation(3):  # random depth order: limbs hide each other and the body
-            parts[k]()
+        sides = [lambda: limbs(LIMBS_RIGHT, warm), lambda: limbs(LIMBS_LEFT, cool)]
+        order = [body] + [sides[k] for k in rng.permutation(2)]  # the sides hide each other
+        if rng.random() < 0.15:  # and sometimes the torso hides them
+            order = order[1:] + order[:1]
+        for draw in order:
+            draw()

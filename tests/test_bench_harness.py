@@ -1,0 +1,45 @@
+"""`fasthg bench`'s harness on small shapes: every row it reports, and its files. (Timings
+themselves are benchmarks, never tested.)"""
+import json
+
+import pytest
+
+from fasthg import bench
+
+
+def test_rows_tables_and_files(tmp_path):
+    result = bench.run(device="cpu", levels=[8], channels=[6], repeats=2, models=["hg1"], model_repeats=1,
+                       image_size=64, out_dir=str(tmp_path), progress=False)
+    assert result["copy_gb_s"] > 0
+    ops = [r for r in result["rows"] if "gb_s" in r]
+    assert {(r["op"], r["mode"]) for r in ops} == set(bench.TRAFFIC)
+    for r in ops:
+        n, c, h, w = r["shape"]
+        assert (c, h) == (6, 8) and r["bytes"] == bench.TRAFFIC[r["op"], r["mode"]] * n * c * h * w * 4
+        assert r["gb_s"] > 0 and r["of_copy"] > 0 and r["median_ms"] > 0 and r["peak_mb"] >= 0
+        if r["backend"] == "eager":
+            assert r["speedup"] == 1.0
+    # Eager's fused-in-nothing BN-ReLU allocates more than the output the native op writes.
+    out_mb = 4 * 6 * 8 * 8 * 4 / 2**20
+    native = [r for r in ops if r["backend"] == "native" and r["mode"] == "eval forward"]
+    assert all(r["peak_mb"] == pytest.approx(out_mb, rel=0.05) for r in native)
+    steps = [r for r in result["rows"] if r["op"] == "hg1 train step"]
+    assert {r["backend"] for r in steps} >= {"eager", "auto"}
+    for r in steps:
+        assert r["images_per_s"] > 0 and r["peak_mb"] > r["saved_mb"] > 1
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("\n") == len(result["rows"]) + 3
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_compile_rows_come_from_compiled_code(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    result = bench.run(device="cpu", levels=[8, 4], channels=[6], repeats=1, models=[], compile=True,
+                       progress=False)
+    assert sum(r["backend"] == "compile" for r in result["rows"]) == 2 * 2 * len(bench.TRAFFIC)  # levels x layouts x op modes
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames >= 4  # both ops' compositions were compiled, not run eagerly
