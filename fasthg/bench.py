@@ -94,15 +94,15 @@ def _rows(case, fns, mode, med, device):
 
 
 def _compiled(fn):
-    """torch.compile of an eager composition. Every case compiles the same code objects: let
-    shapes go dynamic after the first, and lift the recompile limit so that no case silently
-    falls back to eager."""
+    """torch.compile of an eager composition, specialised to each case's shapes. Every case
+    compiles the same code objects: lift the recompile limit so that no case silently falls
+    back to eager."""
     import torch._dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    return torch.compile(fn)
+    return torch.compile(fn, dynamic=False)
 
 
 def bench_upsample_add(case, device, backends, repeats, compile=False):
