@@ -65,6 +65,17 @@ def test_training_forward_backward_and_running_stats(device, backend, dtype, lay
         assert rel_err(got.cpu(), want) < max(TOL[dtype], 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 256, 9, 7), (3, 24, 16, 16)], ids=str)
+def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
+    """The CPU NHWC reductions split rows into chunks (64 rows at 256 channels, 682 at 24)
+    folded into one partial per thread: shapes with several chunks, and with a channel count
+    that leaves a non-multiple-of-8 tail."""
+    if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
+        pytest.skip("native unavailable")
+    test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)
+
+
 @pytest.mark.parametrize("device,backend", params())
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_eval_forward_backward(device, backend, layout, poison):
