@@ -69,4 +69,6 @@ def add_command(sub):
     for flag in ("channels_last", "compile", "flip_test", "tensorboard", "sync_bn", "cuda_graphs"):
         t.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    t.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="NCHW activations (the CPU default is channels_last)")
     t.set_defaults(fn=run_train)
