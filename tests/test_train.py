@@ -145,3 +145,14 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path, backend):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
     assert [r["loss"] for r in runs[True].history] == pytest.approx([r["loss"] for r in runs[False].history],
                                                                       rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path, backend):
+    if backend not in fasthg.ops.available("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    t = Trainer(tiny(tmp_path, backend=backend, amp="bf16", channels_last=True, epochs=1))
+    history = t.fit()
+    assert len(history) == 1 and history[0]["loss"] > 0 and history[0]["loss"] < float("inf")
+    assert all(p.dtype == torch.float32 for p in checkpoint.read(str(tmp_path / "last.pt"))["model"].values()
+               if p.is_floating_point())
