@@ -54,7 +54,8 @@ class TrainConfig:
     train_size: int = 20000              # synthetic people per epoch
     val_size: int = 500
     mpii_h5_train: Optional[str] = None
-    mpii_h5_valid: Optional[str] = None
+    mpii_json_train: Optional[str] = None  # MPII JSON list (bearpaw: its training people; HRNet: all)
+    mpii_h5_valid: Optional[str] = None    # validation needs the HDF5's head sizes for PCKh
     images: Optional[str] = None
     workers: int = 2
     seed: int = 0
@@ -167,11 +168,18 @@ class Trainer:
 
     def _sources(self):
         c = self.cfg
-        if c.mpii_h5_train:
-            from fasthg.data.mpii import load_mpii_h5
+        if c.mpii_h5_train or c.mpii_json_train:
+            from fasthg.data.mpii import load_mpii_h5, load_mpii_json
             if not (c.mpii_h5_valid and c.images):
-                raise ValueError("MPII training needs mpii_h5_valid (for PCKh) and images")
-            return load_mpii_h5(c.mpii_h5_train, c.images), load_mpii_h5(c.mpii_h5_valid, c.images)
+                raise ValueError("MPII training needs mpii_h5_valid (its head sizes give PCKh) and images")
+            if c.mpii_h5_train and c.mpii_json_train:
+                raise ValueError("give one of mpii_h5_train and mpii_json_train")
+            if c.mpii_h5_train:
+                train = load_mpii_h5(c.mpii_h5_train, c.images)
+            else:  # a bearpaw list flags its validation people; an HRNet train.json holds none
+                train = [r for r in load_mpii_json(c.mpii_json_train, c.images)
+                         if not r.extra.get("is_validation", False)]
+            return train, load_mpii_h5(c.mpii_h5_valid, c.images)
         # Training and validation people come from different seeds: validation is held out.
         return (SyntheticPoses(c.train_size, c.input_size, seed=c.seed + 1),
                 SyntheticPoses(c.val_size, c.input_size, seed=10_000_019 + c.seed))

@@ -63,9 +63,11 @@ def add_command(sub):
     t.add_argument("--backend", choices=["auto", "eager", "native", "triton"])
     t.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"])
     t.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    t.add_argument("--mpii-h5-train", dest="mpii_h5_train")
-    t.add_argument("--mpii-h5-valid", dest="mpii_h5_valid")
-    t.add_argument("--images")
+    t.add_argument("--mpii-h5-train", dest="mpii_h5_train", help="MPII training people, HDF5 format")
+    t.add_argument("--mpii-json-train", dest="mpii_json_train",
+                   help="MPII training people, JSON list (bearpaw's isValidation people are left out)")
+    t.add_argument("--mpii-h5-valid", dest="mpii_h5_valid", help="MPII validation people, HDF5 (with head sizes)")
+    t.add_argument("--images", help="MPII image folder")
     for flag in ("channels_last", "compile", "flip_test", "tensorboard", "sync_bn", "cuda_graphs"):
         t.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)

@@ -389,3 +389,21 @@ def test_eval_command_on_an_mpii_h5_file(tmp_path, image_dir, capsys):
     js = _write_json(tmp_path / "annot.json", _cpm_entries())
     with pytest.raises(ValueError, match="head size"):
         main(["eval", ckpt, "--mpii-json", js, "--images", str(image_dir), "--device", "cpu"])
+
+
+def test_training_on_mpii_files(tmp_path, image_dir):
+    """fasthg.train on an MPII JSON list (bearpaw's validation people left out) or HDF5 file,
+    validated on an HDF5 file (PCKh needs its head sizes)."""
+    from fasthg.train import TrainConfig, Trainer
+
+    js = _write_json(tmp_path / "mpii.json", _cpm_entries())
+    h5 = _write_h5(tmp_path / "valid.h5", _h5_arrays())
+    base = dict(stacks=1, features=8, depth=1, input_size=32, epochs=1, batch_size=1, workers=0, progress=False,
+                backend="eager", optimizer="adam", lr=1e-3, images=image_dir, mpii_h5_valid=h5)
+    t = Trainer(TrainConfig(out=str(tmp_path / "json"), mpii_json_train=js, **base))
+    assert [r.index for r in t.train_set.source] == [0, 2] and len(t.val_set) == 3
+    history = t.fit()
+    assert len(history) == 1 and 0 <= history[0]["pckh_mean"] <= 100
+    assert len(Trainer(TrainConfig(out=str(tmp_path / "h5"), mpii_h5_train=h5, **base)).train_set) == 3
+    with pytest.raises(ValueError, match="head sizes"):
+        Trainer(TrainConfig(out=str(tmp_path / "x"), mpii_json_train=js, **{**base, "mpii_h5_valid": None}))
