@@ -114,12 +114,12 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if cfg.device == "auto" else cfg.device))
+        self.rank, self.world, local_rank = _torchrun_env()
         if cfg.cuda_graphs and (self.device.type != "cuda" or cfg.amp == "fp16" or cfg.accumulate != 1
-                                or cfg.compile or _torchrun_env()[1] > 1):
+                                or cfg.compile or self.world > 1):
             raise ValueError("cuda_graphs needs a CUDA device, one process, accumulate=1, no compile (use "
                              "compile alone for its own graphs) and amp none or bf16 (fp16's grad scaler "
                              "checks on the host)")
-        self.rank, self.world, local_rank = _torchrun_env()
         self._owns_group = False
         if self.world > 1:
             if self.device.type == "cuda":
@@ -230,7 +230,7 @@ class Trainer:
         """Each flag OR-ed over all processes, so that every process stops at the same step."""
         if self.world == 1:
             return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([float(f) for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
@@ -305,7 +305,7 @@ class Trainer:
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if cfg.cuda_graphs:
-                value = self._graphed_step(images, batch["heatmaps"], batch["weights"], amp_dtype)
+                value = self._graphed_step(images, batch["heatmaps"], batch["weights"], amp_dtype, step)
                 stop = self._stop
                 if not math.isfinite(value):
                     raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {step} (with "
@@ -350,7 +350,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return value, stop
 
-    def _graphed_step(self, images, heatmaps, weights, amp_dtype) -> float:
+    def _graphed_step(self, images, heatmaps, weights, amp_dtype, step: int) -> float:
         """The whole step (forward, loss, backward, optimizer) as one CUDA graph replay: the
         launch-bound low-resolution levels cost one launch. The first step of a run is eager
         (it creates the optimizer state); the graph is captured at the second and again
@@ -358,7 +358,7 @@ class Trainer:
         heatmaps, weights = heatmaps.to(self.device), weights.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         if not self.optimizer.state:
-            value, _ = self._step(images, heatmaps, weights, amp_dtype, True, 0)
+            value, _ = self._step(images, heatmaps, weights, amp_dtype, True, step)
             return value
         if self._graph is None or self._graph[3] != lr:
             static = (images.clone(), heatmaps.clone(), weights.clone())
