@@ -15,6 +15,7 @@ processes follow the same trajectory as one process with the global batch.
 """
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -239,7 +240,12 @@ class Trainer:
             dist.barrier()
 
     def close(self):
-        """Leaves the process group this Trainer joined (torchrun), if any."""
+        """Drops the DDP wrapper and leaves the process group this Trainer joined (torchrun),
+        if any. DDP's reducer holds the group: freed later, at interpreter exit, gloo's worker
+        threads can abort the process (seen once in CI: SIGABRT after a finished run)."""
+        if self.world > 1:
+            self.step_model = self.model
+            gc.collect()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

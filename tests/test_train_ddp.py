@@ -34,6 +34,8 @@ def _worker(rank, init_file, out, backend):
         assert isinstance(t.step_model, torch.nn.parallel.DistributedDataParallel)
         t.fit()
         assert bool(t.history) == (rank == 0), "only rank 0 evaluates and logs"
+        t.close()  # frees DDP's hold on the group before the group goes
+        assert t.step_model is t.model and dist.is_initialized(), "close() leaves a group it did not make"
     finally:
         dist.destroy_process_group()
 
