@@ -76,6 +76,18 @@ def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
     test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_native_cpu_streaming_stores(layout, poison):
+    """Float32 outputs of 8 MiB and more are written with streaming stores (csrc/cpu's
+    kStreamBytes): NCHW planes of an odd size start unaligned and peel to 32 bytes, NHWC rows
+    of 64 channels start aligned."""
+    if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
+        pytest.skip("native unavailable")
+    shape = (2, 64, 129, 131)
+    assert 4 * shape[0] * shape[1] * shape[2] * shape[3] >= 8 << 20
+    test_training_forward_backward_and_running_stats("cpu", "native", torch.float32, layout, shape, poison)
+
+
 @pytest.mark.parametrize("device,backend", params())
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_eval_forward_backward(device, backend, layout, poison):

@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -82,6 +83,37 @@ C10_ALWAYS_INLINE double hsum(__m256d v) {
   _mm256_store_pd(t, v);
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
+
+// bn_relu_value for 8 floats, the same operations in the same order. max_ps returns its
+// second operand (+0) for NaN and for -0, as bn_relu_value's y > 0 ? y : 0 does.
+C10_ALWAYS_INLINE __m256 value8(__m256 x, __m256 m, __m256 s, __m256 w, __m256 b) {
+  const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, m), _mm256_mul_ps(s, w)), b);
+  return _mm256_max_ps(y, _mm256_setzero_ps());
+}
+
+// bn_relu_masked_grad then bn_relu_grad_input for 8 floats, the same operations in order.
+C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w, __m256 b, __m256 mg,
+                               __m256 mgx) {
+  const __m256 d = _mm256_sub_ps(x, m);
+  const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(s, w)), b);
+  const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), dy);
+  const __m256 xhat = _mm256_mul_ps(d, s);
+  return _mm256_mul_ps(_mm256_mul_ps(w, s), _mm256_sub_ps(_mm256_sub_ps(g, mg), _mm256_mul_ps(xhat, mgx)));
+}
+
+// Streaming stores skip the read-for-ownership of each output line: a third less traffic
+// for an elementwise pass over tensors too big to stay in cache, but they evict the output,
+// so only outputs over this size stream (a 64x64x256 float level of batch 4 is 16 MiB).
+constexpr int64_t kStreamBytes = 8 << 20;
+
+C10_ALWAYS_INLINE void store8(float* p, __m256 v, bool stream) {
+  if (stream)
+    _mm256_stream_ps(p, v);
+  else
+    _mm256_storeu_ps(p, v);
+}
+
+C10_ALWAYS_INLINE bool aligned32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 #endif
 
 // Mean and M2 of one NCHW plane: sum, then squared deviations (the plane stays in cache).
@@ -97,48 +129,54 @@ void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double
   mean = m;
 }
 
-// Per-channel sums and squared deviations of NHWC rows [r0, r1), C channels each. Row by
-// row (x streams in order; see rows_masked_sums), sums first, then squared deviations from
-// the chunk's mean while its rows are still in L1.
+// Per-channel means and squared deviations of NHWC rows [r0, r1), C channels each. For
+// each block of 16 channels (one cache line of floats per row), down the chunk's rows: sums,
+// then squared deviations from the chunk's mean while the block's lines are still in L1.
+// The accumulators stay in registers: updating per-channel sums in memory row by row made
+// loads of x wait on stores whose addresses matched modulo 4 KiB, which ran 1.5-3x slower
+// depending on where the arrays happened to lie.
 template <typename scalar_t>
 void rows_stats(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t C,
                 double* __restrict__ mean, double* __restrict__ m2) {
   int64_t c0 = 0;
+  const double inv_n = 1.0 / (r1 - r0);
 #ifdef __AVX2__
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const int64_t blocks = C - C % 8;
-    std::fill(mean, mean + blocks, 0.0);
-    std::fill(m2, m2 + blocks, 0.0);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < blocks; c += 8) {
-        __m256d lo = _mm256_loadu_pd(mean + c), hi = _mm256_loadu_pd(mean + c + 4);
-        add_pd(_mm256_loadu_ps(x + r * C + c), lo, hi);
-        _mm256_storeu_pd(mean + c, lo);
-        _mm256_storeu_pd(mean + c + 4, hi);
+    for (; c0 + 16 <= C; c0 += 16) {
+      __m256d s[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+      for (int64_t r = r0; r < r1; ++r) {
+        add_pd(_mm256_loadu_ps(x + r * C + c0), s[0], s[1]);
+        add_pd(_mm256_loadu_ps(x + r * C + c0 + 8), s[2], s[3]);
       }
-    const __m256d inv_n = _mm256_set1_pd(1.0 / (r1 - r0));
-    for (int64_t c = 0; c < blocks; c += 4) _mm256_storeu_pd(mean + c, _mm256_mul_pd(_mm256_loadu_pd(mean + c), inv_n));
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < blocks; c += 8) {
-        const __m256 v = _mm256_loadu_ps(x + r * C + c);
-        const __m256d dlo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_loadu_pd(mean + c));
-        const __m256d dhi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), _mm256_loadu_pd(mean + c + 4));
-        _mm256_storeu_pd(m2 + c, _mm256_add_pd(_mm256_loadu_pd(m2 + c), _mm256_mul_pd(dlo, dlo)));
-        _mm256_storeu_pd(m2 + c + 4, _mm256_add_pd(_mm256_loadu_pd(m2 + c + 4), _mm256_mul_pd(dhi, dhi)));
+      __m256d q[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+      for (int k = 0; k < 4; ++k) s[k] = _mm256_mul_pd(s[k], _mm256_set1_pd(inv_n));
+      for (int64_t r = r0; r < r1; ++r)
+        for (int h = 0; h < 2; ++h) {
+          const __m256 v = _mm256_loadu_ps(x + r * C + c0 + 8 * h);
+          const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), s[2 * h]);
+          const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), s[2 * h + 1]);
+          q[2 * h] = _mm256_add_pd(q[2 * h], _mm256_mul_pd(lo, lo));
+          q[2 * h + 1] = _mm256_add_pd(q[2 * h + 1], _mm256_mul_pd(hi, hi));
+        }
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_pd(mean + c0 + 4 * k, s[k]);
+        _mm256_storeu_pd(m2 + c0 + 4 * k, q[k]);
       }
-    c0 = blocks;
+    }
   }
 #endif
-  std::fill(mean + c0, mean + C, 0.0);
-  std::fill(m2 + c0, m2 + C, 0.0);
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t c = c0; c < C; ++c) mean[c] += static_cast<double>(x[r * C + c]);
-  for (int64_t c = c0; c < C; ++c) mean[c] /= (r1 - r0);
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t c = c0; c < C; ++c) {
-      const double d = static_cast<double>(x[r * C + c]) - mean[c];
-      m2[c] += d * d;
-    }
+  for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for non-float x)
+    double sum, sq, unused;
+    lane_sums(r1 - r0, [&](int64_t i, double& a, double&) { a += static_cast<double>(x[(r0 + i) * C + c]); },
+              sum, unused);
+    const double m = sum * inv_n;
+    lane_sums(r1 - r0, [&](int64_t i, double& a, double&) {
+      const double d = static_cast<double>(x[(r0 + i) * C + c]) - m;
+      a += d * d;
+    }, sq, unused);
+    mean[c] = m;
+    m2[c] = sq;
+  }
 }
 
 // Per-chunk (count, mean, M2) partials of every channel (a plane in NCHW, a block of rows
@@ -190,15 +228,59 @@ void elementwise(const View& v, P plane, R rows) {
   }
 }
 
+// Scalar elements [i0, i1) of an elementwise pass, f(i) each, around an 8-wide AVX2 loop
+// vec(i) (float only) whose stores start 32-byte aligned when streaming.
+template <typename scalar_t, typename F, typename V>
+C10_ALWAYS_INLINE void run8(int64_t n, scalar_t* out, bool stream, F f, V vec) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream)
+      for (; i < n && !aligned32(out + i); ++i) f(i);
+    for (; i + 8 <= n; i += 8) vec(i);
+  }
+#endif
+  for (; i < n; ++i) f(i);
+}
+
+// Whether an elementwise pass writing `out` streams its stores (see kStreamBytes).
+template <typename scalar_t>
+bool streams(const scalar_t* out, const View& v) {
+#ifdef __AVX2__
+  const int64_t bytes = v.outer * v.C * v.inner * int64_t(sizeof(scalar_t));
+  // NHWC rows stream only when every row starts aligned; NCHW planes peel to alignment.
+  return std::is_same_v<scalar_t, float> && bytes >= kStreamBytes && aligned32(out) &&
+         (!v.channels_last || v.C % 8 == 0);
+#else
+  return false;
+#endif
+}
+
+C10_ALWAYS_INLINE void fence_streams(bool stream) {
+#ifdef __AVX2__
+  if (stream) _mm_sfence();  // streamed lines are visible before the task counts as done
+#endif
+}
+
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* mean,
                     const acc_t* invstd, const acc_t* w, const acc_t* b) {
   const int64_t C = v.C;
+  const bool stream = streams(y, v);
   elementwise(v, [&](int64_t c, int64_t i0, int64_t n) {
     const scalar_t* __restrict__ xp = x + i0;
     scalar_t* __restrict__ yp = y + i0;
     const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
-    for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xp[i]), m, s, wc, bc));
+    auto one = [&](int64_t i) { yp[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xp[i]), m, s, wc, bc)); };
+#ifdef __AVX2__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(wc), vb = _mm256_set1_ps(bc);
+      run8(n, yp, stream, one, [&](int64_t i) { store8(yp + i, value8(_mm256_loadu_ps(xp + i), vm, vs, vw, vb), stream); });
+      fence_streams(stream);
+      return;
+    }
+#endif
+    run8(n, yp, false, one, [](int64_t) {});
   }, [&](int64_t r0, int64_t r1) {
     const acc_t* __restrict__ m = mean;
     const acc_t* __restrict__ s = invstd;
@@ -207,12 +289,20 @@ void forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* 
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ xr = x + r * C;
       scalar_t* __restrict__ yr = y + r * C;
-      for (int64_t c = 0; c < C; ++c)
+      int64_t c0 = 0;
+#ifdef __AVX2__
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (; c0 + 8 <= C; c0 += 8)
+          store8(yr + c0, value8(_mm256_loadu_ps(xr + c0), _mm256_loadu_ps(m + c0), _mm256_loadu_ps(s + c0),
+                                 _mm256_loadu_ps(wc + c0), _mm256_loadu_ps(bc + c0)), stream);
+      }
+#endif
+      for (int64_t c = c0; c < C; ++c)
         yr[c] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xr[c]), m[c], s[c], wc[c], bc[c]));
     }
+    fence_streams(stream);
   });
 }
-
 
 // One NCHW plane (constant channel parameters): sums of g and g * xhat.
 template <typename scalar_t, typename acc_t>
@@ -243,10 +333,9 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
   }
 }
 
-// NHWC rows [r0, r1) of C channels: adds each channel's sums of g and g * xhat to a[c], ax[c].
-// Row by row, so that x and dy stream from memory in order (walking 8-channel columns down
-// the rows instead strides by C and ran at a third of NCHW's speed once out of cache); the
-// per-channel accumulators stay in L1.
+// NHWC rows [r0, r1) of C channels: adds each channel's sums of g and g * xhat to a[c],
+// ax[c]. Blocks of 16 channels (a cache line of floats) walk down the rows with their sums
+// in registers (see rows_stats: per-row updates in memory stalled on 4 KiB aliasing).
 template <typename scalar_t, typename acc_t>
 void rows_masked_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t r0, int64_t r1,
                       int64_t C, const acc_t* __restrict__ m, const acc_t* __restrict__ s,
@@ -255,31 +344,37 @@ void rows_masked_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict
   int64_t c0 = 0;
 #ifdef __AVX2__
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const int64_t blocks = C - C % 8;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * C;
-      const float* gr = dy + r * C;
-      for (int64_t c = 0; c < blocks; c += 8) {
-        __m256d acc[4] = {_mm256_loadu_pd(a + c), _mm256_loadu_pd(a + c + 4), _mm256_loadu_pd(ax + c),
-                          _mm256_loadu_pd(ax + c + 4)};
-        add_masked_terms(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(gr + c), _mm256_loadu_ps(m + c),
-                         _mm256_loadu_ps(s + c), _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c), acc);
-        _mm256_storeu_pd(a + c, acc[0]);
-        _mm256_storeu_pd(a + c + 4, acc[1]);
-        _mm256_storeu_pd(ax + c, acc[2]);
-        _mm256_storeu_pd(ax + c + 4, acc[3]);
+    for (; c0 + 16 <= C; c0 += 16) {
+      __m256d acc[2][4];  // per half of the block: g lo, g hi, g*xhat lo, g*xhat hi
+      for (auto& h : acc)
+        for (auto& v : h) v = _mm256_setzero_pd();
+      for (int64_t r = r0; r < r1; ++r)
+        for (int h = 0; h < 2; ++h) {
+          const int64_t c = c0 + 8 * h;
+          add_masked_terms(_mm256_loadu_ps(x + r * C + c), _mm256_loadu_ps(dy + r * C + c), _mm256_loadu_ps(m + c),
+                           _mm256_loadu_ps(s + c), _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c), acc[h]);
+        }
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = c0 + 8 * h;
+        _mm256_storeu_pd(a + c, _mm256_add_pd(_mm256_loadu_pd(a + c), acc[h][0]));
+        _mm256_storeu_pd(a + c + 4, _mm256_add_pd(_mm256_loadu_pd(a + c + 4), acc[h][1]));
+        _mm256_storeu_pd(ax + c, _mm256_add_pd(_mm256_loadu_pd(ax + c), acc[h][2]));
+        _mm256_storeu_pd(ax + c + 4, _mm256_add_pd(_mm256_loadu_pd(ax + c + 4), acc[h][3]));
       }
     }
-    c0 = blocks;
   }
 #endif
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t c = c0; c < C; ++c) {
-      const acc_t xi = static_cast<acc_t>(x[r * C + c]);
-      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[r * C + c]), xi, m[c], s[c], w[c], b[c]);
-      a[c] += g;
-      ax[c] += g * ((xi - m[c]) * s[c]);
-    }
+  for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for non-float x)
+    double sg, sgx;
+    lane_sums(r1 - r0, [&](int64_t i, double& g_acc, double& gx_acc) {
+      const acc_t xi = static_cast<acc_t>(x[(r0 + i) * C + c]);
+      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[(r0 + i) * C + c]), xi, m[c], s[c], w[c], b[c]);
+      g_acc += g;
+      gx_acc += g * ((xi - m[c]) * s[c]);
+    }, sg, sgx);
+    a[c] += sg;
+    ax[c] += sgx;
+  }
 }
 
 // sum over N*H*W of g and of g * xhat, g = grad_out masked by the recomputed ReLU.
@@ -322,16 +417,29 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
                            const acc_t* mean, const acc_t* invstd, const acc_t* w, const acc_t* b,
                            const acc_t* mean_g, const acc_t* mean_gx) {
   const int64_t C = v.C;
+  const bool stream = streams(dx, v);
   elementwise(v, [&](int64_t c, int64_t i0, int64_t n) {
     const scalar_t* __restrict__ xp = x + i0;
     const scalar_t* __restrict__ gp = dy + i0;
     scalar_t* __restrict__ dp = dx + i0;
     const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c], mg = mean_g[c], mgx = mean_gx[c];
-    for (int64_t i = 0; i < n; ++i) {
+    auto one = [&](int64_t i) {
       const acc_t xi = static_cast<acc_t>(xp[i]);
       const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gp[i]), xi, m, s, wc, bc);
       dp[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m, s, wc, mg, mgx));
+    };
+#ifdef __AVX2__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(wc), vb = _mm256_set1_ps(bc),
+                   vmg = _mm256_set1_ps(mg), vmgx = _mm256_set1_ps(mgx);
+      run8(n, dp, stream, one, [&](int64_t i) {
+        store8(dp + i, grad8(_mm256_loadu_ps(gp + i), _mm256_loadu_ps(xp + i), vm, vs, vw, vb, vmg, vmgx), stream);
+      });
+      fence_streams(stream);
+      return;
     }
+#endif
+    run8(n, dp, false, one, [](int64_t) {});
   }, [&](int64_t r0, int64_t r1) {
     const acc_t* __restrict__ m = mean;
     const acc_t* __restrict__ s = invstd;
@@ -343,12 +451,22 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
       const scalar_t* __restrict__ xr = x + r * C;
       const scalar_t* __restrict__ gr = dy + r * C;
       scalar_t* __restrict__ dr = dx + r * C;
-      for (int64_t c = 0; c < C; ++c) {
+      int64_t c0 = 0;
+#ifdef __AVX2__
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (; c0 + 8 <= C; c0 += 8)
+          store8(dr + c0, grad8(_mm256_loadu_ps(gr + c0), _mm256_loadu_ps(xr + c0), _mm256_loadu_ps(m + c0),
+                                _mm256_loadu_ps(s + c0), _mm256_loadu_ps(wc + c0), _mm256_loadu_ps(bc + c0),
+                                _mm256_loadu_ps(mg + c0), _mm256_loadu_ps(mgx + c0)), stream);
+      }
+#endif
+      for (int64_t c = c0; c < C; ++c) {
         const acc_t xi = static_cast<acc_t>(xr[c]);
         const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gr[c]), xi, m[c], s[c], wc[c], bc[c]);
         dr[c] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
       }
     }
+    fence_streams(stream);
   });
 }
 
