@@ -129,38 +129,94 @@ void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double
   mean = m;
 }
 
-// Per-channel means and squared deviations of NHWC rows [r0, r1), C channels each. For
-// each block of 16 channels (one cache line of floats per row), down the chunk's rows: sums,
-// then squared deviations from the chunk's mean while the block's lines are still in L1.
-// The accumulators stay in registers: updating per-channel sums in memory row by row made
-// loads of x wait on stores whose addresses matched modulo 4 KiB, which ran 1.5-3x slower
-// depending on where the arrays happened to lie.
+#ifdef __AVX2__
+// Two-level sums for float NHWC blocks: up to kFloatRows rows add in float (8 lanes a
+// vector, no conversions), then fold into double accumulators. A float sum of 16 terms
+// errs by at most 16 ulp of its magnitude (about 4 ulp typically), and what it sums is
+// centred (deviations, masked gradients), so the doubles carry the precision across rows.
+constexpr int64_t kFloatRows = 16;
+
+// Sums over rows [r0, r1) of f(r, h) for the two halves h of a 16-channel block, folded
+// into acc[h] as (lo, hi) doubles every kFloatRows rows; f returns one or two float vectors.
+template <int K, typename F>
+C10_ALWAYS_INLINE void two_level_sums(int64_t r0, int64_t r1, F f, __m256d (&acc)[2][2 * K]) {
+  for (auto& h : acc)
+    for (auto& v : h) v = _mm256_setzero_pd();
+  for (int64_t r = r0; r < r1; r += kFloatRows) {
+    // Even and odd rows sum apart: one chain of dependent adds per accumulator would wait
+    // on the add latency every row.
+    __m256 part[2][2][K];
+    for (auto& p : part)
+      for (auto& h : p)
+        for (auto& v : h) v = _mm256_setzero_ps();
+    const int64_t e = std::min(r1, r + kFloatRows);
+    int64_t i = r;
+    for (; i + 1 < e; i += 2)
+      for (int h = 0; h < 2; ++h) {
+        f(i, h, part[0][h]);
+        f(i + 1, h, part[1][h]);
+      }
+    if (i < e)
+      for (int h = 0; h < 2; ++h) f(i, h, part[0][h]);
+    for (auto& p : part)
+      for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < K; ++k) add_pd(p[h][k], acc[h][2 * k], acc[h][2 * k + 1]);
+  }
+}
+
+// A block walks its chunk's rows at a stride of C floats, a pattern the hardware
+// prefetchers follow poorly (a few lines per 4 KiB page): fetch the same line of the next
+// chunk (of R rows) while this one is summed, so that it arrives in time.
+C10_ALWAYS_INLINE void prefetch_next_chunk(const float* t, int64_t r, int64_t R, int64_t rows, int64_t C,
+                                           int64_t c) {
+  if (r + R < rows) _mm_prefetch(reinterpret_cast<const char*>(t + (r + R) * C + c), _MM_HINT_T1);
+}
+
+#endif
+
+// Per-channel means and squared deviations of NHWC rows [r0, r1), C channels each. Each
+// block of 16 channels (one cache line of floats per row) walks down the rows in one pass of
+// shifted sums, d = x - K with K the mean of the block's first 16 rows: K is within a
+// fraction of a standard deviation of the mean, so sum(d^2) - sum(d)^2 / n cancels nothing,
+// and x - K is exact for large offsets. (A second pass over the chunk's rows would read
+// lines that a stride of C floats maps to a few L1 sets, long evicted.) Sums stay in
+// registers: per-row updates of per-channel sums in memory made loads of x wait on stores
+// whose addresses matched modulo 4 KiB (1.5-3x slower, depending on placement).
 template <typename scalar_t>
-void rows_stats(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t C,
+void rows_stats(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t C, int64_t rows,
                 double* __restrict__ mean, double* __restrict__ m2) {
   int64_t c0 = 0;
-  const double inv_n = 1.0 / (r1 - r0);
+  const double n = double(r1 - r0);
 #ifdef __AVX2__
   if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t head = std::min(r1, r0 + kFloatRows);
+    const __m256 inv_head = _mm256_set1_ps(1.0f / float(head - r0));
     for (; c0 + 16 <= C; c0 += 16) {
-      __m256d s[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
-      for (int64_t r = r0; r < r1; ++r) {
-        add_pd(_mm256_loadu_ps(x + r * C + c0), s[0], s[1]);
-        add_pd(_mm256_loadu_ps(x + r * C + c0 + 8), s[2], s[3]);
+      __m256 shift[2];
+      for (int h = 0; h < 2; ++h) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t r = r0; r < head; ++r) sum = _mm256_add_ps(sum, _mm256_loadu_ps(x + r * C + c0 + 8 * h));
+        shift[h] = _mm256_mul_ps(sum, inv_head);
       }
-      __m256d q[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
-      for (int k = 0; k < 4; ++k) s[k] = _mm256_mul_pd(s[k], _mm256_set1_pd(inv_n));
-      for (int64_t r = r0; r < r1; ++r)
-        for (int h = 0; h < 2; ++h) {
-          const __m256 v = _mm256_loadu_ps(x + r * C + c0 + 8 * h);
-          const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), s[2 * h]);
-          const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), s[2 * h + 1]);
-          q[2 * h] = _mm256_add_pd(q[2 * h], _mm256_mul_pd(lo, lo));
-          q[2 * h + 1] = _mm256_add_pd(q[2 * h + 1], _mm256_mul_pd(hi, hi));
+      __m256d dev[2][4];  // per half: d lo, d hi, d^2 lo, d^2 hi
+      two_level_sums<2>(r0, r1, [&](int64_t r, int h, __m256* p) {
+        prefetch_next_chunk(x, r, r1 - r0, rows, C, c0 + 8 * h);
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * C + c0 + 8 * h), shift[h]);
+        p[0] = _mm256_add_ps(p[0], d);
+        p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(d, d));
+      }, dev);
+      alignas(32) float k[16];
+      alignas(32) double d[16], q[16];
+      for (int h = 0; h < 2; ++h) {
+        _mm256_store_ps(k + 8 * h, shift[h]);
+        for (int j = 0; j < 2; ++j) {
+          _mm256_store_pd(d + 8 * h + 4 * j, dev[h][j]);
+          _mm256_store_pd(q + 8 * h + 4 * j, dev[h][2 + j]);
         }
-      for (int k = 0; k < 4; ++k) {
-        _mm256_storeu_pd(mean + c0 + 4 * k, s[k]);
-        _mm256_storeu_pd(m2 + c0 + 4 * k, q[k]);
+      }
+      for (int j = 0; j < 16; ++j) {
+        mean[c0 + j] = double(k[j]) + d[j] / n;
+        m2[c0 + j] = std::max(0.0, q[j] - d[j] * d[j] / n);
       }
     }
   }
@@ -169,7 +225,7 @@ void rows_stats(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t 
     double sum, sq, unused;
     lane_sums(r1 - r0, [&](int64_t i, double& a, double&) { a += static_cast<double>(x[(r0 + i) * C + c]); },
               sum, unused);
-    const double m = sum * inv_n;
+    const double m = sum / n;
     lane_sums(r1 - r0, [&](int64_t i, double& a, double&) {
       const double d = static_cast<double>(x[(r0 + i) * C + c]) - m;
       a += d * d;
@@ -177,6 +233,19 @@ void rows_stats(const scalar_t* __restrict__ x, int64_t r0, int64_t r1, int64_t 
     mean[c] = m;
     m2[c] = sq;
   }
+}
+
+// welford_merge of a chunk's per-channel (mean, M2) into a thread's, for all C channels:
+// every channel has the same counts, so the weights are computed once, not divided per channel.
+void merge_rows(double& n, double* __restrict__ mean, double* __restrict__ m2, double nb,
+                const double* __restrict__ mean_b, const double* __restrict__ m2_b, int64_t C) {
+  const double total = n + nb, wb = nb / total, wx = n * nb / total;
+  for (int64_t c = 0; c < C; ++c) {
+    const double delta = mean_b[c] - mean[c];
+    mean[c] += delta * wb;
+    m2[c] += m2_b[c] + delta * delta * wx;
+  }
+  n = total;
 }
 
 // Per-chunk (count, mean, M2) partials of every channel (a plane in NCHW, a block of rows
@@ -199,11 +268,13 @@ void stats_kernel(const scalar_t* x, const View& v, acc_t* mean_out, acc_t* var_
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
       const int64_t t = at::get_thread_num();
       std::vector<double> m(C), q(C);
+      double n = 0;
       for (int64_t k = b; k < e; ++k) {
         const int64_t r0 = k * R, r1 = std::min(v.outer, r0 + R);
-        rows_stats(x, r0, r1, C, m.data(), q.data());
-        for (int64_t c = 0; c < C; ++c) welford_merge(pn[t * C + c], pm[t * C + c], pq[t * C + c], double(r1 - r0), m[c], q[c]);
+        rows_stats(x, r0, r1, C, v.outer, m.data(), q.data());
+        merge_rows(n, &pm[t * C], &pq[t * C], double(r1 - r0), m.data(), q.data(), C);
       }
+      std::fill(&pn[t * C], &pn[t * C] + C, n);
     });
   }
   at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
@@ -334,26 +405,37 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
 }
 
 // NHWC rows [r0, r1) of C channels: adds each channel's sums of g and g * xhat to a[c],
-// ax[c]. Blocks of 16 channels (a cache line of floats) walk down the rows with their sums
-// in registers (see rows_stats: per-row updates in memory stalled on 4 KiB aliasing).
+// ax[c]. Blocks of 16 channels (a cache line of floats) walk down the rows with two-level
+// sums in registers (see rows_stats).
 template <typename scalar_t, typename acc_t>
 void rows_masked_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, int64_t r0, int64_t r1,
-                      int64_t C, const acc_t* __restrict__ m, const acc_t* __restrict__ s,
+                      int64_t C, int64_t rows, const acc_t* __restrict__ m, const acc_t* __restrict__ s,
                       const acc_t* __restrict__ w, const acc_t* __restrict__ b, double* __restrict__ a,
                       double* __restrict__ ax) {
   int64_t c0 = 0;
 #ifdef __AVX2__
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (; c0 + 16 <= C; c0 += 16) {
-      __m256d acc[2][4];  // per half of the block: g lo, g hi, g*xhat lo, g*xhat hi
-      for (auto& h : acc)
-        for (auto& v : h) v = _mm256_setzero_pd();
-      for (int64_t r = r0; r < r1; ++r)
-        for (int h = 0; h < 2; ++h) {
-          const int64_t c = c0 + 8 * h;
-          add_masked_terms(_mm256_loadu_ps(x + r * C + c), _mm256_loadu_ps(dy + r * C + c), _mm256_loadu_ps(m + c),
-                           _mm256_loadu_ps(s + c), _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c), acc[h]);
-        }
+      __m256 vm[2], vs[2], vsw[2], vb[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = c0 + 8 * h;
+        vm[h] = _mm256_loadu_ps(m + c);
+        vs[h] = _mm256_loadu_ps(s + c);
+        vsw[h] = _mm256_mul_ps(vs[h], _mm256_loadu_ps(w + c));
+        vb[h] = _mm256_loadu_ps(b + c);
+      }
+      __m256d acc[2][4];  // per half: g lo, g hi, g*xhat lo, g*xhat hi
+      two_level_sums<2>(r0, r1, [&](int64_t r, int h, __m256* p) {
+        // bn_relu_masked_grad's mask and g * xhat, as add_masked_terms computes them
+        const int64_t i = r * C + c0 + 8 * h;
+        prefetch_next_chunk(x, r, r1 - r0, rows, C, c0 + 8 * h);
+        prefetch_next_chunk(dy, r, r1 - r0, rows, C, c0 + 8 * h);
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm[h]);
+        const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw[h]), vb[h]);
+        const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_loadu_ps(dy + i));
+        p[0] = _mm256_add_ps(p[0], g);
+        p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs[h])));
+      }, acc);
       for (int h = 0; h < 2; ++h) {
         const int64_t c = c0 + 8 * h;
         _mm256_storeu_pd(a + c, _mm256_add_pd(_mm256_loadu_pd(a + c), acc[h][0]));
@@ -398,7 +480,7 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
     at::parallel_for(0, chunks, 1, [&](int64_t b0, int64_t e0) {
       const int64_t t = at::get_thread_num();
       for (int64_t k = b0; k < e0; ++k)
-        rows_masked_sums(x, dy, k * R, std::min(v.outer, (k + 1) * R), C, mean, invstd, w, b, &ps[t * C], &px[t * C]);
+        rows_masked_sums(x, dy, k * R, std::min(v.outer, (k + 1) * R), C, v.outer, mean, invstd, w, b, &ps[t * C], &px[t * C]);
     });
   }
   for (int64_t c = 0; c < C; ++c) {
