@@ -110,12 +110,14 @@ def test_eval_forward_backward(device, backend, layout, poison):
 
 
 @pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", ["constant-channel", "offset-1e4"])
-def test_hard_statistics(device, backend, case):
-    x64, x = make_x((3, 4, 6, 5), torch.float32, device, torch.contiguous_format, offset=1e4 if case == "offset-1e4" else 0.0)
+def test_hard_statistics(device, backend, layout, case):
+    # 20 channels: the CPU's NHWC sums take 16-channel blocks, then a scalar tail.
+    x64, x = make_x((3, 20, 6, 5), torch.float32, device, layout, offset=1e4 if case == "offset-1e4" else 0.0)
     if case == "constant-channel":
         x64[:, 1] = 0.75
-        x = x64.float().to(device)
+        x = x64.float().to(device).contiguous(memory_format=layout)
     y = ops.bn_relu(x, None, None, None, None, training=True, backend=backend)
     ref = reference(x64, None, None, None, None, True)
     assert not y.isnan().any()
