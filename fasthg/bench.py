@@ -187,10 +187,17 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
-        progress: bool = True):
+        progress: bool = True, keep_freed_memory: bool = False):
+    """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.malloc), so
+    that page faults of fresh outputs do not swamp the kernels; process-wide."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     gpu = dev.type == "cuda"
+    allocator = "CUDA caching allocator" if gpu else "malloc, default"
+    if keep_freed_memory and not gpu:
+        from fasthg import malloc
+
+        allocator = "glibc malloc, freed memory kept" if malloc.keep_freed_memory() else allocator
     # Per op, the backends with a kernel on this device; the Triton interpreter is not for speed.
     def backends(op=None):
         return [b for b in ops.available(dev.type, op) if gpu or b != "triton"]
@@ -223,14 +230,15 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         if "gb_s" in r:
             r["of_copy"] = r["gb_s"] * 1e9 / copy_bw
     result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "copy_gb_s": copy_bw / 1e9, "rows": rows}
+              "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9, "rows": rows}
     if out_dir:
         write_outputs(result, out_dir)
     return result
 
 
 def table(result) -> str:
-    lines = [f"device: {result['device']}, torch {result['torch']}; copy bandwidth {result['copy_gb_s']:.1f} GB/s "
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['allocator']}; "
+             f"copy bandwidth {result['copy_gb_s']:.1f} GB/s "
              "(medians; speedup = eager / backend, same run)",
              "| op | shape | layout | dtype | mode | backend | median ms | speedup | GB/s | of copy | peak MB "
              "| img/s | saved MB |",

@@ -17,7 +17,8 @@ def _bench(args):
     models = [] if args.model == "none" else args.model.split(",")
     result = bench.run(device=args.device, levels=ints(args.levels), channels=ints(args.channels),
                        repeats=args.repeats, models=models, model_repeats=args.model_repeats,
-                       image_size=args.image_size, compile=args.compile, out_dir=args.out)
+                       image_size=args.image_size, compile=args.compile, out_dir=args.out,
+                       keep_freed_memory=args.keep_freed_memory)
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
@@ -40,6 +41,9 @@ def main(argv=None):
                    help="also time torch.compile of the eager compositions and model (compiles every shape)")
     b.add_argument("--model-repeats", type=int, default=5)
     b.add_argument("--image-size", type=int, default=256)
+    b.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: glibc keeps freed memory for reuse (fasthg.malloc), so that fresh outputs' page "
+                        "faults do not swamp the kernels' time (for eager and fused ops alike)")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")
     b.set_defaults(fn=_bench)
     from fasthg.poses_cli import add_commands

@@ -10,7 +10,7 @@ from fasthg import bench
 def test_rows_tables_and_files(tmp_path):
     result = bench.run(device="cpu", levels=[8], channels=[6], repeats=2, models=["hg1"], model_repeats=1,
                        image_size=64, out_dir=str(tmp_path), progress=False)
-    assert result["copy_gb_s"] > 0
+    assert result["copy_gb_s"] > 0 and result["allocator"] == "malloc, default"
     ops = [r for r in result["rows"] if "gb_s" in r]
     assert {(r["op"], r["mode"]) for r in ops} == set(bench.TRAFFIC)
     for r in ops:
