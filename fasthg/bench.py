@@ -230,10 +230,25 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         if "gb_s" in r:
             r["of_copy"] = r["gb_s"] * 1e9 / copy_bw
     result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9, "rows": rows}
+              "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9, "rows": rows,
+              "bars": [] if gpu else bar_checks(rows)}  # the bars are set for the CPU
     if out_dir:
         write_outputs(result, out_dir)
     return result
+
+
+# The speedups over eager that the op issues set for the native backend on the CPU: each
+# fused op's forward+backward at the 64x64 and 32x32 levels.
+BARS = {("upsample_add", "forward+backward"): 2.0, ("bn_relu", "train forward+backward"): 1.6}
+BAR_LEVELS = (64, 32)
+
+
+def bar_checks(rows) -> List[Dict]:
+    """Every native row of this run that a bar applies to: its speedup, the bar, and whether it is met."""
+    return [{"op": r["op"], "mode": r["mode"], "level": r["level"], "channels": r["shape"][1], "layout": r["layout"],
+             "dtype": r["dtype"], "speedup": r["speedup"], "bar": BARS[r["op"], r["mode"]],
+             "met": r["speedup"] >= BARS[r["op"], r["mode"]]}
+            for r in rows if r["backend"] == "native" and r["level"] in BAR_LEVELS and (r["op"], r["mode"]) in BARS]
 
 
 def table(result) -> str:
@@ -249,6 +264,11 @@ def table(result) -> str:
                      f"| {r['backend']} | {r['median_ms']:.3f} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
                      f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
+    checks = result.get("bars", [])
+    if checks:
+        lines += ["", f"Bars (native vs eager, same run): {sum(c['met'] for c in checks)} of {len(checks)} met"]
+        lines += [f"- {c['op']} {c['mode']} {c['channels']}x{c['level']}x{c['level']} {c['layout']} {c['dtype']}: "
+                  f"{c['speedup']:.2f}x, bar {c['bar']:.1f}x: {'met' if c['met'] else 'NOT met'}" for c in checks]
     return "\n".join(lines)
 
 

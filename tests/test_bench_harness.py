@@ -43,3 +43,22 @@ def test_compile_rows_come_from_compiled_code(tmp_path):
     assert sum(r["backend"] == "compile" for r in result["rows"]) == 2 * 2 * len(bench.TRAFFIC)  # levels x layouts x op modes
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames >= 4  # both ops' compositions were compiled, not run eagerly
+
+
+def test_bars_are_checked_against_the_native_rows_of_the_run():
+    row = lambda op, mode, level, backend, speedup: {  # noqa: E731
+        "op": op, "mode": mode, "level": level, "shape": [4, 256, level, level], "layout": "nhwc",
+        "dtype": "float32", "backend": backend, "median_ms": 1.0, "speedup": speedup, "peak_mb": 1.0}
+    rows = [row("bn_relu", "train forward+backward", 64, "native", 1.7),
+            row("bn_relu", "train forward+backward", 32, "native", 1.07),
+            row("bn_relu", "train forward+backward", 32, "eager", 1.0),
+            row("bn_relu", "train forward+backward", 16, "native", 0.9),  # no bar below 32x32
+            row("bn_relu", "eval forward", 64, "native", 1.2),  # no bar for eval
+            row("upsample_add", "forward+backward", 32, "native", 2.0)]
+    checks = bench.bar_checks(rows)
+    assert [(c["op"], c["level"], c["bar"], c["met"]) for c in checks] == [
+        ("bn_relu", 64, 1.6, True), ("bn_relu", 32, 1.6, False), ("upsample_add", 32, 2.0, True)]
+    text = bench.table({"device": "CPU", "torch": "x", "allocator": "malloc", "copy_gb_s": 1.0, "rows": rows,
+                        "bars": checks})
+    assert "Bars (native vs eager, same run): 2 of 3 met" in text
+    assert "- bn_relu train forward+backward 256x32x32 nhwc float32: 1.07x, bar 1.6x: NOT met" in text
