@@ -241,8 +241,9 @@ class Trainer:
 
     def close(self):
         """Drops the DDP wrapper and leaves the process group this Trainer joined (torchrun),
-        if any. DDP's reducer holds the group: freed later, at interpreter exit, gloo's worker
-        threads can abort the process (seen once in CI: SIGABRT after a finished run)."""
+        if any. DDP's reducer holds the group; left to interpreter exit, the group's gloo
+        threads may be torn down late (CI once saw a 2-process test's worker abort after a
+        finished run, not reproduced in 24 runs since; freeing DDP first is the suspected fix)."""
         if self.world > 1:
             self.step_model = self.model
             gc.collect()

@@ -1,9 +1,10 @@
 // CPU kernels of the fused BatchNorm+ReLU ops (training statistics, normalise+clamp, and
 // the two backward passes), for NCHW and channels_last. Sums run in double (BN backward
 // subtracts nearly equal terms) per chunk (a plane in NCHW, a block of pixels in NHWC), and
-// chunks merge with Chan's formula, so large N*H*W and large means keep their precision.
-// The float32 reductions have AVX2 paths (setup.py builds with AVX2 where the machine has
-// it): a masked select feeding double accumulators is beyond GCC's auto-vectoriser.
+// chunks merge with Chan's formula, so large N*H*W and large means keep their precision;
+// float32 NHWC sums add 16 rows in float before each fold into double (two_level_sums).
+// The float32 passes have AVX2 paths (setup.py builds with AVX2 where the machine has it):
+// a masked select feeding double accumulators is beyond GCC's auto-vectoriser.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -143,24 +144,14 @@ C10_ALWAYS_INLINE void two_level_sums(int64_t r0, int64_t r1, F f, __m256d (&acc
   for (auto& h : acc)
     for (auto& v : h) v = _mm256_setzero_pd();
   for (int64_t r = r0; r < r1; r += kFloatRows) {
-    // Even and odd rows sum apart: one chain of dependent adds per accumulator would wait
-    // on the add latency every row.
-    __m256 part[2][2][K];
-    for (auto& p : part)
-      for (auto& h : p)
-        for (auto& v : h) v = _mm256_setzero_ps();
+    __m256 part[2][K];
+    for (auto& h : part)
+      for (auto& v : h) v = _mm256_setzero_ps();
     const int64_t e = std::min(r1, r + kFloatRows);
-    int64_t i = r;
-    for (; i + 1 < e; i += 2)
-      for (int h = 0; h < 2; ++h) {
-        f(i, h, part[0][h]);
-        f(i + 1, h, part[1][h]);
-      }
-    if (i < e)
-      for (int h = 0; h < 2; ++h) f(i, h, part[0][h]);
-    for (auto& p : part)
-      for (int h = 0; h < 2; ++h)
-        for (int k = 0; k < K; ++k) add_pd(p[h][k], acc[h][2 * k], acc[h][2 * k + 1]);
+    for (int64_t i = r; i < e; ++i)
+      for (int h = 0; h < 2; ++h) f(i, h, part[h]);
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < K; ++k) add_pd(part[h][k], acc[h][2 * k], acc[h][2 * k + 1]);
   }
 }
 
