@@ -1,10 +1,12 @@
-"""From heatmaps to joint positions, and PCKh: what a pose researcher reports."""
+"""From heatmaps to joint positions, and the scores a pose researcher reports: PCKh (MPII:
+distances over the head size) and OKS AP (COCO: keypoint similarity to the ground truth,
+averaged precision over similarity thresholds), here on ground-truth person boxes."""
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from fasthg.data.records import MPII_GROUPS
+from fasthg.data.records import COCO_SIGMAS, MPII_GROUPS
 from fasthg.data.transforms import from_heatmap_coords, invert, transform_points
 
 
@@ -76,6 +78,44 @@ def pckh_table(accuracy: np.ndarray, count: np.ndarray,
     return out
 
 
+def oks(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, area: np.ndarray,
+        sigmas: Sequence[float] = COCO_SIGMAS) -> np.ndarray:
+    """COCO's object keypoint similarity of each person: the mean over annotated joints of
+    exp(-d^2 / (2 area (2 sigma)^2)), d in image pixels, area the person's segment area.
+    pred, gt: (N, J, 2); visible: (N, J); area: (N,). nan for a person with no annotated joint."""
+    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    visible, area = np.asarray(visible) > 0, np.asarray(area, np.float64)
+    if (visible.any(1) & ~(area > 0)).any():
+        raise ValueError("oks: every person with annotated joints needs a positive area")
+    k2 = (2 * np.asarray(sigmas, np.float64)) ** 2
+    e = ((pred - gt) ** 2).sum(-1) / (2 * k2 * np.where(area > 0, area, 1.0)[:, None])
+    count = visible.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(visible, np.exp(-e), 0.0).sum(1) / count
+
+
+def oks_table(similarity: np.ndarray, score: np.ndarray) -> Dict[str, float]:
+    """AP (mean over OKS thresholds 0.50:0.05:0.95), AP50 and AP75 in percent, as COCO's
+    keypoint evaluation computes them (precision made non-increasing, read at 101 recall
+    points) for one prediction per ground-truth person, ranked by `score`. People whose
+    similarity is nan (nothing annotated) are left out."""
+    similarity, score = np.asarray(similarity, np.float64), np.asarray(score, np.float64)
+    keep = ~np.isnan(similarity)
+    ranked = similarity[keep][np.argsort(-score[keep], kind="stable")]
+    recall_points = np.linspace(0, 1, 101)
+    aps = []
+    for t in np.linspace(0.5, 0.95, 10):
+        tp = np.cumsum(ranked >= t)
+        if len(ranked) == 0:
+            aps.append(0.0)
+            continue
+        recall = tp / len(ranked)
+        precision = np.maximum.accumulate((tp / np.arange(1, len(ranked) + 1))[::-1])[::-1]
+        at = np.searchsorted(recall, recall_points, side="left")
+        aps.append(float(np.where(at < len(ranked), precision[np.minimum(at, len(ranked) - 1)], 0.0).mean()))
+    return {"AP": 100.0 * float(np.mean(aps)), "AP50": 100.0 * aps[0], "AP75": 100.0 * aps[5]}
+
+
 def format_table(table: Dict[str, float]) -> str:
     names = list(table)
     return " | ".join(f"{n:>8}" for n in names) + "\n" + " | ".join(f"{table[n]:8.2f}" for n in names)
@@ -87,7 +127,7 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
     """Run the model (last stack's heatmaps) over an evaluation PoseDataset and map each
     prediction back to its source image. Flip test: average with the heatmaps of the
     mirrored input, turned back. Returns pred (N, J, 2), peak (N, J), joints, visible,
-    head_size and index, in dataset order."""
+    head_size, area and index, in dataset order."""
     from tqdm import tqdm
 
     if dataset.train:
@@ -96,7 +136,7 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    out = {k: [] for k in ("pred", "peak", "joints", "visible", "head_size", "index")}
+    out = {k: [] for k in ("pred", "peak", "joints", "visible", "head_size", "area", "index")}
     try:
         for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
             images = batch["image"].to(device)
@@ -107,16 +147,25 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
             pos, peak = decode_heatmaps(heatmaps)
             out["pred"].append(to_image_coords(pos, batch["matrix"].numpy(), dataset.stride))
             out["peak"].append(peak)
-            for k in ("joints", "visible", "head_size", "index"):
+            for k in ("joints", "visible", "head_size", "area", "index"):
                 out[k].append(np.asarray(batch[k]))
     finally:
         model.train(was_training)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def evaluate(model, dataset, threshold: float = 0.5, **kw) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
-    """PCKh@threshold table (percent) of the model on an evaluation PoseDataset, and the
-    predictions it was computed from."""
+METRICS = {"pckh": "Mean", "oks": "AP"}  # metric -> the entry of its table that ranks models
+
+
+def evaluate(model, dataset, threshold: float = 0.5, metric: str = "pckh",
+             **kw) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+    """The model's score table (percent) on an evaluation PoseDataset, and the predictions it
+    was computed from: PCKh@threshold (metric "pckh"), or OKS AP ("oks": COCO; each person
+    scored by its mean heatmap peak)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     res = predict_dataset(model, dataset, **kw)
+    if metric == "oks":
+        return oks_table(oks(res["pred"], res["joints"], res["visible"], res["area"]), res["peak"].mean(1)), res
     acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold)
     return pckh_table(acc, count), res

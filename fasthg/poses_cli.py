@@ -1,4 +1,5 @@
-"""`fasthg eval` and `fasthg predict`: a checkpoint's PCKh table and pictures of its poses."""
+"""`fasthg eval` and `fasthg predict`: a checkpoint's score table (PCKh; OKS AP on COCO) and
+pictures of its poses."""
 import os
 
 import cv2
@@ -7,7 +8,8 @@ import torch
 
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset, load_image
-from fasthg.data.records import PoseRecord
+from fasthg.data.records import (COCO_FLIP_PAIRS, COCO_JOINTS, COCO_SKELETON, MPII_FLIP_PAIRS, MPII_JOINTS,
+                                 MPII_SKELETON, PoseRecord)
 from fasthg.data.transforms import transform_points
 from fasthg.draw import draw_skeleton, grid, write_png
 from fasthg.evaluate import evaluate, format_table, predict_dataset
@@ -15,6 +17,11 @@ from fasthg.evaluate import evaluate, format_table, predict_dataset
 
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _conventions(num_joints: int):
+    """(flip pairs, skeleton) of a model's joints: COCO's 17 or MPII's 16."""
+    return (COCO_FLIP_PAIRS, COCO_SKELETON) if num_joints == len(COCO_JOINTS) else (MPII_FLIP_PAIRS, MPII_SKELETON)
 
 
 def _model_and_size(args):
@@ -32,17 +39,26 @@ def eval_source(args, input_size):
         from fasthg.data.mpii import load_mpii_h5
         return load_mpii_h5(args.mpii_h5, args.images)
     if args.coco:
-        raise ValueError("PCKh needs head sizes, which COCO does not annotate: evaluate COCO models with OKS "
-                         "(not provided here), or pass an MPII file")
+        from fasthg.data.coco import load_coco_keypoints
+        return load_coco_keypoints(args.coco, args.images)
     from fasthg.data.synthetic import SyntheticPoses
     return SyntheticPoses(args.n, input_size, seed=args.seed)
 
 
 def run_eval(args) -> int:
     model, size = _model_and_size(args)
-    ds = PoseDataset(eval_source(args, size), input_size=size, train=False)
-    table, res = evaluate(model, ds, threshold=args.threshold, batch_size=args.batch_size, flip_test=args.flip_test)
-    print(f"PCKh@{args.threshold} on {len(ds)} people ({'flip test' if args.flip_test else 'no flip test'}):")
+    source = eval_source(args, size)
+    joints = len(COCO_JOINTS) if args.coco else len(MPII_JOINTS)
+    if model.num_joints != joints:
+        raise ValueError(f"{args.checkpoint}: a model of {model.num_joints} joints cannot be scored on "
+                         f"{'COCO' if args.coco else 'MPII-style'} people ({joints} joints)")
+    flip_pairs, skeleton = _conventions(joints)
+    ds = PoseDataset(source, input_size=size, train=False, flip_pairs=flip_pairs)
+    metric = "oks" if args.coco else "pckh"
+    table, res = evaluate(model, ds, threshold=args.threshold, metric=metric, batch_size=args.batch_size,
+                          flip_test=args.flip_test)
+    name = "OKS AP (ground-truth boxes)" if args.coco else f"PCKh@{args.threshold}"
+    print(f"{name} on {len(ds)} people ({'flip test' if args.flip_test else 'no flip test'}):")
     print(format_table(table))
     if args.grid:
         tiles = []
@@ -50,9 +66,9 @@ def run_eval(args) -> int:
             item = ds[k]
             crop = ((item["image"].numpy().transpose(1, 2, 0) + 0.5) * 255).clip(0, 255).astype(np.uint8)
             m = item["matrix"].numpy()
-            truth = draw_skeleton(crop, transform_points(res["joints"][k], m), res["visible"][k], colour=(255, 255, 255),
-                                  thickness=1)
-            tiles.append(draw_skeleton(truth, transform_points(res["pred"][k], m), thickness=2))
+            truth = draw_skeleton(crop, transform_points(res["joints"][k], m), res["visible"][k], skeleton,
+                                  colour=(255, 255, 255), thickness=1)
+            tiles.append(draw_skeleton(truth, transform_points(res["pred"][k], m), skeleton=skeleton, thickness=2))
         write_png(args.grid, grid(tiles))
         print(f"wrote {args.grid} (predicted: coloured, true: white)")
     return 0
@@ -60,6 +76,7 @@ def run_eval(args) -> int:
 
 def run_predict(args) -> int:
     model, size = _model_and_size(args)
+    flip_pairs, skeleton = _conventions(model.num_joints)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images_in:
         img = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -69,16 +86,18 @@ def run_predict(args) -> int:
         # No person box given: the person is taken to fill the image (crop = whole image).
         record = PoseRecord(center=((w - 1) / 2, (h - 1) / 2), scale=max(h, w) / 200 / 1.25, joints=np.zeros((1, 2)),
                             visible=np.zeros(1), image=path)
-        ds = PoseDataset([record], input_size=size, train=False)
+        ds = PoseDataset([record], input_size=size, train=False, flip_pairs=flip_pairs)
         res = predict_dataset(model, ds, batch_size=1, flip_test=args.flip_test, progress=False)
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_pose.png")
-        write_png(out, draw_skeleton(load_image(record), res["pred"][0], thickness=max(2, max(h, w) // 150)))
+        write_png(out, draw_skeleton(load_image(record), res["pred"][0], skeleton=skeleton,
+                                     thickness=max(2, max(h, w) // 150)))
         print(out)
     return 0
 
 
 def add_commands(sub):
-    e = sub.add_parser("eval", help="PCKh table of a checkpoint (held-out synthetic people, or MPII files)")
+    e = sub.add_parser("eval", help="score table of a checkpoint: PCKh (held-out synthetic people, MPII files) "
+                                    "or OKS AP (COCO file)")
     p = sub.add_parser("predict", help="draw a checkpoint's predicted skeleton on images (PNG)")
     for parser in (e, p):
         parser.add_argument("checkpoint")
@@ -92,7 +111,7 @@ def add_commands(sub):
     e.add_argument("--seed", type=int, default=12345, help="synthetic validation seed (training uses others)")
     e.add_argument("--mpii-json", help="MPII annotations, JSON list format")
     e.add_argument("--mpii-h5", help="MPII annotations, HDF5 format (with head sizes)")
-    e.add_argument("--coco", help="COCO keypoints JSON")
+    e.add_argument("--coco", help="COCO keypoints JSON (scored by OKS AP on its ground-truth boxes)")
     e.add_argument("--images", help="image folder of --mpii-json/--mpii-h5/--coco")
     e.add_argument("--split", choices=["train", "valid", "all"], default="valid",
                    help="for --mpii-json lists that flag validation people (use all for a file of one split)")

@@ -1,5 +1,6 @@
 """The training loop behind `fasthg train`: a StackedHourglass with intermediate supervision,
-on synthetic people by default or MPII files, evaluated (PCKh) every epoch.
+on synthetic people by default, MPII files or COCO files, evaluated every epoch (PCKh; OKS AP
+for COCO's 17 joints).
 
 Never lose work: checkpoints are atomic (fasthg.checkpoint) and written at every epoch's end
 and on SIGINT/SIGTERM (then the run stops); `resume` restores model, optimizer, scheduler,
@@ -32,7 +33,8 @@ from tqdm import tqdm
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset
 from fasthg.data.synthetic import SyntheticPoses
-from fasthg.evaluate import evaluate
+from fasthg.data.records import COCO_FLIP_PAIRS, COCO_JOINTS, MPII_FLIP_PAIRS, MPII_JOINTS
+from fasthg.evaluate import METRICS, evaluate
 from fasthg.models import StackedHourglass
 
 
@@ -57,7 +59,10 @@ class TrainConfig:
     mpii_h5_train: Optional[str] = None
     mpii_json_train: Optional[str] = None  # MPII JSON list (bearpaw: its training people; HRNet: all)
     mpii_h5_valid: Optional[str] = None    # validation needs the HDF5's head sizes for PCKh
+    coco_train: Optional[str] = None       # COCO person_keypoints JSON: 17 joints, validated by OKS AP
+    coco_valid: Optional[str] = None
     images: Optional[str] = None
+    valid_images: Optional[str] = None     # the validation file's image folder, if not `images` (COCO's val2017)
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -133,7 +138,12 @@ class Trainer:
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp=fp16 needs a CUDA device (on the CPU use bf16)")
         self._seed_everything(cfg.seed)
-        self.model = StackedHourglass(cfg.stacks, cfg.features, 16, cfg.depth, backend=cfg.backend).to(self.device)
+        # COCO: 17 joints, and no head boxes, so OKS AP instead of PCKh (fasthg.evaluate.METRICS).
+        coco = bool(cfg.coco_train or cfg.coco_valid)
+        self.metric = "oks" if coco else "pckh"
+        self.flip_pairs = COCO_FLIP_PAIRS if coco else MPII_FLIP_PAIRS
+        joints = len(COCO_JOINTS) if coco else len(MPII_JOINTS)
+        self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = self.model
@@ -156,8 +166,8 @@ class Trainer:
         # Synthetic people tell left from right by colour (warm right limbs): a mirrored one is
         # not a synthetic person, so flip augmentation would teach the net that colour means nothing.
         self.train_set = PoseDataset(train_src, cfg.input_size, train=True, seed=cfg.seed, sigma=cfg.sigma,
-                                     flip=not isinstance(train_src, SyntheticPoses))
-        self.val_set = PoseDataset(val_src, cfg.input_size, train=False, sigma=cfg.sigma)
+                                     flip=not isinstance(train_src, SyntheticPoses), flip_pairs=self.flip_pairs)
+        self.val_set = PoseDataset(val_src, cfg.input_size, train=False, sigma=cfg.sigma, flip_pairs=self.flip_pairs)
         self.sampler = _EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
         if self.sampler.steps < 1:
             raise ValueError(f"{len(self.train_set)} training people make no batch of {cfg.batch_size} x "
@@ -169,6 +179,15 @@ class Trainer:
 
     def _sources(self):
         c = self.cfg
+        if c.coco_train or c.coco_valid:
+            from fasthg.data.coco import load_coco_keypoints
+            if not (c.coco_train and c.coco_valid and c.images):
+                raise ValueError("COCO training needs coco_train, coco_valid and images (valid_images too when the "
+                                 "validation images are in another folder)")
+            if c.mpii_h5_train or c.mpii_json_train or c.mpii_h5_valid:
+                raise ValueError("give MPII or COCO files, not both: their joints differ (16 and 17)")
+            return (load_coco_keypoints(c.coco_train, c.images),
+                    load_coco_keypoints(c.coco_valid, c.valid_images or c.images))
         if c.mpii_h5_train or c.mpii_json_train:
             from fasthg.data.mpii import load_mpii_h5, load_mpii_json
             if not (c.mpii_h5_valid and c.images):
@@ -180,7 +199,7 @@ class Trainer:
             else:  # a bearpaw list flags its validation people; an HRNet train.json holds none
                 train = [r for r in load_mpii_json(c.mpii_json_train, c.images)
                          if not r.extra.get("is_validation", False)]
-            return train, load_mpii_h5(c.mpii_h5_valid, c.images)
+            return train, load_mpii_h5(c.mpii_h5_valid, c.valid_images or c.images)
         # Training and validation people come from different seeds: validation is held out.
         return (SyntheticPoses(c.train_size, c.input_size, seed=c.seed + 1),
                 SyntheticPoses(c.val_size, c.input_size, seed=10_000_019 + c.seed))
@@ -271,7 +290,7 @@ class Trainer:
                     self._barrier()
                     return self.history
                 if self.is_main:
-                    table, _ = evaluate(self.model, self.val_set, batch_size=cfg.batch_size,
+                    table, _ = evaluate(self.model, self.val_set, batch_size=cfg.batch_size, metric=self.metric,
                                         flip_test=cfg.flip_test, progress=False)
                     self._record(table, writer)
                 self.epoch += 1
@@ -279,8 +298,8 @@ class Trainer:
                 self.sampler.start = 0
                 if self.is_main:
                     self.save(last)
-                    if table["Mean"] > self.best:
-                        self.best = table["Mean"]
+                    if table[METRICS[self.metric]] > self.best:
+                        self.best = table[METRICS[self.metric]]
                         self.save(os.path.join(cfg.out, "best.pt"))
                 self._barrier()
         finally:
@@ -394,7 +413,7 @@ class Trainer:
 
     def _record(self, table: Dict[str, float], writer):
         row = {"epoch": self.epoch + 1, **self._last_epoch, "lr": self.optimizer.param_groups[0]["lr"],
-               **{f"pckh_{k.lower()}": v for k, v in table.items()}}
+               **{f"{self.metric}_{k.lower()}": v for k, v in table.items()}}
         self.history.append(row)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -403,10 +422,13 @@ class Trainer:
                 if k != "epoch":
                     writer.add_scalar(k, v, row["epoch"])
         print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_s']:.1f} img/s, "
-              f"PCKh@0.5 mean {table['Mean']:.1f}%")
+              f"{self._metric_label()} {table[METRICS[self.metric]]:.1f}%")
+
+    def _metric_label(self) -> str:
+        return {"pckh": "PCKh@0.5 mean", "oks": "OKS AP"}[self.metric]
 
     def plot(self):
-        """PNG of the loss and PCKh curves (needs matplotlib)."""
+        """PNG of the loss and validation-score curves (needs matplotlib)."""
         if not self.history:
             return
         try:
@@ -419,8 +441,9 @@ class Trainer:
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
         a.plot(ep, [r["loss"] for r in self.history], marker="o")
         a.set(xlabel="epoch", ylabel="training loss", yscale="log")
-        b.plot(ep, [r["pckh_mean"] for r in self.history], marker="o", color="tab:green")
-        b.set(xlabel="epoch", ylabel="validation PCKh@0.5 mean (%)", ylim=(0, 100))
+        key = f"{self.metric}_{METRICS[self.metric].lower()}"
+        b.plot(ep, [r[key] for r in self.history], marker="o", color="tab:green")
+        b.set(xlabel="epoch", ylabel=f"validation {self._metric_label()} (%)", ylim=(0, 100))
         fig.tight_layout()
         fig.savefig(os.path.join(self.cfg.out, "curves.png"), dpi=110)
         plt.close(fig)

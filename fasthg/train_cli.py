@@ -67,7 +67,11 @@ def add_command(sub):
     t.add_argument("--mpii-json-train", dest="mpii_json_train",
                    help="MPII training people, JSON list (bearpaw's isValidation people are left out)")
     t.add_argument("--mpii-h5-valid", dest="mpii_h5_valid", help="MPII validation people, HDF5 (with head sizes)")
-    t.add_argument("--images", help="MPII image folder")
+    t.add_argument("--coco-train", dest="coco_train", help="COCO person_keypoints JSON to train on (17 joints)")
+    t.add_argument("--coco-valid", dest="coco_valid", help="COCO person_keypoints JSON validated by OKS AP")
+    t.add_argument("--images", help="image folder of the training file (MPII: of both files)")
+    t.add_argument("--valid-images", dest="valid_images",
+                   help="image folder of the validation file, if not --images (COCO's val2017)")
     for flag in ("channels_last", "compile", "flip_test", "tensorboard", "sync_bn", "cuda_graphs"):
         t.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)

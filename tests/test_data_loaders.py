@@ -279,7 +279,7 @@ def _coco():
         {"id": 100, "image_id": 5, "category_id": 1, "iscrowd": 0, "bbox": [10, 20, 40, 100],
          "keypoints": _keypoints([(0, 2), (5, 1), (16, 2)]), "num_keypoints": 3},
         # kept: wide box -> scale from w
-        {"id": 101, "image_id": 9, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 300, 150],
+        {"id": 101, "image_id": 9, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 300, 150], "area": 30000.0,
          "keypoints": _keypoints([(k, 2) for k in range(17)]), "num_keypoints": 17},
         # crowd (with keypoints, so include_crowd keeps it)
         {"id": 102, "image_id": 5, "category_id": 1, "iscrowd": 1, "bbox": [1, 2, 50, 60],
@@ -321,6 +321,7 @@ def test_coco_fields(tmp_path, image_dir):
     np.testing.assert_array_equal(a.joints[1], [0, 0])
     np.testing.assert_array_equal(a.extra["vis_flag"][[0, 5, 16, 1]], [2, 1, 2, 0])
     assert a.extra["num_keypoints"] == 3 and a.extra["image_id"] == 5 and a.extra["iscrowd"] is False
+    assert a.extra["area"] == 40 * 100 and b.extra["area"] == 30000.0  # no "area": the box's; given: kept
     np.testing.assert_array_equal(b.visible, np.ones(17))
     np.testing.assert_array_equal(c.visible, np.eye(17)[7])
     assert all(r.head_size == 0.0 and r.joints.shape == (17, 2) for r in records)
@@ -407,3 +408,31 @@ def test_training_on_mpii_files(tmp_path, image_dir):
     assert len(Trainer(TrainConfig(out=str(tmp_path / "h5"), mpii_h5_train=h5, **base)).train_set) == 3
     with pytest.raises(ValueError, match="head sizes"):
         Trainer(TrainConfig(out=str(tmp_path / "x"), mpii_json_train=js, **{**base, "mpii_h5_valid": None}))
+
+
+def test_training_and_eval_on_coco_files(tmp_path, image_dir, capsys):
+    """fasthg.train on COCO keypoints files: a 17-joint model scored by OKS AP every epoch;
+    `fasthg eval --coco` scores its checkpoint the same way and refuses a 16-joint one."""
+    from fasthg import checkpoint
+    from fasthg.cli import main
+    from fasthg.models import StackedHourglass
+    from fasthg.train import TrainConfig, Trainer
+
+    path = _write_json(tmp_path / "person_keypoints.json", _coco())
+    base = dict(stacks=1, features=8, depth=1, input_size=32, epochs=1, batch_size=1, workers=0, progress=False,
+                backend="eager", optimizer="adam", lr=1e-3, images=image_dir)
+    t = Trainer(TrainConfig(out=str(tmp_path / "coco"), coco_train=path, coco_valid=path, **base))
+    assert t.model.num_joints == 17 and len(t.train_set) == 3 and t.train_set.flip_pairs[0] == (1, 2)
+    history = t.fit()
+    assert len(history) == 1 and 0 <= history[0]["oks_ap"] <= 100 and "oks_ap50" in history[0]
+    best = str(tmp_path / "coco" / "best.pt")
+    assert checkpoint.read(best)["model_config"]["num_joints"] == 17
+    assert main(["eval", best, "--coco", path, "--images", str(image_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "OKS AP (ground-truth boxes) on 3 people" in out and "AP50" in out
+    mpii = str(tmp_path / "m16.pt")
+    checkpoint.save(mpii, StackedHourglass(num_stacks=1, num_features=8, depth=1, backend="eager"), input_size=32)
+    with pytest.raises(ValueError, match="16 joints cannot be scored on COCO"):
+        main(["eval", mpii, "--coco", path, "--images", str(image_dir), "--device", "cpu"])
+    with pytest.raises(ValueError, match="coco_valid"):
+        Trainer(TrainConfig(out=str(tmp_path / "x"), coco_train=path, **base))

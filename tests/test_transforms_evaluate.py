@@ -6,7 +6,8 @@ import torch
 from fasthg.data import MPII_FLIP_PAIRS
 from fasthg.data.transforms import (affine_matrix, gaussian_heatmaps, swap_pairs, to_heatmap_coords,
                                     transform_points, warp)
-from fasthg.evaluate import decode_heatmaps, flip_back, pckh, pckh_table, to_image_coords
+from fasthg.data.records import COCO_SIGMAS
+from fasthg.evaluate import decode_heatmaps, flip_back, oks, oks_table, pckh, pckh_table, to_image_coords
 
 
 def test_affine_matrix_by_hand():
@@ -100,3 +101,34 @@ def test_pckh_by_hand():
 def test_pckh_needs_head_sizes():
     with pytest.raises(ValueError, match="head size"):
         pckh(np.zeros((1, 16, 2)), np.zeros((1, 16, 2)), np.ones((1, 16)), np.zeros(1))
+
+
+def test_oks_by_hand():
+    gt = np.zeros((3, 17, 2))
+    pred = np.zeros((3, 17, 2))
+    visible = np.zeros((3, 17))
+    visible[0, [0, 5]] = 1
+    pred[0, 5] = [3, 4]      # d^2 = 25 on the left shoulder; the nose exact
+    pred[0, 6] = [100, 0]    # not annotated: ignored
+    visible[1, 0] = 1        # exact: 1
+    area = np.array([50.0, 10.0, 0.0])  # person 2 has nothing annotated: no area needed
+    got = oks(pred, gt, visible, area)
+    k2 = (2 * COCO_SIGMAS[5]) ** 2
+    assert got[0] == pytest.approx((1 + np.exp(-25 / (2 * 50 * k2))) / 2)
+    assert got[1] == 1.0 and np.isnan(got[2])
+    with pytest.raises(ValueError, match="positive area"):
+        oks(pred, gt, visible, np.array([50.0, 0.0, 0.0]))
+
+
+def test_oks_ap_by_hand():
+    # Thresholds 0.50, 0.55, ..., 0.95; precision read at recall 0, 0.01, ..., 1.
+    assert oks_table(np.ones(4), np.arange(4.0)) == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
+    # 0.91 passes the thresholds up to 0.90, 0.62 those up to 0.60. Ranked first (score 1),
+    # 0.91 alone above a threshold gives precision 1 up to recall 0.5: 51 of 101 points.
+    table = oks_table(np.array([0.91, 0.62, np.nan]), np.array([1.0, 0.5, 9.0]))
+    assert table["AP50"] == pytest.approx(100.0) and table["AP75"] == pytest.approx(100 * 51 / 101)
+    assert table["AP"] == pytest.approx(100 * (3 + 6 * 51 / 101) / 10)
+    # Ranked second, its precision is 1/2 at recall 0.5.
+    swapped = oks_table(np.array([0.91, 0.62]), np.array([0.5, 1.0]))
+    assert swapped["AP50"] == pytest.approx(100.0) and swapped["AP75"] == pytest.approx(50 * 51 / 101)
+    assert oks_table(np.array([0.3]), np.array([1.0]))["AP"] == 0.0

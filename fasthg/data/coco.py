@@ -71,7 +71,8 @@ def load_coco_keypoints(path: str, image_dir: str, min_keypoints: int = 1, inclu
     Record: center = bbox centre (x + w/2, y + h/2); scale = max(w, h) / 200 * padding;
     joints = the 17 (x, y); visible = 1 where v > 0 (labelled, also when occluded);
     head_size = 0; image = image_dir/file_name; extra: annotation_id, image_id, bbox,
-    vis_flag (raw v), num_keypoints (labelled count), iscrowd.
+    vis_flag (raw v), num_keypoints (labelled count), iscrowd, area (the segment area OKS
+    scales by; the box's w * h where the annotation has no positive area).
     Raises ValueError naming the file and the annotation (position and id) for missing keys,
     an image_id not in `images`, keypoints that are not 17 x 3 finite numbers, and (for kept
     annotations only: COCO has degenerate boxes on annotations nobody trains on) a bbox with
@@ -127,7 +128,8 @@ def _record(path: str, index: int, ann: Dict[str, Any], image: str, padding: flo
     if w <= 0 or h <= 0:
         raise _error(path, index, ann, f"bbox width and height must be positive, got w={w}, h={h}")
     flags = keypoints[:, 2]
+    area = float(ann["area"]) if isinstance(ann.get("area"), (int, float)) and ann["area"] > 0 else float(w * h)
     extra = {"annotation_id": ann["id"], "image_id": ann["image_id"], "bbox": bbox, "vis_flag": flags.copy(),
-             "num_keypoints": int((flags > 0).sum()), "iscrowd": bool(ann.get("iscrowd", 0))}
+             "num_keypoints": int((flags > 0).sum()), "iscrowd": bool(ann.get("iscrowd", 0)), "area": area}
     return PoseRecord(center=(x + w / 2, y + h / 2), scale=max(w, h) / 200 * padding, joints=keypoints[:, :2],
                       visible=(flags > 0).astype(np.float64), head_size=0.0, image=image, index=index, extra=extra)

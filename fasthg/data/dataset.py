@@ -32,7 +32,8 @@ class PoseDataset(torch.utils.data.Dataset):
     resumable; call set_epoch each epoch.
 
     Items are dicts: image (3, H, W) float32 in [-0.5, 0.5], heatmaps (J, h, w), weights (J,),
-    and for evaluation index, matrix (the 2x3 crop matrix), joints, visible, head_size."""
+    and for evaluation index, matrix (the 2x3 crop matrix), joints, visible, head_size, area
+    (COCO's person area for OKS; 0 for other sources)."""
 
     def __init__(self, source: Sequence[PoseRecord], input_size: int = 256, output_size: Optional[int] = None,
                  train: bool = True, flip_pairs: Sequence[Tuple[int, int]] = MPII_FLIP_PAIRS, rotation: float = 30.0,
@@ -89,4 +90,5 @@ class PoseDataset(torch.utils.data.Dataset):
             "joints": torch.from_numpy(record.joints),
             "visible": torch.from_numpy(record.visible),
             "head_size": float(record.head_size),
+            "area": float(record.extra.get("area", 0.0)),
         }
