@@ -102,13 +102,12 @@ def oks_table(similarity: np.ndarray, score: np.ndarray) -> Dict[str, float]:
     similarity, score = np.asarray(similarity, np.float64), np.asarray(score, np.float64)
     keep = ~np.isnan(similarity)
     ranked = similarity[keep][np.argsort(-score[keep], kind="stable")]
+    if not len(ranked):
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     recall_points = np.linspace(0, 1, 101)
     aps = []
     for t in np.linspace(0.5, 0.95, 10):
         tp = np.cumsum(ranked >= t)
-        if len(ranked) == 0:
-            aps.append(0.0)
-            continue
         recall = tp / len(ranked)
         precision = np.maximum.accumulate((tp / np.arange(1, len(ranked) + 1))[::-1])[::-1]
         at = np.searchsorted(recall, recall_points, side="left")

@@ -8,8 +8,7 @@ import torch
 
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset, load_image
-from fasthg.data.records import (COCO_FLIP_PAIRS, COCO_JOINTS, COCO_SKELETON, MPII_FLIP_PAIRS, MPII_JOINTS,
-                                 MPII_SKELETON, PoseRecord)
+from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, PoseRecord, joint_conventions
 from fasthg.data.transforms import transform_points
 from fasthg.draw import draw_skeleton, grid, write_png
 from fasthg.evaluate import evaluate, format_table, predict_dataset
@@ -17,11 +16,6 @@ from fasthg.evaluate import evaluate, format_table, predict_dataset
 
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
-def _conventions(num_joints: int):
-    """(flip pairs, skeleton) of a model's joints: COCO's 17 or MPII's 16."""
-    return (COCO_FLIP_PAIRS, COCO_SKELETON) if num_joints == len(COCO_JOINTS) else (MPII_FLIP_PAIRS, MPII_SKELETON)
 
 
 def _model_and_size(args):
@@ -52,7 +46,7 @@ def run_eval(args) -> int:
     if model.num_joints != joints:
         raise ValueError(f"{args.checkpoint}: a model of {model.num_joints} joints cannot be scored on "
                          f"{'COCO' if args.coco else 'MPII-style'} people ({joints} joints)")
-    flip_pairs, skeleton = _conventions(joints)
+    flip_pairs, skeleton = joint_conventions(joints)
     ds = PoseDataset(source, input_size=size, train=False, flip_pairs=flip_pairs)
     metric = "oks" if args.coco else "pckh"
     table, res = evaluate(model, ds, threshold=args.threshold, metric=metric, batch_size=args.batch_size,
@@ -76,7 +70,7 @@ def run_eval(args) -> int:
 
 def run_predict(args) -> int:
     model, size = _model_and_size(args)
-    flip_pairs, skeleton = _conventions(model.num_joints)
+    flip_pairs, skeleton = joint_conventions(model.num_joints)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images_in:
         img = cv2.imread(path, cv2.IMREAD_COLOR)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset
 from fasthg.data.synthetic import SyntheticPoses
-from fasthg.data.records import COCO_FLIP_PAIRS, COCO_JOINTS, MPII_FLIP_PAIRS, MPII_JOINTS
+from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, joint_conventions
 from fasthg.evaluate import METRICS, evaluate
 from fasthg.models import StackedHourglass
 
@@ -141,8 +141,8 @@ class Trainer:
         # COCO: 17 joints, and no head boxes, so OKS AP instead of PCKh (fasthg.evaluate.METRICS).
         coco = bool(cfg.coco_train or cfg.coco_valid)
         self.metric = "oks" if coco else "pckh"
-        self.flip_pairs = COCO_FLIP_PAIRS if coco else MPII_FLIP_PAIRS
         joints = len(COCO_JOINTS) if coco else len(MPII_JOINTS)
+        self.flip_pairs, _ = joint_conventions(joints)
         self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

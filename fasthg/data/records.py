@@ -36,6 +36,14 @@ COCO_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 
                  (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4))
 
 
+def joint_conventions(num_joints: int):
+    """(flip pairs, skeleton) of a model's joints: MPII's 16 or COCO's 17."""
+    known = {len(MPII_JOINTS): (MPII_FLIP_PAIRS, MPII_SKELETON), len(COCO_JOINTS): (COCO_FLIP_PAIRS, COCO_SKELETON)}
+    if num_joints not in known:
+        raise ValueError(f"no joint convention for {num_joints} joints (MPII has 16, COCO 17)")
+    return known[num_joints]
+
+
 @dataclass
 class PoseRecord:
     """One person. Coordinates are pixels of the source image, x right, y down.
