@@ -105,15 +105,21 @@ def test_heatmap_loss_by_hand():
     assert train.heatmap_loss(pred, target, weights).item() == pytest.approx(2.0)
 
 
-def test_train_command_and_resume(tmp_path, capsys):
+def test_train_command_and_resume(tmp_path, capsys, monkeypatch):
+    from fasthg import malloc
     from fasthg.cli import main
 
+    kept = []  # on the CPU the command keeps freed memory (not in this test process: recorded instead)
+    monkeypatch.setattr(malloc, "keep_freed_memory", lambda: kept.append(True) or True)
     args = ["train", "--out", str(tmp_path), "--input-size", "32", "--stacks", "1", "--features", "16", "--depth", "2",
             "--train-size", "8", "--val-size", "4", "--batch-size", "4", "--workers", "0", "--no-progress",
             "--device", "cpu", "--backend", "eager"]
     assert main(args + ["--epochs", "1"]) == 0
     # resuming keeps the checkpoint's settings; only what is given again changes
-    assert main(["train", "--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--device", "cpu"]) == 0
+    assert kept == [True]
+    assert main(["train", "--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--device", "cpu",
+                 "--no-keep-freed-memory"]) == 0
+    assert kept == [True]
     out = capsys.readouterr().out
     assert "epoch 1:" in out and "epoch 2:" in out
     assert checkpoint.read(str(tmp_path / "last.pt"))["epoch"] == 2
