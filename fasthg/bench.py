@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fasthg import memory, ops, reference
+from fasthg.device import resolve as resolve_device
 from fasthg.models import PRESETS
 
 
@@ -141,8 +142,8 @@ def bench_bn_relu(case, device, backends, repeats, compile=False):
         "eval forward": {be: (lambda be=be: call(x, be, False)) for be in backends},
     }
     if compile:  # relu(batch_norm(x)) compiled, the running-statistics update included
-        train = _compiled(lambda inp: torch.relu(torch.nn.functional.batch_norm(inp, rm, rv, w, b, True, 0.1, 1e-5)))
-        infer = _compiled(lambda inp: torch.relu(torch.nn.functional.batch_norm(inp, rm, rv, w, b, False, 0.1, 1e-5)))
+        train = _compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, True, 0.1, 1e-5))
+        infer = _compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, False, 0.1, 1e-5))
         modes["train forward"]["compile"] = lambda: train(x)
         modes["train forward+backward"]["compile"] = lambda: torch.autograd.grad(train(xg), (xg, w, b), grad)
         modes["eval forward"]["compile"] = lambda: infer(x)
@@ -190,8 +191,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         progress: bool = True, keep_freed_memory: bool = False):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.malloc), so
     that page faults of fresh outputs do not swamp the kernels; process-wide."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
     if keep_freed_memory and not gpu:

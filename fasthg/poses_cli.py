@@ -4,23 +4,19 @@ import os
 
 import cv2
 import numpy as np
-import torch
 
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset, load_image
 from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, PoseRecord, joint_conventions
+from fasthg.device import resolve as resolve_device
 from fasthg.data.transforms import transform_points
 from fasthg.draw import draw_skeleton, grid, write_png
 from fasthg.evaluate import evaluate, format_table, predict_dataset
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def _model_and_size(args):
     state = checkpoint.read(args.checkpoint)
-    model = checkpoint.load_model(args.checkpoint, backend=args.backend).to(_device(args.device))
+    model = checkpoint.load_model(args.checkpoint, backend=args.backend).to(resolve_device(args.device))
     return model, args.input_size or int(state.get("input_size", 256))
 
 

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset
-from fasthg.data.synthetic import SyntheticPoses
 from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, joint_conventions
+from fasthg.data.synthetic import SyntheticPoses
+from fasthg.device import resolve as resolve_device
 from fasthg.evaluate import METRICS, evaluate
 from fasthg.models import StackedHourglass
 
@@ -118,8 +119,7 @@ class Trainer:
         if cfg.accumulate < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
             raise ValueError("epochs, batch_size and accumulate must be positive")
         self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = resolve_device(cfg.device)
         self.rank, self.world, local_rank = _torchrun_env()
         if cfg.cuda_graphs and (self.device.type != "cuda" or cfg.amp == "fp16" or cfg.accumulate != 1
                                 or cfg.compile or self.world > 1):
@@ -179,7 +179,7 @@ class Trainer:
 
     def _sources(self):
         c = self.cfg
-        if c.coco_train or c.coco_valid:
+        if self.metric == "oks":
             from fasthg.data.coco import load_coco_keypoints
             if not (c.coco_train and c.coco_valid and c.images):
                 raise ValueError("COCO training needs coco_train, coco_valid and images (valid_images too when the "
@@ -298,8 +298,8 @@ class Trainer:
                 self.sampler.start = 0
                 if self.is_main:
                     self.save(last)
-                    if table[METRICS[self.metric]] > self.best:
-                        self.best = table[METRICS[self.metric]]
+                    if self._score(table) > self.best:
+                        self.best = self._score(table)
                         self.save(os.path.join(cfg.out, "best.pt"))
                 self._barrier()
         finally:
@@ -422,7 +422,11 @@ class Trainer:
                 if k != "epoch":
                     writer.add_scalar(k, v, row["epoch"])
         print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_s']:.1f} img/s, "
-              f"{self._metric_label()} {table[METRICS[self.metric]]:.1f}%")
+              f"{self._metric_label()} {self._score(table):.1f}%")
+
+    def _score(self, table: Dict[str, float]) -> float:
+        """The entry of a validation table that ranks checkpoints (PCKh mean, OKS AP)."""
+        return table[METRICS[self.metric]]
 
     def _metric_label(self) -> str:
         return {"pckh": "PCKh@0.5 mean", "oks": "OKS AP"}[self.metric]

@@ -1,8 +1,7 @@
 """`fasthg train`: the README's main job."""
 import dataclasses
 
-import torch
-
+from fasthg.device import resolve as resolve_device
 from fasthg.train import TrainConfig, Trainer
 
 # The paper's setting on a GPU. On a CPU a smaller input and width, so that the default run
@@ -19,7 +18,7 @@ CPU_DEFAULTS = dict(input_size=128, stacks=2, features=64, depth=3, optimizer="a
 
 def config_from_args(args) -> TrainConfig:
     """Device defaults (or, when resuming, the checkpoint's config), then the flags given."""
-    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    gpu = resolve_device(args.device).type == "cuda"
     if args.resume:
         from fasthg import checkpoint
 
@@ -36,7 +35,7 @@ def config_from_args(args) -> TrainConfig:
 
 def run_train(args) -> int:
     cfg = config_from_args(args)
-    if args.keep_freed_memory and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())):
+    if args.keep_freed_memory and resolve_device(cfg.device).type == "cpu":
         # Fresh activations otherwise page-fault every step: one epoch of the default run on
         # the 2-core VM went from 48-50 to 58-61 images/s, same loss. The process is ours: its
         # memory stays at its peak, which a training run reaches at the first step anyway.
