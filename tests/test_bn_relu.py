@@ -66,11 +66,12 @@ def test_training_forward_backward_and_running_stats(device, backend, dtype, lay
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 256, 9, 7), (3, 24, 16, 16)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 256, 9, 7), (3, 24, 16, 16), (2, 44, 48, 64)], ids=str)
 def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
-    """The CPU NHWC reductions split rows into chunks (64 rows at 256 channels, 682 at 24)
-    folded into one partial per thread: shapes with several chunks, and with a channel count
-    that leaves a non-multiple-of-8 tail."""
+    """The CPU NHWC reductions walk bands of 32, then 8 channels, then single channels down
+    chunks of rows (512 KiB of them), each thread summing its own partials: 256 channels
+    in bands of 32; 24 in bands of 8; 44 = 32 + 8 + 4 over 6144 rows, several chunks per
+    thread (the backward's chunks hold half as many rows: two inputs)."""
     if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
         pytest.skip("native unavailable")
     test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)
@@ -111,19 +112,23 @@ def test_eval_forward_backward(device, backend, layout, poison):
 
 @pytest.mark.parametrize("device,backend", params())
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", ["constant-channel", "offset-1e4"])
+@pytest.mark.parametrize("case", ["constant-channel", "offset-1e4", "outlying-first-pixels"])
 def test_hard_statistics(device, backend, layout, case):
-    # 20 channels: the CPU's NHWC sums take 16-channel blocks, then a scalar tail.
-    x64, x = make_x((3, 20, 6, 5), torch.float32, device, layout, offset=1e4 if case == "offset-1e4" else 0.0)
+    # 44 channels: the CPU's NHWC sums take bands of 32 and 8 channels, then a scalar tail.
+    x64, x = make_x((2, 44, 32, 32), torch.float32, device, layout, offset=1e4 if case == "offset-1e4" else 0.0)
     if case == "constant-channel":
         x64[:, 1] = 0.75
-        x = x64.float().to(device).contiguous(memory_format=layout)
-    y = ops.bn_relu(x, None, None, None, None, training=True, backend=backend)
+    if case == "outlying-first-pixels":  # 11 sigma out: a shift taken from them would cancel
+        x64[0, :, 0, :16] = 100.0
+    x = x64.float().to(device).contiguous(memory_format=layout)
+    rm, rv = torch.zeros(44, device=device), torch.ones(44, device=device)
+    y = ops.bn_relu(x, None, None, rm, rv, training=True, momentum=1.0, backend=backend)
     ref = reference(x64, None, None, None, None, True)
     assert not y.isnan().any()
     # A float32 mean of ~1e4 is itself only exact to ~5e-4: ask for eager float32's accuracy.
     eager32 = reference(x64.float(), None, None, None, None, True).to(device)
     assert rel_err(y, ref) < max(1e-5, 2 * rel_err(eager32, ref))
+    assert rel_err(rv.cpu(), x64.var((0, 2, 3))) < 2e-7  # momentum 1: the batch's unbiased variance
     if case == "constant-channel":
         assert (y[:, 1] == 0).all()  # zero variance: normalised to 0, not NaN
 
@@ -165,6 +170,9 @@ def test_opcheck(device, backend, layout):
     torch.library.opcheck(fwd, (x, v[0], v[1], v[2], v[3]))
     torch.library.opcheck(red, (gy, x, v[0], v[1], v[2], v[3]))
     torch.library.opcheck(elemt, (gy, x, v[0], v[1], v[2], v[3], v[4], v[5]))
+    if device == "cpu" and backend == "native":  # the one-call training ops (CPU only)
+        torch.library.opcheck(torch.ops.fasthg.bn_relu_train_forward, (x, v[2], v[3], 1e-5))
+        torch.library.opcheck(torch.ops.fasthg.bn_relu_train_backward, (gy, x, v[0], v[1], v[2], v[3]))
 
 
 @pytest.mark.parametrize("device,backend", params())

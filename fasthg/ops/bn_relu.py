@@ -3,7 +3,9 @@
 Training forward: one statistics pass (per-channel mean and biased variance) and one
 normalise+clamp pass; running statistics are updated as nn.BatchNorm2d does. Backward saves
 only x and the per-channel statistics and recomputes the ReLU mask from them: one reduction
-pass and one elementwise pass. Backends: eager (fasthg.reference), native (fasthg::bn_relu_*
+pass and one elementwise pass. On the CPU, native training (without sync) runs each
+direction as one op (fasthg::bn_relu_train_forward / _backward): the same passes, without
+the Python and dispatch between them. Backends: eager (fasthg.reference), native (fasthg::bn_relu_*
 from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
 
@@ -67,18 +69,32 @@ def _fake_reduce(grad_out, x, mean, invstd, weight, bias):
     return _fake_stats(x)
 
 
+def _fake_train_forward(x, weight, bias, eps):
+    mean, var = _fake_stats(x)
+    return _fake_like_x(x, x), mean, var, torch.empty_like(mean)
+
+
+def _fake_train_backward(grad_out, x, mean, invstd, weight, bias):
+    return (_fake_like_x(grad_out, x),) + _fake_stats(x)
+
+
+# Per backend, its four ops; `train_devices` have the one-call training ops as well.
 _OPS = {"eager": SimpleNamespace(stats=reference.bn_relu_stats, forward=reference.bn_relu_forward,
                                  backward_reduce=reference.bn_relu_backward_reduce,
-                                 backward_elemt=reference.bn_relu_backward_elemt)}
+                                 backward_elemt=reference.bn_relu_backward_elemt, train_devices=())}
 if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_stats")(_fake_stats)
     torch.library.register_fake("fasthg::bn_relu_forward")(_fake_forward)
     torch.library.register_fake("fasthg::bn_relu_backward_reduce")(_fake_reduce)
     torch.library.register_fake("fasthg::bn_relu_backward_elemt")(_fake_like_x)
+    torch.library.register_fake("fasthg::bn_relu_train_forward")(_fake_train_forward)
+    torch.library.register_fake("fasthg::bn_relu_train_backward")(_fake_train_backward)
     _OPS["native"] = SimpleNamespace(
         stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
         backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce,
-        backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt)
+        backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt,
+        train_forward=torch.ops.fasthg.bn_relu_train_forward,
+        train_backward=torch.ops.fasthg.bn_relu_train_backward, train_devices=("cpu",))
 
 if _backend.triton_available():
     from fasthg.kernels import bn_relu as _tk
@@ -110,7 +126,8 @@ if _backend.triton_available():
     _OPS["triton"] = SimpleNamespace(stats=torch.ops.fasthg.bn_relu_stats_triton,
                                      forward=torch.ops.fasthg.bn_relu_forward_triton,
                                      backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce_triton,
-                                     backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt_triton)
+                                     backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt_triton,
+                                     train_devices=())
 
 
 def _merge_across_processes(mean, var, count, group):
@@ -131,25 +148,32 @@ class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops, group):
         count = x.numel() // x.shape[1]
-        if training:
+        one_call = training and group is None and x.device.type in ops.train_devices
+        y = None
+        if one_call:
+            y, mean, var, invstd = ops.train_forward(x, weight, bias, eps)
+        elif training:
             mean, var = ops.stats(x)
             if group is not None:
                 mean, var, count = _merge_across_processes(mean, var, count, group)
             invstd = torch.rsqrt(var + eps)
-            if running_mean is not None:
-                with torch.no_grad():
-                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
         else:
             mean = running_mean.to(weight.dtype)
             invstd = torch.rsqrt(running_var.to(weight.dtype) + eps)
+        if training and running_mean is not None:
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.training, ctx.count, ctx.ops, ctx.group = training, count, ops, group
-        return ops.forward(x, mean, invstd, weight, bias)
+        ctx.training, ctx.count, ctx.ops, ctx.group, ctx.one_call = training, count, ops, group, one_call
+        return y if one_call else ops.forward(x, mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd = ctx.saved_tensors
+        if ctx.one_call and ctx.needs_input_grad[0]:
+            grad_x, sum_g, sum_gx = ctx.ops.train_backward(grad_out, x, mean, invstd, weight, bias)
+            return grad_x, sum_gx, sum_g, None, None, None, None, None, None, None
         sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, x, mean, invstd, weight, bias)
         if ctx.training:
             total_g, total_gx = sum_g, sum_gx
