@@ -4,6 +4,8 @@ one run so that every ratio compares numbers taken under the same machine load.
 Timing: warm-up calls first, then the candidates run round-robin (interleaved) for
 `repeats` rounds and each reports its median; CUDA with events after a synchronize, CPU
 with a monotonic clock. The ratio `speedup` is eager's median / the backend's median.
+Each call of an op takes the next of several input sets, together twice the last-level
+cache, so no call finds its inputs in cache from the one before (`Rotation`).
 
 Against the hardware's limit: each op row carries the bytes a fused kernel must move (a
 counted model: every tensor read or written once per pass) and the GB/s that makes at the
@@ -11,6 +13,7 @@ measured time, as a fraction of a large copy's bandwidth timed in the same run. 
 peak bytes each call allocates (fasthg.memory) and, for the model, the activation bytes
 saved for backward. `compile` is torch.compile of the eager composition.
 """
+import glob
 import json
 import os
 import statistics
@@ -68,6 +71,36 @@ TRAFFIC = {("upsample_add", "forward"): 2.25, ("upsample_add", "forward+backward
            ("bn_relu", "eval forward"): 2.0}
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's largest cache (Linux sysfs); 64 MiB where neither says."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=64 << 20)
+
+
+class Rotation:
+    """Input sets made by make(), as many as it takes for them to hold twice `cache_bytes`
+    (at most `limit`); next() gives them round-robin, so a set comes back only after the
+    others have pushed it out of the cache."""
+
+    def __init__(self, make: Callable[[], tuple], cache_bytes: int, limit: int = 64):
+        first = make()
+        size = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+        count = max(1, min(limit, -(-2 * cache_bytes // max(1, size))))
+        self.sets = [first] + [make() for _ in range(count - 1)]
+        self.i = 0
+
+    def next(self) -> tuple:
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
 def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 10) -> float:
     """Bytes per second of a large device-to-device (or memcpy) copy: read + write."""
     src = torch.empty(mib << 18, device=device).uniform_()
@@ -106,47 +139,74 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def bench_upsample_add(case, device, backends, repeats, compile=False):
+def bench_upsample_add(case, device, backends, repeats, compile=False, cache_bytes=0):
     n, c, hw, _ = case["shape"]
     fmt, dtype = case["_layout"], case["_dtype"]
     make = lambda *s: torch.randn(*s, device=device, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
-    low, skip, grad = make(n, c, hw // 2, hw // 2), make(n, c, hw, hw), make(n, c, hw, hw)
-    lowg, skipg = low.clone().requires_grad_(True), skip.clone().requires_grad_(True)
-    fwd = {b: (lambda b=b: ops.upsample_add(low, skip, backend=b)) for b in backends}
-    fb = {b: (lambda b=b: torch.autograd.grad(ops.upsample_add(lowg, skipg, backend=b), (lowg, skipg), grad))
-          for b in backends}
+
+    def one_set():  # low, skip, grad, and leaf copies of low and skip for the backward
+        low, skip = make(n, c, hw // 2, hw // 2), make(n, c, hw, hw)
+        return low, skip, make(n, c, hw, hw), low.clone().requires_grad_(True), skip.clone().requires_grad_(True)
+
+    sets = Rotation(one_set, cache_bytes)
+
+    def fwd_of(f):
+        def run():
+            low, skip = sets.next()[:2]
+            return f(low, skip)
+        return run
+
+    def fb_of(f):
+        def run():
+            _, _, grad, lowg, skipg = sets.next()
+            return torch.autograd.grad(f(lowg, skipg), (lowg, skipg), grad)
+        return run
+
+    fwd = {b: fwd_of(lambda lo, sk, b=b: ops.upsample_add(lo, sk, backend=b)) for b in backends}
+    fb = {b: fb_of(lambda lo, sk, b=b: ops.upsample_add(lo, sk, backend=b)) for b in backends}
     if compile:
         f = _compiled(reference.upsample_add)
-        fwd["compile"] = lambda: f(low, skip)
-        fb["compile"] = lambda: torch.autograd.grad(f(lowg, skipg), (lowg, skipg), grad)
+        fwd["compile"], fb["compile"] = fwd_of(f), fb_of(f)
     rows = []
     for mode, fns in (("forward", fwd), ("forward+backward", fb)):
         rows += _rows(case, fns, mode, interleaved_medians(fns, device, repeats=repeats), device)
     return rows
 
 
-def bench_bn_relu(case, device, backends, repeats, compile=False):
+def bench_bn_relu(case, device, backends, repeats, compile=False, cache_bytes=0):
     """Training forward, training forward+backward (grads of x, weight, bias), eval forward."""
     n, c, hw, _ = case["shape"]
-    x = torch.randn(n, c, hw, hw, device=device, dtype=case["_dtype"]).contiguous(memory_format=case["_layout"])
-    grad = torch.randn_like(x)
-    xg = x.clone().requires_grad_(True)
+
+    def one_set():  # x, grad, and a leaf copy of x for the backward
+        x = torch.randn(n, c, hw, hw, device=device, dtype=case["_dtype"]).contiguous(memory_format=case["_layout"])
+        return x, torch.randn_like(x), x.clone().requires_grad_(True)
+
+    sets = Rotation(one_set, cache_bytes)
     w = torch.rand(c, device=device, requires_grad=True)
     b = torch.randn(c, device=device, requires_grad=True)
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     call = lambda inp, be, training: ops.bn_relu(inp, w, b, rm, rv, training, 0.1, 1e-5, backend=be)  # noqa: E731
+
+    def forward_of(f):
+        return lambda: f(sets.next()[0])
+
+    def fb_of(f):
+        def run():
+            _, grad, xg = sets.next()
+            return torch.autograd.grad(f(xg), (xg, w, b), grad)
+        return run
+
     modes = {
-        "train forward": {be: (lambda be=be: call(x, be, True)) for be in backends},
-        "train forward+backward": {be: (lambda be=be: torch.autograd.grad(call(xg, be, True), (xg, w, b), grad))
-                                   for be in backends},
-        "eval forward": {be: (lambda be=be: call(x, be, False)) for be in backends},
+        "train forward": {be: forward_of(lambda inp, be=be: call(inp, be, True)) for be in backends},
+        "train forward+backward": {be: fb_of(lambda inp, be=be: call(inp, be, True)) for be in backends},
+        "eval forward": {be: forward_of(lambda inp, be=be: call(inp, be, False)) for be in backends},
     }
     if compile:  # relu(batch_norm(x)) compiled, the running-statistics update included
         train = _compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, True, 0.1, 1e-5))
         infer = _compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, False, 0.1, 1e-5))
-        modes["train forward"]["compile"] = lambda: train(x)
-        modes["train forward+backward"]["compile"] = lambda: torch.autograd.grad(train(xg), (xg, w, b), grad)
-        modes["eval forward"]["compile"] = lambda: infer(x)
+        modes["train forward"]["compile"] = forward_of(train)
+        modes["train forward+backward"]["compile"] = fb_of(train)
+        modes["eval forward"]["compile"] = forward_of(infer)
     rows = []
     for mode in ("train forward", "eval forward", "train forward+backward"):
         with torch.no_grad() if "backward" not in mode else torch.enable_grad():
@@ -211,6 +271,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
                   for case in op_cases("upsample_add", batch, c, levels, dtypes, layouts)]
         cases += [(bench_bn_relu, backends("bn_relu_forward"), case)
                   for case in op_cases("bn_relu", batch, c, levels, dtypes, layouts)]
+    cache_bytes = last_level_cache_bytes(dev)
     rows = []
     bar = tqdm(total=len(cases) + len(models) + 1, desc=f"bench on {dev.type}", disable=not progress)
     bar.set_postfix_str("copy bandwidth")
@@ -219,7 +280,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     for fn, op_backends, case in cases:
         bar.set_postfix_str(f'{case["op"]} {case["layout"]} {case["shape"][1]}x{case["level"]}x{case["level"]} '
                             f'{case["dtype"]}')
-        rows += fn(case, dev, op_backends, repeats, compile)
+        rows += fn(case, dev, op_backends, repeats, compile, cache_bytes)
         bar.update()
     for preset in models:
         bar.set_postfix_str(f"{preset} training step")
@@ -230,7 +291,8 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         if "gb_s" in r:
             r["of_copy"] = r["gb_s"] * 1e9 / copy_bw
     result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9, "rows": rows,
+              "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9,
+              "cache_mib": cache_bytes / 2**20, "rows": rows,
               "bars": [] if gpu else bar_checks(rows)}  # the bars are set for the CPU
     if out_dir:
         write_outputs(result, out_dir)
@@ -253,7 +315,8 @@ def bar_checks(rows) -> List[Dict]:
 
 def table(result) -> str:
     lines = [f"device: {result['device']}, torch {result['torch']}, {result['allocator']}; "
-             f"copy bandwidth {result['copy_gb_s']:.1f} GB/s "
+             f"copy bandwidth {result['copy_gb_s']:.1f} GB/s; op inputs rotated through "
+             f"{2 * result.get('cache_mib', 0):.0f} MiB (twice the last-level cache) "
              "(medians; speedup = eager / backend, same run)",
              "| op | shape | layout | dtype | mode | backend | median ms | speedup | GB/s | of copy | peak MB "
              "| img/s | saved MB |",

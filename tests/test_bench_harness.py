@@ -62,3 +62,18 @@ def test_bars_are_checked_against_the_native_rows_of_the_run():
                         "bars": checks})
     assert "Bars (native vs eager, same run): 2 of 3 met" in text
     assert "- bn_relu train forward+backward 256x32x32 nhwc float32: 1.07x, bar 1.6x: NOT met" in text
+
+
+def test_op_inputs_rotate_through_twice_the_last_level_cache():
+    import torch
+
+    def make():
+        return torch.zeros(1024), 3  # 4 KiB of tensors (and a value that is not one)
+
+    rotation = bench.Rotation(make, cache_bytes=10 << 10)
+    assert len(rotation.sets) == 5  # 20 KiB / 4 KiB
+    seen = [id(rotation.next()[0]) for _ in range(10)]
+    assert len(set(seen)) == 5 and seen[:5] == seen[5:]  # every set, in turn, before any comes back
+    assert len(bench.Rotation(make, cache_bytes=1 << 30, limit=3).sets) == 3
+    assert len(bench.Rotation(make, cache_bytes=0).sets) == 1
+    assert bench.last_level_cache_bytes(torch.device("cpu")) >= 1 << 20

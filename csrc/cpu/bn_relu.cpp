@@ -66,17 +66,6 @@ C10_ALWAYS_INLINE void add_pd(__m256 v, __m256d& lo, __m256d& hi) {
   hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
 }
 
-// The backward reduction's terms for 8 float elements, as bn_relu_masked_grad computes
-// them: g = dy where (x - mean) * (invstd * weight) + bias > 0, and g * xhat.
-C10_ALWAYS_INLINE void add_masked_terms(__m256 x, __m256 dy, __m256 mean, __m256 invstd, __m256 weight,
-                                        __m256 bias, __m256d* acc /* g lo, g hi, gx lo, gx hi */) {
-  const __m256 d = _mm256_sub_ps(x, mean);
-  const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(invstd, weight)), bias);
-  const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), dy);
-  add_pd(g, acc[0], acc[1]);
-  add_pd(_mm256_mul_ps(g, _mm256_mul_ps(d, invstd)), acc[2], acc[3]);
-}
-
 C10_ALWAYS_INLINE double hsum(__m256d v) {
   alignas(32) double t[4];
   _mm256_store_pd(t, v);
@@ -114,19 +103,6 @@ C10_ALWAYS_INLINE void store8(float* p, __m256 v, bool stream) {
 
 C10_ALWAYS_INLINE bool aligned32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 #endif
-
-// Mean and M2 of one NCHW plane: sum, then squared deviations (the plane stays in cache).
-template <typename scalar_t>
-void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double& m2) {
-  double s, unused;
-  lane_sums(n, [&](int64_t i, double& a, double&) { a += static_cast<double>(x[i]); }, s, unused);
-  const double m = s / n;
-  lane_sums(n, [&](int64_t i, double& a, double&) {
-    const double d = static_cast<double>(x[i]) - m;
-    a += d * d;
-  }, m2, unused);
-  mean = m;
-}
 
 // NHWC reductions: each thread sums its rows into its own per-channel double partials,
 // chunk by chunk (a chunk of rows stays in L2), and bands of 32 channels (4 vectors, two
@@ -186,14 +162,14 @@ C10_ALWAYS_INLINE void two_level_sums(int64_t r0, int64_t r1, F f, __m256d (&acc
 // A band walks down rows at a stride of C, a pattern the hardware prefetchers follow poorly
 // once the rows come from DRAM (a few lines per 4 KiB page): fetch each of its lines
 // kAheadRows rows on. Measured at 64x64x256 (batch 4): the backward reduction 0.49 -> 0.30 ms.
-constexpr int64_t kAheadRows = 8;
+constexpr int64_t kAheadRows = 64;
 
 // (Past the last row it names memory outside the tensor: a prefetch never faults, and the
 // address is formed as an integer, not by pointer arithmetic beyond the array.)
 C10_ALWAYS_INLINE void prefetch_ahead(const float* p, int v, int64_t C) {
   if (v % 2 == 0)  // a line per 2 vectors
     _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kAheadRows * C * sizeof(float)),
-                 _MM_HINT_T0);
+                 _MM_HINT_T1);
 }
 
 // out[q][c0 + 8v ..] += acc[v][2q], acc[v][2q + 1], for the Q per-channel sums.
@@ -225,6 +201,51 @@ C10_ALWAYS_INLINE void band_shifted_sums(const float* x, int64_t r0, int64_t r1,
 }
 #endif
 
+// The mean of up to 16 of n values spread evenly (every `stride`-th element from `p`): the
+// shift of a one-pass variance (see nhwc_stats).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t spread_mean(const scalar_t* p, int64_t n, int64_t stride) {
+  const int64_t picks = std::min<int64_t>(n, 16);
+  acc_t k = 0;
+  for (int64_t i = 0; i < picks; ++i) k += static_cast<acc_t>(p[(i * n / picks) * stride]);
+  return k * (acc_t(1) / acc_t(picks));
+}
+
+// Mean and M2 of one NCHW plane in one pass of shifted sums, d = x - K (K: spread_mean).
+template <typename scalar_t>
+void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double& m2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t k = spread_mean(x, n, 1);
+  double s = 0, q = 0;
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<scalar_t, float>) {  // 32 elements a step, two-level sums
+    const __m256 vk = _mm256_set1_ps(k);
+    __m256d acc[4][4];
+    two_level_sums<4, 2>(0, n / 32, [&](int64_t r, int v, __m256* p) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * 32 + 8 * v), vk);
+      p[0] = _mm256_add_ps(p[0], d);
+      p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(d, d));
+    }, acc);
+    for (auto& a : acc) {
+      s += hsum(_mm256_add_pd(a[0], a[1]));
+      q += hsum(_mm256_add_pd(a[2], a[3]));
+    }
+    i = n / 32 * 32;
+  }
+#endif
+  double ts, tq;
+  lane_sums(n - i, [&](int64_t j, double& a, double& a2) {
+    const double d = static_cast<double>(x[i + j]) - static_cast<double>(k);
+    a += d;
+    a2 += d * d;
+  }, ts, tq);
+  s += ts;
+  q += tq;
+  mean = static_cast<double>(k) + s / n;
+  m2 = std::max(0.0, q - s * s / n);
+}
+
 // Per-channel mean and M2 of NHWC rows in one pass of shifted sums, d = x - K with K the
 // mean of 16 rows spread evenly over N*H*W: K is then within a few standard deviations of
 // the mean unless the data is built against it, so sum(d^2) - sum(d)^2 / n cancels little
@@ -232,13 +253,8 @@ C10_ALWAYS_INLINE void band_shifted_sums(const float* x, int64_t r0, int64_t r1,
 // exact for large offsets (1e4 with unit variance) where plain sums of squares lose all.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void nhwc_stats(const scalar_t* x, int64_t rows, int64_t C, double* mean, double* m2) {
-  const int64_t picks = std::min<int64_t>(rows, 16);
-  std::vector<acc_t> shift(C, acc_t(0));
-  for (int64_t k = 0; k < picks; ++k) {
-    const scalar_t* row = x + (k * rows / picks) * C;
-    for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<acc_t>(row[c]);
-  }
-  for (auto& k : shift) k *= acc_t(1) / acc_t(picks);
+  std::vector<acc_t> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = spread_mean(x + c, rows, C);
   const int64_t T = at::get_num_threads();
   std::vector<double> S(T * C, 0.0), Q(T * C, 0.0);
   for_row_chunks(rows, rows_per_chunk(C, sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1) {
@@ -360,43 +376,26 @@ void forward_plane(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, i
   run8(n, yp, false, one, [](int64_t) {});
 }
 
-// NHWC rows [r0, r1) in pairs where a pass does not stream: each vector of channel
-// parameters loaded then serves two rows (those loads, not x's, bounded the pass: measured
-// 1.4x faster at 32x32). Streamed, pairs were 2x slower (four streams to DRAM at once).
-template <typename F2, typename F1>
-C10_ALWAYS_INLINE void row_pairs(int64_t r0, int64_t r1, bool stream, F2 pair, F1 one) {
-  int64_t r = r0;
-  if (!stream)
-    for (; r + 2 <= r1; r += 2) pair(r);
-  for (; r < r1; ++r) one(r);
-}
-
-// Normalise+clamp of NHWC rows [r0, r1).
+// Normalise+clamp of NHWC rows [r0, r1). (Two rows at a time, sharing each load of the
+// channel parameters, was 1.2x faster on inputs in cache but 2x slower on inputs from DRAM.)
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, scalar_t* y, int64_t r0, int64_t r1, int64_t C, const acc_t* __restrict__ m,
                   const acc_t* __restrict__ s, const acc_t* __restrict__ wc, const acc_t* __restrict__ bc,
                   bool stream) {
-  // channels [c0, C) of `rows` rows from row r
-  auto tail = [&](int64_t r, int64_t rows, int64_t c0) {
-    for (int64_t k = r; k < r + rows; ++k)
-      for (int64_t c = c0; c < C; ++c)
-        y[k * C + c] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[k * C + c]), m[c], s[c], wc[c], bc[c]));
-  };
-  auto rows = [&](int64_t r, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ xr = x + r * C;
+    scalar_t* __restrict__ yr = y + r * C;
     int64_t c0 = 0;
 #ifdef __AVX2__
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c0 + 8 <= C; c0 += 8) {
-        const __m256 vm = _mm256_loadu_ps(m + c0), vs = _mm256_loadu_ps(s + c0), vw = _mm256_loadu_ps(wc + c0),
-                     vb = _mm256_loadu_ps(bc + c0);
-        for (int64_t k = r; k < r + n; ++k)
-          store8(y + k * C + c0, value8(_mm256_loadu_ps(x + k * C + c0), vm, vs, vw, vb), stream);
-      }
+      for (; c0 + 8 <= C; c0 += 8)
+        store8(yr + c0, value8(_mm256_loadu_ps(xr + c0), _mm256_loadu_ps(m + c0), _mm256_loadu_ps(s + c0),
+                               _mm256_loadu_ps(wc + c0), _mm256_loadu_ps(bc + c0)), stream);
     }
 #endif
-    tail(r, n, c0);
-  };
-  row_pairs(r0, r1, stream, [&](int64_t r) { rows(r, 2); }, [&](int64_t r) { rows(r, 1); });
+    for (int64_t c = c0; c < C; ++c)
+      yr[c] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xr[c]), m[c], s[c], wc[c], bc[c]));
+  }
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -419,13 +418,22 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
   double a[kLanes] = {}, ax[kLanes] = {};
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(w), vb = _mm256_set1_ps(b);
-    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
-    for (; i + 8 <= n; i += 8)
-      add_masked_terms(_mm256_loadu_ps(xp + i), _mm256_loadu_ps(gp + i), vm, vs, vw, vb, acc);
-    a[0] = hsum(_mm256_add_pd(acc[0], acc[1]));
-    ax[0] = hsum(_mm256_add_pd(acc[2], acc[3]));
+  if constexpr (std::is_same_v<scalar_t, float>) {  // 32 elements a step, two-level sums
+    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vsw = _mm256_set1_ps(s * w), vb = _mm256_set1_ps(b);
+    __m256d acc[4][4];
+    two_level_sums<4, 2>(0, n / 32, [&](int64_t r, int v, __m256* p) {
+      const int64_t j = r * 32 + 8 * v;
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xp + j), vm);
+      const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw), vb);
+      const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_loadu_ps(gp + j));
+      p[0] = _mm256_add_ps(p[0], g);
+      p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs)));
+    }, acc);
+    for (auto& v : acc) {
+      a[0] += hsum(_mm256_add_pd(v[0], v[1]));
+      ax[0] += hsum(_mm256_add_pd(v[2], v[3]));
+    }
+    i = n / 32 * 32;
   }
 #endif
   for (; i < n; ++i) {
@@ -540,37 +548,31 @@ void grad_plane(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp
   run8(n, dp, false, one, [](int64_t) {});
 }
 
-// grad_x of NHWC rows [r0, r1) (in pairs: see row_pairs).
+// grad_x of NHWC rows [r0, r1).
 template <typename scalar_t, typename acc_t>
 void grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, int64_t r1, int64_t C,
                const acc_t* __restrict__ m, const acc_t* __restrict__ s, const acc_t* __restrict__ wc,
                const acc_t* __restrict__ bc, const acc_t* __restrict__ mg, const acc_t* __restrict__ mgx,
                bool stream) {
-  auto tail = [&](int64_t r, int64_t rows, int64_t c0) {
-    for (int64_t k = r; k < r + rows; ++k)
-      for (int64_t c = c0; c < C; ++c) {
-        const acc_t xi = static_cast<acc_t>(x[k * C + c]);
-        const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[k * C + c]), xi, m[c], s[c], wc[c], bc[c]);
-        dx[k * C + c] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
-      }
-  };
-  auto rows = [&](int64_t r, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ xr = x + r * C;
+    const scalar_t* __restrict__ gr = dy + r * C;
+    scalar_t* __restrict__ dr = dx + r * C;
     int64_t c0 = 0;
 #ifdef __AVX2__
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c0 + 8 <= C; c0 += 8) {
-        const __m256 vm = _mm256_loadu_ps(m + c0), vs = _mm256_loadu_ps(s + c0), vw = _mm256_loadu_ps(wc + c0),
-                     vb = _mm256_loadu_ps(bc + c0), vmg = _mm256_loadu_ps(mg + c0), vmgx = _mm256_loadu_ps(mgx + c0);
-        for (int64_t k = r; k < r + n; ++k) {
-          const int64_t i = k * C + c0;
-          store8(dx + i, grad8(_mm256_loadu_ps(dy + i), _mm256_loadu_ps(x + i), vm, vs, vw, vb, vmg, vmgx), stream);
-        }
-      }
+      for (; c0 + 8 <= C; c0 += 8)
+        store8(dr + c0, grad8(_mm256_loadu_ps(gr + c0), _mm256_loadu_ps(xr + c0), _mm256_loadu_ps(m + c0),
+                              _mm256_loadu_ps(s + c0), _mm256_loadu_ps(wc + c0), _mm256_loadu_ps(bc + c0),
+                              _mm256_loadu_ps(mg + c0), _mm256_loadu_ps(mgx + c0)), stream);
     }
 #endif
-    tail(r, n, c0);
-  };
-  row_pairs(r0, r1, stream, [&](int64_t r) { rows(r, 2); }, [&](int64_t r) { rows(r, 1); });
+    for (int64_t c = c0; c < C; ++c) {
+      const acc_t xi = static_cast<acc_t>(xr[c]);
+      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gr[c]), xi, m[c], s[c], wc[c], bc[c]);
+      dr[c] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -587,91 +589,31 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   });
 }
 
-// The training forward and backward in one call each, which saves the Python and dispatch
-// between the passes. In NCHW, where one channel's N planes fit in L2 and the output is too
-// small to stream, each channel's reduction leaves its planes in cache for its elementwise
-// pass, so x (and grad_out) come from memory once rather than twice. (Blocks of NHWC
-// channels walking all rows were slower than two row-major passes: measured 1.3-1.5x.)
-constexpr int64_t kPlanesBytes = 512 << 10;
-
-// Whether each channel's planes of `inputs` tensors fit kPlanesBytes, with a channel per thread.
-template <typename scalar_t>
-bool by_channel(const View& v, const scalar_t* out, int inputs) {
-  return !v.channels_last && !streams(out, v) && v.C >= at::get_num_threads() &&
-         v.outer * v.inner * int64_t(sizeof(scalar_t)) * inputs <= kPlanesBytes;
-}
-
-// invstd = 1 / sqrt(var + eps), what torch.rsqrt(var + eps) gives.
-template <typename acc_t>
-C10_ALWAYS_INLINE acc_t invstd_of(acc_t var, double eps) {
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-}
-
+// The training forward and backward in one call each: the same passes, without the Python
+// and dispatch between them. (Running each NCHW channel's reduction and elementwise pass
+// back to back, its planes still in L2, was 1.1x faster on inputs in cache and 1.3x slower
+// on inputs from DRAM: a channel's planes lie 1 MiB apart, short streams for the prefetchers.)
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* w, const acc_t* b,
                           double eps, acc_t* mean, acc_t* var, acc_t* invstd) {
-  const int64_t C = v.C;
-  if (!by_channel(v, y, 1)) {
-    stats_kernel(x, v, mean, var);
-    for (int64_t c = 0; c < C; ++c) invstd[c] = invstd_of(var[c], eps);
-    forward_kernel(x, y, v, mean, invstd, w, b);
-    return;
-  }
-  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      double n = 0, m = 0, q = 0;
-      for (int64_t i = 0; i < v.outer; ++i) {
-        double pm, pq;
-        plane_stats(x + (i * C + c) * v.inner, v.inner, pm, pq);
-        welford_merge(n, m, q, double(v.inner), pm, pq);
-      }
-      mean[c] = static_cast<acc_t>(m);
-      var[c] = static_cast<acc_t>(q / n);
-      invstd[c] = invstd_of(var[c], eps);
-      for (int64_t i = 0; i < v.outer; ++i) {
-        const int64_t i0 = (i * C + c) * v.inner;
-        forward_plane(x + i0, y + i0, v.inner, mean[c], invstd[c], w[c], b[c], false);
-      }
-    }
-  });
+  stats_kernel(x, v, mean, var);
+  for (int64_t c = 0; c < v.C; ++c) invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));  // torch.rsqrt
+  forward_kernel(x, y, v, mean, invstd, w, b);
 }
 
-// sum_g, sum_gx as backward_reduce_kernel, then grad_x with mean_g = sum_g / count and
+// backward_reduce_kernel, then backward_elemt_kernel with mean_g = sum_g / count and
 // mean_gx = sum_gx / count (training: the statistics depend on x).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void train_backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const View& v, const acc_t* mean,
                            const acc_t* invstd, const acc_t* w, const acc_t* b, acc_t* sum_g, acc_t* sum_gx) {
-  const int64_t C = v.C;
   const acc_t count = static_cast<acc_t>(v.outer * v.inner);
-  if (!by_channel(v, dx, 2)) {
-    backward_reduce_kernel(dy, x, v, mean, invstd, w, b, sum_g, sum_gx);
-    std::vector<acc_t> mg(C), mgx(C);
-    for (int64_t c = 0; c < C; ++c) {
-      mg[c] = sum_g[c] / count;
-      mgx[c] = sum_gx[c] / count;
-    }
-    backward_elemt_kernel(dy, x, dx, v, mean, invstd, w, b, mg.data(), mgx.data());
-    return;
+  backward_reduce_kernel(dy, x, v, mean, invstd, w, b, sum_g, sum_gx);
+  std::vector<acc_t> mg(v.C), mgx(v.C);
+  for (int64_t c = 0; c < v.C; ++c) {
+    mg[c] = sum_g[c] / count;
+    mgx[c] = sum_gx[c] / count;
   }
-  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      double a = 0, ax = 0;
-      for (int64_t i = 0; i < v.outer; ++i) {
-        double pg, pgx;
-        const int64_t i0 = (i * C + c) * v.inner;
-        plane_masked_sums(x + i0, dy + i0, v.inner, mean[c], invstd[c], w[c], b[c], pg, pgx);
-        a += pg;
-        ax += pgx;
-      }
-      sum_g[c] = static_cast<acc_t>(a);
-      sum_gx[c] = static_cast<acc_t>(ax);
-      const acc_t mg = sum_g[c] / count, mgx = sum_gx[c] / count;
-      for (int64_t i = 0; i < v.outer; ++i) {
-        const int64_t i0 = (i * C + c) * v.inner;
-        grad_plane(dy + i0, x + i0, dx + i0, v.inner, mean[c], invstd[c], w[c], b[c], mg, mgx, false);
-      }
-    }
-  });
+  backward_elemt_kernel(dy, x, dx, v, mean, invstd, w, b, mg.data(), mgx.data());
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x_in) {
