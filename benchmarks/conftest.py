@@ -2,8 +2,16 @@ import pytest
 import torch
 
 import fasthg
+from fasthg.bench import Rotation, last_level_cache_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CACHE_BYTES = last_level_cache_bytes(torch.device(DEVICE))
+
+
+def rotation(make):
+    """Input sets from make() that together hold twice the last-level cache, taken in turn
+    by .next(): no call finds its inputs in cache from the call before (fasthg.bench)."""
+    return Rotation(make, CACHE_BYTES)
 
 
 def backends_for(op: str):

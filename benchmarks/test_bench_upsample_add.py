@@ -3,13 +3,14 @@
 
     pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
 
-Each result carries extra_info.speedup_vs_eager, against the eager run of the same group."""
+Each result carries extra_info.speedup_vs_eager, against the eager run of the same group.
+Every call takes the next of several input sets (conftest.rotation), so caches do not flatter."""
 import itertools
 
 import pytest
 import torch
 
-from conftest import DEVICE, backends_for, record, sync
+from conftest import DEVICE, backends_for, record, rotation, sync
 from fasthg import ops
 
 BATCH = 16 if DEVICE == "cuda" else 4
@@ -27,17 +28,21 @@ def test_upsample_add(benchmark, mode, dtype, layout, level, backend):
     benchmark.group = f"upsample_add {mode} {str(dtype)[6:]} {layout} {level}x{level}"
     fmt = LAYOUTS[layout]
     make = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
-    low, skip = make(BATCH, 256, level // 2, level // 2), make(BATCH, 256, level, level)
+
+    def one_set():  # low, skip and grad; leaves for the backward
+        low, skip = make(BATCH, 256, level // 2, level // 2), make(BATCH, 256, level, level)
+        if mode == "forward":
+            return low, skip
+        return low.requires_grad_(True), skip.requires_grad_(True), make(BATCH, 256, level, level)
+
+    sets = rotation(one_set)
     if mode == "forward":
         def fn():
-            ops.upsample_add(low, skip, backend=backend)
+            ops.upsample_add(*sets.next(), backend=backend)
             sync()
     else:
-        grad = make(BATCH, 256, level, level)
-        low.requires_grad_(True)
-        skip.requires_grad_(True)
-
         def fn():
+            low, skip, grad = sets.next()
             torch.autograd.grad(ops.upsample_add(low, skip, backend=backend), (low, skip), grad)
             sync()
     benchmark(fn)

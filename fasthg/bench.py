@@ -216,8 +216,9 @@ def bench_bn_relu(case, device, backends, repeats, compile=False, cache_bytes=0)
 
 def bench_model(preset: str, device, backends, batch: int, image_size: int, repeats: int, compile=False):
     """Training step (forward, MSE loss over every stack, backward, SGD) per backend, same
-    weights; `compile` adds torch.compile of the eager model. Rows carry images/s, the peak
-    bytes a step allocates and the activation bytes saved for its backward."""
+    weights, then the inference forward (eval mode, no grad); `compile` adds torch.compile of
+    the eager model. Rows carry images/s, the peak bytes a call allocates and, for the step,
+    the activation bytes saved for its backward."""
     torch.manual_seed(0)
     base = PRESETS[preset](backend="eager").to(device)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -234,16 +235,27 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
         torch.nn.functional.mse_loss(forwards[b](images), target).backward()
         optims[b].step()
 
+    def row(what, mode, b, med, fn, **extra):
+        return {"op": f"{preset} {what}", "level": image_size, "shape": [batch, 3, image_size, image_size],
+                "dtype": "float32", "layout": "nchw", "mode": mode, "backend": b, "median_ms": med[b] * 1e3,
+                "speedup": med["eager"] / med[b], "images_per_s": batch / med[b],
+                "peak_mb": memory.peak_bytes(fn, device) / 2**20, **extra}
+
+    def infer(b):
+        with torch.no_grad():
+            forwards[b](images)
+
+    warmup = 2 if compile else 1
     fns = {b: (lambda b=b: step(b)) for b in models}
-    med = interleaved_medians(fns, device, warmup=2 if compile else 1, repeats=repeats)
-    rows = []
-    for b, fn in fns.items():
-        saved = memory.saved_activation_bytes(lambda: forwards[b](images), models[b].parameters())
-        rows.append({"op": f"{preset} train step", "level": image_size, "shape": [batch, 3, image_size, image_size],
-                     "dtype": "float32", "layout": "nchw", "mode": "forward+backward", "backend": b,
-                     "median_ms": med[b] * 1e3, "speedup": med["eager"] / med[b], "images_per_s": batch / med[b],
-                     "peak_mb": memory.peak_bytes(fn, device) / 2**20, "saved_mb": saved / 2**20})
-    return rows
+    med = interleaved_medians(fns, device, warmup=warmup, repeats=repeats)
+    rows = [row("train step", "forward+backward", b, med, fn,
+                saved_mb=memory.saved_activation_bytes(lambda: forwards[b](images), models[b].parameters()) / 2**20)
+            for b, fn in fns.items()]
+    for m in models.values():
+        m.eval()
+    fns = {b: (lambda b=b: infer(b)) for b in models}
+    med = interleaved_medians(fns, device, warmup=warmup, repeats=repeats)
+    return rows + [row("inference", "forward", b, med, fn) for b, fn in fns.items()]
 
 
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),

@@ -27,6 +27,9 @@ def test_rows_tables_and_files(tmp_path):
     assert {r["backend"] for r in steps} >= {"eager", "auto"}
     for r in steps:
         assert r["images_per_s"] > 0 and r["peak_mb"] > r["saved_mb"] > 1
+    inference = [r for r in result["rows"] if r["op"] == "hg1 inference"]
+    assert {r["backend"] for r in inference} == {r["backend"] for r in steps}
+    assert all(r["images_per_s"] > 0 and r["mode"] == "forward" and "saved_mb" not in r for r in inference)
     table = (tmp_path / "bench.md").read_text()
     assert table.count("\n") == len(result["rows"]) + 3
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))

@@ -183,21 +183,35 @@ C10_ALWAYS_INLINE void add_band(const __m256d (&acc)[V][2 * Q], double* const (&
     }
 }
 
-// Shifted sums of a band of V vectors of channels from c0, rows [r0, r1): s += sum(x - K),
-// q += sum((x - K)^2).
+// x and (x - K)^2 added in double: 8 floats as two halves of 4 (see nhwc_stats).
+C10_ALWAYS_INLINE void add_moments(__m256 x, const __m256d (&k)[2], __m256d (&sx)[2], __m256d (&sq)[2]) {
+  const __m256d xd[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};
+  for (int h = 0; h < 2; ++h) {
+    sx[h] = _mm256_add_pd(sx[h], xd[h]);
+    const __m256d d = _mm256_sub_pd(xd[h], k[h]);
+#ifdef __FMA__
+    sq[h] = _mm256_fmadd_pd(d, d, sq[h]);
+#else
+    sq[h] = _mm256_add_pd(sq[h], _mm256_mul_pd(d, d));
+#endif
+  }
+}
+
+// Sums of a band of V vectors of channels from c0, rows [r0, r1): s += sum(x) and
+// q += sum((x - K)^2), in double.
 template <int V>
-C10_ALWAYS_INLINE void band_shifted_sums(const float* x, int64_t r0, int64_t r1, int64_t C, int64_t c0,
-                                         const float* shift, double* s, double* q) {
-  __m256 k[V];
-  for (int v = 0; v < V; ++v) k[v] = _mm256_loadu_ps(shift + c0 + 8 * v);
-  __m256d acc[V][4];
-  two_level_sums<V, 2>(r0, r1, [&](int64_t r, int v, __m256* p) {
-    prefetch_ahead(x + r * C + c0 + 8 * v, v, C);
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * C + c0 + 8 * v), k[v]);
-    p[0] = _mm256_add_ps(p[0], d);
-    p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(d, d));
-  }, acc);
-  add_band<V, 2>(acc, {s, q}, c0);
+C10_ALWAYS_INLINE void band_moments(const float* x, int64_t r0, int64_t r1, int64_t C, int64_t c0,
+                                    const double* shift, double* s, double* q) {
+  __m256d k[V][2], sx[V][2] = {}, sq[V][2] = {};
+  for (int v = 0; v < V; ++v)
+    for (int h = 0; h < 2; ++h) k[v][h] = _mm256_loadu_pd(shift + c0 + 8 * v + 4 * h);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int v = 0; v < V; ++v) {
+      prefetch_ahead(x + r * C + c0 + 8 * v, v, C);
+      add_moments(_mm256_loadu_ps(x + r * C + c0 + 8 * v), k[v], sx[v], sq[v]);
+    }
+  add_band<V, 1>(sx, {s}, c0);
+  add_band<V, 1>(sq, {q}, c0);
 }
 #endif
 
@@ -211,7 +225,7 @@ acc_t spread_mean(const scalar_t* p, int64_t n, int64_t stride) {
   return k * (acc_t(1) / acc_t(picks));
 }
 
-// Mean and M2 of one NCHW plane in one pass of shifted sums, d = x - K (K: spread_mean).
+// Mean and M2 of one NCHW plane in one pass: sum(x) and sum((x - K)^2) (see nhwc_stats).
 template <typename scalar_t>
 void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double& m2) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -219,42 +233,42 @@ void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double
   double s = 0, q = 0;
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {  // 32 elements a step, two-level sums
-    const __m256 vk = _mm256_set1_ps(k);
-    __m256d acc[4][4];
-    two_level_sums<4, 2>(0, n / 32, [&](int64_t r, int v, __m256* p) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * 32 + 8 * v), vk);
-      p[0] = _mm256_add_ps(p[0], d);
-      p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(d, d));
-    }, acc);
-    for (auto& a : acc) {
-      s += hsum(_mm256_add_pd(a[0], a[1]));
-      q += hsum(_mm256_add_pd(a[2], a[3]));
+  if constexpr (std::is_same_v<scalar_t, float>) {  // 16 elements a step
+    const __m256d kd[2] = {_mm256_set1_pd(k), _mm256_set1_pd(k)};
+    __m256d sx[2][2] = {}, sq[2][2] = {};
+    for (; i + 16 <= n; i += 16)
+      for (int v = 0; v < 2; ++v) add_moments(_mm256_loadu_ps(x + i + 8 * v), kd, sx[v], sq[v]);
+    for (int v = 0; v < 2; ++v) {
+      s += hsum(_mm256_add_pd(sx[v][0], sx[v][1]));
+      q += hsum(_mm256_add_pd(sq[v][0], sq[v][1]));
     }
-    i = n / 32 * 32;
   }
 #endif
   double ts, tq;
   lane_sums(n - i, [&](int64_t j, double& a, double& a2) {
-    const double d = static_cast<double>(x[i + j]) - static_cast<double>(k);
-    a += d;
+    const double xj = static_cast<double>(x[i + j]), d = xj - static_cast<double>(k);
+    a += xj;
     a2 += d * d;
   }, ts, tq);
   s += ts;
   q += tq;
-  mean = static_cast<double>(k) + s / n;
-  m2 = std::max(0.0, q - s * s / n);
+  mean = s / n;
+  const double dm = mean - static_cast<double>(k);
+  m2 = std::max(0.0, q - n * dm * dm);
 }
 
-// Per-channel mean and M2 of NHWC rows in one pass of shifted sums, d = x - K with K the
-// mean of 16 rows spread evenly over N*H*W: K is then within a few standard deviations of
-// the mean unless the data is built against it, so sum(d^2) - sum(d)^2 / n cancels little
-// (rows 0-15 instead lost 1e-5 of the variance when they were 100 sigma out), and x - K is
-// exact for large offsets (1e4 with unit variance) where plain sums of squares lose all.
+// Per-channel mean and M2 of NHWC rows in one pass, every term added in double: mean =
+// sum(x) / n, M2 = sum(d^2) - n (mean - K)^2 with d = x - K, K the mean of 16 rows spread
+// evenly over N*H*W. K is then within a few standard deviations of the mean unless the data
+// is built against it, so the difference cancels little (rows 0-15 instead lost 1e-5 of the
+// variance when they were 100 sigma out), and large offsets (1e4 with unit variance) keep
+// their precision. (Float sums of 16 rows folded into double left the mean or variance an
+// ulp off now and then, which turned the backward of a BN whose grad_out nearly lies in the
+// span of (1, xhat), a tiny difference of large terms, 6e-3 wrong in the hourglass stem.)
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void nhwc_stats(const scalar_t* x, int64_t rows, int64_t C, double* mean, double* m2) {
-  std::vector<acc_t> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = spread_mean(x + c, rows, C);
+  std::vector<double> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(spread_mean(x + c, rows, C));
   const int64_t T = at::get_num_threads();
   std::vector<double> S(T * C, 0.0), Q(T * C, 0.0);
   for_row_chunks(rows, rows_per_chunk(C, sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1) {
@@ -263,16 +277,16 @@ void nhwc_stats(const scalar_t* x, int64_t rows, int64_t C, double* mean, double
     int64_t c0 = 0;
 #ifdef __AVX2__
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c0 + 32 <= C; c0 += 32) band_shifted_sums<4>(x, r0, r1, C, c0, shift.data(), s, q);
-      for (; c0 + 8 <= C; c0 += 8) band_shifted_sums<1>(x, r0, r1, C, c0, shift.data(), s, q);
+      for (; c0 + 16 <= C; c0 += 16) band_moments<2>(x, r0, r1, C, c0, shift.data(), s, q);
+      for (; c0 + 8 <= C; c0 += 8) band_moments<1>(x, r0, r1, C, c0, shift.data(), s, q);
     }
 #endif
     for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for non-float x)
       double a, a2;
-      const double k = static_cast<double>(shift[c]);
+      const double k = shift[c];
       lane_sums(r1 - r0, [&](int64_t i, double& d1, double& d2) {
-        const double d = static_cast<double>(x[(r0 + i) * C + c]) - k;
-        d1 += d;
+        const double xi = static_cast<double>(x[(r0 + i) * C + c]), d = xi - k;
+        d1 += xi;
         d2 += d * d;
       }, a, a2);
       s[c] += a;
@@ -281,9 +295,9 @@ void nhwc_stats(const scalar_t* x, int64_t rows, int64_t C, double* mean, double
   });
   const double n = double(rows);
   for (int64_t c = 0; c < C; ++c) {
-    const double sd = over_threads(S, C, c), sq = over_threads(Q, C, c);
-    mean[c] = static_cast<double>(shift[c]) + sd / n;
-    m2[c] = std::max(0.0, sq - sd * sd / n);
+    mean[c] = over_threads(S, C, c) / n;
+    const double dm = mean[c] - shift[c];
+    m2[c] = std::max(0.0, over_threads(Q, C, c) - n * dm * dm);
   }
 }
 
