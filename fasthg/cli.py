@@ -10,13 +10,34 @@ def _info(args):
     return 0
 
 
+def _ints(text):
+    """A comma-separated list of positive integers (--levels, --channels)."""
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _models(text):
+    """--model: preset names, comma-separated, or none."""
+    from fasthg.models import PRESETS
+
+    names = [] if text == "none" else [x for x in text.split(",") if x]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or (text != "none" and not names):
+        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown) or repr(text)}: "
+                                         f"expected {', '.join(PRESETS)} (comma-separated) or none")
+    return names
+
+
 def _bench(args):
     from fasthg import bench
 
-    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    models = [] if args.model == "none" else args.model.split(",")
-    result = bench.run(device=args.device, levels=ints(args.levels), channels=ints(args.channels),
-                       repeats=args.repeats, models=models, model_repeats=args.model_repeats,
+    result = bench.run(device=args.device, levels=args.levels, channels=args.channels,
+                       repeats=args.repeats, models=args.model, model_repeats=args.model_repeats,
                        image_size=args.image_size, compile=args.compile, out_dir=args.out,
                        keep_freed_memory=args.keep_freed_memory)
     print(bench.table(result))
@@ -31,12 +52,13 @@ def main(argv=None):
     sub.add_parser("info", help="versions, extension build, backends per device").set_defaults(fn=_info)
     b = sub.add_parser("bench", help="fused ops and a training step against eager, timed in one run")
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    b.add_argument("--levels", default="64,32,16,8",
+    b.add_argument("--levels", type=_ints, default="64,32,16,8",
                    help="feature-map sizes the ops run at (comma-separated; the hourglass runs 128..4)")
-    b.add_argument("--channels", default="256", help="channel counts (comma-separated; the hourglass runs 64,128,256)")
+    b.add_argument("--channels", type=_ints, default="256", help="channel counts (comma-separated; the hourglass runs 64,128,256)")
     b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
-    b.add_argument("--model", default="hg2",
-                   help="models whose training step is timed: hg1, hg2, hg4, hg8, comma-separated, or none")
+    b.add_argument("--model", type=_models, default="hg2",
+                   help="models whose training step and inference are timed: hg1, hg2, hg4, hg8, comma-separated, "
+                        "or none")
     b.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the eager compositions and model (compiles every shape)")
     b.add_argument("--model-repeats", type=int, default=5)

@@ -80,3 +80,16 @@ def test_op_inputs_rotate_through_twice_the_last_level_cache():
     assert len(bench.Rotation(make, cache_bytes=1 << 30, limit=3).sets) == 3
     assert len(bench.Rotation(make, cache_bytes=0).sets) == 1
     assert bench.last_level_cache_bytes(torch.device("cpu")) >= 1 << 20
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "hg3"], "unknown model hg3: expected hg1, hg2, hg4, hg8"),
+    (["--levels", "64,x"], "expected comma-separated positive integers, got '64,x'"),
+    (["--channels", "0"], "expected comma-separated positive integers, got '0'"),
+])
+def test_bench_command_refuses_bad_arguments(argv, message, capsys):
+    from fasthg import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--out", ""] + argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
