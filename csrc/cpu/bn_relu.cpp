@@ -219,9 +219,9 @@ C10_ALWAYS_INLINE void band_moments(const float* x, int64_t r0, int64_t r1, int6
 // shift of a one-pass variance (see nhwc_stats).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t spread_mean(const scalar_t* p, int64_t n, int64_t stride) {
-  const int64_t picks = std::min<int64_t>(n, 16);
+  const int64_t picks = std::min<int64_t>(n, 16), step = n / picks * stride;  // one division per call
   acc_t k = 0;
-  for (int64_t i = 0; i < picks; ++i) k += static_cast<acc_t>(p[(i * n / picks) * stride]);
+  for (int64_t i = 0; i < picks; ++i) k += static_cast<acc_t>(p[i * step]);
   return k * (acc_t(1) / acc_t(picks));
 }
 
