@@ -38,16 +38,6 @@ C10_HOST_DEVICE inline T bn_relu_grad_input(T g, T x, T mean, T invstd, T weight
   return weight * invstd * (g - mean_g - xhat * mean_g_xhat);
 }
 
-// Chan et al.'s merge of two (count, mean, M2) partial statistics.
-C10_HOST_DEVICE inline void welford_merge(double& n, double& mean, double& m2, double nb,
-                                          double mean_b, double m2_b) {
-  if (nb == 0) return;
-  const double total = n + nb, delta = mean_b - mean;
-  mean += delta * nb / total;
-  m2 += m2_b + delta * delta * n * nb / total;
-  n = total;
-}
-
 inline void check_bn_relu_input(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, op, ": `x` must be a 4-D [N, C, H, W] tensor, got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": `x` must be floating point, got ",

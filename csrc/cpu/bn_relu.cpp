@@ -1,8 +1,8 @@
-// CPU kernels of the fused BatchNorm+ReLU ops (training statistics, normalise+clamp, and
-// the two backward passes), for NCHW and channels_last. Sums run in double (BN backward
-// subtracts nearly equal terms) per chunk (a plane in NCHW, a block of pixels in NHWC), and
-// chunks merge with Chan's formula, so large N*H*W and large means keep their precision;
-// float32 NHWC sums add 16 rows in float before each fold into double (two_level_sums).
+// CPU kernels of the fused BatchNorm+ReLU ops (training statistics, normalise+clamp, the
+// two backward passes, and both directions of training in one call each), for NCHW and
+// channels_last. The statistics add every term in double (BN backward subtracts nearly
+// equal terms, and an ulp off in the mean or variance showed in the gradients); the
+// backward's sums add 16 rows in float before each fold into double (two_level_sums).
 // The float32 passes have AVX2 paths (setup.py builds with AVX2 where the machine has it):
 // a masked select feeding double accumulators is beyond GCC's auto-vectoriser.
 #include <ATen/Dispatch.h>
@@ -105,39 +105,33 @@ C10_ALWAYS_INLINE bool aligned32(const void* p) { return reinterpret_cast<uintpt
 #endif
 
 // NHWC reductions: each thread sums its rows into its own per-channel double partials,
-// chunk by chunk (a chunk of rows stays in L2), and bands of 32 channels (4 vectors, two
-// cache lines of floats per row) walk down a chunk's rows with their sums in registers.
-// Per-row updates of per-channel sums in memory made loads of x wait on stores whose
-// addresses matched modulo 4 KiB (1.5-3x slower, depending on placement). Measured on
-// 4x256x32x32: 32-channel bands over 1024-row chunks read at the speed of x.sum(), where
-// 16-channel blocks over 64-row chunks took 1.5x as long.
+// chunk by chunk (a chunk of rows stays in L2), and bands of channels (16 for the
+// statistics, 32 for the backward's sums: one or two cache lines of floats per row) walk
+// down a chunk's rows with their sums in registers. Per-row updates of per-channel sums in
+// memory made loads of x wait on stores whose addresses matched modulo 4 KiB (1.5-3x
+// slower, depending on placement). Measured on 4x256x32x32, a float sum in 32-channel bands
+// over 512 KiB chunks read at the speed of x.sum(); 16-channel blocks over 64-row chunks,
+// each chunk merged with Chan's formula, took 1.5-3x as long.
 constexpr int64_t kChunkBytes = 512 << 10;
 
 int64_t rows_per_chunk(int64_t C, int64_t itemsize) {
   return std::max<int64_t>(16, kChunkBytes / (C * itemsize));
 }
 
-// Calls f(t, r0, r1) for chunks [r0, r1) of NHWC rows, in parallel; t is the thread.
+// Calls f(t, r0, r1) for chunks [r0, r1) of R NHWC rows of C channels, in parallel; t is the thread.
 template <typename F>
-void for_row_chunks(int64_t rows, int64_t R, F f) {
-  at::parallel_for(0, rows, std::min(rows, std::max<int64_t>(16, kGrain / 256)), [&](int64_t b, int64_t e) {
+void for_row_chunks(int64_t rows, int64_t C, int64_t R, F f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
     const int64_t t = at::get_thread_num();
     for (int64_t r0 = b; r0 < e; r0 += R) f(t, r0, std::min(e, r0 + R));
   });
-}
-
-// parts[t * C + c] summed over the threads' partials, per channel.
-C10_ALWAYS_INLINE double over_threads(const std::vector<double>& parts, int64_t C, int64_t c) {
-  double total = 0;
-  for (size_t k = c; k < parts.size(); k += C) total += parts[k];
-  return total;
 }
 
 #ifdef __AVX2__
 // Two-level sums for float NHWC bands: up to kFloatRows rows add in float (8 lanes a
 // vector, no conversions), then fold into double accumulators. A float sum of 16 terms
 // errs by at most 16 ulp of its magnitude (about 4 ulp typically), and what it sums is
-// centred (deviations, masked gradients), so the doubles carry the precision across rows.
+// centred (masked gradients), so the doubles carry the precision across rows.
 constexpr int64_t kFloatRows = 16;
 
 // Sums over rows [r0, r1) of f(r, v, p) for V vectors v of 8 channels, f adding Q float
@@ -183,7 +177,7 @@ C10_ALWAYS_INLINE void add_band(const __m256d (&acc)[V][2 * Q], double* const (&
     }
 }
 
-// x and (x - K)^2 added in double: 8 floats as two halves of 4 (see nhwc_stats).
+// x and (x - K)^2 added in double: 8 floats as two halves of 4 (see stats_kernel).
 C10_ALWAYS_INLINE void add_moments(__m256 x, const __m256d (&k)[2], __m256d (&sx)[2], __m256d (&sq)[2]) {
   const __m256d xd[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};
   for (int h = 0; h < 2; ++h) {
@@ -216,7 +210,7 @@ C10_ALWAYS_INLINE void band_moments(const float* x, int64_t r0, int64_t r1, int6
 #endif
 
 // The mean of up to 16 of n values spread evenly (every `stride`-th element from `p`): the
-// shift of a one-pass variance (see nhwc_stats).
+// shift of a one-pass variance (see stats_kernel).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t spread_mean(const scalar_t* p, int64_t n, int64_t stride) {
   const int64_t picks = std::min<int64_t>(n, 16), step = n / picks * stride;  // one division per call
@@ -225,67 +219,92 @@ acc_t spread_mean(const scalar_t* p, int64_t n, int64_t stride) {
   return k * (acc_t(1) / acc_t(picks));
 }
 
-// Mean and M2 of one NCHW plane in one pass: sum(x) and sum((x - K)^2) (see nhwc_stats).
+// sum(x) and sum((x - k)^2) of one NCHW plane of n elements, in double (see stats_kernel).
 template <typename scalar_t>
-void plane_stats(const scalar_t* __restrict__ x, int64_t n, double& mean, double& m2) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t k = spread_mean(x, n, 1);
-  double s = 0, q = 0;
+void plane_moments(const scalar_t* __restrict__ x, int64_t n, double k, double& s, double& q) {
+  s = q = 0;
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {  // 16 elements a step
-    const __m256d kd[2] = {_mm256_set1_pd(k), _mm256_set1_pd(k)};
-    __m256d sx[2][2] = {}, sq[2][2] = {};
-    for (; i + 16 <= n; i += 16)
-      for (int v = 0; v < 2; ++v) add_moments(_mm256_loadu_ps(x + i + 8 * v), kd, sx[v], sq[v]);
-    for (int v = 0; v < 2; ++v) {
-      s += hsum(_mm256_add_pd(sx[v][0], sx[v][1]));
-      q += hsum(_mm256_add_pd(sq[v][0], sq[v][1]));
+  if constexpr (std::is_same_v<scalar_t, float>) {  // 16 elements a step; small planes go to lane_sums
+    if (n >= 64) {
+      const __m256d kd[2] = {_mm256_set1_pd(k), _mm256_set1_pd(k)};
+      __m256d sx[2][2] = {}, sq[2][2] = {};
+      for (; i + 16 <= n; i += 16)
+        for (int v = 0; v < 2; ++v) add_moments(_mm256_loadu_ps(x + i + 8 * v), kd, sx[v], sq[v]);
+      for (int v = 0; v < 2; ++v) {
+        s += hsum(_mm256_add_pd(sx[v][0], sx[v][1]));
+        q += hsum(_mm256_add_pd(sq[v][0], sq[v][1]));
+      }
     }
   }
 #endif
   double ts, tq;
   lane_sums(n - i, [&](int64_t j, double& a, double& a2) {
-    const double xj = static_cast<double>(x[i + j]), d = xj - static_cast<double>(k);
+    const double xj = static_cast<double>(x[i + j]), d = xj - k;
     a += xj;
     a2 += d * d;
   }, ts, tq);
   s += ts;
   q += tq;
-  mean = s / n;
-  const double dm = mean - static_cast<double>(k);
-  m2 = std::max(0.0, q - n * dm * dm);
 }
 
-// Per-channel mean and M2 of NHWC rows in one pass, every term added in double: mean =
-// sum(x) / n, M2 = sum(d^2) - n (mean - K)^2 with d = x - K, K the mean of 16 rows spread
-// evenly over N*H*W. K is then within a few standard deviations of the mean unless the data
-// is built against it, so the difference cancels little (rows 0-15 instead lost 1e-5 of the
-// variance when they were 100 sigma out), and large offsets (1e4 with unit variance) keep
-// their precision. (Float sums of 16 rows folded into double left the mean or variance an
+// parts[p * C + c] summed over p, per channel: one partial per image or per thread.
+C10_ALWAYS_INLINE double sum_parts(const std::vector<double>& parts, int64_t C, int64_t c) {
+  double total = 0;
+  for (size_t k = c; k < parts.size(); k += C) total += parts[k];
+  return total;
+}
+
+// Per-channel mean and biased variance from the partial sums of x and of (x - K)^2 over n
+// values: mean = sum(x) / n, M2 = sum((x - K)^2) - n (mean - K)^2.
+template <typename acc_t>
+void finish_stats(const std::vector<double>& S, const std::vector<double>& Q, const std::vector<double>& K,
+                  double n, acc_t* mean, acc_t* var) {
+  for (size_t c = 0; c < K.size(); ++c) {
+    const double m = sum_parts(S, K.size(), c) / n, dm = m - K[c];
+    mean[c] = static_cast<acc_t>(m);
+    var[c] = static_cast<acc_t>(std::max(0.0, sum_parts(Q, K.size(), c) - n * dm * dm) / n);
+  }
+}
+
+// Per-channel mean and biased variance in one pass, every term added in double: mean =
+// sum(x) / n, M2 = sum(d^2) - n (mean - K)^2 with d = x - K, K the mean of 16 values spread
+// evenly over the channel (over image 0 in NCHW). K is then within a few standard deviations
+// of the mean unless the data is built against it, so the difference cancels little (rows
+// 0-15 of NHWC instead lost 1e-5 of the variance when they were 100 sigma out), and large
+// offsets (1e4 with unit variance) keep their precision. (Float sums of 16 rows folded into double left the mean or variance an
 // ulp off now and then, which turned the backward of a BN whose grad_out nearly lies in the
 // span of (1, xhat), a tiny difference of large terms, 6e-3 wrong in the hourglass stem.)
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void nhwc_stats(const scalar_t* x, int64_t rows, int64_t C, double* mean, double* m2) {
-  std::vector<double> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(spread_mean(x + c, rows, C));
-  const int64_t T = at::get_num_threads();
+void stats_kernel(const scalar_t* x, const View& v, acc_t* mean, acc_t* var) {
+  const int64_t C = v.C;
+  std::vector<double> K(C);  // the shift: 16 values of each channel spread over image 0 (NCHW) or N*H*W (NHWC)
+  for (int64_t c = 0; c < C; ++c)
+    K[c] = static_cast<double>(v.channels_last ? spread_mean(x + c, v.outer, C) : spread_mean(x + c * v.inner, v.inner, 1));
+  if (!v.channels_last) {  // one partial per plane
+    std::vector<double> S(v.outer * C), Q(v.outer * C);
+    at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / v.inner), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) plane_moments(x + p * v.inner, v.inner, K[p % C], S[p], Q[p]);
+    });
+    finish_stats(S, Q, K, double(v.outer * v.inner), mean, var);
+    return;
+  }
+  const int64_t T = at::get_num_threads();  // one partial per thread
   std::vector<double> S(T * C, 0.0), Q(T * C, 0.0);
-  for_row_chunks(rows, rows_per_chunk(C, sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1) {
+  for_row_chunks(v.outer, C, rows_per_chunk(C, sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1) {
     double* s = &S[t * C];
     double* q = &Q[t * C];
     int64_t c0 = 0;
 #ifdef __AVX2__
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c0 + 16 <= C; c0 += 16) band_moments<2>(x, r0, r1, C, c0, shift.data(), s, q);
-      for (; c0 + 8 <= C; c0 += 8) band_moments<1>(x, r0, r1, C, c0, shift.data(), s, q);
+      for (; c0 + 16 <= C; c0 += 16) band_moments<2>(x, r0, r1, C, c0, K.data(), s, q);
+      for (; c0 + 8 <= C; c0 += 8) band_moments<1>(x, r0, r1, C, c0, K.data(), s, q);
     }
 #endif
     for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for non-float x)
       double a, a2;
-      const double k = shift[c];
       lane_sums(r1 - r0, [&](int64_t i, double& d1, double& d2) {
-        const double xi = static_cast<double>(x[(r0 + i) * C + c]), d = xi - k;
+        const double xi = static_cast<double>(x[(r0 + i) * C + c]), d = xi - K[c];
         d1 += xi;
         d2 += d * d;
       }, a, a2);
@@ -293,40 +312,7 @@ void nhwc_stats(const scalar_t* x, int64_t rows, int64_t C, double* mean, double
       q[c] += a2;
     }
   });
-  const double n = double(rows);
-  for (int64_t c = 0; c < C; ++c) {
-    mean[c] = over_threads(S, C, c) / n;
-    const double dm = mean[c] - shift[c];
-    m2[c] = std::max(0.0, over_threads(Q, C, c) - n * dm * dm);
-  }
-}
-
-// Per-channel mean and biased variance: per-plane (mean, M2) merged with Chan's formula in
-// NCHW, nhwc_stats in NHWC.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void stats_kernel(const scalar_t* x, const View& v, acc_t* mean_out, acc_t* var_out) {
-  const int64_t C = v.C;
-  if (v.channels_last) {
-    std::vector<double> m(C), q(C);
-    nhwc_stats(x, v.outer, C, m.data(), q.data());
-    for (int64_t c = 0; c < C; ++c) {
-      mean_out[c] = static_cast<acc_t>(m[c]);
-      var_out[c] = static_cast<acc_t>(q[c] / double(v.outer));
-    }
-    return;
-  }
-  std::vector<double> pm(v.outer * C), pq(v.outer * C);
-  at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / v.inner), [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) plane_stats(x + p * v.inner, v.inner, pm[p], pq[p]);
-  });
-  at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      double n = 0, m = 0, q = 0;
-      for (int64_t k = 0; k < v.outer; ++k) welford_merge(n, m, q, double(v.inner), pm[k * C + c], pq[k * C + c]);
-      mean_out[c] = static_cast<acc_t>(m);
-      var_out[c] = static_cast<acc_t>(q / n);
-    }
-  });
+  finish_stats(S, Q, K, double(v.outer), mean, var);
 }
 
 // Calls plane(c, begin, n) for every NCHW plane, or rows(begin_row, end_row) for NHWC.
@@ -432,22 +418,30 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
   double a[kLanes] = {}, ax[kLanes] = {};
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {  // 32 elements a step, two-level sums
+  if constexpr (std::is_same_v<scalar_t, float>) {  // 32 elements a step, then 8, two-level sums
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vsw = _mm256_set1_ps(s * w), vb = _mm256_set1_ps(b);
-    __m256d acc[4][4];
-    two_level_sums<4, 2>(0, n / 32, [&](int64_t r, int v, __m256* p) {
-      const int64_t j = r * 32 + 8 * v;
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xp + j), vm);
-      const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw), vb);
-      const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_loadu_ps(gp + j));
-      p[0] = _mm256_add_ps(p[0], g);
-      p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs)));
-    }, acc);
-    for (auto& v : acc) {
-      a[0] += hsum(_mm256_add_pd(v[0], v[1]));
-      ax[0] += hsum(_mm256_add_pd(v[2], v[3]));
-    }
-    i = n / 32 * 32;
+    auto steps = [&](auto width) {  // the elements from i in steps of V vectors
+      constexpr int V = decltype(width)::value;
+      if (n - i < 8 * V) return;  // (a horizontal sum per plane costs more than a 4x4 plane)
+      __m256d acc[V][4];
+      const float* x0 = xp + i;
+      const float* g0 = gp + i;
+      two_level_sums<V, 2>(0, (n - i) / (8 * V), [&](int64_t r, int v, __m256* p) {
+        const int64_t j = r * 8 * V + 8 * v;
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), vm);
+        const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw), vb);
+        const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_loadu_ps(g0 + j));
+        p[0] = _mm256_add_ps(p[0], g);
+        p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs)));
+      }, acc);
+      for (auto& v : acc) {
+        a[0] += hsum(_mm256_add_pd(v[0], v[1]));
+        ax[0] += hsum(_mm256_add_pd(v[2], v[3]));
+      }
+      i += (n - i) / (8 * V) * (8 * V);
+    };
+    steps(std::integral_constant<int, 4>());
+    steps(std::integral_constant<int, 1>());  // small planes (16 elements at 4x4)
   }
 #endif
   for (; i < n; ++i) {
@@ -511,7 +505,7 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
     });
   } else {
     // Two inputs: half the rows per chunk keeps a chunk's bytes the same.
-    for_row_chunks(v.outer, rows_per_chunk(C, 2 * sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1) {
+    for_row_chunks(v.outer, C, rows_per_chunk(C, 2 * sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1) {
       double* a = &ps[t * C];
       double* ax = &px[t * C];
       int64_t c0 = 0;
@@ -535,8 +529,8 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
     });
   }
   for (int64_t c = 0; c < C; ++c) {
-    sum_g[c] = static_cast<acc_t>(over_threads(ps, C, c));
-    sum_gx[c] = static_cast<acc_t>(over_threads(px, C, c));
+    sum_g[c] = static_cast<acc_t>(sum_parts(ps, C, c));
+    sum_gx[c] = static_cast<acc_t>(sum_parts(px, C, c));
   }
 }
 

@@ -5,8 +5,9 @@ normalise+clamp pass; running statistics are updated as nn.BatchNorm2d does. Bac
 only x and the per-channel statistics and recomputes the ReLU mask from them: one reduction
 pass and one elementwise pass. On the CPU, native training (without sync) runs each
 direction as one op (fasthg::bn_relu_train_forward / _backward): the same passes, without
-the Python and dispatch between them. Backends: eager (fasthg.reference), native (fasthg::bn_relu_*
-from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as fasthg::bn_relu_*_triton).
+the Python and dispatch between them. Backends: eager (fasthg.reference), native
+(fasthg::bn_relu_* from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as
+fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
 
 Cross-process statistics (sync=True, like nn.SyncBatchNorm): the forward all-gathers each
