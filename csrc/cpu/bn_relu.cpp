@@ -342,6 +342,21 @@ C10_ALWAYS_INLINE void run8(int64_t n, scalar_t* out, bool stream, F f, V vec) {
   for (; i < n; ++i) f(i);
 }
 
+// run8 for NHWC rows [r0, r1) of C channels: f(i, c) and vec(i, c) (float only) for the
+// element i = r * C + c, the 8-wide loop over each row's channels. (Rows start aligned
+// when they stream: see streams.)
+template <typename scalar_t, typename F, typename V>
+C10_ALWAYS_INLINE void run8_rows(int64_t r0, int64_t r1, int64_t C, F f, V vec) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t c = 0;
+#ifdef __AVX2__
+    if constexpr (std::is_same_v<scalar_t, float>)
+      for (; c + 8 <= C; c += 8) vec(r * C + c, c);
+#endif
+    for (; c < C; ++c) f(r * C + c, c);
+  }
+}
+
 // Whether an elementwise pass writing `out` streams its stores (see kStreamBytes).
 template <typename scalar_t>
 bool streams(const scalar_t* out, const View& v) {
@@ -382,20 +397,19 @@ template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, scalar_t* y, int64_t r0, int64_t r1, int64_t C, const acc_t* __restrict__ m,
                   const acc_t* __restrict__ s, const acc_t* __restrict__ wc, const acc_t* __restrict__ bc,
                   bool stream) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* __restrict__ xr = x + r * C;
-    scalar_t* __restrict__ yr = y + r * C;
-    int64_t c0 = 0;
+  auto one = [&](int64_t i, int64_t c) {
+    y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[i]), m[c], s[c], wc[c], bc[c]));
+  };
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c0 + 8 <= C; c0 += 8)
-        store8(yr + c0, value8(_mm256_loadu_ps(xr + c0), _mm256_loadu_ps(m + c0), _mm256_loadu_ps(s + c0),
-                               _mm256_loadu_ps(wc + c0), _mm256_loadu_ps(bc + c0)), stream);
-    }
-#endif
-    for (int64_t c = c0; c < C; ++c)
-      yr[c] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xr[c]), m[c], s[c], wc[c], bc[c]));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
+      store8(y + i, value8(_mm256_loadu_ps(x + i), _mm256_loadu_ps(m + c), _mm256_loadu_ps(s + c),
+                           _mm256_loadu_ps(wc + c), _mm256_loadu_ps(bc + c)), stream);
+    });
+    return;
   }
+#endif
+  run8_rows<scalar_t>(r0, r1, C, one, [](int64_t, int64_t) {});
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -562,25 +576,22 @@ void grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, 
                const acc_t* __restrict__ m, const acc_t* __restrict__ s, const acc_t* __restrict__ wc,
                const acc_t* __restrict__ bc, const acc_t* __restrict__ mg, const acc_t* __restrict__ mgx,
                bool stream) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* __restrict__ xr = x + r * C;
-    const scalar_t* __restrict__ gr = dy + r * C;
-    scalar_t* __restrict__ dr = dx + r * C;
-    int64_t c0 = 0;
+  auto one = [&](int64_t i, int64_t c) {
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, m[c], s[c], wc[c], bc[c]);
+    dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
+  };
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c0 + 8 <= C; c0 += 8)
-        store8(dr + c0, grad8(_mm256_loadu_ps(gr + c0), _mm256_loadu_ps(xr + c0), _mm256_loadu_ps(m + c0),
-                              _mm256_loadu_ps(s + c0), _mm256_loadu_ps(wc + c0), _mm256_loadu_ps(bc + c0),
-                              _mm256_loadu_ps(mg + c0), _mm256_loadu_ps(mgx + c0)), stream);
-    }
-#endif
-    for (int64_t c = c0; c < C; ++c) {
-      const acc_t xi = static_cast<acc_t>(xr[c]);
-      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gr[c]), xi, m[c], s[c], wc[c], bc[c]);
-      dr[c] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
-    }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
+      store8(dx + i, grad8(_mm256_loadu_ps(dy + i), _mm256_loadu_ps(x + i), _mm256_loadu_ps(m + c),
+                           _mm256_loadu_ps(s + c), _mm256_loadu_ps(wc + c), _mm256_loadu_ps(bc + c),
+                           _mm256_loadu_ps(mg + c), _mm256_loadu_ps(mgx + c)), stream);
+    });
+    return;
   }
+#endif
+  run8_rows<scalar_t>(r0, r1, C, one, [](int64_t, int64_t) {});
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
