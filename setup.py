@@ -76,7 +76,7 @@ def write_build_info(with_cuda, archs):
 
 
 def extensions():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp"))
     cxx = ["-O3", "-fopenmp"] + cpu_flags()
     with_cuda = want_cuda()
     archs = ""

@@ -3,7 +3,8 @@ skip merge, in one pass instead of materialising the upsampled tensor.
 
 Backends: eager (fasthg.reference), native (fasthg::upsample_add from csrc/, CPU and CUDA)
 and triton (kernels/upsample_add.py, registered here as fasthg::upsample_add_triton). Both
-custom ops get the same autograd: grad_skip is grad_out itself, grad_low its block sum.
+custom ops get the same autograd: grad_skip is grad_out itself, grad_low its block sum (the
+native op's in C++, csrc/autograd/upsample_add.cpp, the Triton op's here).
 
 Any ratio of sizes follows F.interpolate(mode="nearest", size=...) exactly (including
 non-integer ratios and shrinking); the hourglass always uses exactly 2x.
@@ -56,12 +57,9 @@ def _make_backward(backward_op):
     return backward
 
 
-if _ext._C is not None:
+if _ext._C is not None:  # (its autograd kernel is C++: csrc/autograd/upsample_add.cpp)
     torch.library.register_fake("fasthg::upsample_add")(_fake_forward)
     torch.library.register_fake("fasthg::upsample_add_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fasthg::upsample_add", _make_backward(torch.ops.fasthg.upsample_add_backward),
-        setup_context=_setup_context)
 
 if _backend.triton_available():
     from fasthg.kernels import upsample_add as _tk
