@@ -87,7 +87,7 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "fasthg._C",
             sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     else:

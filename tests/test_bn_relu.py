@@ -135,6 +135,23 @@ def test_hard_statistics(device, backend, layout, case):
 
 @pytest.mark.parametrize("device,backend", params())
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_parameter_grads_without_input_grad(device, backend, layout):
+    """A first layer's input needs no gradient: the backward then runs the sums alone."""
+    x64, x = make_x((3, 5, 6, 7), torch.float32, device, layout)
+    g = torch.Generator().manual_seed(2)
+    w64, b64 = torch.rand(5, generator=g, dtype=torch.float64) + 0.5, torch.randn(5, generator=g, dtype=torch.float64)
+    w, b = w64.float().to(device).requires_grad_(), b64.float().to(device).requires_grad_()
+    gy64 = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64)
+    gw, gb = torch.autograd.grad(ops.bn_relu(x, w, b, backend=backend), (w, b),
+                                 gy64.float().to(device).contiguous(memory_format=layout))
+    w64.requires_grad_(True)
+    b64.requires_grad_(True)
+    rw, rb = torch.autograd.grad(reference(x64, w64, b64, None, None, True), (w64, b64), gy64)
+    assert rel_err(gw.cpu(), rw) < 1e-5 and rel_err(gb.cpu(), rb) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_float64(device, backend, layout, training):
     g = torch.Generator().manual_seed(0)
@@ -173,6 +190,9 @@ def test_opcheck(device, backend, layout):
     if device == "cpu" and backend == "native":  # the one-call training ops (CPU only)
         torch.library.opcheck(torch.ops.fasthg.bn_relu_train_forward, (x, v[2], v[3], 1e-5))
         torch.library.opcheck(torch.ops.fasthg.bn_relu_train_backward, (gy, x, v[0], v[1], v[2], v[3]))
+        w, b = v[2].clone().requires_grad_(), v[3].clone().requires_grad_()
+        torch.library.opcheck(torch.ops.fasthg.bn_relu_train, (x.clone().requires_grad_(), w, b, 1e-5))
+        torch.library.opcheck(torch.ops.fasthg.bn_relu_train, (x, w, b, 1e-5))  # x needs no gradient
 
 
 @pytest.mark.parametrize("device,backend", params())

@@ -759,6 +759,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cpu(
   return {dx, sum_g, sum_gx};
 }
 
+// bn_relu_train without autograd (under torch.inference_mode, say): the forward alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                 const at::Tensor& bias, double eps) {
+  auto [y, mean, var, invstd] = bn_relu_train_forward_cpu(x, weight, bias, eps);
+  return {y, mean, var};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
@@ -768,6 +775,7 @@ TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cpu);
   m.impl("bn_relu_train_forward", &bn_relu_train_forward_cpu);
   m.impl("bn_relu_train_backward", &bn_relu_train_backward_cpu);
+  m.impl("bn_relu_train", &bn_relu_train_cpu);
 }
 
 }  // namespace fasthg

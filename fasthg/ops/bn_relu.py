@@ -3,8 +3,9 @@
 Training forward: one statistics pass (per-channel mean and biased variance) and one
 normalise+clamp pass; running statistics are updated as nn.BatchNorm2d does. Backward saves
 only x and the per-channel statistics and recomputes the ReLU mask from them: one reduction
-pass and one elementwise pass. On the CPU, native training (without sync) runs each
-direction as one op (fasthg::bn_relu_train_forward / _backward): the same passes, without
+pass and one elementwise pass. On the CPU, native training (without sync) is one op,
+fasthg::bn_relu_train, whose autograd kernel is C++ (csrc/autograd/bn_relu.cpp) and runs each
+direction as one call (fasthg::bn_relu_train_forward / _backward): the same passes, without
 the Python and dispatch between them. Backends: eager (fasthg.reference), native
 (fasthg::bn_relu_* from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as
 fasthg::bn_relu_*_triton).
@@ -79,7 +80,11 @@ def _fake_train_backward(grad_out, x, mean, invstd, weight, bias):
     return (_fake_like_x(grad_out, x),) + _fake_stats(x)
 
 
-# Per backend, its four ops; `train_devices` have the one-call training ops as well.
+def _fake_train(x, weight, bias, eps):
+    return (_fake_like_x(x, x),) + _fake_stats(x)
+
+
+# Per backend, its four ops; on `train_devices`, training without sync is `train` instead.
 _OPS = {"eager": SimpleNamespace(stats=reference.bn_relu_stats, forward=reference.bn_relu_forward,
                                  backward_reduce=reference.bn_relu_backward_reduce,
                                  backward_elemt=reference.bn_relu_backward_elemt, train_devices=())}
@@ -90,12 +95,12 @@ if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_backward_elemt")(_fake_like_x)
     torch.library.register_fake("fasthg::bn_relu_train_forward")(_fake_train_forward)
     torch.library.register_fake("fasthg::bn_relu_train_backward")(_fake_train_backward)
+    torch.library.register_fake("fasthg::bn_relu_train")(_fake_train)
     _OPS["native"] = SimpleNamespace(
         stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
         backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce,
         backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt,
-        train_forward=torch.ops.fasthg.bn_relu_train_forward,
-        train_backward=torch.ops.fasthg.bn_relu_train_backward, train_devices=("cpu",))
+        train=torch.ops.fasthg.bn_relu_train, train_devices=("cpu",))
 
 if _backend.triton_available():
     from fasthg.kernels import bn_relu as _tk
@@ -145,15 +150,18 @@ def _merge_across_processes(mean, var, count, group):
     return gmean.to(mean.dtype), (m2 / total).to(var.dtype), int(total.item())
 
 
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """As nn.BatchNorm2d: the unbiased batch variance goes into running_var. (One foreach
+    call, half the time of two lerps; mean and var never require grad.)"""
+    torch._foreach_lerp_((running_mean, running_var),
+                         (mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)), momentum)
+
+
 class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops, group):
         count = x.numel() // x.shape[1]
-        one_call = training and group is None and x.device.type in ops.train_devices
-        y = None
-        if one_call:
-            y, mean, var, invstd = ops.train_forward(x, weight, bias, eps)
-        elif training:
+        if training:
             mean, var = ops.stats(x)
             if group is not None:
                 mean, var, count = _merge_across_processes(mean, var, count, group)
@@ -162,19 +170,14 @@ class _BNReLU(torch.autograd.Function):
             mean = running_mean.to(weight.dtype)
             invstd = torch.rsqrt(running_var.to(weight.dtype) + eps)
         if training and running_mean is not None:
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.training, ctx.count, ctx.ops, ctx.group, ctx.one_call = training, count, ops, group, one_call
-        return y if one_call else ops.forward(x, mean, invstd, weight, bias)
+        ctx.training, ctx.count, ctx.ops, ctx.group = training, count, ops, group
+        return ops.forward(x, mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        if ctx.one_call and ctx.needs_input_grad[0]:
-            grad_x, sum_g, sum_gx = ctx.ops.train_backward(grad_out, x, mean, invstd, weight, bias)
-            return grad_x, sum_gx, sum_g, None, None, None, None, None, None, None
         sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, x, mean, invstd, weight, bias)
         if ctx.training:
             total_g, total_gx = sum_g, sum_gx
@@ -218,5 +221,11 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
     c = x.shape[1]
     weight = x.new_ones(c, dtype=pdtype) if weight is None else weight.to(pdtype)
     bias = x.new_zeros(c, dtype=pdtype) if bias is None else bias.to(pdtype)
+    ops = _OPS[which]
+    if training and group is None and x.device.type in ops.train_devices:
+        y, mean, var = ops.train(x, weight, bias, float(eps))
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
+        return y
     return _BNReLU.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
-                         _OPS[which], group)
+                         ops, group)
