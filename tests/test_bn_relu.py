@@ -108,6 +108,10 @@ def test_eval_forward_backward(device, backend, layout, poison):
     want = torch.autograd.grad(ref, (x64, w64, b64), gy)
     for a, e in zip(got, want):
         assert rel_err(a.cpu(), e) < 1e-5
+    with torch.no_grad():  # inference skips the autograd Function: the same values
+        y_nograd = ops.bn_relu(x, w, b, rm, rv, training=False, backend=backend)
+    assert not y_nograd.requires_grad and torch.equal(y_nograd, y.detach())
+    assert y_nograd.is_contiguous(memory_format=layout)
 
 
 @pytest.mark.parametrize("device,backend", params())

@@ -157,6 +157,11 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
                          (mean.to(running_mean.dtype), (var * (count / (count - 1))).to(running_var.dtype)), momentum)
 
 
+def _running_invstd(running_mean, running_var, eps, dtype):
+    """Eval mode normalises with the running statistics: their mean and 1 / sqrt(var + eps)."""
+    return running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
+
+
 class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops, group):
@@ -167,8 +172,7 @@ class _BNReLU(torch.autograd.Function):
                 mean, var, count = _merge_across_processes(mean, var, count, group)
             invstd = torch.rsqrt(var + eps)
         else:
-            mean = running_mean.to(weight.dtype)
-            invstd = torch.rsqrt(running_var.to(weight.dtype) + eps)
+            mean, invstd = _running_invstd(running_mean, running_var, eps, weight.dtype)
         if training and running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
@@ -227,5 +231,8 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
         return y
+    if not training and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
+        # inference: one elementwise op, without an autograd Function around it
+        return ops.forward(x, *_running_invstd(running_mean, running_var, eps, pdtype), weight, bias)
     return _BNReLU.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
                          ops, group)
