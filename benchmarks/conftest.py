@@ -2,10 +2,19 @@ import pytest
 import torch
 
 import fasthg
-from fasthg.bench import Rotation, last_level_cache_bytes
+import fasthg.malloc
+from fasthg.bench import Rotation, compiled, hourglass_shapes, last_level_cache_bytes  # noqa: F401 (compiled: for the suites)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # time the kernels, not the page faults of fresh outputs (see fasthg.malloc)
+    fasthg.malloc.keep_freed_memory()
 CACHE_BYTES = last_level_cache_bytes(torch.device(DEVICE))
+BATCH = 16 if DEVICE == "cuda" else 4
+# Half precision where the device computes it: bf16 on CPUs, bf16 and fp16 on GPUs.
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+# (channels, height, width) of every fused op call in hg2 at 256x256, from the model itself.
+SHAPES = hourglass_shapes("hg2", 256)
 
 
 def rotation(make):
@@ -18,6 +27,16 @@ def backends_for(op: str):
     """The backends with a kernel for `op` here. The Triton interpreter is for correctness,
     not speed: Triton is benchmarked on GPUs only."""
     return [b for b in fasthg.ops.available(DEVICE, op) if DEVICE == "cuda" or b != "triton"]
+
+
+def op_backends(op: str):
+    """backends_for(op) and "compile", torch.compile of the eager composition (eager first:
+    record() needs its median before the others')."""
+    return backends_for(op) + ["compile"]
+
+
+def shape_id(shape):
+    return f"{shape[0]}x{shape[1]}x{shape[2]}"
 
 
 _EAGER_MEDIANS = {}

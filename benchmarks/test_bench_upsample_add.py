@@ -1,5 +1,6 @@
-"""upsample_add at the hourglass's shapes (batch 16 on GPU, 4 on CPU; 256 channels;
-64x64..8x8 outputs; NCHW and channels_last): eager against every backend.
+"""upsample_add at every shape hg2 runs it at 256x256 (conftest.SHAPES; batch 16 on GPU, 4
+on CPU), NCHW and channels_last, float32 and half precision: forward and forward+backward,
+eager against every backend and torch.compile of the eager composition.
 
     pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
 
@@ -10,40 +11,41 @@ import itertools
 import pytest
 import torch
 
-from conftest import DEVICE, backends_for, record, rotation, sync
-from fasthg import ops
+from conftest import BATCH, DEVICE, DTYPES, LAYOUTS, SHAPES, compiled, op_backends, record, rotation, shape_id, sync
+from fasthg import ops, reference
 
-BATCH = 16 if DEVICE == "cuda" else 4
-DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
-LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # backend innermost so that eager runs first in each group
-CASES = list(itertools.product(["forward", "forward+backward"], DTYPES, LAYOUTS, [64, 32, 16, 8],
-                               backends_for("upsample_add")))
+CASES = list(itertools.product(["forward", "forward+backward"], DTYPES, LAYOUTS, SHAPES["upsample_add"],
+                               op_backends("upsample_add")))
 
 
-@pytest.mark.parametrize("mode,dtype,layout,level,backend", CASES,
-                         ids=[f"{m}-{str(d)[6:]}-{lay}-{lv}-{b}" for m, d, lay, lv, b in CASES])
-def test_upsample_add(benchmark, mode, dtype, layout, level, backend):
-    key = (mode, dtype, layout, level)
-    benchmark.group = f"upsample_add {mode} {str(dtype)[6:]} {layout} {level}x{level}"
+@pytest.mark.parametrize("mode,dtype,layout,shape,backend", CASES,
+                         ids=[f"{m}-{str(d)[6:]}-{lay}-{shape_id(s)}-{b}" for m, d, lay, s, b in CASES])
+def test_upsample_add(benchmark, mode, dtype, layout, shape, backend):
+    c, h, w = shape
+    key = (mode, dtype, layout, shape)
+    benchmark.group = f"upsample_add {mode} {str(dtype)[6:]} {layout} {shape_id(shape)}"
     fmt = LAYOUTS[layout]
     make = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
 
     def one_set():  # low, skip and grad; leaves for the backward
-        low, skip = make(BATCH, 256, level // 2, level // 2), make(BATCH, 256, level, level)
+        low, skip = make(BATCH, c, h // 2, w // 2), make(BATCH, c, h, w)
         if mode == "forward":
             return low, skip
-        return low.requires_grad_(True), skip.requires_grad_(True), make(BATCH, 256, level, level)
+        return low.requires_grad_(True), skip.requires_grad_(True), make(BATCH, c, h, w)
 
     sets = rotation(one_set)
+    f = compiled(reference.upsample_add) if backend == "compile" else (
+        lambda low, skip: ops.upsample_add(low, skip, backend=backend))
     if mode == "forward":
         def fn():
-            ops.upsample_add(*sets.next(), backend=backend)
+            f(*sets.next())
             sync()
     else:
         def fn():
             low, skip, grad = sets.next()
-            torch.autograd.grad(ops.upsample_add(low, skip, backend=backend), (low, skip), grad)
+            torch.autograd.grad(f(low, skip), (low, skip), grad)
             sync()
+    fn()  # warm-up (and compilation) outside the timing
     benchmark(fn)
     record(benchmark, key, backend)

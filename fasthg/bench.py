@@ -101,6 +101,24 @@ class Rotation:
         return self.sets[self.i]
 
 
+def hourglass_shapes(preset: str = "hg2", image_size: int = 256) -> Dict[str, List[tuple]]:
+    """The (channels, height, width) at which a model runs each fused op, from one forward
+    on the meta device (no memory, no compute): the inputs of its BN-ReLUs and the outputs
+    (skip's shape) of its upsample-adds, sorted largest first."""
+    from fasthg.models.hourglass import Hourglass
+    from fasthg.nn import BNReLU
+
+    model = PRESETS[preset](backend="eager").to("meta")
+    seen = {"bn_relu": set(), "upsample_add": set()}
+    for m in model.modules():
+        if isinstance(m, BNReLU):
+            m.register_forward_pre_hook(lambda _, inp: seen["bn_relu"].add(tuple(inp[0].shape[1:])))
+        elif isinstance(m, Hourglass):
+            m.register_forward_hook(lambda _, inp, out: seen["upsample_add"].add(tuple(out.shape[1:])))
+    model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    return {op: sorted(shapes, key=lambda s: (-s[1] * s[2], -s[0])) for op, shapes in seen.items()}
+
+
 def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 10) -> float:
     """Bytes per second of a large device-to-device (or memcpy) copy: read + write."""
     src = torch.empty(mib << 18, device=device).uniform_()
@@ -127,12 +145,17 @@ def _rows(case, fns, mode, med, device):
             for b, fn in fns.items()]
 
 
-def _compiled(fn):
+def compiled(fn):
     """torch.compile of an eager composition, specialised to each case's shapes. Every case
     compiles the same code objects: lift the recompile limit so that no case silently falls
     back to eager."""
     import torch._dynamo
+    import torch._inductor.config
 
+    # Compile in this process: a pool of compile workers kept both CPUs of the development
+    # machine busy for seconds after each compilation, and whatever was timed next ran up to
+    # 10x slower.
+    torch._inductor.config.compile_threads = 1
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
@@ -165,7 +188,7 @@ def bench_upsample_add(case, device, backends, repeats, compile=False, cache_byt
     fwd = {b: fwd_of(lambda lo, sk, b=b: ops.upsample_add(lo, sk, backend=b)) for b in backends}
     fb = {b: fb_of(lambda lo, sk, b=b: ops.upsample_add(lo, sk, backend=b)) for b in backends}
     if compile:
-        f = _compiled(reference.upsample_add)
+        f = compiled(reference.upsample_add)
         fwd["compile"], fb["compile"] = fwd_of(f), fb_of(f)
     rows = []
     for mode, fns in (("forward", fwd), ("forward+backward", fb)):
@@ -202,8 +225,8 @@ def bench_bn_relu(case, device, backends, repeats, compile=False, cache_bytes=0)
         "eval forward": {be: forward_of(lambda inp, be=be: call(inp, be, False)) for be in backends},
     }
     if compile:  # relu(batch_norm(x)) compiled, the running-statistics update included
-        train = _compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, True, 0.1, 1e-5))
-        infer = _compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, False, 0.1, 1e-5))
+        train = compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, True, 0.1, 1e-5))
+        infer = compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, False, 0.1, 1e-5))
         modes["train forward"]["compile"] = forward_of(train)
         modes["train forward+backward"]["compile"] = fb_of(train)
         modes["eval forward"]["compile"] = forward_of(infer)
@@ -227,7 +250,7 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
     for b in backends + (["compile"] if compile else []):
         m = PRESETS[preset](backend="eager" if b == "compile" else b).to(device)
         m.load_state_dict(base.state_dict())
-        models[b], forwards[b] = m, (torch.compile(m) if b == "compile" else m)
+        models[b], forwards[b] = m, (compiled(m) if b == "compile" else m)
     optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4) for b, m in models.items()}
 
     def step(b):
