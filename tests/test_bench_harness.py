@@ -93,3 +93,14 @@ def test_bench_command_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--out", ""] + argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_hourglass_shapes_are_the_models_own():
+    shapes = bench.hourglass_shapes("hg2", 256)
+    # the skip merges at every level of the depth-4 hourglass, largest first
+    assert shapes["upsample_add"] == [(256, 64, 64), (256, 32, 32), (256, 16, 16), (256, 8, 8)]
+    # stem: 64 channels at 128x128; residuals: their input and half their output channels
+    bn = shapes["bn_relu"]
+    assert bn[0] == (64, 128, 128) and (64, 64, 64) in bn
+    assert all((c, s, s) in bn for c in (128, 256) for s in (64, 32, 16, 8, 4))
+    assert len(bn) == 12 and bench.hourglass_shapes("hg1", 128)["upsample_add"][0] == (256, 32, 32)
