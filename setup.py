@@ -53,7 +53,7 @@ def cuda_archs():
 
 
 def cpu_flags():
-    """AVX2+FMA code when the machine that builds (and so runs) the extension has them:
+    """AVX2+FMA (and F16C, for float16) code when the machine that builds (and so runs) the extension has them:
     the CPU kernels' select-and-accumulate loops only vectorise past SSE2. No FMA
     contraction, so that a forward and its recomputing backward round identically.
     FASTHG_CPU_SIMD=0 builds for the x86-64 baseline."""
@@ -64,7 +64,9 @@ def cpu_flags():
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
-    return ["-mavx2", "-mfma", "-ffp-contract=off"] if {"avx2", "fma"} <= set(flags) else []
+    if not {"avx2", "fma"} <= set(flags):
+        return []
+    return ["-mavx2", "-mfma", "-ffp-contract=off"] + (["-mf16c"] if "f16c" in flags else [])
 
 
 def write_build_info(with_cuda, archs):

@@ -65,16 +65,39 @@ def test_training_forward_backward_and_running_stats(device, backend, dtype, lay
         assert rel_err(got.cpu(), want) < max(TOL[dtype], 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 256, 9, 7), (3, 24, 16, 16), (2, 44, 48, 64)], ids=str)
 def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
     """The CPU NHWC reductions walk bands of 32, then 8 channels, then single channels down
-    chunks of rows (512 KiB of them), each thread summing its own partials: 256 channels
+    chunks of rows (192 KiB of them), each thread summing its own partials: 256 channels
     in bands of 32; 24 in bands of 8; 44 = 32 + 8 + 4 over 6144 rows, several chunks per
     thread (the backward's chunks hold half as many rows: two inputs)."""
     if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
         pytest.skip("native unavailable")
     test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_native_cpu_half_precision_rounds_as_float(dtype, layout, poison):
+    """The CPU kernels compute 16-bit activations as floats, 8 at a time (csrc/cpu/vec8.h):
+    outputs and gradients must be the float32 op's, rounded to nearest even, bit for bit
+    (a NaN in the gradient stays NaN). 44 channels: bands of 32 and 8 and a tail; planes of
+    21x23 elements: 8-wide steps and a tail."""
+    if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
+        pytest.skip("native unavailable")
+    _, x = make_x((3, 44, 21, 23), dtype, "cpu", layout)
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype).contiguous(memory_format=layout)
+    gy[1, 5, 2, 3] = float("nan")
+    w, b = torch.rand(44) + 0.5, torch.randn(44)
+    outs = {}
+    for t in (dtype, torch.float32):
+        xt = x.to(t).requires_grad_(True)
+        y = ops.bn_relu(xt, w, b, backend="native")
+        outs[t] = (y, torch.autograd.grad(y, xt, gy.to(t))[0])
+    for got, want in zip(outs[dtype], outs[torch.float32]):
+        assert got.dtype == dtype and got.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])

@@ -3,8 +3,9 @@
 // channels_last. The statistics add every term in double (BN backward subtracts nearly
 // equal terms, and an ulp off in the mean or variance showed in the gradients); the
 // backward's sums add 16 rows in float before each fold into double (two_level_sums).
-// The float32 passes have AVX2 paths (setup.py builds with AVX2 where the machine has it):
-// a masked select feeding double accumulators is beyond GCC's auto-vectoriser.
+// The float32, bfloat16 and float16 passes have AVX2 paths, 8 values a vector as floats
+// (vec8.h; setup.py builds with AVX2 where the machine has it): a masked select feeding
+// double accumulators is beyond GCC's auto-vectoriser.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,6 +24,7 @@
 #endif
 
 #include "../bn_relu.h"
+#include "vec8.h"
 
 namespace fasthg {
 namespace {
@@ -91,17 +93,8 @@ C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w
 
 // Streaming stores skip the read-for-ownership of each output line: a third less traffic
 // for an elementwise pass over tensors too big to stay in cache, but they evict the output,
-// so only outputs over this size stream (a 64x64x256 float level of batch 4 is 16 MiB).
+// so only float outputs over this size stream (a 64x64x256 float level of batch 4 is 16 MiB).
 constexpr int64_t kStreamBytes = 8 << 20;
-
-C10_ALWAYS_INLINE void store8(float* p, __m256 v, bool stream) {
-  if (stream)
-    _mm256_stream_ps(p, v);
-  else
-    _mm256_storeu_ps(p, v);
-}
-
-C10_ALWAYS_INLINE bool aligned32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 #endif
 
 // NHWC reductions: each thread sums its rows into its own per-channel double partials,
@@ -118,8 +111,11 @@ C10_ALWAYS_INLINE bool aligned32(const void* p) { return reinterpret_cast<uintpt
 // addresses matched modulo 4 KiB (1.5-3x slower, depending on placement).
 constexpr int64_t kChunkBytes = 192 << 10;
 
-int64_t rows_per_chunk(int64_t C, int64_t itemsize) {
-  return std::max<int64_t>(2, kChunkBytes / (C * itemsize));
+// Rows per chunk for `inputs` tensors of C channels, counted as floats whatever the
+// storage type: 16-bit inputs then add in the same order as float32 ones, and their results
+// are the float32 op's, rounded.
+int64_t rows_per_chunk(int64_t C, int64_t inputs) {
+  return std::max<int64_t>(2, kChunkBytes / (C * inputs * int64_t(sizeof(float))));
 }
 
 // Calls f(t, r0, r1, r2) for chunks [r0, r1) of R NHWC rows of C channels, in parallel; t
@@ -162,7 +158,8 @@ C10_ALWAYS_INLINE void two_level_sums(int64_t r0, int64_t r1, F f, __m256d (&acc
 // address order.
 class LineStream {
  public:
-  LineStream(const float* p, int64_t r1, int64_t r2, int64_t C)
+  template <typename T>
+  LineStream(const T* p, int64_t r1, int64_t r2, int64_t C)
       : p_(reinterpret_cast<uintptr_t>(p + r1 * C)), end_(reinterpret_cast<uintptr_t>(p + r2 * C)) {}
   C10_ALWAYS_INLINE void next() {
     if (p_ < end_) {
@@ -174,6 +171,14 @@ class LineStream {
  private:
   uintptr_t p_, end_;
 };
+
+// Whether vector v of row r, in a band of V vectors of T, starts a cache line's worth of
+// the stream: a line holds 2 vectors of float, 4 of bfloat16 or half.
+template <typename T, int V>
+C10_ALWAYS_INLINE bool starts_line(int64_t r, int v) {
+  constexpr int per_line = 64 / (8 * sizeof(T));
+  return (r * V + v) % per_line == 0;
+}
 
 // out[q][c0 + 8v ..] += acc[v][2q], acc[v][2q + 1], for the Q per-channel sums.
 template <int V, int Q>
@@ -202,16 +207,16 @@ C10_ALWAYS_INLINE void add_moments(__m256 x, const __m256d (&k)[2], __m256d (&sx
 
 // Sums of a band of V vectors of channels from c0, rows [r0, r1): s += sum(x) and
 // q += sum((x - K)^2), in double.
-template <int V>
-C10_ALWAYS_INLINE void band_moments(const float* x, int64_t r0, int64_t r1, int64_t C, int64_t c0,
+template <int V, typename T>
+C10_ALWAYS_INLINE void band_moments(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t c0,
                                     const double* shift, double* s, double* q, LineStream& next) {
   __m256d k[V][2], sx[V][2] = {}, sq[V][2] = {};
   for (int v = 0; v < V; ++v)
     for (int h = 0; h < 2; ++h) k[v][h] = _mm256_loadu_pd(shift + c0 + 8 * v + 4 * h);
   for (int64_t r = r0; r < r1; ++r)
     for (int v = 0; v < V; ++v) {
-      if (v % 2 == 0) next.next();  // a line per 2 vectors
-      add_moments(_mm256_loadu_ps(x + r * C + c0 + 8 * v), k[v], sx[v], sq[v]);
+      if (starts_line<T, V>(r, v)) next.next();
+      add_moments(load8(x + r * C + c0 + 8 * v), k[v], sx[v], sq[v]);
     }
   add_band<V, 1>(sx, {s}, c0);
   add_band<V, 1>(sq, {q}, c0);
@@ -234,12 +239,12 @@ void plane_moments(const scalar_t* __restrict__ x, int64_t n, double k, double& 
   s = q = 0;
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {  // 16 elements a step; small planes go to lane_sums
+  if constexpr (kVec8<scalar_t>) {  // 16 elements a step; small planes go to lane_sums
     if (n >= 64) {
       const __m256d kd[2] = {_mm256_set1_pd(k), _mm256_set1_pd(k)};
       __m256d sx[2][2] = {}, sq[2][2] = {};
       for (; i + 16 <= n; i += 16)
-        for (int v = 0; v < 2; ++v) add_moments(_mm256_loadu_ps(x + i + 8 * v), kd, sx[v], sq[v]);
+        for (int v = 0; v < 2; ++v) add_moments(load8(x + i + 8 * v), kd, sx[v], sq[v]);
       for (int v = 0; v < 2; ++v) {
         s += hsum(_mm256_add_pd(sx[v][0], sx[v][1]));
         q += hsum(_mm256_add_pd(sq[v][0], sq[v][1]));
@@ -300,12 +305,12 @@ void stats_kernel(const scalar_t* x, const View& v, acc_t* mean, acc_t* var) {
   }
   const int64_t T = at::get_num_threads();  // one partial per thread
   std::vector<double> S(T * C, 0.0), Q(T * C, 0.0);
-  for_row_chunks(v.outer, C, rows_per_chunk(C, sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
+  for_row_chunks(v.outer, C, rows_per_chunk(C, 1), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
     double* s = &S[t * C];
     double* q = &Q[t * C];
     int64_t c0 = 0;
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kVec8<scalar_t>) {
       LineStream next(x, r1, r2, C);
       for (; c0 + 16 <= C; c0 += 16) band_moments<2>(x, r0, r1, C, c0, K.data(), s, q, next);
       for (; c0 + 8 <= C; c0 += 8) band_moments<1>(x, r0, r1, C, c0, K.data(), s, q, next);
@@ -343,7 +348,7 @@ template <typename scalar_t, typename F, typename V>
 C10_ALWAYS_INLINE void run8(int64_t n, scalar_t* out, bool stream, F f, V vec) {
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kVec8<scalar_t>) {
     if (stream)
       for (; i < n && !aligned32(out + i); ++i) f(i);
     for (; i + 8 <= n; i += 8) vec(i);
@@ -360,7 +365,7 @@ C10_ALWAYS_INLINE void run8_rows(int64_t r0, int64_t r1, int64_t C, F f, V vec) 
   for (int64_t r = r0; r < r1; ++r) {
     int64_t c = 0;
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<scalar_t, float>)
+    if constexpr (kVec8<scalar_t>)
       for (; c + 8 <= C; c += 8) vec(r * C + c, c);
 #endif
     for (; c < C; ++c) f(r * C + c, c);
@@ -392,9 +397,9 @@ void forward_plane(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, i
                    acc_t wc, acc_t bc, bool stream) {
   auto one = [&](int64_t i) { yp[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xp[i]), m, s, wc, bc)); };
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kVec8<scalar_t>) {
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(wc), vb = _mm256_set1_ps(bc);
-    run8(n, yp, stream, one, [&](int64_t i) { store8(yp + i, value8(_mm256_loadu_ps(xp + i), vm, vs, vw, vb), stream); });
+    run8(n, yp, stream, one, [&](int64_t i) { store8(yp + i, value8(load8(xp + i), vm, vs, vw, vb), stream); });
     return;
   }
 #endif
@@ -411,10 +416,10 @@ void forward_rows(const scalar_t* x, scalar_t* y, int64_t r0, int64_t r1, int64_
     y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[i]), m[c], s[c], wc[c], bc[c]));
   };
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kVec8<scalar_t>) {
     run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
-      store8(y + i, value8(_mm256_loadu_ps(x + i), _mm256_loadu_ps(m + c), _mm256_loadu_ps(s + c),
-                           _mm256_loadu_ps(wc + c), _mm256_loadu_ps(bc + c)), stream);
+      store8(y + i, value8(load8(x + i), load8(m + c), load8(s + c),
+                           load8(wc + c), load8(bc + c)), stream);
     });
     return;
   }
@@ -442,19 +447,19 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
   double a[kLanes] = {}, ax[kLanes] = {};
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {  // 32 elements a step, then 8, two-level sums
+  if constexpr (kVec8<scalar_t>) {  // 32 elements a step, then 8, two-level sums
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vsw = _mm256_set1_ps(s * w), vb = _mm256_set1_ps(b);
     auto steps = [&](auto width) {  // the elements from i in steps of V vectors
       constexpr int V = decltype(width)::value;
       if (n - i < 8 * V) return;  // (a horizontal sum per plane costs more than a 4x4 plane)
       __m256d acc[V][4];
-      const float* x0 = xp + i;
-      const float* g0 = gp + i;
+      const scalar_t* x0 = xp + i;
+      const scalar_t* g0 = gp + i;
       two_level_sums<V, 2>(0, (n - i) / (8 * V), [&](int64_t r, int v, __m256* p) {
         const int64_t j = r * 8 * V + 8 * v;
-        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x0 + j), vm);
+        const __m256 d = _mm256_sub_ps(load8(x0 + j), vm);
         const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw), vb);
-        const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_loadu_ps(g0 + j));
+        const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), load8(g0 + j));
         p[0] = _mm256_add_ps(p[0], g);
         p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs)));
       }, acc);
@@ -484,29 +489,29 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
 #ifdef __AVX2__
 // sum(g) and sum(g * xhat) of a band of V vectors of channels from c0, rows [r0, r1), with
 // g = dy where the forward output was > 0, as bn_relu_masked_grad computes it.
-template <int V>
-C10_ALWAYS_INLINE void band_masked_sums(const float* x, const float* dy, int64_t r0, int64_t r1, int64_t C,
+template <int V, typename T>
+C10_ALWAYS_INLINE void band_masked_sums(const T* x, const T* dy, int64_t r0, int64_t r1, int64_t C,
                                         int64_t c0, const float* m, const float* s, const float* w,
                                         const float* b, double* sg, double* sgx, LineStream& next_x,
                                         LineStream& next_dy) {
   __m256 vm[V], vs[V], vsw[V], vb[V];
   for (int v = 0; v < V; ++v) {
     const int64_t c = c0 + 8 * v;
-    vm[v] = _mm256_loadu_ps(m + c);
-    vs[v] = _mm256_loadu_ps(s + c);
-    vsw[v] = _mm256_mul_ps(vs[v], _mm256_loadu_ps(w + c));
-    vb[v] = _mm256_loadu_ps(b + c);
+    vm[v] = load8(m + c);
+    vs[v] = load8(s + c);
+    vsw[v] = _mm256_mul_ps(vs[v], load8(w + c));
+    vb[v] = load8(b + c);
   }
   __m256d acc[V][4];
   two_level_sums<V, 2>(r0, r1, [&](int64_t r, int v, __m256* p) {
     const int64_t i = r * C + c0 + 8 * v;
-    if (v % 2 == 0) {
+    if (starts_line<T, V>(r, v)) {
       next_x.next();
       next_dy.next();
     }
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm[v]);
+    const __m256 d = _mm256_sub_ps(load8(x + i), vm[v]);
     const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw[v]), vb[v]);
-    const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_loadu_ps(dy + i));
+    const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), load8(dy + i));
     p[0] = _mm256_add_ps(p[0], g);
     p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs[v])));
   }, acc);
@@ -531,13 +536,12 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
       }
     });
   } else {
-    // Two inputs: half the rows per chunk keeps a chunk's bytes the same.
-    for_row_chunks(v.outer, C, rows_per_chunk(C, 2 * sizeof(scalar_t)), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
+    for_row_chunks(v.outer, C, rows_per_chunk(C, 2), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
       double* a = &ps[t * C];
       double* ax = &px[t * C];
       int64_t c0 = 0;
 #ifdef __AVX2__
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (kVec8<scalar_t>) {
         LineStream next_x(x, r1, r2, C), next_dy(dy, r1, r2, C);
         for (; c0 + 32 <= C; c0 += 32) band_masked_sums<4>(x, dy, r0, r1, C, c0, mean, invstd, w, b, a, ax, next_x, next_dy);
         for (; c0 + 8 <= C; c0 += 8) band_masked_sums<1>(x, dy, r0, r1, C, c0, mean, invstd, w, b, a, ax, next_x, next_dy);
@@ -572,11 +576,11 @@ void grad_plane(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp
     dp[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m, s, wc, mg, mgx));
   };
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kVec8<scalar_t>) {
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(wc), vb = _mm256_set1_ps(bc),
                  vmg = _mm256_set1_ps(mg), vmgx = _mm256_set1_ps(mgx);
     run8(n, dp, stream, one, [&](int64_t i) {
-      store8(dp + i, grad8(_mm256_loadu_ps(gp + i), _mm256_loadu_ps(xp + i), vm, vs, vw, vb, vmg, vmgx), stream);
+      store8(dp + i, grad8(load8(gp + i), load8(xp + i), vm, vs, vw, vb, vmg, vmgx), stream);
     });
     return;
   }
@@ -596,11 +600,11 @@ void grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, 
     dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
   };
 #ifdef __AVX2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kVec8<scalar_t>) {
     run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
-      store8(dx + i, grad8(_mm256_loadu_ps(dy + i), _mm256_loadu_ps(x + i), _mm256_loadu_ps(m + c),
-                           _mm256_loadu_ps(s + c), _mm256_loadu_ps(wc + c), _mm256_loadu_ps(bc + c),
-                           _mm256_loadu_ps(mg + c), _mm256_loadu_ps(mgx + c)), stream);
+      store8(dx + i, grad8(load8(dy + i), load8(x + i), load8(m + c),
+                           load8(s + c), load8(wc + c), load8(bc + c),
+                           load8(mg + c), load8(mgx + c)), stream);
     });
     return;
   }

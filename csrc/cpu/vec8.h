@@ -1,0 +1,66 @@
+// Eight activations at a time as an AVX2 vector of floats, whatever their storage type:
+// float, bfloat16 (the high half of a float) and half (F16C), loaded exactly and stored with
+// round to nearest even, as c10's conversions do, so a vector and a scalar loop agree.
+#pragma once
+
+#ifdef __AVX2__
+#include <immintrin.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fasthg {
+
+// Storage types with an 8-wide path (half needs F16C, which setup.py enables with AVX2).
+template <typename T>
+constexpr bool kVec8 = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>
+#ifdef __F16C__
+                       || std::is_same_v<T, c10::Half>
+#endif
+    ;
+
+C10_ALWAYS_INLINE bool aligned32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
+
+C10_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+C10_ALWAYS_INLINE __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Streaming stores (float only, 32-byte aligned) skip the read-for-ownership of the line.
+C10_ALWAYS_INLINE void store8(float* p, __m256 v, bool stream) {
+  if (stream)
+    _mm256_stream_ps(p, v);
+  else
+    _mm256_storeu_ps(p, v);
+}
+
+// c10::detail::round_to_nearest_even, 8 at a time: NaN becomes 0x7FC0.
+C10_ALWAYS_INLINE void store8(c10::BFloat16* p, __m256 v, bool) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // 32 -> 16 bits: packus works within 128-bit lanes, so pack, then gather the two low quarters.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+#ifdef __F16C__
+C10_ALWAYS_INLINE __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+C10_ALWAYS_INLINE void store8(c10::Half* p, __m256 v, bool) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+}  // namespace fasthg
+#endif
