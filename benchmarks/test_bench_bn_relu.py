@@ -32,7 +32,7 @@ def test_bn_relu(benchmark, mode, dtype, layout, shape, backend):
     rm, rv = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
     training = mode.startswith("train")
     if backend == "compile":  # the running-statistics update included, as in the op
-        f = compiled(lambda x: reference.bn_relu(x, wt, b, rm, rv, training, 0.1, 1e-5))
+        f = compiled(lambda x: reference.bn_relu(x, wt, b, rm, rv, training, 0.1, 1e-5), DEVICE)
     else:
         f = lambda x: ops.bn_relu(x, wt, b, rm, rv, training, backend=backend)  # noqa: E731
     if backward:

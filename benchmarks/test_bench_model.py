@@ -21,7 +21,7 @@ def test_train_step(benchmark, preset, backend):
     benchmark.group = f"{preset} train step, batch {BATCH}, 256x256"
     torch.manual_seed(0)
     model = PRESETS[preset](backend="eager" if backend == "compile" else backend).to(DEVICE)
-    forward = compiled(model) if backend == "compile" else model
+    forward = compiled(model, DEVICE) if backend == "compile" else model
     images = torch.randn(BATCH, 3, 256, 256, device=DEVICE)
     target = torch.randn(BATCH, model.num_stacks, model.num_joints, 64, 64, device=DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -46,7 +46,7 @@ def test_forward(benchmark, preset, backend):
     benchmark.group = f"{preset} inference forward, batch {BATCH}, 256x256"
     torch.manual_seed(0)
     model = PRESETS[preset](backend="eager" if backend == "compile" else backend).to(DEVICE).eval()
-    forward = compiled(model) if backend == "compile" else model
+    forward = compiled(model, DEVICE) if backend == "compile" else model
     images = torch.randn(BATCH, 3, 256, 256, device=DEVICE)
 
     def run():

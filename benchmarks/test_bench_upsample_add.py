@@ -35,7 +35,7 @@ def test_upsample_add(benchmark, mode, dtype, layout, shape, backend):
         return low.requires_grad_(True), skip.requires_grad_(True), make(BATCH, c, h, w)
 
     sets = rotation(one_set)
-    f = compiled(reference.upsample_add) if backend == "compile" else (
+    f = compiled(reference.upsample_add, DEVICE) if backend == "compile" else (
         lambda low, skip: ops.upsample_add(low, skip, backend=backend))
     if mode == "forward":
         def fn():

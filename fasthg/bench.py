@@ -145,20 +145,21 @@ def _rows(case, fns, mode, med, device):
             for b, fn in fns.items()]
 
 
-def compiled(fn):
-    """torch.compile of an eager composition, specialised to each case's shapes. Every case
-    compiles the same code objects: lift the recompile limit so that no case silently falls
-    back to eager."""
+def compiled(fn, device=None):
+    """torch.compile of an eager composition (or model), specialised to each case's shapes.
+    Every case compiles the same code objects: each starts from an empty Dynamo cache, so
+    no case hits the recompile limit and silently runs eager (and if one did, it fails)."""
     import torch._dynamo
     import torch._inductor.config
 
-    # Compile in this process: a pool of compile workers kept both CPUs of the development
-    # machine busy for seconds after each compilation, and whatever was timed next ran up to
-    # 10x slower.
-    torch._inductor.config.compile_threads = 1
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    torch._dynamo.reset()
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if device is None or torch.device(device).type == "cpu":
+        # Compile in this process: a pool of compile workers kept both CPUs of the
+        # development machine busy for seconds after each compilation, and whatever was
+        # timed next ran up to 10x slower.
+        torch._inductor.config.compile_threads = 1
     return torch.compile(fn, dynamic=False)
 
 
@@ -188,7 +189,7 @@ def bench_upsample_add(case, device, backends, repeats, compile=False, cache_byt
     fwd = {b: fwd_of(lambda lo, sk, b=b: ops.upsample_add(lo, sk, backend=b)) for b in backends}
     fb = {b: fb_of(lambda lo, sk, b=b: ops.upsample_add(lo, sk, backend=b)) for b in backends}
     if compile:
-        f = compiled(reference.upsample_add)
+        f = compiled(reference.upsample_add, device)
         fwd["compile"], fb["compile"] = fwd_of(f), fb_of(f)
     rows = []
     for mode, fns in (("forward", fwd), ("forward+backward", fb)):
@@ -225,8 +226,8 @@ def bench_bn_relu(case, device, backends, repeats, compile=False, cache_bytes=0)
         "eval forward": {be: forward_of(lambda inp, be=be: call(inp, be, False)) for be in backends},
     }
     if compile:  # relu(batch_norm(x)) compiled, the running-statistics update included
-        train = compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, True, 0.1, 1e-5))
-        infer = compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, False, 0.1, 1e-5))
+        train = compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, True, 0.1, 1e-5), device)
+        infer = compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, False, 0.1, 1e-5), device)
         modes["train forward"]["compile"] = forward_of(train)
         modes["train forward+backward"]["compile"] = fb_of(train)
         modes["eval forward"]["compile"] = forward_of(infer)
@@ -250,7 +251,7 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
     for b in backends + (["compile"] if compile else []):
         m = PRESETS[preset](backend="eager" if b == "compile" else b).to(device)
         m.load_state_dict(base.state_dict())
-        models[b], forwards[b] = m, (compiled(m) if b == "compile" else m)
+        models[b], forwards[b] = m, (compiled(m, device) if b == "compile" else m)
     optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4) for b, m in models.items()}
 
     def step(b):

@@ -227,7 +227,8 @@ class Trainer:
         checkpoint.load_model(path, model=self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16, which an enabled scaler refuses
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         self.sampler.start = state["step_in_epoch"] * self.cfg.batch_size
         rng = state["rng"]
@@ -400,7 +401,9 @@ class Trainer:
                     b.copy_(saved)
             self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it fills
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the DataLoader's pin-memory thread keeps calling CUDA during the
+            # capture, which the default (global) mode would count against it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self._loss(*static, amp_dtype)
                 loss.backward()
                 self.optimizer.step()
