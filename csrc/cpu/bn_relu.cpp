@@ -154,7 +154,7 @@ C10_ALWAYS_INLINE void two_level_sums(int64_t r0, int64_t r1, F f, __m256d (&acc
   }
 }
 
-// Prefetches the cache lines of the floats [r1 * C, r2 * C) into L2, one per next(), in
+// Prefetches the cache lines of the elements [r1 * C, r2 * C) into L2, one per next(), in
 // address order.
 class LineStream {
  public:
@@ -316,7 +316,7 @@ void stats_kernel(const scalar_t* x, const View& v, acc_t* mean, acc_t* var) {
       for (; c0 + 8 <= C; c0 += 8) band_moments<1>(x, r0, r1, C, c0, K.data(), s, q, next);
     }
 #endif
-    for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for non-float x)
+    for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for float64 x)
       double a, a2;
       lane_sums(r1 - r0, [&](int64_t i, double& d1, double& d2) {
         const double xi = static_cast<double>(x[(r0 + i) * C + c]), d = xi - K[c];
@@ -547,7 +547,7 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
         for (; c0 + 8 <= C; c0 += 8) band_masked_sums<1>(x, dy, r0, r1, C, c0, mean, invstd, w, b, a, ax, next_x, next_dy);
       }
 #endif
-      for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for non-float x)
+      for (int64_t c = c0; c < C; ++c) {  // the channels left over (every channel for float64 x)
         double sg, sgx;
         lane_sums(r1 - r0, [&](int64_t i, double& g_acc, double& gx_acc) {
           const acc_t xi = static_cast<acc_t>(x[(r0 + i) * C + c]);
