@@ -284,9 +284,10 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
-        progress: bool = True, keep_freed_memory: bool = False):
+        progress: bool = True, keep_freed_memory: bool = False, dtypes=None):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.malloc), so
-    that page faults of fresh outputs do not swamp the kernels; process-wide."""
+    that page faults of fresh outputs do not swamp the kernels; process-wide. dtypes: the
+    ops' activation dtypes (default float32, and bfloat16 on GPUs)."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
@@ -299,7 +300,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         return [b for b in ops.available(dev.type, op) if gpu or b != "triton"]
 
     batch = 16 if gpu else 4
-    dtypes = [torch.float32, torch.bfloat16] if gpu else [torch.float32]
+    dtypes = dtypes or ([torch.float32, torch.bfloat16] if gpu else [torch.float32])
     layouts = [torch.contiguous_format, torch.channels_last]
     cases = []
     for c in channels:

@@ -21,6 +21,22 @@ def _ints(text):
     return values
 
 
+_DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "f16": "float16", "fp16": "float16"}
+
+
+def _dtypes(text):
+    """--dtypes: activation dtypes, comma-separated (float32, bfloat16, float16)."""
+    import torch
+
+    names = [x for x in text.split(",") if x]
+    unknown = [n for n in names if n not in _DTYPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype {', '.join(unknown) or repr(text)}: "
+                                         "expected float32, bfloat16, float16 (comma-separated)")
+    return [getattr(torch, _DTYPES[n]) for n in names]
+
+
 def _models(text):
     """--model: preset names, comma-separated, or none."""
     from fasthg.models import PRESETS
@@ -38,7 +54,7 @@ def _bench(args):
 
     result = bench.run(device=args.device, levels=args.levels, channels=args.channels,
                        repeats=args.repeats, models=args.model, model_repeats=args.model_repeats,
-                       image_size=args.image_size, compile=args.compile, out_dir=args.out,
+                       image_size=args.image_size, compile=args.compile, out_dir=args.out, dtypes=args.dtypes,
                        keep_freed_memory=args.keep_freed_memory)
     print(bench.table(result))
     if args.out:
@@ -55,6 +71,9 @@ def main(argv=None):
     b.add_argument("--levels", type=_ints, default="64,32,16,8",
                    help="feature-map sizes the ops run at (comma-separated; the hourglass runs 128..4)")
     b.add_argument("--channels", type=_ints, default="256", help="channel counts (comma-separated; the hourglass runs 64,128,256)")
+    b.add_argument("--dtypes", type=_dtypes, default=None,
+                   help="activation dtypes of the ops, comma-separated: float32, bfloat16, float16 (default: "
+                        "float32 on CPUs, float32,bfloat16 on GPUs)")
     b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
     b.add_argument("--model", type=_models, default="hg2",
                    help="models whose training step and inference are timed: hg1, hg2, hg4, hg8, comma-separated, "

@@ -86,6 +86,7 @@ def test_op_inputs_rotate_through_twice_the_last_level_cache():
     (["--model", "hg3"], "unknown model hg3: expected hg1, hg2, hg4, hg8"),
     (["--levels", "64,x"], "expected comma-separated positive integers, got '64,x'"),
     (["--channels", "0"], "expected comma-separated positive integers, got '0'"),
+    (["--dtypes", "float32,int8"], "unknown dtype int8: expected float32, bfloat16, float16"),
 ])
 def test_bench_command_refuses_bad_arguments(argv, message, capsys):
     from fasthg import cli
@@ -104,3 +105,13 @@ def test_hourglass_shapes_are_the_models_own():
     assert bn[0] == (64, 128, 128) and (64, 64, 64) in bn
     assert all((c, s, s) in bn for c in (128, 256) for s in (64, 32, 16, 8, 4))
     assert len(bn) == 12 and bench.hourglass_shapes("hg1", 128)["upsample_add"][0] == (256, 32, 32)
+
+
+def test_dtypes_choose_the_op_rows_dtypes():
+    import torch
+
+    result = bench.run(device="cpu", levels=[4], channels=[8], repeats=1, models=[], out_dir=None, progress=False,
+                       dtypes=[torch.bfloat16, torch.float16])
+    rows = [r for r in result["rows"] if "gb_s" in r]
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
+    assert all(r["bytes"] == bench.TRAFFIC[r["op"], r["mode"]] * 4 * 8 * 4 * 4 * 2 for r in rows)
