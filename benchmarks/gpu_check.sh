@@ -12,7 +12,8 @@
 #    torch.compile, whose per-shape compiles alone would outrun the 9 minutes this script
 #    has: `fasthg bench --device cuda --compile --levels 64,32 --model hg2` gives those),
 # writing every log, JSON, table and chart into OUT_DIR (at most 8 files) and printing a
-# short summary last. Any failure stops it with a non-zero exit and names the step and log.
+# short summary last. Any failure stops it with a non-zero exit and names the step and log;
+# so does running past its budget of 9 minutes in all (GPU_CHECK_SECONDS=540).
 set -euo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -22,12 +23,21 @@ PY=${PYTHON:-python3}
 summary="$out/summary.txt"
 : > "$summary"
 
+budget=${GPU_CHECK_SECONDS:-540}
+
 step() {  # step NAME LOG COMMAND...: run, time, and fail loudly with the log's tail
   local name=$1 log=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((budget - SECONDS)) rc=0
   echo "== $name" >&2
-  if ! "$@" > "$log" 2>&1; then
-    echo "FAILED: $name (log: $log); last lines:" | tee -a "$summary" >&2
+  if ((left <= 0)); then
+    echo "FAILED: no time left for $name (budget ${budget} s)" | tee -a "$summary" >&2
+    exit 1
+  fi
+  timeout --kill-after=10 "$left" "$@" > "$log" 2>&1 || rc=$?
+  if ((rc != 0)); then
+    local why="exit $rc"
+    ((rc == 124 || rc == 137)) && why="ran past the budget of ${budget} s"
+    echo "FAILED: $name ($why; log: $log); last lines:" | tee -a "$summary" >&2
     tail -n 40 "$log" >&2
     exit 1
   fi
