@@ -2,27 +2,22 @@
 // BatchNorm+ReLU, each one op: bn_relu_train_forward / _backward). In C++ rather than a
 // Python autograd.Function, whose Python and dispatch around two fast kernels cost ~25 us a
 // forward+backward, as much as the CPU kernels at the hourglass's 4x4 and 8x8 levels.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "op.h"
+
 namespace fasthg {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 class BNReLUTrain : public torch::autograd::Function<BNReLUTrain> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fasthg::bn_relu_train_forward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("fasthg::bn_relu_train_forward");
     auto [y, mean, var, invstd] = op.call(x, weight, bias, eps);
     ctx->save_for_backward({x, weight, bias, mean, invstd});
     ctx->mark_non_differentiable({mean, var});  // running statistics read them, nothing differentiates them
@@ -35,15 +30,13 @@ class BNReLUTrain : public torch::autograd::Function<BNReLUTrain> {
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
     using Args = const at::Tensor&;
     if (!ctx->needs_input_grad(0)) {  // the sums alone
-      static auto reduce = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fasthg::bn_relu_backward_reduce", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor>(Args, Args, Args, Args, Args, Args)>();
+      static const auto reduce = typed_op<std::tuple<at::Tensor, at::Tensor>(Args, Args, Args, Args, Args, Args)>(
+          "fasthg::bn_relu_backward_reduce");
       auto [sum_g, sum_gx] = reduce.call(grads[0], x, mean, invstd, weight, bias);
       return {at::Tensor(), sum_gx, sum_g, at::Tensor()};
     }
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fasthg::bn_relu_train_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(Args, Args, Args, Args, Args, Args)>();
+    static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(Args, Args, Args, Args, Args, Args)>(
+        "fasthg::bn_relu_train_backward");
     auto [grad_x, sum_g, sum_gx] = op.call(grads[0], x, mean, invstd, weight, bias);
     return {grad_x, sum_gx, sum_g, at::Tensor()};
   }

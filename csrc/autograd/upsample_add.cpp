@@ -3,23 +3,18 @@
 // torchvision's ops do) rather than torch.library.register_autograd in Python: that cost
 // ~20 us a forward+backward, more than the CPU kernels take at the hourglass's 4x4 and 8x8
 // levels.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op.h"
 
 namespace fasthg {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 class UpsampleAdd : public torch::autograd::Function<UpsampleAdd> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& low, const at::Tensor& skip) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fasthg::upsample_add", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("fasthg::upsample_add");
     auto out = op.call(low, skip);  // checks the arguments: low is 4-D from here on
     ctx->saved_data["low_h"] = low.sym_size(2);
     ctx->saved_data["low_w"] = low.sym_size(3);
@@ -27,9 +22,8 @@ class UpsampleAdd : public torch::autograd::Function<UpsampleAdd> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fasthg::upsample_add_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, c10::SymInt, c10::SymInt)>();
+    static const auto op =
+        typed_op<at::Tensor(const at::Tensor&, c10::SymInt, c10::SymInt)>("fasthg::upsample_add_backward");
     const at::Tensor& grad = grads[0];
     return {op.call(grad, ctx->saved_data["low_h"].toSymInt(), ctx->saved_data["low_w"].toSymInt()), grad};
   }
