@@ -243,8 +243,10 @@ void plane_moments(const scalar_t* __restrict__ x, int64_t n, double k, double& 
     if (n >= 64) {
       const __m256d kd[2] = {_mm256_set1_pd(k), _mm256_set1_pd(k)};
       __m256d sx[2][2] = {}, sq[2][2] = {};
-      for (; i + 16 <= n; i += 16)
+      for (; i + 16 <= n; i += 16) {
+        prefetch_ahead(x + i);
         for (int v = 0; v < 2; ++v) add_moments(load8(x + i + 8 * v), kd, sx[v], sq[v]);
+      }
       for (int v = 0; v < 2; ++v) {
         s += hsum(_mm256_add_pd(sx[v][0], sx[v][1]));
         q += hsum(_mm256_add_pd(sq[v][0], sq[v][1]));
@@ -399,7 +401,10 @@ void forward_plane(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, i
 #ifdef __AVX2__
   if constexpr (kVec8<scalar_t>) {
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(wc), vb = _mm256_set1_ps(bc);
-    run8(n, yp, stream, one, [&](int64_t i) { store8(yp + i, value8(load8(xp + i), vm, vs, vw, vb), stream); });
+    run8(n, yp, stream, one, [&](int64_t i) {
+      prefetch_ahead(xp + i);
+      store8(yp + i, value8(load8(xp + i), vm, vs, vw, vb), stream);
+    });
     return;
   }
 #endif
@@ -418,6 +423,7 @@ void forward_rows(const scalar_t* x, scalar_t* y, int64_t r0, int64_t r1, int64_
 #ifdef __AVX2__
   if constexpr (kVec8<scalar_t>) {
     run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
+      prefetch_ahead(x + i);
       store8(y + i, value8(load8(x + i), load8(m + c), load8(s + c),
                            load8(wc + c), load8(bc + c)), stream);
     });
@@ -457,6 +463,10 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
       const scalar_t* g0 = gp + i;
       two_level_sums<V, 2>(0, (n - i) / (8 * V), [&](int64_t r, int v, __m256* p) {
         const int64_t j = r * 8 * V + 8 * v;
+        if (v % 2 == 0) {
+          prefetch_ahead(x0 + j);
+          prefetch_ahead(g0 + j);
+        }
         const __m256 d = _mm256_sub_ps(load8(x0 + j), vm);
         const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw), vb);
         const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), load8(g0 + j));
@@ -580,6 +590,8 @@ void grad_plane(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vw = _mm256_set1_ps(wc), vb = _mm256_set1_ps(bc),
                  vmg = _mm256_set1_ps(mg), vmgx = _mm256_set1_ps(mgx);
     run8(n, dp, stream, one, [&](int64_t i) {
+      prefetch_ahead(gp + i);
+      prefetch_ahead(xp + i);
       store8(dp + i, grad8(load8(gp + i), load8(xp + i), vm, vs, vw, vb, vmg, vmgx), stream);
     });
     return;
@@ -602,6 +614,8 @@ void grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, 
 #ifdef __AVX2__
   if constexpr (kVec8<scalar_t>) {
     run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
+      prefetch_ahead(dy + i);
+      prefetch_ahead(x + i);
       store8(dx + i, grad8(load8(dy + i), load8(x + i), load8(m + c),
                            load8(s + c), load8(wc + c), load8(bc + c),
                            load8(mg + c), load8(mgx + c)), stream);

@@ -52,6 +52,19 @@ C10_ALWAYS_INLINE void store8(c10::BFloat16* p, __m256 v, bool) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
+// Elementwise passes and reductions read each thread's share in address order, a stream the
+// hardware prefetchers restart at every 4 KiB page (one NCHW plane at 32x32), and they fall
+// behind when the loop has work besides loads (the statistics' double sums): a prefetch a
+// fixed distance ahead of every vector keeps the stream going across pages. Measured on a
+// 2-core Xeon VM at 4x256x64x64 NCHW: statistics 1.45 -> 0.9 ms, training forward+backward
+// 6.2 -> 4.7 ms; 2 KiB ahead beat 1 and 4 KiB.
+constexpr int kAheadBytes = 2048;
+
+template <typename T>
+C10_ALWAYS_INLINE void prefetch_ahead(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kAheadBytes, _MM_HINT_T0);
+}
+
 #ifdef __F16C__
 C10_ALWAYS_INLINE __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
