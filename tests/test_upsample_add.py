@@ -77,6 +77,41 @@ def test_non_contiguous_and_mixed_layouts(device, backend):
     assert rel_err(out, reference.upsample_add(low64[:, ::2].transpose(2, 3)[..., :5, :5], skip64[..., 3:13])) < 1e-6
 
 
+def block_sums_2x(grad):
+    """grad_low of the exact 2x case as the kernels add it: (g00 + g01) + (g10 + g11), in
+    float for 16-bit grads, rounded once."""
+    g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+    return ((g[..., 0::2, 0::2] + g[..., 0::2, 1::2]) + (g[..., 1::2, 0::2] + g[..., 1::2, 1::2])).to(grad.dtype)
+
+
+# (low shape) at 2x: NCHW rows of 8 and 12 low values (vectors of 8 and a tail), NHWC 24
+# and 13 channels; and float32 outputs of 8 MiB (forward) and grad_lows of 8 MiB (backward),
+# which the CPU kernels write with streaming stores.
+VECTOR_CASES = [(2, 3, 5, 8), (1, 24, 3, 12), (2, 13, 4, 9), (1, 32, 128, 128), (1, 32, 256, 256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("low_shape", VECTOR_CASES, ids=["w8", "w12-c24", "c13", "stream-fwd", "stream-bwd"])
+def test_native_cpu_vector_paths_are_exact(dtype, layout, low_shape, poison):
+    """The CPU kernels' 8-wide paths (vec8.h), their scalar tails and their streaming stores
+    give eager's forward bit for bit, and the backward's block sums added in the kernels'
+    order, bit for bit."""
+    if "native" not in ops.available("cpu", "upsample_add"):
+        pytest.skip("native unavailable")
+    if low_shape[2] >= 128 and dtype != torch.float32:
+        pytest.skip("only float32 outputs stream")
+    n, c, h, w = low_shape
+    mk = lambda *s: torch.randn(*s).to(dtype).contiguous(memory_format=layout)  # noqa: E731
+    low, skip, grad = mk(n, c, h, w), mk(n, c, 2 * h, 2 * w), mk(n, c, 2 * h, 2 * w)
+    out = torch.ops.fasthg.upsample_add(low, skip)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, skip + F.interpolate(low, scale_factor=2, mode="nearest"), rtol=0, atol=0)
+    grad_low = torch.ops.fasthg.upsample_add_backward(grad, h, w)
+    assert grad_low.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(grad_low, block_sums_2x(grad), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
 def test_grad_of_skip_is_grad_out_itself(device, backend):
     low = torch.randn(1, 2, 3, 3, device=device, requires_grad=True)

@@ -91,10 +91,6 @@ C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w
   return _mm256_mul_ps(_mm256_mul_ps(w, s), _mm256_sub_ps(_mm256_sub_ps(g, mg), _mm256_mul_ps(xhat, mgx)));
 }
 
-// Streaming stores skip the read-for-ownership of each output line: a third less traffic
-// for an elementwise pass over tensors too big to stay in cache, but they evict the output,
-// so only float outputs over this size stream (a 64x64x256 float level of batch 4 is 16 MiB).
-constexpr int64_t kStreamBytes = 8 << 20;
 #endif
 
 // NHWC reductions: each thread sums its rows into its own per-channel double partials,

@@ -7,15 +7,79 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "../upsample_add.h"
+#include "vec8.h"
 
 namespace fasthg {
 namespace {
 
 // Elements per task: below this, threading costs more than it saves (ATen's value).
 constexpr int64_t kGrain = 32768;
+
+// Whether a pass writing `bytes` of `out` streams its stores (float outputs of kStreamBytes
+// and more, vec8.h), given that every vector it stores starts 32-byte aligned when
+// `rows_aligned` (rows of a multiple of 8 floats). Half the forward's traffic is its
+// output: with the read-for-ownership of each line it moved 5/4 more bytes than it needs.
+template <typename scalar_t>
+bool streams(const scalar_t* out, int64_t bytes, bool rows_aligned) {
+#ifdef __AVX2__
+  return std::is_same_v<scalar_t, float> && bytes >= kStreamBytes && rows_aligned && aligned32(out);
+#else
+  return false;
+#endif
+}
+
+C10_ALWAYS_INLINE void fence_streams(bool stream) {
+#ifdef __AVX2__
+  if (stream) _mm_sfence();  // streamed lines are visible before the task counts as done
+#endif
+}
+
+// o[i] = s[i] + l[i] for n elements (8 at a time as floats, each sum rounded once to
+// scalar_t, as scalar_t's own + does).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void add_run(const scalar_t* s, const scalar_t* l, scalar_t* o, int64_t n, bool stream) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (kVec8<scalar_t>) {
+    for (; i + 8 <= n; i += 8) {
+      prefetch_ahead(s + i);
+      store8(o + i, _mm256_add_ps(load8(s + i), load8(l + i)), stream);
+    }
+  }
+#endif
+  for (; i < n; ++i) o[i] = s[i] + l[i];
+}
+
+// One output row of the exact 2x NCHW forward: o[w] = s[w] + l[w / 2], w < 2 * Wi.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void add_row_2x(const scalar_t* l, const scalar_t* s, scalar_t* o, int64_t Wi, bool stream) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  if constexpr (kVec8<scalar_t>) {
+    const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    for (; j + 8 <= Wi; j += 8) {
+      const __m256 v = load8(l + j);
+      prefetch_ahead(s + 2 * j);
+      prefetch_ahead(s + 2 * j + 8);
+      store8(o + 2 * j, _mm256_add_ps(load8(s + 2 * j), _mm256_permutevar8x32_ps(v, lo)), stream);
+      store8(o + 2 * j + 8, _mm256_add_ps(load8(s + 2 * j + 8), _mm256_permutevar8x32_ps(v, hi)), stream);
+    }
+  }
+#endif
+  for (; j < Wi; ++j) {
+    const scalar_t v = l[j];
+    o[2 * j] = s[2 * j] + v;
+    o[2 * j + 1] = s[2 * j + 1] + v;
+  }
+}
 
 std::vector<int64_t> src_map(int64_t in, int64_t out) {
   std::vector<int64_t> m(out);
@@ -28,6 +92,7 @@ void forward_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out, int6
                   int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo) {
   const auto src_w = src_map(Wi, Wo);
   const bool twice = Wo == 2 * Wi;
+  const bool stream = twice && streams(out, NC * Ho * Wo * int64_t(sizeof(scalar_t)), Wo % 8 == 0);
   const int64_t grain = std::max<int64_t>(1, kGrain / Wo);
   at::parallel_for(0, NC * Ho, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -36,15 +101,12 @@ void forward_nchw(const scalar_t* low, const scalar_t* skip, scalar_t* out, int6
       const scalar_t* s = skip + r * Wo;
       scalar_t* o = out + r * Wo;
       if (twice) {
-        for (int64_t j = 0; j < Wi; ++j) {
-          const scalar_t v = l[j];
-          o[2 * j] = s[2 * j] + v;
-          o[2 * j + 1] = s[2 * j + 1] + v;
-        }
+        add_row_2x(l, s, o, Wi, stream);
       } else {
         for (int64_t w = 0; w < Wo; ++w) o[w] = s[w] + l[src_w[w]];
       }
     }
+    fence_streams(stream);
   });
 }
 
@@ -52,17 +114,25 @@ template <typename scalar_t>
 void forward_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int64_t N, int64_t C,
                   int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo) {
   const auto src_w = src_map(Wi, Wo);
+  const bool stream = streams(out, N * Ho * Wo * C * int64_t(sizeof(scalar_t)), C % 8 == 0);
   const int64_t grain = std::max<int64_t>(1, kGrain / C);
   at::parallel_for(0, N * Ho * Wo, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t w = p % Wo, h = (p / Wo) % Ho, n = p / (Wo * Ho);
       const scalar_t* l = low + ((n * Hi + nearest_src(h, Hi, Ho)) * Wi + src_w[w]) * C;
-      const scalar_t* s = skip + p * C;
-      scalar_t* o = out + p * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = s[c] + l[c];
+      add_run(skip + p * C, l, out + p * C, C, stream);
     }
+    fence_streams(stream);
   });
 }
+
+#ifdef __AVX2__
+// Sums of adjacent pairs of the 16 floats a, b: {a0+a1, a2+a3, ..., b6+b7}, each as the
+// scalar backward adds it. (hadd pairs within 128-bit lanes; the permute restores order.)
+C10_ALWAYS_INLINE __m256 pair_sums(__m256 a, __m256 b) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(a, b)), 0xD8));
+}
+#endif
 
 // Exact 2x (the hourglass): each low element sums a 2x2 block, one pass, no buffer.
 template <typename scalar_t>
@@ -70,17 +140,30 @@ void backward_nchw_2x(const scalar_t* g, scalar_t* gl, int64_t NC, int64_t Hi, i
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Wo = 2 * Wi;
   const int64_t grain = std::max<int64_t>(1, kGrain / (4 * Wi));
+  const bool stream = streams(gl, NC * Hi * Wi * int64_t(sizeof(scalar_t)), Wi % 8 == 0);
   at::parallel_for(0, NC * Hi, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* g0 = g + 2 * r * Wo;  // rows 2i and 2i+1 of plane r / Hi
       const scalar_t* g1 = g0 + Wo;
       scalar_t* o = gl + r * Wi;
-      for (int64_t j = 0; j < Wi; ++j) {
+      int64_t j = 0;
+#ifdef __AVX2__
+      if constexpr (kVec8<scalar_t>) {  // 8 outputs from 16 elements of each row
+        for (; j + 8 <= Wi; j += 8) {
+          prefetch_ahead(g0 + 2 * j);
+          prefetch_ahead(g1 + 2 * j);
+          store8(o + j, _mm256_add_ps(pair_sums(load8(g0 + 2 * j), load8(g0 + 2 * j + 8)),
+                                      pair_sums(load8(g1 + 2 * j), load8(g1 + 2 * j + 8))), stream);
+        }
+      }
+#endif
+      for (; j < Wi; ++j) {
         o[j] = static_cast<scalar_t>(
             (static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g0[2 * j + 1])) +
             (static_cast<acc_t>(g1[2 * j]) + static_cast<acc_t>(g1[2 * j + 1])));
       }
     }
+    fence_streams(stream);
   });
 }
 
@@ -112,6 +195,7 @@ void backward_nhwc_2x(const scalar_t* g, scalar_t* gl, int64_t N, int64_t C, int
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Wo = 2 * Wi, row = Wo * C;
   const int64_t grain = std::max<int64_t>(1, kGrain / (4 * C));
+  const bool stream = streams(gl, N * Hi * Wi * C * int64_t(sizeof(scalar_t)), C % 8 == 0);
   at::parallel_for(0, N * Hi * Wi, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t j = p % Wi, ni = p / Wi;  // ni = n * Hi + i
@@ -120,12 +204,24 @@ void backward_nhwc_2x(const scalar_t* g, scalar_t* gl, int64_t N, int64_t C, int
       const scalar_t* g10 = g00 + row;
       const scalar_t* g11 = g10 + C;
       scalar_t* o = gl + p * C;
-      for (int64_t c = 0; c < C; ++c) {
+      int64_t c = 0;
+#ifdef __AVX2__
+      if constexpr (kVec8<scalar_t>) {
+        for (; c + 8 <= C; c += 8) {
+          prefetch_ahead(g00 + c);
+          prefetch_ahead(g10 + c);
+          store8(o + c, _mm256_add_ps(_mm256_add_ps(load8(g00 + c), load8(g01 + c)),
+                                      _mm256_add_ps(load8(g10 + c), load8(g11 + c))), stream);
+        }
+      }
+#endif
+      for (; c < C; ++c) {
         o[c] = static_cast<scalar_t>(
             (static_cast<acc_t>(g00[c]) + static_cast<acc_t>(g01[c])) +
             (static_cast<acc_t>(g10[c]) + static_cast<acc_t>(g11[c])));
       }
     }
+    fence_streams(stream);
   });
 }
 
