@@ -370,23 +370,11 @@ C10_ALWAYS_INLINE void run8_rows(int64_t r0, int64_t r1, int64_t C, F f, V vec) 
   }
 }
 
-// Whether an elementwise pass writing `out` streams its stores (see kStreamBytes).
+// Whether an elementwise pass writing `out` streams its stores. NHWC rows stream only when
+// every row starts aligned; NCHW planes peel to alignment (run8).
 template <typename scalar_t>
 bool streams(const scalar_t* out, const View& v) {
-#ifdef __AVX2__
-  const int64_t bytes = v.outer * v.C * v.inner * int64_t(sizeof(scalar_t));
-  // NHWC rows stream only when every row starts aligned; NCHW planes peel to alignment.
-  return std::is_same_v<scalar_t, float> && bytes >= kStreamBytes && aligned32(out) &&
-         (!v.channels_last || v.C % 8 == 0);
-#else
-  return false;
-#endif
-}
-
-C10_ALWAYS_INLINE void fence_streams(bool stream) {
-#ifdef __AVX2__
-  if (stream) _mm_sfence();  // streamed lines are visible before the task counts as done
-#endif
+  return fasthg::streams(out, v.outer * v.C * v.inner * int64_t(sizeof(scalar_t)), !v.channels_last || v.C % 8 == 0);
 }
 
 // Normalise+clamp of n elements from x to y, one channel's parameters.

@@ -7,12 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
-
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 #include "../upsample_add.h"
 #include "vec8.h"
@@ -23,24 +18,8 @@ namespace {
 // Elements per task: below this, threading costs more than it saves (ATen's value).
 constexpr int64_t kGrain = 32768;
 
-// Whether a pass writing `bytes` of `out` streams its stores (float outputs of kStreamBytes
-// and more, vec8.h), given that every vector it stores starts 32-byte aligned when
-// `rows_aligned` (rows of a multiple of 8 floats). Half the forward's traffic is its
-// output: with the read-for-ownership of each line it moved 5/4 more bytes than it needs.
-template <typename scalar_t>
-bool streams(const scalar_t* out, int64_t bytes, bool rows_aligned) {
-#ifdef __AVX2__
-  return std::is_same_v<scalar_t, float> && bytes >= kStreamBytes && rows_aligned && aligned32(out);
-#else
-  return false;
-#endif
-}
-
-C10_ALWAYS_INLINE void fence_streams(bool stream) {
-#ifdef __AVX2__
-  if (stream) _mm_sfence();  // streamed lines are visible before the task counts as done
-#endif
-}
+// Half the forward's traffic is its output: the big float outputs stream (vec8.h's
+// streams), where the read-for-ownership of each line made it move 5/4 of the bytes it needs.
 
 // o[i] = s[i] + l[i] for n elements (8 at a time as floats, each sum rounded once to
 // scalar_t, as scalar_t's own + does).

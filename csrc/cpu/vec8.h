@@ -1,16 +1,17 @@
 // Eight activations at a time as an AVX2 vector of floats, whatever their storage type:
 // float, bfloat16 (the high half of a float) and half (F16C), loaded exactly and stored with
-// round to nearest even, as c10's conversions do, so a vector and a scalar loop agree.
+// round to nearest even, as c10's conversions do, so a vector and a scalar loop agree; and
+// what the CPU kernels' memory-bound passes share: prefetching ahead, streaming stores.
 #pragma once
+
+#include <cstdint>
+#include <type_traits>
 
 #ifdef __AVX2__
 #include <immintrin.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-
-#include <cstdint>
-#include <type_traits>
 
 namespace fasthg {
 
@@ -30,11 +31,6 @@ C10_ALWAYS_INLINE __m256 load8(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-
-// Streaming stores skip the read-for-ownership of each output line: a third less traffic
-// for an elementwise pass over tensors too big to stay in cache, but they evict the output,
-// so only float outputs over this size stream (a 64x64x256 float level of batch 4 is 16 MiB).
-constexpr int64_t kStreamBytes = 8 << 20;
 
 // Streaming stores (float only, 32-byte aligned) skip the read-for-ownership of the line.
 C10_ALWAYS_INLINE void store8(float* p, __m256 v, bool stream) {
@@ -82,3 +78,33 @@ C10_ALWAYS_INLINE void store8(c10::Half* p, __m256 v, bool) {
 
 }  // namespace fasthg
 #endif
+
+namespace fasthg {
+
+// Streaming stores skip the read-for-ownership of each output line: a third less traffic
+// for an elementwise pass over tensors too big to stay in cache, but they evict the output,
+// so only float outputs over this size stream (a 64x64x256 float level of batch 4 is 16 MiB).
+constexpr int64_t kStreamBytes = 8 << 20;
+
+// Whether a pass writing `bytes` of `out` streams its stores: float outputs of kStreamBytes
+// and more, starting 32-byte aligned, every vector of them aligned when `rows_aligned`.
+template <typename T>
+bool streams(const T* out, int64_t bytes, bool rows_aligned) {
+#ifdef __AVX2__
+  return std::is_same_v<T, float> && bytes >= kStreamBytes && rows_aligned && aligned32(out);
+#else
+  (void)out, (void)bytes, (void)rows_aligned;
+  return false;
+#endif
+}
+
+// After a parallel task's streaming stores: its lines are visible before the task counts as done.
+inline void fence_streams(bool stream) {
+#ifdef __AVX2__
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+}  // namespace fasthg
