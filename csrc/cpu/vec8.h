@@ -58,7 +58,7 @@ C10_ALWAYS_INLINE void store8(c10::BFloat16* p, __m256 v, bool) {
 // behind when the loop has work besides loads (the statistics' double sums): a prefetch a
 // fixed distance ahead of every vector keeps the stream going across pages. Measured on a
 // 2-core Xeon VM at 4x256x64x64 NCHW: statistics 1.45 -> 0.9 ms, training forward+backward
-// 6.2 -> 4.7 ms; 2 KiB ahead beat 1 and 4 KiB.
+// 6.2 -> 4.5-5.1 ms; 2 KiB ahead beat 1 and 4 KiB.
 constexpr int kAheadBytes = 2048;
 
 template <typename T>
