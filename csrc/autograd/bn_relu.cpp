@@ -21,6 +21,7 @@ class BNReLUTrain : public torch::autograd::Function<BNReLUTrain> {
     auto [y, mean, var, invstd] = op.call(x, weight, bias, eps);
     ctx->save_for_backward({x, weight, bias, mean, invstd});
     ctx->mark_non_differentiable({mean, var});  // running statistics read them, nothing differentiates them
+    ctx->set_materialize_grads(false);           // so autograd does not fill zero grads for them
     return {y, mean, var};
   }
 
@@ -29,6 +30,7 @@ class BNReLUTrain : public torch::autograd::Function<BNReLUTrain> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
     using Args = const at::Tensor&;
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     if (!ctx->needs_input_grad(0)) {  // the sums alone
       static const auto reduce = typed_op<std::tuple<at::Tensor, at::Tensor>(Args, Args, Args, Args, Args, Args)>(
           "fasthg::bn_relu_backward_reduce");
