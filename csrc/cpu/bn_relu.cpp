@@ -340,21 +340,6 @@ void elementwise(const View& v, P plane, R rows) {
   }
 }
 
-// Scalar elements [i0, i1) of an elementwise pass, f(i) each, around an 8-wide AVX2 loop
-// vec(i) (float only) whose stores start 32-byte aligned when streaming.
-template <typename scalar_t, typename F, typename V>
-C10_ALWAYS_INLINE void run8(int64_t n, scalar_t* out, bool stream, F f, V vec) {
-  int64_t i = 0;
-#ifdef __AVX2__
-  if constexpr (kVec8<scalar_t>) {
-    if (stream)
-      for (; i < n && !aligned32(out + i); ++i) f(i);
-    for (; i + 8 <= n; i += 8) vec(i);
-  }
-#endif
-  for (; i < n; ++i) f(i);
-}
-
 // run8 for NHWC rows [r0, r1) of C channels: f(i, c) and vec(i, c) (float only) for the
 // element i = r * C + c, the 8-wide loop over each row's channels. (Rows start aligned
 // when they stream: see streams.)

@@ -18,24 +18,9 @@ namespace {
 // Elements per task: below this, threading costs more than it saves (ATen's value).
 constexpr int64_t kGrain = 32768;
 
-// Half the forward's traffic is its output: the big float outputs stream (vec8.h's
-// streams), where the read-for-ownership of each line made it move 5/4 of the bytes it needs.
-
-// o[i] = s[i] + l[i] for n elements (8 at a time as floats, each sum rounded once to
-// scalar_t, as scalar_t's own + does).
-template <typename scalar_t>
-C10_ALWAYS_INLINE void add_run(const scalar_t* s, const scalar_t* l, scalar_t* o, int64_t n, bool stream) {
-  int64_t i = 0;
-#ifdef __AVX2__
-  if constexpr (kVec8<scalar_t>) {
-    for (; i + 8 <= n; i += 8) {
-      prefetch_ahead(s + i);
-      store8(o + i, _mm256_add_ps(load8(s + i), load8(l + i)), stream);
-    }
-  }
-#endif
-  for (; i < n; ++i) o[i] = s[i] + l[i];
-}
+// Half the forward's traffic is its output: big float outputs stream (vec8.h's streams),
+// where the read-for-ownership of each line made it move 5/4 of the bytes it needs. The
+// 8-wide paths compute 16-bit values as floats, each sum rounded once, as scalar_t's + does.
 
 // One output row of the exact 2x NCHW forward: o[w] = s[w] + l[w / 2], w < 2 * Wi.
 template <typename scalar_t>
@@ -99,7 +84,14 @@ void forward_nhwc(const scalar_t* low, const scalar_t* skip, scalar_t* out, int6
     for (int64_t p = begin; p < end; ++p) {
       const int64_t w = p % Wo, h = (p / Wo) % Ho, n = p / (Wo * Ho);
       const scalar_t* l = low + ((n * Hi + nearest_src(h, Hi, Ho)) * Wi + src_w[w]) * C;
-      add_run(skip + p * C, l, out + p * C, C, stream);
+      const scalar_t* s = skip + p * C;
+      scalar_t* o = out + p * C;
+      run8(C, o, stream, [&](int64_t c) { o[c] = s[c] + l[c]; }, [&](auto c) {  // generic: compiled only for the 8-wide types
+#ifdef __AVX2__
+        prefetch_ahead(s + c);
+        store8(o + c, _mm256_add_ps(load8(s + c), load8(l + c)), stream);
+#endif
+      });
     }
     fence_streams(stream);
   });
@@ -125,22 +117,18 @@ void backward_nchw_2x(const scalar_t* g, scalar_t* gl, int64_t NC, int64_t Hi, i
       const scalar_t* g0 = g + 2 * r * Wo;  // rows 2i and 2i+1 of plane r / Hi
       const scalar_t* g1 = g0 + Wo;
       scalar_t* o = gl + r * Wi;
-      int64_t j = 0;
-#ifdef __AVX2__
-      if constexpr (kVec8<scalar_t>) {  // 8 outputs from 16 elements of each row
-        for (; j + 8 <= Wi; j += 8) {
-          prefetch_ahead(g0 + 2 * j);
-          prefetch_ahead(g1 + 2 * j);
-          store8(o + j, _mm256_add_ps(pair_sums(load8(g0 + 2 * j), load8(g0 + 2 * j + 8)),
-                                      pair_sums(load8(g1 + 2 * j), load8(g1 + 2 * j + 8))), stream);
-        }
-      }
-#endif
-      for (; j < Wi; ++j) {
+      run8(Wi, o, stream, [&](int64_t j) {
         o[j] = static_cast<scalar_t>(
             (static_cast<acc_t>(g0[2 * j]) + static_cast<acc_t>(g0[2 * j + 1])) +
             (static_cast<acc_t>(g1[2 * j]) + static_cast<acc_t>(g1[2 * j + 1])));
-      }
+      }, [&](auto j) {  // 8 outputs from 16 elements of each row
+#ifdef __AVX2__
+        prefetch_ahead(g0 + 2 * j);
+        prefetch_ahead(g1 + 2 * j);
+        store8(o + j, _mm256_add_ps(pair_sums(load8(g0 + 2 * j), load8(g0 + 2 * j + 8)),
+                                    pair_sums(load8(g1 + 2 * j), load8(g1 + 2 * j + 8))), stream);
+#endif
+      });
     }
     fence_streams(stream);
   });
@@ -183,22 +171,18 @@ void backward_nhwc_2x(const scalar_t* g, scalar_t* gl, int64_t N, int64_t C, int
       const scalar_t* g10 = g00 + row;
       const scalar_t* g11 = g10 + C;
       scalar_t* o = gl + p * C;
-      int64_t c = 0;
-#ifdef __AVX2__
-      if constexpr (kVec8<scalar_t>) {
-        for (; c + 8 <= C; c += 8) {
-          prefetch_ahead(g00 + c);
-          prefetch_ahead(g10 + c);
-          store8(o + c, _mm256_add_ps(_mm256_add_ps(load8(g00 + c), load8(g01 + c)),
-                                      _mm256_add_ps(load8(g10 + c), load8(g11 + c))), stream);
-        }
-      }
-#endif
-      for (; c < C; ++c) {
+      run8(C, o, stream, [&](int64_t c) {
         o[c] = static_cast<scalar_t>(
             (static_cast<acc_t>(g00[c]) + static_cast<acc_t>(g01[c])) +
             (static_cast<acc_t>(g10[c]) + static_cast<acc_t>(g11[c])));
-      }
+      }, [&](auto c) {  // generic: compiled only for the 8-wide types
+#ifdef __AVX2__
+        prefetch_ahead(g00 + c);
+        prefetch_ahead(g10 + c);
+        store8(o + c, _mm256_add_ps(_mm256_add_ps(load8(g00 + c), load8(g01 + c)),
+                                    _mm256_add_ps(load8(g10 + c), load8(g11 + c))), stream);
+#endif
+      });
     }
     fence_streams(stream);
   });

@@ -98,6 +98,24 @@ bool streams(const T* out, int64_t bytes, bool rows_aligned) {
 #endif
 }
 
+// n elements of an elementwise pass writing `out`: an 8-wide AVX2 loop vec(i) (for the kVec8
+// types) between scalar elements f(i), the head ones peeled so that streamed stores start
+// 32-byte aligned, and the tail.
+template <typename T, typename F, typename V>
+C10_ALWAYS_INLINE void run8(int64_t n, T* out, bool stream, F f, V vec) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (kVec8<T>) {
+    if (stream)
+      for (; i < n && !aligned32(out + i); ++i) f(i);
+    for (; i + 8 <= n; i += 8) vec(i);
+  }
+#else
+  (void)out, (void)stream, (void)vec;
+#endif
+  for (; i < n; ++i) f(i);
+}
+
 // After a parallel task's streaming stores: its lines are visible before the task counts as done.
 inline void fence_streams(bool stream) {
 #ifdef __AVX2__
