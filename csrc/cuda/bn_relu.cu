@@ -1,9 +1,9 @@
 // CUDA kernels of the fused BatchNorm+ReLU ops; the per-element math is shared with the CPU
 // twin through csrc/bn_relu.h. Reductions run on a (channels, splits) grid so that few
-// channels with large H*W still fill the GPU: double accumulators per thread,
-// cub::BlockReduce across the block (DESIGN.md: no hand-rolled shared-memory reductions),
-// double partials per split, added by a one-thread-per-channel finalize kernel. Not yet
-// tuned for the strided channel walk of channels_last.
+// channels with large H*W still fill the GPU: double accumulators per thread, summed across
+// the block (cub::BlockReduce for NCHW's one channel a block, a fixed 16-term loop per channel
+// for channels_last's tiles of 32), double partials per split, added by a
+// one-thread-per-channel finalize kernel. Index math in 32 bits where it fits (index.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "../bn_relu.h"
+#include "index.cuh"
 
 namespace fasthg {
 namespace {
@@ -25,15 +26,23 @@ namespace {
 constexpr int kReduceThreads = 512;
 constexpr int kThreads = 256;
 
-// Element i (0 <= i < N*H*W) of channel c in NCHW or NHWC memory.
-__device__ __forceinline__ int64_t channel_offset(int64_t i, int64_t c, int64_t C, int64_t HW,
-                                                  bool channels_last) {
-  return channels_last ? i * C + c : (i / HW * C + c) * HW + i % HW;
-}
+// Where element i (0 <= i < N*H*W) of channel c lies in dense NCHW or NHWC memory, and
+// which channel an offset holds, dividing by H*W and C with IntDividers.
+template <typename index_t>
+struct ChannelIndex {
+  IntDivider<index_t> hw, c;
+  bool channels_last;
 
-__device__ __forceinline__ int64_t channel_of(int64_t offset, int64_t C, int64_t HW, bool channels_last) {
-  return channels_last ? offset % C : offset / HW % C;
-}
+  __device__ __forceinline__ index_t offset(index_t i, index_t ch) const {
+    if (channels_last) return i * c.divisor + ch;
+    const auto q = hw.divmod(i);  // i = n * HW + s
+    return (q.div * c.divisor + ch) * hw.divisor + q.mod;
+  }
+
+  __device__ __forceinline__ index_t channel(index_t off) const {
+    return channels_last ? c.mod(off) : c.mod(hw.div(off));
+  }
+};
 
 using BlockReduce = cub::BlockReduce<double, kReduceThreads>;
 
@@ -44,79 +53,79 @@ __device__ __forceinline__ void block_sums(double& a, double& b, typename BlockR
   b = BlockReduce(tmp).Sum(b);
 }
 
-// This block's [begin, end) of the N*H*W elements of its channel (blockIdx.y of gridDim.y).
-__device__ __forceinline__ void split_range(int64_t M, int64_t& begin, int64_t& end) {
-  const int64_t per = (M + gridDim.y - 1) / gridDim.y;
+// This block's [begin, end) of the M = N*H*W elements of its channel (blockIdx.y of gridDim.y).
+template <typename index_t>
+__device__ __forceinline__ void split_range(index_t M, index_t& begin, index_t& end) {
+  const index_t per = (M + gridDim.y - 1) / gridDim.y;
   begin = blockIdx.y * per;
   end = min(M, begin + per);
 }
 
 // Partial sums of d = x - pivot and d*d, pivot = the channel's first element (shared by every
 // split, so partials add up; large offsets cost no precision), into s1/s2[split][channel].
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kReduceThreads) stats_kernel(
-    const scalar_t* __restrict__ x, double* __restrict__ s1, double* __restrict__ s2, int64_t M, int64_t C,
-    int64_t HW, bool channels_last) {
+    const scalar_t* __restrict__ x, double* __restrict__ s1, double* __restrict__ s2, index_t M,
+    ChannelIndex<index_t> ix) {
   __shared__ typename BlockReduce::TempStorage tmp;
-  const int64_t c = blockIdx.x;
-  const double pivot = static_cast<double>(x[channel_offset(0, c, C, HW, channels_last)]);
-  int64_t begin, end;
+  const index_t c = blockIdx.x;
+  const double pivot = static_cast<double>(x[ix.offset(0, c)]);
+  index_t begin, end;
   split_range(M, begin, end);
   double a = 0, q = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
-    const double d = static_cast<double>(x[channel_offset(i, c, C, HW, channels_last)]) - pivot;
+  for (index_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
+    const double d = static_cast<double>(x[ix.offset(i, c)]) - pivot;
     a += d;
     q += d * d;
   }
   block_sums(a, q, tmp);
   if (threadIdx.x == 0) {
-    s1[blockIdx.y * C + c] = a;
-    s2[blockIdx.y * C + c] = q;
+    s1[blockIdx.y * ix.c.divisor + c] = a;
+    s2[blockIdx.y * ix.c.divisor + c] = q;
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void stats_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ s1,
                                       const double* __restrict__ s2, acc_t* __restrict__ mean,
-                                      acc_t* __restrict__ var, int64_t splits, int64_t M, int64_t C, int64_t HW,
-                                      bool channels_last) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+                                      acc_t* __restrict__ var, index_t splits, index_t M, ChannelIndex<index_t> ix) {
+  const index_t C = ix.c.divisor, c = grid_start<index_t>();
   if (c >= C) return;
   double a = 0, q = 0;
-  for (int64_t k = 0; k < splits; ++k) {
+  for (index_t k = 0; k < splits; ++k) {
     a += s1[k * C + c];
     q += s2[k * C + c];
   }
   const double d = a / M;
-  mean[c] = static_cast<acc_t>(static_cast<double>(x[channel_offset(0, c, C, HW, channels_last)]) + d);
+  mean[c] = static_cast<acc_t>(static_cast<double>(x[ix.offset(0, c)]) + d);
   var[c] = static_cast<acc_t>(fmax(q / M - d * d, 0.0));
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
-                               const acc_t* __restrict__ w, const acc_t* __restrict__ b, int64_t total,
-                               int64_t C, int64_t HW, bool channels_last) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t c = channel_of(i, C, HW, channels_last);
+                               const acc_t* __restrict__ w, const acc_t* __restrict__ b, index_t total,
+                               ChannelIndex<index_t> ix) {
+  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+    const index_t c = ix.channel(i);
     y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[i]), mean[c], invstd[c], w[c], b[c]));
   }
 }
 
 // Partial sums of g and g * xhat into part_g/part_gx[split][channel].
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kReduceThreads) backward_reduce_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
-    double* __restrict__ part_g, double* __restrict__ part_gx, int64_t M, int64_t C, int64_t HW, bool channels_last) {
+    double* __restrict__ part_g, double* __restrict__ part_gx, index_t M, ChannelIndex<index_t> ix) {
   __shared__ typename BlockReduce::TempStorage tmp;
-  const int64_t c = blockIdx.x;
+  const index_t c = blockIdx.x;
   const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
-  int64_t begin, end;
+  index_t begin, end;
   split_range(M, begin, end);
   double a = 0, ax = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
-    const int64_t o = channel_offset(i, c, C, HW, channels_last);
+  for (index_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
+    const index_t o = ix.offset(i, c);
     const acc_t xi = static_cast<acc_t>(x[o]);
     const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[o]), xi, m, s, wc, bc);
     a += g;
@@ -124,6 +133,74 @@ __global__ void __launch_bounds__(kReduceThreads) backward_reduce_kernel(
   }
   block_sums(a, ax, tmp);
   if (threadIdx.x == 0) {
+    part_g[blockIdx.y * ix.c.divisor + c] = a;
+    part_gx[blockIdx.y * ix.c.divisor + c] = ax;
+  }
+}
+
+// channels_last: a block of kTileC x kTileRows threads takes 32 adjacent channels (a warp reads
+// 32 neighbours in one row: coalesced, where one channel per block would read one element
+// per row) over its split of the M rows, then adds up its row lanes per channel.
+constexpr int kTileC = 32, kTileRows = kReduceThreads / kTileC;
+
+// Each channel's sums of its kTileRows lanes, on the lanes of threadIdx.y == 0: a fixed-order
+// loop of 16 additions per column (what cub::BlockReduce cannot do: it reduces a whole block).
+__device__ __forceinline__ void column_sums(double& a, double& b) {
+  __shared__ double sa[kTileRows][kTileC], sb[kTileRows][kTileC];
+  sa[threadIdx.y][threadIdx.x] = a;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int r = 1; r < kTileRows; ++r) {
+      a += sa[r][threadIdx.x];
+      b += sb[r][threadIdx.x];
+    }
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kReduceThreads) stats_nhwc_kernel(
+    const scalar_t* __restrict__ x, double* __restrict__ s1, double* __restrict__ s2, index_t M, index_t C) {
+  const index_t c = blockIdx.x * kTileC + threadIdx.x;
+  index_t begin, end;
+  split_range(M, begin, end);
+  double a = 0, q = 0;
+  if (c < C) {
+    const double pivot = static_cast<double>(x[c]);  // row 0, as stats_finalize_kernel reads it
+    for (index_t r = begin + threadIdx.y; r < end; r += kTileRows) {
+      const double d = static_cast<double>(x[r * C + c]) - pivot;
+      a += d;
+      q += d * d;
+    }
+  }
+  column_sums(a, q);
+  if (threadIdx.y == 0 && c < C) {
+    s1[blockIdx.y * C + c] = a;
+    s2[blockIdx.y * C + c] = q;
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kReduceThreads) backward_reduce_nhwc_kernel(
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ invstd, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
+    double* __restrict__ part_g, double* __restrict__ part_gx, index_t M, index_t C) {
+  const index_t c = blockIdx.x * kTileC + threadIdx.x;
+  index_t begin, end;
+  split_range(M, begin, end);
+  double a = 0, ax = 0;
+  if (c < C) {
+    const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
+    for (index_t r = begin + threadIdx.y; r < end; r += kTileRows) {
+      const index_t o = r * C + c;
+      const acc_t xi = static_cast<acc_t>(x[o]);
+      const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[o]), xi, m, s, wc, bc);
+      a += g;
+      ax += g * ((xi - m) * s);
+    }
+  }
+  column_sums(a, ax);
+  if (threadIdx.y == 0 && c < C) {
     part_g[blockIdx.y * C + c] = a;
     part_gx[blockIdx.y * C + c] = ax;
   }
@@ -144,28 +221,18 @@ __global__ void sums_finalize_kernel(const double* __restrict__ part_g, const do
   sum_gx[c] = static_cast<acc_t>(ax);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                       scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
                                       const acc_t* __restrict__ invstd, const acc_t* __restrict__ w,
                                       const acc_t* __restrict__ b, const acc_t* __restrict__ mean_g,
-                                      const acc_t* __restrict__ mean_gx, int64_t total, int64_t C, int64_t HW,
-                                      bool channels_last) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t c = channel_of(i, C, HW, channels_last);
+                                      const acc_t* __restrict__ mean_gx, index_t total, ChannelIndex<index_t> ix) {
+  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+    const index_t c = ix.channel(i);
     const acc_t xi = static_cast<acc_t>(x[i]);
     const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, mean[c], invstd[c], w[c], b[c]);
     dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, mean[c], invstd[c], w[c], mean_g[c], mean_gx[c]));
   }
-}
-
-// Blocks per channel: about 4 per SM over all channels, none with less than 4 elements a thread.
-int64_t reduce_splits(int64_t C, int64_t M, c10::DeviceIndex device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t want = (4 * int64_t(sms) + C - 1) / C;
-  const int64_t most = std::max<int64_t>(1, M / (4 * kReduceThreads));
-  return std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
 }
 
 unsigned int channel_blocks(int64_t C) { return static_cast<unsigned int>((C + kThreads - 1) / kThreads); }
@@ -188,6 +255,30 @@ Dense dense(const at::Tensor& x) {
   return {x.contiguous(fmt), fmt, x.size(0) * HW, x.size(1), HW, fmt == at::MemoryFormat::ChannelsLast};
 }
 
+template <typename index_t>
+ChannelIndex<index_t> channel_index(const Dense& d) {
+  return {IntDivider<index_t>(d.HW), IntDivider<index_t>(d.C), d.channels_last};
+}
+
+// The reductions' launch: blocks of one channel (NCHW) or of 32 (channels_last) times `splits`
+// blocks per column, about 4 blocks per SM in all, none with less than 4 elements a thread.
+struct ReduceGrid {
+  dim3 grid, block;
+  int64_t splits;
+};
+
+ReduceGrid reduce_grid(const Dense& d, c10::DeviceIndex device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t columns = d.channels_last ? (d.C + kTileC - 1) / kTileC : d.C;
+  const int64_t lanes = d.channels_last ? kTileRows : kReduceThreads;  // threads along a column
+  const int64_t want = (4 * int64_t(sms) + columns - 1) / columns;
+  const int64_t most = std::max<int64_t>(1, d.M / (4 * lanes));
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
+  const dim3 block = d.channels_last ? dim3(kTileC, kTileRows) : dim3(kReduceThreads);
+  return {dim3(static_cast<unsigned int>(columns), static_cast<unsigned int>(splits)), block, splits};
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   check_bn_relu_input("bn_relu_stats", x_in);
   TORCH_CHECK(x_in.is_cuda(), "bn_relu_stats: expected a CUDA `x`");
@@ -195,20 +286,28 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   const auto d = dense(x_in);
   auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
   auto var = at::empty({d.C}, mean.options());
-  const int64_t splits = reduce_splits(d.C, d.M, x_in.device().index());
-  auto s1 = at::empty({splits, d.C}, d.t.options().dtype(at::kDouble));
-  auto s2 = at::empty({splits, d.C}, s1.options());
+  const auto g = reduce_grid(d, x_in.device().index());
+  auto s1 = at::empty({g.splits, d.C}, d.t.options().dtype(at::kDouble));
+  auto s2 = at::empty({g.splits, d.C}, s1.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_kernel<scalar_t><<<dim3(d.C, splits), kReduceThreads, 0, stream>>>(
-        d.t.const_data_ptr<scalar_t>(), s1.mutable_data_ptr<double>(), s2.mutable_data_ptr<double>(), d.M, d.C,
-        d.HW, d.channels_last);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    stats_finalize_kernel<scalar_t, acc_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
-        d.t.const_data_ptr<scalar_t>(), s1.const_data_ptr<double>(), s2.const_data_ptr<double>(),
-        mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), splits, d.M, d.C, d.HW, d.channels_last);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(d.t.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      const auto ix = channel_index<index_t>(d);
+      const scalar_t* x = d.t.const_data_ptr<scalar_t>();
+      if (d.channels_last)
+        stats_nhwc_kernel<scalar_t, index_t><<<g.grid, g.block, 0, stream>>>(
+            x, s1.mutable_data_ptr<double>(), s2.mutable_data_ptr<double>(), d.M, d.C);
+      else
+        stats_kernel<scalar_t, index_t><<<g.grid, g.block, 0, stream>>>(
+            x, s1.mutable_data_ptr<double>(), s2.mutable_data_ptr<double>(), d.M, ix);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      stats_finalize_kernel<scalar_t, acc_t, index_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
+          d.t.const_data_ptr<scalar_t>(), s1.const_data_ptr<double>(), s2.const_data_ptr<double>(),
+          mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), g.splits, d.M, ix);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {mean, var};
 }
@@ -223,11 +322,15 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
   const int64_t total = d.t.numel();
   FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
-        invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
-        bias.contiguous().const_data_ptr<acc_t>(), total, d.C, d.HW, d.channels_last);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(total, [&](auto index) {
+      using index_t = decltype(index);
+      forward_kernel<scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0,
+                                                 c10::cuda::getCurrentCUDAStream()>>>(
+          d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
+          invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
+          bias.contiguous().const_data_ptr<acc_t>(), total, channel_index<index_t>(d));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return y;
 }
@@ -242,21 +345,31 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
   const auto dy = grad_in.contiguous(d.fmt);
   auto sum_g = at::empty({d.C}, mean.options());
   auto sum_gx = at::empty({d.C}, mean.options());
-  const int64_t splits = reduce_splits(d.C, d.M, x_in.device().index());
-  auto part_g = at::empty({splits, d.C}, d.t.options().dtype(at::kDouble));
-  auto part_gx = at::empty({splits, d.C}, part_g.options());
+  const auto g = reduce_grid(d, x_in.device().index());
+  auto part_g = at::empty({g.splits, d.C}, d.t.options().dtype(at::kDouble));
+  auto part_gx = at::empty({g.splits, d.C}, part_g.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_reduce_kernel<scalar_t, acc_t><<<dim3(d.C, splits), kReduceThreads, 0, stream>>>(
-        dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
-        invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
-        bias.contiguous().const_data_ptr<acc_t>(), part_g.mutable_data_ptr<double>(),
-        part_gx.mutable_data_ptr<double>(), d.M, d.C, d.HW, d.channels_last);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(d.t.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+      const scalar_t *g_out = dy.const_data_ptr<scalar_t>(), *x = d.t.const_data_ptr<scalar_t>();
+      if (d.channels_last)
+        backward_reduce_nhwc_kernel<scalar_t, acc_t, index_t><<<g.grid, g.block, 0, stream>>>(
+            g_out, x, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+            b.const_data_ptr<acc_t>(), part_g.mutable_data_ptr<double>(), part_gx.mutable_data_ptr<double>(), d.M,
+            d.C);
+      else
+        backward_reduce_kernel<scalar_t, acc_t, index_t><<<g.grid, g.block, 0, stream>>>(
+            g_out, x, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+            b.const_data_ptr<acc_t>(), part_g.mutable_data_ptr<double>(), part_gx.mutable_data_ptr<double>(), d.M,
+            channel_index<index_t>(d));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     sums_finalize_kernel<acc_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
         part_g.const_data_ptr<double>(), part_gx.const_data_ptr<double>(), sum_g.mutable_data_ptr<acc_t>(),
-        sum_gx.mutable_data_ptr<acc_t>(), splits, d.C);
+        sum_gx.mutable_data_ptr<acc_t>(), g.splits, d.C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_g, sum_gx};
@@ -275,13 +388,17 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
   const int64_t total = d.t.numel();
   FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_backward_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_elemt_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-        mean.contiguous().const_data_ptr<acc_t>(), invstd.contiguous().const_data_ptr<acc_t>(),
-        weight.contiguous().const_data_ptr<acc_t>(), bias.contiguous().const_data_ptr<acc_t>(),
-        mean_g.contiguous().const_data_ptr<acc_t>(), mean_gx.contiguous().const_data_ptr<acc_t>(), total, d.C, d.HW,
-        d.channels_last);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(total, [&](auto index) {
+      using index_t = decltype(index);
+      backward_elemt_kernel<scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0,
+                                                        c10::cuda::getCurrentCUDAStream()>>>(
+          dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+          mean.contiguous().const_data_ptr<acc_t>(), invstd.contiguous().const_data_ptr<acc_t>(),
+          weight.contiguous().const_data_ptr<acc_t>(), bias.contiguous().const_data_ptr<acc_t>(),
+          mean_g.contiguous().const_data_ptr<acc_t>(), mean_gx.contiguous().const_data_ptr<acc_t>(), total,
+          channel_index<index_t>(d));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return dx;
 }

@@ -1,6 +1,7 @@
 // CUDA kernels of fasthg::upsample_add; the math is shared with the CPU twin through
 // csrc/upsample_add.h. One thread per output element (forward) or per low element
-// (backward, which sums its block of grad_out in registers: no atomics).
+// (backward, which sums its block of grad_out in registers: no atomics); index math in 32
+// bits where it fits (index.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include "../upsample_add.h"
+#include "index.cuh"
 
 namespace fasthg {
 namespace {
@@ -22,63 +24,78 @@ inline unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>(b, int64_t(1) << 20));
 }
 
-// Coordinates (n, c, h, w) of element `i` of a dense tensor of sizes [N, C, H, W] in NCHW
-// or NHWC order; `offset` maps them back to the linear index in that order.
+// Sizes [N, C, H, W] of a dense tensor in NCHW or NHWC order, with the dividers that turn a
+// linear index in that order into coordinates (n, c, h, w); `offset` maps them back.
+template <typename index_t>
 struct Dims {
-  int64_t N, C, H, W;
+  index_t N;
+  IntDivider<index_t> C, H, W;
 };
 
-template <bool kChannelsLast>
-__device__ __forceinline__ void unravel(int64_t i, const Dims& d, int64_t& n, int64_t& c,
-                                        int64_t& h, int64_t& w) {
+template <bool kChannelsLast, typename index_t>
+__device__ __forceinline__ void unravel(index_t i, const Dims<index_t>& d, index_t& n, index_t& c,
+                                        index_t& h, index_t& w) {
   if (kChannelsLast) {
-    c = i % d.C; i /= d.C;
-    w = i % d.W; i /= d.W;
-    h = i % d.H; n = i / d.H;
+    auto q = d.C.divmod(i);
+    c = q.mod;
+    q = d.W.divmod(q.div);
+    w = q.mod;
+    q = d.H.divmod(q.div);
+    h = q.mod;
+    n = q.div;
   } else {
-    w = i % d.W; i /= d.W;
-    h = i % d.H; i /= d.H;
-    c = i % d.C; n = i / d.C;
+    auto q = d.W.divmod(i);
+    w = q.mod;
+    q = d.H.divmod(q.div);
+    h = q.mod;
+    q = d.C.divmod(q.div);
+    c = q.mod;
+    n = q.div;
   }
 }
 
-template <bool kChannelsLast>
-__device__ __forceinline__ int64_t offset(const Dims& d, int64_t n, int64_t c, int64_t h,
-                                          int64_t w) {
-  return kChannelsLast ? ((n * d.H + h) * d.W + w) * d.C + c : ((n * d.C + c) * d.H + h) * d.W + w;
+template <bool kChannelsLast, typename index_t>
+__device__ __forceinline__ index_t offset(const Dims<index_t>& d, index_t n, index_t c, index_t h, index_t w) {
+  const index_t C = d.C.divisor, H = d.H.divisor, W = d.W.divisor;
+  return kChannelsLast ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
 }
 
-template <typename scalar_t, bool kChannelsLast>
+template <typename scalar_t, bool kChannelsLast, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
-                               scalar_t* __restrict__ out, Dims lo, Dims hi, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(blockDim.x) * gridDim.x) {
-    int64_t n, c, h, w;
+                               scalar_t* __restrict__ out, Dims<index_t> lo, Dims<index_t> hi, index_t total) {
+  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+    index_t n, c, h, w;
     unravel<kChannelsLast>(i, hi, n, c, h, w);
-    const int64_t src = offset<kChannelsLast>(lo, n, c, nearest_src(h, lo.H, hi.H),
-                                              nearest_src(w, lo.W, hi.W));
-    out[i] = skip[i] + low[src];
+    const auto sh = static_cast<index_t>(nearest_src(h, lo.H.divisor, hi.H.divisor));
+    const auto sw = static_cast<index_t>(nearest_src(w, lo.W.divisor, hi.W.divisor));
+    out[i] = skip[i] + low[offset<kChannelsLast>(lo, n, c, sh, sw)];
   }
 }
 
-template <typename scalar_t, bool kChannelsLast>
+template <typename scalar_t, bool kChannelsLast, typename index_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __restrict__ grad_low,
-                                Dims lo, Dims hi, int64_t total) {
+                                Dims<index_t> lo, Dims<index_t> hi, index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(blockDim.x) * gridDim.x) {
-    int64_t n, c, h, w;
+  const int64_t Hi = lo.H.divisor, Wi = lo.W.divisor, Ho = hi.H.divisor, Wo = hi.W.divisor;
+  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+    index_t n, c, h, w;
     unravel<kChannelsLast>(i, lo, n, c, h, w);
-    const int64_t h0 = nearest_dst_begin(h, lo.H, hi.H), h1 = nearest_dst_begin(h + 1, lo.H, hi.H);
-    const int64_t w0 = nearest_dst_begin(w, lo.W, hi.W), w1 = nearest_dst_begin(w + 1, lo.W, hi.W);
+    const auto h0 = static_cast<index_t>(nearest_dst_begin(h, Hi, Ho));
+    const auto h1 = static_cast<index_t>(nearest_dst_begin(h + 1, Hi, Ho));
+    const auto w0 = static_cast<index_t>(nearest_dst_begin(w, Wi, Wo));
+    const auto w1 = static_cast<index_t>(nearest_dst_begin(w + 1, Wi, Wo));
     acc_t acc = 0;
-    for (int64_t y = h0; y < h1; ++y)
-      for (int64_t x = w0; x < w1; ++x) acc += static_cast<acc_t>(grad[offset<kChannelsLast>(hi, n, c, y, x)]);
+    for (index_t y = h0; y < h1; ++y)
+      for (index_t x = w0; x < w1; ++x) acc += static_cast<acc_t>(grad[offset<kChannelsLast>(hi, n, c, y, x)]);
     grad_low[i] = static_cast<scalar_t>(acc);
   }
 }
 
-Dims dims_of(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
+template <typename index_t>
+Dims<index_t> dims_of(const at::Tensor& t) {
+  return {static_cast<index_t>(t.size(0)), IntDivider<index_t>(t.size(1)), IntDivider<index_t>(t.size(2)),
+          IntDivider<index_t>(t.size(3))};
+}
 
 at::Tensor upsample_add_cuda(const at::Tensor& low_in, const at::Tensor& skip_in) {
   check_upsample_add_args(low_in, skip_in);
@@ -91,14 +108,17 @@ at::Tensor upsample_add_cuda(const at::Tensor& low_in, const at::Tensor& skip_in
   const int64_t total = out.numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, skip.scalar_type(), "upsample_add_cuda", [&] {
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-          low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), dims_of(low), dims_of(skip), total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (fmt == at::MemoryFormat::ChannelsLast) launch(forward_kernel<scalar_t, true>);
-    else launch(forward_kernel<scalar_t, false>);
+    with_index_type(total, [&](auto index) {
+      using index_t = decltype(index);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+            low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+            dims_of<index_t>(low), dims_of<index_t>(skip), static_cast<index_t>(total));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (fmt == at::MemoryFormat::ChannelsLast) launch(forward_kernel<scalar_t, true, index_t>);
+      else launch(forward_kernel<scalar_t, false, index_t>);
+    });
   });
   return out;
 }
@@ -114,14 +134,18 @@ at::Tensor upsample_add_backward_cuda(const at::Tensor& grad_in, int64_t low_h, 
   const int64_t total = grad_low.numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_add_backward_cuda", [&] {
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(),
-          dims_of(grad_low), dims_of(grad), total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (fmt == at::MemoryFormat::ChannelsLast) launch(backward_kernel<scalar_t, true>);
-    else launch(backward_kernel<scalar_t, false>);
+    // Indexed by the size of grad_out, the larger tensor, whose offsets the kernel computes.
+    with_index_type(grad.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(), dims_of<index_t>(grad_low),
+            dims_of<index_t>(grad), static_cast<index_t>(total));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (fmt == at::MemoryFormat::ChannelsLast) launch(backward_kernel<scalar_t, true, index_t>);
+      else launch(backward_kernel<scalar_t, false, index_t>);
+    });
   });
   return grad_low;
 }
