@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fasthg._layout import memory_format_of
+from fasthg.kernels._index import needs_int64, program_index
 
 BLOCK = 1024
 
@@ -31,38 +32,39 @@ def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _split_range(M, SPLITS, BLOCK: tl.constexpr):
+def _split_range(M, SPLITS, INT64: tl.constexpr, BLOCK: tl.constexpr):
     """This program's [start, end) of the N*H*W elements of its channel (BLOCK-aligned)."""
     per = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK) * BLOCK
-    start = tl.program_id(1).to(tl.int64) * per
+    start = program_index(1, INT64) * per
     return start, tl.minimum(start + per, M)
 
 
 @triton.jit
-def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """Partial sums of d = x - pivot and d*d, pivot = the channel's first element (shared by
     every split, so partials add up; large offsets cost no precision)."""
-    c = tl.program_id(0).to(tl.int64)
+    c = program_index(0, INT64)
     pivot = tl.load(x_ptr + _channel_offsets(0, c, C, HW, CHANNELS_LAST)).to(tl.float64)
-    start, end = _split_range(M, SPLITS, BLOCK)
+    start, end = _split_range(M, SPLITS, INT64, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     acc2 = tl.zeros([BLOCK], dtype=tl.float64)
     for first in range(start, end, BLOCK):
-        idx = first + tl.arange(0, BLOCK).to(tl.int64)
+        idx = first + tl.arange(0, BLOCK)
         mask = idx < end
         x = tl.load(x_ptr + _channel_offsets(idx, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float64)
         d = tl.where(mask, x - pivot, 0.0)
         acc += d
         acc2 += d * d
-    out = tl.program_id(1).to(tl.int64) * C + c
+    out = program_index(1, INT64) * C + c
     tl.store(s1_ptr + out, tl.sum(acc, axis=0))
     tl.store(s2_ptr + out, tl.sum(acc2, axis=0))
 
 
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, HW,
-                    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     c = _channel_of(offs, C, HW, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -74,17 +76,18 @@ def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, 
 
 @triton.jit
 def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr,
-                            M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)
+                            M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    c = program_index(0, INT64)
     mean = tl.load(mean_ptr + c)
     invstd = tl.load(invstd_ptr + c)
     scale = invstd * tl.load(w_ptr + c)
     bias = tl.load(b_ptr + c)
-    start, end = _split_range(M, SPLITS, BLOCK)
+    start, end = _split_range(M, SPLITS, INT64, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     accx = tl.zeros([BLOCK], dtype=tl.float64)
     for first in range(start, end, BLOCK):
-        idx = first + tl.arange(0, BLOCK).to(tl.int64)
+        idx = first + tl.arange(0, BLOCK)
         mask = idx < end
         offs = _channel_offsets(idx, c, C, HW, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -92,7 +95,7 @@ def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s
         g = tl.where(mask & ((x - mean) * scale + bias > 0), dy, 0.0)
         acc += g.to(tl.float64)
         accx += (g * ((x - mean) * invstd)).to(tl.float64)
-    out = tl.program_id(1).to(tl.int64) * C + c
+    out = program_index(1, INT64) * C + c
     tl.store(sum_g_ptr + out, tl.sum(acc, axis=0))
     tl.store(sum_gx_ptr + out, tl.sum(accx, axis=0))
 
@@ -100,8 +103,8 @@ def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s
 @triton.jit
 def _backward_elemt_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, mean_g_ptr,
                            mean_gx_ptr, total, C, HW, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                           INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     c = _channel_of(offs, C, HW, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -141,7 +144,7 @@ def stats(x: torch.Tensor):
     x, _, M, C, HW, cl, _, pdtype = _prep(x)
     splits = _splits(C, M, x.device)
     s1, s2 = _partials(C, splits, x.device)
-    _stats_kernel[(C, splits)](x, s1, s2, M, C, HW, splits, CHANNELS_LAST=cl, BLOCK=BLOCK)
+    _stats_kernel[(C, splits)](x, s1, s2, M, C, HW, splits, CHANNELS_LAST=cl, INT64=needs_int64(x), BLOCK=BLOCK)
     pivot = x[0, :, 0, 0].to(torch.float64)
     d = s1.sum(0) / M
     var = (s2.sum(0) / M - d * d).clamp_min_(0)
@@ -153,7 +156,7 @@ def forward(x, mean, invstd, weight, bias):
     y = torch.empty_like(x, memory_format=fmt)
     total = x.numel()
     _forward_kernel[(triton.cdiv(total, BLOCK),)](x, y, mean, invstd, weight, bias, total, C, HW,
-                                                  CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+                                                  CHANNELS_LAST=cl, ACC=acc, INT64=needs_int64(x), BLOCK=BLOCK)
     return y
 
 
@@ -163,7 +166,7 @@ def backward_reduce(grad_out, x, mean, invstd, weight, bias):
     splits = _splits(C, M, x.device)
     sum_g, sum_gx = _partials(C, splits, x.device)
     _backward_reduce_kernel[(C, splits)](dy, x, mean, invstd, weight, bias, sum_g, sum_gx, M, C, HW, splits,
-                                         CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+                                         CHANNELS_LAST=cl, ACC=acc, INT64=needs_int64(x), BLOCK=BLOCK)
     return sum_g.sum(0).to(pdtype), sum_gx.sum(0).to(pdtype)
 
 
@@ -173,5 +176,6 @@ def backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx):
     dx = torch.empty_like(x, memory_format=fmt)
     total = x.numel()
     _backward_elemt_kernel[(triton.cdiv(total, BLOCK),)](dy, x, dx, mean, invstd, weight, bias, mean_g, mean_gx,
-                                                         total, C, HW, CHANNELS_LAST=cl, ACC=acc, BLOCK=BLOCK)
+                                                         total, C, HW, CHANNELS_LAST=cl, ACC=acc,
+                                                         INT64=needs_int64(x), BLOCK=BLOCK)
     return dx

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from fasthg._layout import memory_format_of
+from fasthg.kernels._index import needs_int64, program_index
 
 BLOCK = 1024
 
@@ -57,8 +58,8 @@ def _offset(n, c, h, w, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(low_ptr, skip_ptr, out_ptr, src_h_ptr, src_w_ptr, total, C, Hi, Wi, Ho, Wo,
-                    CHANNELS_LAST: tl.constexpr, TWICE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                    CHANNELS_LAST: tl.constexpr, TWICE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     n, c, h, w = _coords(offs, C, Ho, Wo, CHANNELS_LAST)
     if TWICE:
@@ -77,8 +78,8 @@ def _forward_kernel(low_ptr, skip_ptr, out_ptr, src_h_ptr, src_w_ptr, total, C, 
 @triton.jit
 def _backward_kernel(grad_ptr, grad_low_ptr, begin_h_ptr, begin_w_ptr, total, C, Hi, Wi, Ho, Wo,
                      KH: tl.constexpr, KW: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                     TWICE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                     TWICE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     n, c, i, j = _coords(offs, C, Hi, Wi, CHANNELS_LAST)
     if TWICE:
@@ -119,7 +120,7 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     total = out.numel()
     _forward_kernel[(triton.cdiv(total, BLOCK),)](
         low, skip, out, src_h, src_w, total, C, Hi, Wi, Ho, Wo,
-        CHANNELS_LAST=fmt == torch.channels_last, TWICE=twice, BLOCK=BLOCK)
+        CHANNELS_LAST=fmt == torch.channels_last, TWICE=twice, INT64=needs_int64(skip), BLOCK=BLOCK)
     return out
 
 
@@ -143,5 +144,6 @@ def upsample_add_backward(grad_out: torch.Tensor, low_h: int, low_w: int) -> tor
     total = grad_low.numel()
     _backward_kernel[(triton.cdiv(total, BLOCK),)](
         grad_out, grad_low, begin_h, begin_w, total, C, low_h, low_w, Ho, Wo,
-        KH=kh, KW=kw, CHANNELS_LAST=fmt == torch.channels_last, TWICE=twice, ACC=acc, BLOCK=BLOCK)
+        KH=kh, KW=kw, CHANNELS_LAST=fmt == torch.channels_last, TWICE=twice, ACC=acc, INT64=needs_int64(grad_out),
+        BLOCK=BLOCK)
     return grad_low
