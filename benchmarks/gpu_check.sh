@@ -12,9 +12,12 @@
 #    torch.compile, whose per-shape compiles alone would outrun the 9 minutes this script
 #    has: `fasthg bench --device cuda --compile --levels 64,32 --model hg2` gives those),
 # writing every log, JSON, table and chart into OUT_DIR (at most 8 files) and printing a
-# short summary last. Any failure stops it with a non-zero exit and names the step and log;
-# so does running past its budget of 9 minutes in all (GPU_CHECK_SECONDS=540).
+# short summary last. A failed build stops it at once; a failed later step is reported (its
+# log's tail, and FAILED in the summary) and the steps after it still run, since GPU time is
+# scarce and each step tells something on its own; the exit is non-zero if any step failed
+# or ran past the budget of 9 minutes in all (GPU_CHECK_SECONDS=540).
 set -euo pipefail
+export PYTHONUNBUFFERED=1
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -24,14 +27,16 @@ summary="$out/summary.txt"
 : > "$summary"
 
 budget=${GPU_CHECK_SECONDS:-540}
+failed=()
 
-step() {  # step NAME LOG COMMAND...: run, time, and fail loudly with the log's tail
+step() {  # step NAME LOG COMMAND...: run and time it; on failure, say so with the log's tail
   local name=$1 log=$2; shift 2
   local t0=$SECONDS left=$((budget - SECONDS)) rc=0
   echo "== $name" >&2
   if ((left <= 0)); then
     echo "FAILED: no time left for $name (budget ${budget} s)" | tee -a "$summary" >&2
-    exit 1
+    failed+=("$name")
+    return 1
   fi
   timeout --kill-after=10 "$left" "$@" > "$log" 2>&1 || rc=$?
   if ((rc != 0)); then
@@ -39,24 +44,26 @@ step() {  # step NAME LOG COMMAND...: run, time, and fail loudly with the log's 
     ((rc == 124 || rc == 137)) && why="ran past the budget of ${budget} s"
     echo "FAILED: $name ($why; log: $log); last lines:" | tee -a "$summary" >&2
     tail -n 40 "$log" >&2
-    exit 1
+    failed+=("$name")
+    return 1
   fi
   echo "ok   $name ($((SECONDS - t0)) s)" >> "$summary"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary"
 step "build for the local GPU" "$out/build.log" \
-  env FASTHG_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+  env FASTHG_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ||
+  { cat "$summary"; exit 1; }  # nothing after it can run
 "$PY" -m fasthg info >> "$summary"
-step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider
+step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider || true
 # Without PyTorch's caching allocator, so that an access past a tensor leaves its allocation.
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 \
   "$PY" -m pytest tests/test_upsample_add.py tests/test_bn_relu.py -m cuda -q -p no:cacheprovider \
-  -k "not hourglass_sizes and not compile and not opcheck and not gradcheck"
+  -k "not hourglass_sizes and not compile and not opcheck and not gradcheck" || true
 step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --levels 128,64,32,16,8,4 \
-  --channels 128,256 --model hg2,hg8 --out "$out/bench"
+  --channels 128,256 --model hg2,hg8 --out "$out/bench" || true
 
 {  # (|| true: under pipefail a grep that matches nothing would end the script here)
   echo
@@ -66,5 +73,10 @@ step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device c
   echo "fused vs eager, forward+backward (training) at 256 channels, float32, from $out/bench/bench.md:"
   grep -E "forward\+backward" "$out/bench/bench.md" | grep -E "\| 16x256x|train step" | grep "float32" |
     grep -v "| eager |" | cut -d"|" -f2-10 || true
+  if ((${#failed[@]})); then
+    echo
+    echo "FAILED steps: ${failed[*]}"
+  fi
 } >> "$summary"
 cat "$summary"
+((${#failed[@]} == 0))
