@@ -4,8 +4,8 @@ per-channel statistics, normalise+clamp, and the backward's reduction and elemen
 math runs in float32 (float64 for float64 x), like the statistics and parameters; the
 per-channel sums accumulate in float64, as ATen's CPU BatchNorm does: BN backward subtracts
 nearly equal terms, and float32 sums cost up to 1e-2 relative error in a stacked BN's grad_x.
-Reductions run on a (channels, splits) grid writing float64 partials that torch adds up, so
-that few channels with large H*W still fill the GPU."""
+Reductions run on a (channel tiles, splits) grid writing float64 partials that torch adds
+up, so that few channels with large H*W still fill the GPU."""
 import torch
 import triton
 import triton.language as tl
@@ -32,33 +32,41 @@ def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _split_range(M, SPLITS, INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's [start, end) of the N*H*W elements of its channel (BLOCK-aligned)."""
-    per = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK) * BLOCK
+def _split_range(M, SPLITS, INT64: tl.constexpr, ROWS: tl.constexpr):
+    """This program's [start, end) of the M = N*H*W rows of its channels (ROWS-aligned)."""
+    per = tl.cdiv(tl.cdiv(M, SPLITS), ROWS) * ROWS
     start = program_index(1, INT64) * per
     return start, tl.minimum(start + per, M)
 
 
 @triton.jit
+def _tile_channels(C, INT64: tl.constexpr, COLS: tl.constexpr):
+    """The COLS channels of this program's tile, and which of them exist."""
+    c = program_index(0, INT64) * COLS + tl.arange(0, COLS)
+    return c, c < C
+
+
+@triton.jit
 def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  ROWS: tl.constexpr, COLS: tl.constexpr):
     """Partial sums of d = x - pivot and d*d, pivot = the channel's first element (shared by
     every split, so partials add up; large offsets cost no precision)."""
-    c = program_index(0, INT64)
-    pivot = tl.load(x_ptr + _channel_offsets(0, c, C, HW, CHANNELS_LAST)).to(tl.float64)
-    start, end = _split_range(M, SPLITS, INT64, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float64)
-    for first in range(start, end, BLOCK):
-        idx = first + tl.arange(0, BLOCK)
-        mask = idx < end
-        x = tl.load(x_ptr + _channel_offsets(idx, c, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float64)
-        d = tl.where(mask, x - pivot, 0.0)
+    c, cmask = _tile_channels(C, INT64, COLS)
+    pivot = tl.load(x_ptr + _channel_offsets(0, c, C, HW, CHANNELS_LAST), mask=cmask, other=0.0).to(tl.float64)
+    start, end = _split_range(M, SPLITS, INT64, ROWS)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float64)
+    acc2 = tl.zeros([ROWS, COLS], dtype=tl.float64)
+    for first in range(start, end, ROWS):
+        idx = first + tl.arange(0, ROWS)
+        mask = (idx < end)[:, None] & cmask[None, :]
+        offs = _channel_offsets(idx[:, None], c[None, :], C, HW, CHANNELS_LAST)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        d = tl.where(mask, x - pivot[None, :], 0.0)
         acc += d
         acc2 += d * d
     out = program_index(1, INT64) * C + c
-    tl.store(s1_ptr + out, tl.sum(acc, axis=0))
-    tl.store(s2_ptr + out, tl.sum(acc2, axis=0))
+    tl.store(s1_ptr + out, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(s2_ptr + out, tl.sum(acc2, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -77,27 +85,27 @@ def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, 
 @triton.jit
 def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr,
                             M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    c = program_index(0, INT64)
-    mean = tl.load(mean_ptr + c)
-    invstd = tl.load(invstd_ptr + c)
-    scale = invstd * tl.load(w_ptr + c)
-    bias = tl.load(b_ptr + c)
-    start, end = _split_range(M, SPLITS, INT64, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    accx = tl.zeros([BLOCK], dtype=tl.float64)
-    for first in range(start, end, BLOCK):
-        idx = first + tl.arange(0, BLOCK)
-        mask = idx < end
-        offs = _channel_offsets(idx, c, C, HW, CHANNELS_LAST)
+                            ROWS: tl.constexpr, COLS: tl.constexpr):
+    c, cmask = _tile_channels(C, INT64, COLS)
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[None, :]
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[None, :]
+    scale = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0)[None, :]
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0)[None, :]
+    start, end = _split_range(M, SPLITS, INT64, ROWS)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float64)
+    accx = tl.zeros([ROWS, COLS], dtype=tl.float64)
+    for first in range(start, end, ROWS):
+        idx = first + tl.arange(0, ROWS)
+        mask = (idx < end)[:, None] & cmask[None, :]
+        offs = _channel_offsets(idx[:, None], c[None, :], C, HW, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         g = tl.where(mask & ((x - mean) * scale + bias > 0), dy, 0.0)
         acc += g.to(tl.float64)
         accx += (g * ((x - mean) * invstd)).to(tl.float64)
     out = program_index(1, INT64) * C + c
-    tl.store(sum_g_ptr + out, tl.sum(acc, axis=0))
-    tl.store(sum_gx_ptr + out, tl.sum(accx, axis=0))
+    tl.store(sum_g_ptr + out, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(sum_gx_ptr + out, tl.sum(accx, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -128,10 +136,16 @@ def _prep(x):
     return x, fmt, n * h * w, c, h * w, fmt == torch.channels_last, acc, pdtype
 
 
-def _splits(C: int, M: int, device) -> int:
-    """Programs per channel: enough for about 4 per SM, none with less than a BLOCK."""
+def _tiles(C: int, M: int, channels_last: bool, device):
+    """The reductions' tile (ROWS x COLS: one channel's rows for NCHW; for channels_last 32
+    adjacent channels, so that a row's loads are contiguous, not one element at stride C)
+    and grid: splits per tile column for about 4 programs per SM, none under one tile."""
+    cols = 32 if channels_last else 1
+    rows = BLOCK // cols
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(target, C), triton.cdiv(M, BLOCK)))
+    columns = triton.cdiv(C, cols)
+    splits = max(1, min(triton.cdiv(target, columns), triton.cdiv(M, rows)))
+    return rows, cols, (columns, splits)
 
 
 def _partials(C, splits, device):
@@ -142,9 +156,9 @@ def _partials(C, splits, device):
 def stats(x: torch.Tensor):
     """Per-channel mean and biased variance (float32, or float64 for float64 x)."""
     x, _, M, C, HW, cl, _, pdtype = _prep(x)
-    splits = _splits(C, M, x.device)
-    s1, s2 = _partials(C, splits, x.device)
-    _stats_kernel[(C, splits)](x, s1, s2, M, C, HW, splits, CHANNELS_LAST=cl, INT64=needs_int64(x), BLOCK=BLOCK)
+    rows, cols, grid = _tiles(C, M, cl, x.device)
+    s1, s2 = _partials(C, grid[1], x.device)
+    _stats_kernel[grid](x, s1, s2, M, C, HW, grid[1], CHANNELS_LAST=cl, INT64=needs_int64(x), ROWS=rows, COLS=cols)
     pivot = x[0, :, 0, 0].to(torch.float64)
     d = s1.sum(0) / M
     var = (s2.sum(0) / M - d * d).clamp_min_(0)
@@ -163,10 +177,10 @@ def forward(x, mean, invstd, weight, bias):
 def backward_reduce(grad_out, x, mean, invstd, weight, bias):
     x, fmt, M, C, HW, cl, acc, pdtype = _prep(x)
     dy = grad_out.contiguous(memory_format=fmt)
-    splits = _splits(C, M, x.device)
-    sum_g, sum_gx = _partials(C, splits, x.device)
-    _backward_reduce_kernel[(C, splits)](dy, x, mean, invstd, weight, bias, sum_g, sum_gx, M, C, HW, splits,
-                                         CHANNELS_LAST=cl, ACC=acc, INT64=needs_int64(x), BLOCK=BLOCK)
+    rows, cols, grid = _tiles(C, M, cl, x.device)
+    sum_g, sum_gx = _partials(C, grid[1], x.device)
+    _backward_reduce_kernel[grid](dy, x, mean, invstd, weight, bias, sum_g, sum_gx, M, C, HW, grid[1],
+                                  CHANNELS_LAST=cl, ACC=acc, INT64=needs_int64(x), ROWS=rows, COLS=cols)
     return sum_g.sum(0).to(pdtype), sum_gx.sum(0).to(pdtype)
 
 
