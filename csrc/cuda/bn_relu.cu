@@ -3,7 +3,8 @@
 // channels with large H*W still fill the GPU: double accumulators per thread, summed across
 // the block (cub::BlockReduce for NCHW's one channel a block, a fixed 16-term loop per channel
 // for channels_last's tiles of 32), double partials per split, added by a
-// one-thread-per-channel finalize kernel. Index math in 32 bits where it fits (index.cuh).
+// one-thread-per-channel finalize kernel. Elementwise passes take 4 elements a thread
+// (index.cuh's unrolled_grid_loop); index math in 32 bits where it fits.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -73,6 +74,7 @@ __global__ void __launch_bounds__(kReduceThreads) stats_kernel(
   index_t begin, end;
   split_range(M, begin, end);
   double a = 0, q = 0;
+#pragma unroll 4  // independent loads in flight; the sums stay in order
   for (index_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
     const double d = static_cast<double>(x[ix.offset(i, c)]) - pivot;
     a += d;
@@ -106,10 +108,10 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
                                const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                const acc_t* __restrict__ w, const acc_t* __restrict__ b, index_t total,
                                ChannelIndex<index_t> ix) {
-  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+  unrolled_grid_loop(total, [&](index_t i) { return x[i]; }, [&](index_t i, scalar_t xi) {
     const index_t c = ix.channel(i);
-    y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(x[i]), mean[c], invstd[c], w[c], b[c]));
-  }
+    y[i] = static_cast<scalar_t>(bn_relu_value(static_cast<acc_t>(xi), mean[c], invstd[c], w[c], b[c]));
+  });
 }
 
 // Partial sums of g and g * xhat into part_g/part_gx[split][channel].
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kReduceThreads) backward_reduce_kernel(
   index_t begin, end;
   split_range(M, begin, end);
   double a = 0, ax = 0;
+#pragma unroll 4  // independent loads in flight; the sums stay in order
   for (index_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
     const index_t o = ix.offset(i, c);
     const acc_t xi = static_cast<acc_t>(x[o]);
@@ -167,6 +170,7 @@ __global__ void __launch_bounds__(kReduceThreads) stats_nhwc_kernel(
   double a = 0, q = 0;
   if (c < C) {
     const double pivot = static_cast<double>(x[c]);  // row 0, as stats_finalize_kernel reads it
+#pragma unroll 4  // independent loads in flight; the sums stay in order
     for (index_t r = begin + threadIdx.y; r < end; r += kTileRows) {
       const double d = static_cast<double>(x[r * C + c]) - pivot;
       a += d;
@@ -191,6 +195,7 @@ __global__ void __launch_bounds__(kReduceThreads) backward_reduce_nhwc_kernel(
   double a = 0, ax = 0;
   if (c < C) {
     const acc_t m = mean[c], s = invstd[c], wc = w[c], bc = b[c];
+#pragma unroll 4  // independent loads in flight; the sums stay in order
     for (index_t r = begin + threadIdx.y; r < end; r += kTileRows) {
       const index_t o = r * C + c;
       const acc_t xi = static_cast<acc_t>(x[o]);
@@ -227,19 +232,18 @@ __global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const sca
                                       const acc_t* __restrict__ invstd, const acc_t* __restrict__ w,
                                       const acc_t* __restrict__ b, const acc_t* __restrict__ mean_g,
                                       const acc_t* __restrict__ mean_gx, index_t total, ChannelIndex<index_t> ix) {
-  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+  struct Pair {
+    scalar_t x, dy;
+  };
+  unrolled_grid_loop(total, [&](index_t i) { return Pair{x[i], dy[i]}; }, [&](index_t i, Pair p) {
     const index_t c = ix.channel(i);
-    const acc_t xi = static_cast<acc_t>(x[i]);
-    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, mean[c], invstd[c], w[c], b[c]);
+    const acc_t xi = static_cast<acc_t>(p.x);
+    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(p.dy), xi, mean[c], invstd[c], w[c], b[c]);
     dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, mean[c], invstd[c], w[c], mean_g[c], mean_gx[c]));
-  }
+  });
 }
 
 unsigned int channel_blocks(int64_t C) { return static_cast<unsigned int>((C + kThreads - 1) / kThreads); }
-
-unsigned int elementwise_blocks(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
 
 // x made dense in its own memory format, and the facts the kernels need about it.
 struct Dense {
@@ -324,7 +328,7 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(total, [&](auto index) {
       using index_t = decltype(index);
-      forward_kernel<scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0,
+      forward_kernel<scalar_t, acc_t, index_t><<<unrolled_blocks(total, kThreads), kThreads, 0,
                                                  c10::cuda::getCurrentCUDAStream()>>>(
           d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
           invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
@@ -390,7 +394,7 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(total, [&](auto index) {
       using index_t = decltype(index);
-      backward_elemt_kernel<scalar_t, acc_t, index_t><<<elementwise_blocks(total), kThreads, 0,
+      backward_elemt_kernel<scalar_t, acc_t, index_t><<<unrolled_blocks(total, kThreads), kThreads, 0,
                                                         c10::cuda::getCurrentCUDAStream()>>>(
           dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
           mean.contiguous().const_data_ptr<acc_t>(), invstd.contiguous().const_data_ptr<acc_t>(),

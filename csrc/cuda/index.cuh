@@ -10,6 +10,7 @@
 
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -28,15 +29,43 @@ void with_index_type(int64_t numel, F&& f) {
     f(int64_t{});
 }
 
-// The first index and the stride of a grid-stride loop, in index_t.
+// This thread's index in a one-dimensional grid, in index_t.
 template <typename index_t>
 __device__ __forceinline__ index_t grid_start() {
   return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-template <typename index_t>
-__device__ __forceinline__ index_t grid_stride() {
-  return static_cast<index_t>(blockDim.x) * gridDim.x;
+// A grid-stride loop over [0, total) in which each thread takes kUnroll elements a step,
+// blockDim apart (each load coalesced across the warp), and loads all of them before it
+// stores any: kUnroll loads in flight per thread, where a one-element loop has one, too few
+// bytes in flight per SM to cover DRAM latency at Hopper's bandwidth. load(i) returns what
+// store(i, value) needs. Launch with unrolled_blocks(total, threads) blocks.
+constexpr int kUnroll = 4;
+
+template <typename index_t, typename Load, typename Store>
+__device__ __forceinline__ void unrolled_grid_loop(index_t total, Load load, Store store) {
+  using value_t = decltype(load(index_t(0)));
+  const index_t step = static_cast<index_t>(blockDim.x) * kUnroll;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * step; base < total; base += step * gridDim.x) {
+    value_t v[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const index_t i = base + threadIdx.x + static_cast<index_t>(k) * blockDim.x;
+      if (i < total) v[k] = load(i);
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const index_t i = base + threadIdx.x + static_cast<index_t>(k) * blockDim.x;
+      if (i < total) store(i, v[k]);
+    }
+  }
+}
+
+// Blocks for unrolled_grid_loop: one step of the loop per block, at most 2^20 blocks (the
+// loop covers the rest; 2^20 steps of 2^10 elements keep uint32 indices from wrapping).
+inline unsigned int unrolled_blocks(int64_t total, int threads) {
+  const int64_t per_block = int64_t(threads) * kUnroll;
+  return static_cast<unsigned int>(std::min<int64_t>((total + per_block - 1) / per_block, int64_t(1) << 20));
 }
 
 }  // namespace fasthg

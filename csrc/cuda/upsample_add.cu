@@ -1,7 +1,7 @@
 // CUDA kernels of fasthg::upsample_add; the math is shared with the CPU twin through
-// csrc/upsample_add.h. One thread per output element (forward) or per low element
-// (backward, which sums its block of grad_out in registers: no atomics); index math in 32
-// bits where it fits (index.cuh).
+// csrc/upsample_add.h. Each thread takes 4 output elements (forward) or low elements
+// (backward, which sums each one's block of grad_out in registers: no atomics), loading all
+// before storing any; index math in 32 bits where it fits (index.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -18,11 +18,6 @@ namespace fasthg {
 namespace {
 
 constexpr int kThreads = 256;
-
-inline unsigned int blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min<int64_t>(b, int64_t(1) << 20));
-}
 
 // Sizes [N, C, H, W] of a dense tensor in NCHW or NHWC order, with the dividers that turn a
 // linear index in that order into coordinates (n, c, h, w); `offset` maps them back.
@@ -63,13 +58,13 @@ __device__ __forceinline__ index_t offset(const Dims<index_t>& d, index_t n, ind
 template <typename scalar_t, bool kChannelsLast, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ low, const scalar_t* __restrict__ skip,
                                scalar_t* __restrict__ out, Dims<index_t> lo, Dims<index_t> hi, index_t total) {
-  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+  unrolled_grid_loop(total, [&](index_t i) {
     index_t n, c, h, w;
     unravel<kChannelsLast>(i, hi, n, c, h, w);
     const auto sh = static_cast<index_t>(nearest_src(h, lo.H.divisor, hi.H.divisor));
     const auto sw = static_cast<index_t>(nearest_src(w, lo.W.divisor, hi.W.divisor));
-    out[i] = skip[i] + low[offset<kChannelsLast>(lo, n, c, sh, sw)];
-  }
+    return static_cast<scalar_t>(skip[i] + low[offset<kChannelsLast>(lo, n, c, sh, sw)]);
+  }, [&](index_t i, scalar_t v) { out[i] = v; });
 }
 
 template <typename scalar_t, bool kChannelsLast, typename index_t>
@@ -77,7 +72,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __r
                                 Dims<index_t> lo, Dims<index_t> hi, index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Hi = lo.H.divisor, Wi = lo.W.divisor, Ho = hi.H.divisor, Wo = hi.W.divisor;
-  for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
+  unrolled_grid_loop(total, [&](index_t i) {
     index_t n, c, h, w;
     unravel<kChannelsLast>(i, lo, n, c, h, w);
     const auto h0 = static_cast<index_t>(nearest_dst_begin(h, Hi, Ho));
@@ -87,8 +82,8 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __r
     acc_t acc = 0;
     for (index_t y = h0; y < h1; ++y)
       for (index_t x = w0; x < w1; ++x) acc += static_cast<acc_t>(grad[offset<kChannelsLast>(hi, n, c, y, x)]);
-    grad_low[i] = static_cast<scalar_t>(acc);
-  }
+    return static_cast<scalar_t>(acc);
+  }, [&](index_t i, scalar_t v) { grad_low[i] = v; });
 }
 
 template <typename index_t>
@@ -111,7 +106,7 @@ at::Tensor upsample_add_cuda(const at::Tensor& low_in, const at::Tensor& skip_in
     with_index_type(total, [&](auto index) {
       using index_t = decltype(index);
       auto launch = [&](auto kernel) {
-        kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+        kernel<<<unrolled_blocks(total, kThreads), kThreads, 0, stream>>>(
             low.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
             dims_of<index_t>(low), dims_of<index_t>(skip), static_cast<index_t>(total));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -138,7 +133,7 @@ at::Tensor upsample_add_backward_cuda(const at::Tensor& grad_in, int64_t low_h, 
     with_index_type(grad.numel(), [&](auto index) {
       using index_t = decltype(index);
       auto launch = [&](auto kernel) {
-        kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+        kernel<<<unrolled_blocks(total, kThreads), kThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), grad_low.mutable_data_ptr<scalar_t>(), dims_of<index_t>(grad_low),
             dims_of<index_t>(grad), static_cast<index_t>(total));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
