@@ -47,6 +47,14 @@ def _tile_channels(C, INT64: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _tile(first, end, c, cmask, C, HW, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr):
+    """Offsets and mask of the tile of rows first..first+ROWS (below end) of channels c."""
+    idx = first + tl.arange(0, ROWS)
+    mask = (idx < end)[:, None] & cmask[None, :]
+    return _channel_offsets(idx[:, None], c[None, :], C, HW, CHANNELS_LAST), mask
+
+
+@triton.jit
 def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
                   ROWS: tl.constexpr, COLS: tl.constexpr):
     """Partial sums of d = x - pivot and d*d, pivot = the channel's first element (shared by
@@ -57,9 +65,7 @@ def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.con
     acc = tl.zeros([ROWS, COLS], dtype=tl.float64)
     acc2 = tl.zeros([ROWS, COLS], dtype=tl.float64)
     for first in range(start, end, ROWS):
-        idx = first + tl.arange(0, ROWS)
-        mask = (idx < end)[:, None] & cmask[None, :]
-        offs = _channel_offsets(idx[:, None], c[None, :], C, HW, CHANNELS_LAST)
+        offs, mask = _tile(first, end, c, cmask, C, HW, CHANNELS_LAST, ROWS)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         d = tl.where(mask, x - pivot[None, :], 0.0)
         acc += d
@@ -95,9 +101,7 @@ def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s
     acc = tl.zeros([ROWS, COLS], dtype=tl.float64)
     accx = tl.zeros([ROWS, COLS], dtype=tl.float64)
     for first in range(start, end, ROWS):
-        idx = first + tl.arange(0, ROWS)
-        mask = (idx < end)[:, None] & cmask[None, :]
-        offs = _channel_offsets(idx[:, None], c[None, :], C, HW, CHANNELS_LAST)
+        offs, mask = _tile(first, end, c, cmask, C, HW, CHANNELS_LAST, ROWS)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         g = tl.where(mask & ((x - mean) * scale + bias > 0), dy, 0.0)

@@ -27,26 +27,27 @@ struct Dims {
   IntDivider<index_t> C, H, W;
 };
 
+// i = ((n * D2 + a2) * D1 + a1) * D0 + a0 into its digits, innermost first.
+template <typename index_t>
+__device__ __forceinline__ void digits(index_t i, const IntDivider<index_t>& d0, const IntDivider<index_t>& d1,
+                                       const IntDivider<index_t>& d2, index_t& a0, index_t& a1, index_t& a2,
+                                       index_t& n) {
+  auto q = d0.divmod(i);
+  a0 = q.mod;
+  q = d1.divmod(q.div);
+  a1 = q.mod;
+  q = d2.divmod(q.div);
+  a2 = q.mod;
+  n = q.div;
+}
+
 template <bool kChannelsLast, typename index_t>
 __device__ __forceinline__ void unravel(index_t i, const Dims<index_t>& d, index_t& n, index_t& c,
                                         index_t& h, index_t& w) {
-  if (kChannelsLast) {
-    auto q = d.C.divmod(i);
-    c = q.mod;
-    q = d.W.divmod(q.div);
-    w = q.mod;
-    q = d.H.divmod(q.div);
-    h = q.mod;
-    n = q.div;
-  } else {
-    auto q = d.W.divmod(i);
-    w = q.mod;
-    q = d.H.divmod(q.div);
-    h = q.mod;
-    q = d.C.divmod(q.div);
-    c = q.mod;
-    n = q.div;
-  }
+  if (kChannelsLast)
+    digits(i, d.C, d.W, d.H, c, w, h, n);
+  else
+    digits(i, d.W, d.H, d.C, w, h, c, n);
 }
 
 template <bool kChannelsLast, typename index_t>
