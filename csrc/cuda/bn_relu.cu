@@ -9,10 +9,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#ifndef FASTHG_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#endif
 
 #include <cub/block/block_reduce.cuh>
 
@@ -245,23 +247,9 @@ __global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const sca
 
 unsigned int channel_blocks(int64_t C) { return static_cast<unsigned int>((C + kThreads - 1) / kThreads); }
 
-// x made dense in its own memory format, and the facts the kernels need about it.
-struct Dense {
-  at::Tensor t;
-  at::MemoryFormat fmt;
-  int64_t M, C, HW;
-  bool channels_last;
-};
-
-Dense dense(const at::Tensor& x) {
-  const auto fmt = x.suggest_memory_format();
-  const int64_t HW = x.size(2) * x.size(3);
-  return {x.contiguous(fmt), fmt, x.size(0) * HW, x.size(1), HW, fmt == at::MemoryFormat::ChannelsLast};
-}
-
 template <typename index_t>
-ChannelIndex<index_t> channel_index(const Dense& d) {
-  return {IntDivider<index_t>(d.HW), IntDivider<index_t>(d.C), d.channels_last};
+ChannelIndex<index_t> channel_index(int64_t HW, int64_t C, bool channels_last) {
+  return {IntDivider<index_t>(HW), IntDivider<index_t>(C), channels_last};
 }
 
 // The reductions' launch: blocks of one channel (NCHW) or of 32 (channels_last) times `splits`
@@ -271,16 +259,43 @@ struct ReduceGrid {
   int64_t splits;
 };
 
-ReduceGrid reduce_grid(const Dense& d, c10::DeviceIndex device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t columns = d.channels_last ? (d.C + kTileC - 1) / kTileC : d.C;
-  const int64_t lanes = d.channels_last ? kTileRows : kReduceThreads;  // threads along a column
+ReduceGrid reduce_grid(int64_t C, int64_t M, bool channels_last, int sms) {
+  const int64_t columns = channels_last ? (C + kTileC - 1) / kTileC : C;
+  const int64_t lanes = channels_last ? kTileRows : kReduceThreads;  // threads along a column
   const int64_t want = (4 * int64_t(sms) + columns - 1) / columns;
-  const int64_t most = std::max<int64_t>(1, d.M / (4 * lanes));
+  const int64_t most = std::max<int64_t>(1, M / (4 * lanes));
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, most, 65535}));
-  const dim3 block = d.channels_last ? dim3(kTileC, kTileRows) : dim3(kReduceThreads);
+  const dim3 block = channels_last ? dim3(kTileC, kTileRows) : dim3(kReduceThreads);
   return {dim3(static_cast<unsigned int>(columns), static_cast<unsigned int>(splits)), block, splits};
+}
+
+// Above: what tests/cuda_emulation runs on the CPU (the kernels and their launch shapes).
+// Below: the ops, which need a GPU.
+#ifndef FASTHG_HOST_EMULATION
+
+// x made dense in its own memory format, and the facts the kernels need about it.
+struct Dense {
+  at::Tensor t;
+  at::MemoryFormat fmt;
+  int64_t M, C, HW;
+  bool channels_last;
+
+  template <typename index_t>
+  ChannelIndex<index_t> index() const {
+    return channel_index<index_t>(HW, C, channels_last);
+  }
+
+  ReduceGrid reduction(c10::DeviceIndex device) const {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return reduce_grid(C, M, channels_last, sms);
+  }
+};
+
+Dense dense(const at::Tensor& x) {
+  const auto fmt = x.suggest_memory_format();
+  const int64_t HW = x.size(2) * x.size(3);
+  return {x.contiguous(fmt), fmt, x.size(0) * HW, x.size(1), HW, fmt == at::MemoryFormat::ChannelsLast};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
@@ -290,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   const auto d = dense(x_in);
   auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
   auto var = at::empty({d.C}, mean.options());
-  const auto g = reduce_grid(d, x_in.device().index());
+  const auto g = d.reduction(x_in.device().index());
   auto s1 = at::empty({g.splits, d.C}, d.t.options().dtype(at::kDouble));
   auto s2 = at::empty({g.splits, d.C}, s1.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -298,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(d.t.numel(), [&](auto index) {
       using index_t = decltype(index);
-      const auto ix = channel_index<index_t>(d);
+      const auto ix = d.index<index_t>();
       const scalar_t* x = d.t.const_data_ptr<scalar_t>();
       if (d.channels_last)
         stats_nhwc_kernel<scalar_t, index_t><<<g.grid, g.block, 0, stream>>>(
@@ -332,7 +347,7 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
                                                  c10::cuda::getCurrentCUDAStream()>>>(
           d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mean.contiguous().const_data_ptr<acc_t>(),
           invstd.contiguous().const_data_ptr<acc_t>(), weight.contiguous().const_data_ptr<acc_t>(),
-          bias.contiguous().const_data_ptr<acc_t>(), total, channel_index<index_t>(d));
+          bias.contiguous().const_data_ptr<acc_t>(), total, d.index<index_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -349,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
   const auto dy = grad_in.contiguous(d.fmt);
   auto sum_g = at::empty({d.C}, mean.options());
   auto sum_gx = at::empty({d.C}, mean.options());
-  const auto g = reduce_grid(d, x_in.device().index());
+  const auto g = d.reduction(x_in.device().index());
   auto part_g = at::empty({g.splits, d.C}, d.t.options().dtype(at::kDouble));
   auto part_gx = at::empty({g.splits, d.C}, part_g.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -368,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
         backward_reduce_kernel<scalar_t, acc_t, index_t><<<g.grid, g.block, 0, stream>>>(
             g_out, x, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
             b.const_data_ptr<acc_t>(), part_g.mutable_data_ptr<double>(), part_gx.mutable_data_ptr<double>(), d.M,
-            channel_index<index_t>(d));
+            d.index<index_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     sums_finalize_kernel<acc_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
@@ -400,20 +415,24 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
           mean.contiguous().const_data_ptr<acc_t>(), invstd.contiguous().const_data_ptr<acc_t>(),
           weight.contiguous().const_data_ptr<acc_t>(), bias.contiguous().const_data_ptr<acc_t>(),
           mean_g.contiguous().const_data_ptr<acc_t>(), mean_gx.contiguous().const_data_ptr<acc_t>(), total,
-          channel_index<index_t>(d));
+          d.index<index_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return dx;
 }
 
+#endif  // FASTHG_HOST_EMULATION
+
 }  // namespace
 
+#ifndef FASTHG_HOST_EMULATION
 TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
   m.impl("bn_relu_stats", &bn_relu_stats_cuda);
   m.impl("bn_relu_forward", &bn_relu_forward_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cuda);
 }
+#endif
 
 }  // namespace fasthg

@@ -6,10 +6,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#ifndef FASTHG_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#endif
 
 #include "../upsample_add.h"
 #include "index.cuh"
@@ -88,9 +90,16 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __r
 }
 
 template <typename index_t>
+Dims<index_t> dims(int64_t N, int64_t C, int64_t H, int64_t W) {
+  return {static_cast<index_t>(N), IntDivider<index_t>(C), IntDivider<index_t>(H), IntDivider<index_t>(W)};
+}
+
+// Above: what tests/cuda_emulation runs on the CPU (the kernels). Below: the ops, which need a GPU.
+#ifndef FASTHG_HOST_EMULATION
+
+template <typename index_t>
 Dims<index_t> dims_of(const at::Tensor& t) {
-  return {static_cast<index_t>(t.size(0)), IntDivider<index_t>(t.size(1)), IntDivider<index_t>(t.size(2)),
-          IntDivider<index_t>(t.size(3))};
+  return dims<index_t>(t.size(0), t.size(1), t.size(2), t.size(3));
 }
 
 at::Tensor upsample_add_cuda(const at::Tensor& low_in, const at::Tensor& skip_in) {
@@ -146,11 +155,15 @@ at::Tensor upsample_add_backward_cuda(const at::Tensor& grad_in, int64_t low_h, 
   return grad_low;
 }
 
+#endif  // FASTHG_HOST_EMULATION
+
 }  // namespace
 
+#ifndef FASTHG_HOST_EMULATION
 TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
   m.impl("upsample_add", &upsample_add_cuda);
   m.impl("upsample_add_backward", &upsample_add_backward_cuda);
 }
+#endif
 
 }  // namespace fasthg
