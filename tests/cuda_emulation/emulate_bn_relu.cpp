@@ -1,22 +1,26 @@
-// csrc/cuda/bn_relu.cu's kernels on the CPU (cuda_shim.h), in float32 with both index types,
-// both layouts and several SM counts and grid sizes, against double references.
+// csrc/cuda/bn_relu.cu's kernels on the CPU (cuda_shim.h), in float32 and bfloat16, with both
+// index types, both layouts and several SM counts and grid sizes, against double references.
 #include "cuda_shim.h"
 #include "../../csrc/cuda/bn_relu.cu"
 
 namespace fasthg {
 
-template <typename index_t>
+template <typename scalar_t, typename index_t>
 void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms, unsigned most_blocks) {
-  char shape[96];
-  std::snprintf(shape, sizeof shape, "[%ld,%ld,%ld,%ld] %s, %d SMs, <= %u blocks, %zu-byte index", long(N),
-                long(C), long(H), long(W), cl ? "NHWC" : "NCHW", sms, most_blocks, sizeof(index_t));
+  char shape[128];
+  std::snprintf(shape, sizeof shape, "[%ld,%ld,%ld,%ld] %s %zu-byte values, %d SMs, <= %u blocks, %zu-byte index",
+                long(N), long(C), long(H), long(W), cl ? "NHWC" : "NCHW", sizeof(scalar_t), sms, most_blocks,
+                sizeof(index_t));
+  // Outputs are rounded to scalar_t once; sums and statistics are exact to float32 either way.
+  const double out_tol = sizeof(scalar_t) == 2 ? 4e-3 : 1e-6;
   std::mt19937 gen(unsigned(N * 7919 + C * 104729 + H * 31 + W + cl));
   std::normal_distribution<float> normal(0.f, 1.f);
   const int64_t HW = H * W, M = N * HW, total = M * C;
   auto at = [&](int64_t n, int64_t c, int64_t s) { return cl ? (n * HW + s) * C + c : (n * C + c) * HW + s; };
-  std::vector<float> x(total), dy(total), w(C), b(C);
-  for (auto& v : x) v = normal(gen) * 2 + 100.f;  // an offset, as real activations may have
-  for (auto& v : dy) v = normal(gen);
+  std::vector<scalar_t> x(total), dy(total);
+  std::vector<float> w(C), b(C);
+  for (auto& v : x) v = static_cast<scalar_t>(normal(gen) * 2 + 100.f);  // an offset, as activations may have
+  for (auto& v : dy) v = static_cast<scalar_t>(normal(gen));
   for (int64_t c = 0; c < C; ++c) {
     w[c] = 0.5f + std::abs(normal(gen));
     b[c] = normal(gen) * 0.1f;
@@ -28,22 +32,22 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
   std::vector<double> s1(g.splits * C, nan), s2(g.splits * C, nan);
   launch(g.grid, g.block, [&] {
     if (cl)
-      stats_nhwc_kernel<float, index_t>(x.data(), s1.data(), s2.data(), M, C);
+      stats_nhwc_kernel<scalar_t, index_t>(x.data(), s1.data(), s2.data(), M, C);
     else
-      stats_kernel<float, index_t>(x.data(), s1.data(), s2.data(), M, ix);
+      stats_kernel<scalar_t, index_t>(x.data(), s1.data(), s2.data(), M, ix);
   });
   std::vector<float> mean(C, NAN), var(C, NAN);
   launch(channel_blocks(C), kThreads, [&] {
-    stats_finalize_kernel<float, float, index_t>(x.data(), s1.data(), s2.data(), mean.data(), var.data(),
+    stats_finalize_kernel<scalar_t, float, index_t>(x.data(), s1.data(), s2.data(), mean.data(), var.data(),
                                                  g.splits, M, ix);
   });
   std::vector<double> rmean(C, 0), rvar(C, 0);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t s = 0; s < HW; ++s) rmean[c] += x[at(n, c, s)];
+      for (int64_t s = 0; s < HW; ++s) rmean[c] += double(x[at(n, c, s)]);
     rmean[c] /= M;
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t s = 0; s < HW; ++s) rvar[c] += (x[at(n, c, s)] - rmean[c]) * (x[at(n, c, s)] - rmean[c]);
+      for (int64_t s = 0; s < HW; ++s) rvar[c] += (double(x[at(n, c, s)]) - rmean[c]) * (double(x[at(n, c, s)]) - rmean[c]);
     rvar[c] /= M;
   }
   emu::expect_close("mean", rmean, mean, 1e-7, shape);
@@ -58,8 +62,8 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
       for (int64_t c = 0; c < C; ++c)
         for (int64_t s = 0; s < HW; ++s) {
           const int64_t o = at(n, c, s);
-          const double xhat = (x[o] - mean[c]) * double(invstd[c]), v = xhat * w[c] + b[c];
-          const double gm = v > 0 ? dy[o] : 0;
+          const double xhat = (double(x[o]) - mean[c]) * double(invstd[c]), v = xhat * w[c] + b[c];
+          const double gm = v > 0 ? double(dy[o]) : 0;
           if (pass == 0) {
             ry[o] = v > 0 ? v : 0;
             sum_g[c] += gm;
@@ -69,20 +73,20 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
           }
         }
   const unsigned blocks = std::min(most_blocks, unrolled_blocks(total, kThreads));
-  std::vector<float> y(total, NAN);
+  std::vector<scalar_t> y(total, static_cast<scalar_t>(NAN));
   launch(blocks, kThreads, [&] {
-    forward_kernel<float, float, index_t>(x.data(), y.data(), mean.data(), invstd.data(), w.data(), b.data(), total,
+    forward_kernel<scalar_t, float, index_t>(x.data(), y.data(), mean.data(), invstd.data(), w.data(), b.data(), total,
                                           ix);
   });
-  emu::expect_close("forward", ry, y, 1e-6, shape);
+  emu::expect_close("forward", ry, y, out_tol, shape);
 
   std::vector<double> pg(g.splits * C, nan), pgx(g.splits * C, nan);
   launch(g.grid, g.block, [&] {
     if (cl)
-      backward_reduce_nhwc_kernel<float, float, index_t>(dy.data(), x.data(), mean.data(), invstd.data(), w.data(),
+      backward_reduce_nhwc_kernel<scalar_t, float, index_t>(dy.data(), x.data(), mean.data(), invstd.data(), w.data(),
                                                          b.data(), pg.data(), pgx.data(), M, C);
     else
-      backward_reduce_kernel<float, float, index_t>(dy.data(), x.data(), mean.data(), invstd.data(), w.data(),
+      backward_reduce_kernel<scalar_t, float, index_t>(dy.data(), x.data(), mean.data(), invstd.data(), w.data(),
                                                     b.data(), pg.data(), pgx.data(), M, ix);
   });
   std::vector<float> sg(C, NAN), sgx(C, NAN);
@@ -92,16 +96,17 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
   emu::expect_close("sum of grad", sum_g, sg, 1e-5, shape);
   emu::expect_close("sum of grad * xhat", sum_gx, sgx, 1e-5, shape);
 
-  std::vector<float> mg(C), mgx(C), dx(total, NAN);
+  std::vector<float> mg(C), mgx(C);
+  std::vector<scalar_t> dx(total, static_cast<scalar_t>(NAN));
   for (int64_t c = 0; c < C; ++c) {
     mg[c] = float(sum_g[c] / M);
     mgx[c] = float(sum_gx[c] / M);
   }
   launch(blocks, kThreads, [&] {
-    backward_elemt_kernel<float, float, index_t>(dy.data(), x.data(), dx.data(), mean.data(), invstd.data(), w.data(),
+    backward_elemt_kernel<scalar_t, float, index_t>(dy.data(), x.data(), dx.data(), mean.data(), invstd.data(), w.data(),
                                                  b.data(), mg.data(), mgx.data(), total, ix);
   });
-  emu::expect_close("grad of x", rdx, dx, 1e-5, shape);
+  emu::expect_close("grad of x", rdx, dx, std::max(out_tol, 1e-5), shape);
 }
 
 }  // namespace fasthg
@@ -113,8 +118,9 @@ int main() {
     for (bool cl : {false, true})
       for (int sms : {1, 132})
         for (unsigned most_blocks : {1u, 1u << 20}) {  // 1 block: the elementwise loops stride
-          fasthg::check_bn_relu<uint32_t>(s[0], s[1], s[2], s[3], cl, sms, most_blocks);
-          fasthg::check_bn_relu<int64_t>(s[0], s[1], s[2], s[3], cl, sms, most_blocks);
+          fasthg::check_bn_relu<float, uint32_t>(s[0], s[1], s[2], s[3], cl, sms, most_blocks);
+          fasthg::check_bn_relu<float, int64_t>(s[0], s[1], s[2], s[3], cl, sms, most_blocks);
+          fasthg::check_bn_relu<c10::BFloat16, uint32_t>(s[0], s[1], s[2], s[3], cl, sms, most_blocks);
         }
   return emu::finish();
 }
