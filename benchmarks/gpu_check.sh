@@ -55,7 +55,7 @@ step "build for the local GPU" "$out/build.log" \
   env FASTHG_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ||
   { cat "$summary"; exit 1; }  # nothing after it can run
 "$PY" -m fasthg info >> "$summary"
-step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider || true
+step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --durations=15 || true
 # Without PyTorch's caching allocator, so that an access past a tensor leaves its allocation.
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
