@@ -93,7 +93,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void stats_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ s1,
                                       const double* __restrict__ s2, acc_t* __restrict__ mean,
                                       acc_t* __restrict__ var, index_t splits, index_t M, ChannelIndex<index_t> ix) {
-  const index_t C = ix.c.divisor, c = grid_start<index_t>();
+  const index_t C = ix.c.divisor, c = thread_in_grid<index_t>();
   if (c >= C) return;
   double a = 0, q = 0;
   for (index_t k = 0; k < splits; ++k) {
@@ -217,7 +217,7 @@ template <typename acc_t>
 __global__ void sums_finalize_kernel(const double* __restrict__ part_g, const double* __restrict__ part_gx,
                                      acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t splits,
                                      int64_t C) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = thread_in_grid<int64_t>();
   if (c >= C) return;
   double a = 0, ax = 0;
   for (int64_t k = 0; k < splits; ++k) {

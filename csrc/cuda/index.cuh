@@ -31,7 +31,7 @@ void with_index_type(int64_t numel, F&& f) {
 
 // This thread's index in a one-dimensional grid, in index_t.
 template <typename index_t>
-__device__ __forceinline__ index_t grid_start() {
+__device__ __forceinline__ index_t thread_in_grid() {
   return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
