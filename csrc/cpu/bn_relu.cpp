@@ -230,26 +230,27 @@ acc_t spread_mean(const scalar_t* p, int64_t n, int64_t stride) {
 }
 
 // sum(x) and sum((x - k)^2) of one NCHW plane of n elements, in double (see stats_kernel).
+// Planes of the small levels are short (16 elements at 4x4): their vectors, the lanes' sum
+// and the scalar tail are each paid only where there is something to add.
 template <typename scalar_t>
 void plane_moments(const scalar_t* __restrict__ x, int64_t n, double k, double& s, double& q) {
   s = q = 0;
   int64_t i = 0;
 #ifdef __AVX2__
-  if constexpr (kVec8<scalar_t>) {  // 16 elements a step; small planes go to lane_sums
-    if (n >= 64) {
+  if constexpr (kVec8<scalar_t>) {  // 16 elements a step
+    if (n >= 16) {
       const __m256d kd[2] = {_mm256_set1_pd(k), _mm256_set1_pd(k)};
       __m256d sx[2][2] = {}, sq[2][2] = {};
       for (; i + 16 <= n; i += 16) {
         prefetch_ahead(x + i);
         for (int v = 0; v < 2; ++v) add_moments(load8(x + i + 8 * v), kd, sx[v], sq[v]);
       }
-      for (int v = 0; v < 2; ++v) {
-        s += hsum(_mm256_add_pd(sx[v][0], sx[v][1]));
-        q += hsum(_mm256_add_pd(sq[v][0], sq[v][1]));
-      }
+      s = hsum(_mm256_add_pd(_mm256_add_pd(sx[0][0], sx[0][1]), _mm256_add_pd(sx[1][0], sx[1][1])));
+      q = hsum(_mm256_add_pd(_mm256_add_pd(sq[0][0], sq[0][1]), _mm256_add_pd(sq[1][0], sq[1][1])));
     }
   }
 #endif
+  if (i == n) return;
   double ts, tq;
   lane_sums(n - i, [&](int64_t j, double& a, double& a2) {
     const double xj = static_cast<double>(x[i + j]), d = xj - k;
@@ -415,18 +416,20 @@ void forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* 
   });
 }
 
-// One NCHW plane (constant channel parameters): sums of g and g * xhat.
+// One NCHW plane (constant channel parameters): sums of g and g * xhat. (As plane_moments:
+// one horizontal sum per quantity and plane, lanes only for a scalar tail.)
 template <typename scalar_t, typename acc_t>
 void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp, int64_t n, acc_t m,
                        acc_t s, acc_t w, acc_t b, double& sum_g, double& sum_gx) {
-  double a[kLanes] = {}, ax[kLanes] = {};
+  sum_g = sum_gx = 0;
   int64_t i = 0;
 #ifdef __AVX2__
   if constexpr (kVec8<scalar_t>) {  // 32 elements a step, then 8, two-level sums
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vsw = _mm256_set1_ps(s * w), vb = _mm256_set1_ps(b);
+    __m256d tg = _mm256_setzero_pd(), tgx = _mm256_setzero_pd();
     auto steps = [&](auto width) {  // the elements from i in steps of V vectors
       constexpr int V = decltype(width)::value;
-      if (n - i < 8 * V) return;  // (a horizontal sum per plane costs more than a 4x4 plane)
+      if (n - i < 8 * V) return;
       __m256d acc[V][4];
       const scalar_t* x0 = xp + i;
       const scalar_t* g0 = gp + i;
@@ -443,26 +446,29 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
         p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs)));
       }, acc);
       for (auto& v : acc) {
-        a[0] += hsum(_mm256_add_pd(v[0], v[1]));
-        ax[0] += hsum(_mm256_add_pd(v[2], v[3]));
+        tg = _mm256_add_pd(tg, _mm256_add_pd(v[0], v[1]));
+        tgx = _mm256_add_pd(tgx, _mm256_add_pd(v[2], v[3]));
       }
       i += (n - i) / (8 * V) * (8 * V);
     };
     steps(std::integral_constant<int, 4>());
     steps(std::integral_constant<int, 1>());  // small planes (16 elements at 4x4)
+    if (i > 0) {
+      sum_g = hsum(tg);
+      sum_gx = hsum(tgx);
+    }
   }
 #endif
-  for (; i < n; ++i) {
-    const acc_t xi = static_cast<acc_t>(xp[i]);
-    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gp[i]), xi, m, s, w, b);
-    a[i % kLanes] += g;
-    ax[i % kLanes] += g * ((xi - m) * s);
-  }
-  sum_g = sum_gx = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    sum_g += a[k];
-    sum_gx += ax[k];
-  }
+  if (i == n) return;
+  double tg, tgx;
+  lane_sums(n - i, [&](int64_t j, double& a, double& ax) {
+    const acc_t xi = static_cast<acc_t>(xp[i + j]);
+    const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gp[i + j]), xi, m, s, w, b);
+    a += g;
+    ax += g * ((xi - m) * s);
+  }, tg, tgx);
+  sum_g += tg;
+  sum_gx += tgx;
 }
 
 #ifdef __AVX2__

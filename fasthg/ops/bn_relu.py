@@ -150,17 +150,23 @@ def _merge_across_processes(mean, var, count, group):
     return gmean.to(mean.dtype), (m2 / total).to(var.dtype), int(total.item())
 
 
+def _as_dtype(t, dtype):
+    """t.to(dtype) without the dispatch when t already is (0.8 us a call, of a 4x4 BN-ReLU's ~20)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """As nn.BatchNorm2d: the unbiased batch variance goes into running_var. (One foreach
     call, half the time of two lerps; mean and var never require grad. `var.mul(f)` rather
     than `var * f`, which converts f to a tensor first: 5 us of a 4x4 BN-ReLU's ~230.)"""
     torch._foreach_lerp_((running_mean, running_var),
-                         (mean.to(running_mean.dtype), var.mul(count / (count - 1)).to(running_var.dtype)), momentum)
+                         (_as_dtype(mean, running_mean.dtype), _as_dtype(var.mul(count / (count - 1)), running_var.dtype)),
+                         momentum)
 
 
 def _running_invstd(running_mean, running_var, eps, dtype):
     """Eval mode normalises with the running statistics: their mean and 1 / sqrt(var + eps)."""
-    return running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
+    return _as_dtype(running_mean, dtype), torch.rsqrt(_as_dtype(running_var, dtype) + eps)
 
 
 class _BNReLU(torch.autograd.Function):
@@ -224,8 +230,8 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
     pdtype = _param_dtype(x)
     c = x.shape[1]
-    weight = x.new_ones(c, dtype=pdtype) if weight is None else weight.to(pdtype)
-    bias = x.new_zeros(c, dtype=pdtype) if bias is None else bias.to(pdtype)
+    weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
+    bias = x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype)
     ops = _OPS[which]
     if training and group is None and x.device.type in ops.train_devices:
         y, mean, var = ops.train(x, weight, bias, float(eps))
