@@ -3,7 +3,7 @@ import torch
 
 import fasthg
 import fasthg.malloc
-from fasthg.bench import Rotation, compiled, hourglass_shapes, last_level_cache_bytes  # noqa: F401 (compiled: for the suites)
+from fasthg.bench import LAYOUTS, Rotation, compiled, hourglass_shapes, last_level_cache_bytes  # noqa: F401 (compiled, LAYOUTS: for the suites)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":  # time the kernels, not the page faults of fresh outputs (see fasthg.malloc)
@@ -12,7 +12,6 @@ CACHE_BYTES = last_level_cache_bytes(torch.device(DEVICE))
 BATCH = 16 if DEVICE == "cuda" else 4
 # Half precision where the device computes it: bf16 on CPUs, bf16 and fp16 on GPUs.
 DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
-LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # (channels, height, width) of every fused op call in hg2 at 256x256, from the model itself.
 SHAPES = hourglass_shapes("hg2", 256)
 

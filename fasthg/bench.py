@@ -238,42 +238,51 @@ def bench_bn_relu(case, device, backends, repeats, compile=False, cache_bytes=0)
     return rows
 
 
-def bench_model(preset: str, device, backends, batch: int, image_size: int, repeats: int, compile=False):
+def bench_model(preset: str, device, backends, batch: int, image_size: int, repeats: int, compile=False,
+                layout=torch.contiguous_format, dtype=torch.float32):
     """Training step (forward, MSE loss over every stack, backward, SGD) per backend, same
     weights, then the inference forward (eval mode, no grad); `compile` adds torch.compile of
-    the eager model. Rows carry images/s, the peak bytes a call allocates and, for the step,
-    the activation bytes saved for its backward."""
+    the eager model. Model and images in `layout`; a dtype other than float32 runs the
+    forward under autocast to it, as `fasthg train --amp` does. Rows carry images/s, the
+    peak bytes a call allocates and, for the step, the activation bytes saved for its backward."""
     torch.manual_seed(0)
     base = PRESETS[preset](backend="eager").to(device)
-    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
     target = torch.randn(batch, base.num_stacks, base.num_joints, image_size // 4, image_size // 4, device=device)
     models, forwards = {}, {}
     for b in backends + (["compile"] if compile else []):
         m = PRESETS[preset](backend="eager" if b == "compile" else b).to(device)
         m.load_state_dict(base.state_dict())
+        m = m.to(memory_format=layout)
         models[b], forwards[b] = m, (compiled(m, device) if b == "compile" else m)
     optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4) for b, m in models.items()}
+    amp = dtype != torch.float32
+
+    def forward(b):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            return forwards[b](images)
 
     def step(b):
         optims[b].zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(forwards[b](images), target).backward()
+        torch.nn.functional.mse_loss(forward(b).float(), target).backward()
         optims[b].step()
 
     def row(what, mode, b, med, fn, **extra):
         return {"op": f"{preset} {what}", "level": image_size, "shape": [batch, 3, image_size, image_size],
-                "dtype": "float32", "layout": "nchw", "mode": mode, "backend": b, "median_ms": med[b] * 1e3,
+                "dtype": str(dtype).replace("torch.", ""), "layout": "nhwc" if layout == torch.channels_last else "nchw",
+                "mode": mode, "backend": b, "median_ms": med[b] * 1e3,
                 "speedup": med["eager"] / med[b], "images_per_s": batch / med[b],
                 "peak_mb": memory.peak_bytes(fn, device) / 2**20, **extra}
 
     def infer(b):
         with torch.no_grad():
-            forwards[b](images)
+            forward(b)
 
     warmup = 2 if compile else 1
     fns = {b: (lambda b=b: step(b)) for b in models}
     med = interleaved_medians(fns, device, warmup=warmup, repeats=repeats)
     rows = [row("train step", "forward+backward", b, med, fn,
-                saved_mb=memory.saved_activation_bytes(lambda: forwards[b](images), models[b].parameters()) / 2**20)
+                saved_mb=memory.saved_activation_bytes(lambda: forward(b), models[b].parameters()) / 2**20)
             for b, fn in fns.items()]
     for m in models.values():
         m.eval()
@@ -282,12 +291,16 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
     return rows + [row("inference", "forward", b, med, fn) for b, fn in fns.items()]
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
-        progress: bool = True, keep_freed_memory: bool = False, dtypes=None):
+        progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc")):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.malloc), so
     that page faults of fresh outputs do not swamp the kernels; process-wide. dtypes: the
-    ops' activation dtypes (default float32, and bfloat16 on GPUs)."""
+    ops' activation dtypes and the models' (float32, or autocast to the others; default
+    float32, and bfloat16 on GPUs). model_layouts: nchw and/or nhwc (channels_last)."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
@@ -310,7 +323,8 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
                   for case in op_cases("bn_relu", batch, c, levels, dtypes, layouts)]
     cache_bytes = last_level_cache_bytes(dev)
     rows = []
-    bar = tqdm(total=len(cases) + len(models) + 1, desc=f"bench on {dev.type}", disable=not progress)
+    model_cases = [(preset, LAYOUTS[lay], dtype) for preset in models for lay in model_layouts for dtype in dtypes]
+    bar = tqdm(total=len(cases) + len(model_cases) + 1, desc=f"bench on {dev.type}", disable=not progress)
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()
@@ -319,9 +333,11 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
                             f'{case["dtype"]}')
         rows += fn(case, dev, op_backends, repeats, compile, cache_bytes)
         bar.update()
-    for preset in models:
-        bar.set_postfix_str(f"{preset} training step")
-        rows += bench_model(preset, dev, backends() + ["auto"], batch, image_size, model_repeats, compile)
+    for preset, layout, dtype in model_cases:
+        bar.set_postfix_str(f"{preset} training step {'nhwc' if layout == torch.channels_last else 'nchw'} "
+                            f"{str(dtype).replace('torch.', '')}")
+        rows += bench_model(preset, dev, backends() + ["auto"], batch, image_size, model_repeats, compile,
+                            layout, dtype)
         bar.update()
     bar.close()
     for r in rows:

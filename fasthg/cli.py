@@ -49,13 +49,23 @@ def _models(text):
     return names
 
 
+def _layouts(text):
+    """--model-layouts: nchw and/or nhwc, comma-separated."""
+    names = [x for x in text.split(",") if x]
+    unknown = [n for n in names if n not in ("nchw", "nhwc")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown layout {', '.join(unknown) or repr(text)}: "
+                                         "expected nchw, nhwc (comma-separated)")
+    return names
+
+
 def _bench(args):
     from fasthg import bench
 
     result = bench.run(device=args.device, levels=args.levels, channels=args.channels,
                        repeats=args.repeats, models=args.model, model_repeats=args.model_repeats,
                        image_size=args.image_size, compile=args.compile, out_dir=args.out, dtypes=args.dtypes,
-                       keep_freed_memory=args.keep_freed_memory)
+                       keep_freed_memory=args.keep_freed_memory, model_layouts=args.model_layouts)
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
@@ -72,8 +82,8 @@ def main(argv=None):
                    help="feature-map sizes the ops run at (comma-separated; the hourglass runs 128..4)")
     b.add_argument("--channels", type=_ints, default="256", help="channel counts (comma-separated; the hourglass runs 64,128,256)")
     b.add_argument("--dtypes", type=_dtypes, default=None,
-                   help="activation dtypes of the ops, comma-separated: float32, bfloat16, float16 (default: "
-                        "float32 on CPUs, float32,bfloat16 on GPUs)")
+                   help="activation dtypes of the ops and models (autocast), comma-separated: float32, bfloat16, "
+                        "float16 (default: float32 on CPUs, float32,bfloat16 on GPUs)")
     b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
     b.add_argument("--model", type=_models, default="hg2",
                    help="models whose training step and inference are timed: hg1, hg2, hg4, hg8, comma-separated, "
@@ -81,6 +91,8 @@ def main(argv=None):
     b.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the eager compositions and model (compiles every shape)")
     b.add_argument("--model-repeats", type=int, default=5)
+    b.add_argument("--model-layouts", type=_layouts, default="nchw,nhwc",
+                   help="memory formats the models run in: nchw, nhwc (channels_last), comma-separated")
     b.add_argument("--image-size", type=int, default=256)
     b.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: glibc keeps freed memory for reuse (fasthg.malloc), so that fresh outputs' page "

@@ -25,6 +25,7 @@ def test_rows_tables_and_files(tmp_path):
     assert all(r["peak_mb"] == pytest.approx(out_mb, rel=0.05) for r in native)
     steps = [r for r in result["rows"] if r["op"] == "hg1 train step"]
     assert {r["backend"] for r in steps} >= {"eager", "auto"}
+    assert {(r["layout"], r["dtype"]) for r in steps} == {("nchw", "float32"), ("nhwc", "float32")}
     for r in steps:
         assert r["images_per_s"] > 0 and r["peak_mb"] > r["saved_mb"] > 1
     inference = [r for r in result["rows"] if r["op"] == "hg1 inference"]
@@ -87,6 +88,7 @@ def test_op_inputs_rotate_through_twice_the_last_level_cache():
     (["--levels", "64,x"], "expected comma-separated positive integers, got '64,x'"),
     (["--channels", "0"], "expected comma-separated positive integers, got '0'"),
     (["--dtypes", "float32,int8"], "unknown dtype int8: expected float32, bfloat16, float16"),
+    (["--model-layouts", "nchw,nwhc"], "unknown layout nwhc: expected nchw, nhwc"),
 ])
 def test_bench_command_refuses_bad_arguments(argv, message, capsys):
     from fasthg import cli
@@ -115,3 +117,17 @@ def test_dtypes_choose_the_op_rows_dtypes():
     rows = [r for r in result["rows"] if "gb_s" in r]
     assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
     assert all(r["bytes"] == bench.TRAFFIC[r["op"], r["mode"]] * 4 * 8 * 4 * 4 * 2 for r in rows)
+
+
+def test_models_run_in_each_layout_and_autocast_dtype():
+    import torch
+
+    result = bench.run(device="cpu", levels=[], channels=[8], repeats=1, models=["hg1"], model_repeats=1,
+                       image_size=64, out_dir=None, progress=False, dtypes=[torch.float32, torch.bfloat16],
+                       model_layouts=["nhwc"])
+    steps = {(r["dtype"], r["backend"]): r for r in result["rows"] if r["op"] == "hg1 train step"}
+    assert {r["layout"] for r in result["rows"]} == {"nhwc"} and {d for d, _ in steps} == {"float32", "bfloat16"}
+    # under autocast the activations saved for backward are bfloat16: about half the bytes
+    for (dtype, backend), r in steps.items():
+        if dtype == "bfloat16":
+            assert r["saved_mb"] < 0.75 * steps["float32", backend]["saved_mb"]
