@@ -328,28 +328,36 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()
+
+    def result(complete):
+        for r in rows:
+            if "gb_s" in r:
+                r["of_copy"] = r["gb_s"] * 1e9 / copy_bw
+        return {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
+                "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9,
+                "cache_mib": cache_bytes / 2**20, "complete": complete, "rows": rows,
+                "bars": [] if gpu else bar_checks(rows)}  # the bars are set for the CPU
+
+    def done_one(new_rows):  # the JSON and table so far, so that a run cut short keeps what it measured
+        rows.extend(new_rows)
+        bar.update()
+        if out_dir:
+            write_outputs(result(False), out_dir, chart=False)
+
     for fn, op_backends, case in cases:
         bar.set_postfix_str(f'{case["op"]} {case["layout"]} {case["shape"][1]}x{case["level"]}x{case["level"]} '
                             f'{case["dtype"]}')
-        rows += fn(case, dev, op_backends, repeats, compile, cache_bytes)
-        bar.update()
+        done_one(fn(case, dev, op_backends, repeats, compile, cache_bytes))
     for preset, layout, dtype in model_cases:
         bar.set_postfix_str(f"{preset} training step {'nhwc' if layout == torch.channels_last else 'nchw'} "
                             f"{str(dtype).replace('torch.', '')}")
-        rows += bench_model(preset, dev, backends() + ["auto"], batch, image_size, model_repeats, compile,
-                            layout, dtype)
-        bar.update()
+        done_one(bench_model(preset, dev, backends() + ["auto"], batch, image_size, model_repeats, compile,
+                             layout, dtype))
     bar.close()
-    for r in rows:
-        if "gb_s" in r:
-            r["of_copy"] = r["gb_s"] * 1e9 / copy_bw
-    result = {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9,
-              "cache_mib": cache_bytes / 2**20, "rows": rows,
-              "bars": [] if gpu else bar_checks(rows)}  # the bars are set for the CPU
+    final = result(True)
     if out_dir:
-        write_outputs(result, out_dir)
-    return result
+        write_outputs(final, out_dir)
+    return final
 
 
 # The speedups over eager that the op issues set for the native backend on the CPU: each
@@ -368,7 +376,8 @@ def bar_checks(rows) -> List[Dict]:
 
 
 def table(result) -> str:
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['allocator']}; "
+    lines = ([] if result.get("complete", True) else ["(incomplete: the rows measured so far)"]) + [
+             f"device: {result['device']}, torch {result['torch']}, {result['allocator']}; "
              f"copy bandwidth {result['copy_gb_s']:.1f} GB/s; op inputs rotated through "
              f"{2 * result.get('cache_mib', 0):.0f} MiB (twice the last-level cache) "
              "(medians; speedup = eager / backend, same run)",
@@ -389,12 +398,21 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result, out_dir: str):
+def _write_atomic(path: str, text: str):
+    """Replaces path with text in one rename: a reader (or a run killed mid-write) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(result, out_dir: str, chart: bool = True):
+    """bench.json and bench.md, and with `chart` bench.png (the speedup of every non-eager row)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write(table(result) + "\n")
+    _write_atomic(os.path.join(out_dir, "bench.json"), json.dumps(result, indent=1))
+    _write_atomic(os.path.join(out_dir, "bench.md"), table(result) + "\n")
+    if not chart:
+        return
     try:
         import matplotlib
 

@@ -131,3 +131,18 @@ def test_models_run_in_each_layout_and_autocast_dtype():
     for (dtype, backend), r in steps.items():
         if dtype == "bfloat16":
             assert r["saved_mb"] < 0.75 * steps["float32", backend]["saved_mb"]
+
+
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "bench_bn_relu", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(device="cpu", levels=[4], channels=[8], repeats=1, models=[], out_dir=str(tmp_path), progress=False)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["complete"] is False and saved["rows"]
+    assert {r["op"] for r in saved["rows"]} == {"upsample_add"}
+    table = (tmp_path / "bench.md").read_text()
+    assert table.startswith("(incomplete") and table.count("| upsample_add |") == len(saved["rows"])
+    assert not list(tmp_path.glob("*.tmp"))
