@@ -8,9 +8,12 @@
 # 2. runs every test marked `cuda`,
 # 3. runs the native and Triton op tests once more under compute-sanitizer memcheck
 #    (small shapes: the hourglass-size cases are left out),
-# 4. runs `fasthg bench` on the GPU (every level and channel count the hourglass runs; no
-#    torch.compile, whose per-shape compiles alone would outrun the 9 minutes this script
-#    has: `fasthg bench --device cuda --compile --levels 64,32 --model hg2` gives those),
+# 4. runs `fasthg bench` on the GPU (every level and channel count the hourglass runs, the
+#    models in NCHW, float32 and bfloat16; no torch.compile, whose per-shape compiles alone
+#    would outrun the 9 minutes this script has: `fasthg bench --device cuda --compile
+#    --levels 64,32 --model hg2` gives those, and `--model-layouts nhwc` the models in
+#    channels_last); the table and JSON are rewritten after every case, so a bench cut
+#    short by the budget still leaves what it measured,
 # writing every log, JSON, table and chart into OUT_DIR (at most 8 files) and printing a
 # short summary last. A failed build stops it at once; a failed later step is reported (its
 # log's tail, and FAILED in the summary) and the steps after it still run, since GPU time is
@@ -63,7 +66,7 @@ step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
   "$PY" -m pytest tests/test_upsample_add.py tests/test_bn_relu.py -m cuda -q -p no:cacheprovider \
   -k "not hourglass_sizes and not compile and not opcheck and not gradcheck" || true
 step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --levels 128,64,32,16,8,4 \
-  --channels 128,256 --model hg2,hg8 --out "$out/bench" || true
+  --channels 128,256 --model hg2,hg8 --model-layouts nchw --out "$out/bench" || true
 
 {  # (|| true: under pipefail a grep that matches nothing would end the script here)
   echo
