@@ -26,13 +26,13 @@ TORCH_LIBRARY(fasthg, m) {
   // grad_x = weight * invstd * (g - mean_g - xhat * mean_g_xhat); the means are 0 in eval
   m.def("bn_relu_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, Tensor mean_g, Tensor mean_g_xhat) -> Tensor");
-  // Training in one call each (CPU): bn_relu_stats, invstd = rsqrt(var + eps), bn_relu_forward
+  // Training in one call each (CPU and CUDA): bn_relu_stats, invstd = rsqrt(var + eps), bn_relu_forward
   m.def("bn_relu_train_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> "
         "(Tensor y, Tensor mean, Tensor var, Tensor invstd)");
   // bn_relu_backward_reduce, then bn_relu_backward_elemt with mean_g = sum_g / count, and so on
   m.def("bn_relu_train_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias) -> (Tensor grad_x, Tensor sum_g, Tensor sum_g_xhat)");
-  // Training with autograd (CPU): y, mean and (biased) var of bn_relu_train_forward, its
+  // Training with autograd (CPU and CUDA): y, mean and (biased) var of bn_relu_train_forward, its
   // backward bn_relu_train_backward (csrc/autograd/bn_relu.cpp)
   m.def("bn_relu_train(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor var)");
 }

@@ -214,7 +214,7 @@ def test_opcheck(device, backend, layout):
     torch.library.opcheck(fwd, (x, v[0], v[1], v[2], v[3]))
     torch.library.opcheck(red, (gy, x, v[0], v[1], v[2], v[3]))
     torch.library.opcheck(elemt, (gy, x, v[0], v[1], v[2], v[3], v[4], v[5]))
-    if device == "cpu" and backend == "native":  # the one-call training ops (CPU only)
+    if backend == "native":  # the one-call training ops
         torch.library.opcheck(torch.ops.fasthg.bn_relu_train_forward, (x, v[2], v[3], 1e-5))
         torch.library.opcheck(torch.ops.fasthg.bn_relu_train_backward, (gy, x, v[0], v[1], v[2], v[3]))
         w, b = v[2].clone().requires_grad_(), v[3].clone().requires_grad_()

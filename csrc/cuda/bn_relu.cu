@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rsqrt.h>
 #ifndef FASTHG_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -422,6 +423,39 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
   return dx;
 }
 
+// Training in one call each direction, as on the CPU (csrc/autograd/bn_relu.cpp runs them):
+// the same kernels, with no Python autograd Function and no Python between their launches,
+// which at the small levels cost more than the kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_bn_relu_input("bn_relu_train_forward", x);
+  check_bn_relu_channel("bn_relu_train_forward", "weight", weight, x);
+  check_bn_relu_channel("bn_relu_train_forward", "bias", bias, x);
+  TORCH_CHECK(x.numel() > x.size(1), "bn_relu_train_forward: expected more than 1 value per channel, got `x` of shape ",
+              x.sizes());
+  auto [mean, var] = bn_relu_stats_cuda(x);
+  auto invstd = at::rsqrt(var.add(eps));  // as the Python path computes it
+  auto y = bn_relu_forward_cuda(x, mean, invstd, weight, bias);
+  return {y, mean, var, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias) {
+  auto [sum_g, sum_gx] = bn_relu_backward_reduce_cuda(grad_out, x, mean, invstd, weight, bias);
+  const int64_t count = x.numel() / x.size(1);
+  auto grad_x =
+      bn_relu_backward_elemt_cuda(grad_out, x, mean, invstd, weight, bias, sum_g.div(count), sum_gx.div(count));
+  return {grad_x, sum_g, sum_gx};
+}
+
+// bn_relu_train without autograd (torch.inference_mode, say): the forward alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  auto [y, mean, var, invstd] = bn_relu_train_forward_cuda(x, weight, bias, eps);
+  return {y, mean, var};
+}
+
 #endif  // FASTHG_HOST_EMULATION
 
 }  // namespace
@@ -432,6 +466,9 @@ TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
   m.impl("bn_relu_forward", &bn_relu_forward_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cuda);
+  m.impl("bn_relu_train_forward", &bn_relu_train_forward_cuda);
+  m.impl("bn_relu_train_backward", &bn_relu_train_backward_cuda);
+  m.impl("bn_relu_train", &bn_relu_train_cuda);
 }
 #endif
 

@@ -3,7 +3,7 @@
 Training forward: one statistics pass (per-channel mean and biased variance) and one
 normalise+clamp pass; running statistics are updated as nn.BatchNorm2d does. Backward saves
 only x and the per-channel statistics and recomputes the ReLU mask from them: one reduction
-pass and one elementwise pass. On the CPU, native training (without sync) is one op,
+pass and one elementwise pass. Native training (without sync, CPU and CUDA) is one op,
 fasthg::bn_relu_train, whose autograd kernel is C++ (csrc/autograd/bn_relu.cpp) and runs each
 direction as one call (fasthg::bn_relu_train_forward / _backward): the same passes, without
 the Python and dispatch between them. Backends: eager (fasthg.reference), native
@@ -100,7 +100,7 @@ if _ext._C is not None:
         stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
         backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce,
         backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt,
-        train=torch.ops.fasthg.bn_relu_train, train_devices=("cpu",))
+        train=torch.ops.fasthg.bn_relu_train, train_devices=("cpu", "cuda"))
 
 if _backend.triton_available():
     from fasthg.kernels import bn_relu as _tk
