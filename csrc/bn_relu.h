@@ -70,6 +70,17 @@ inline void check_bn_relu_params(const char* op, const at::Tensor& x, const at::
   check_bn_relu_channel(op, "bias", bias, x);
 }
 
+// The one-call training forward: x, weight and bias, and (as nn.BatchNorm2d requires in
+// training) more than one value per channel.
+inline void check_bn_relu_train_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& bias) {
+  check_bn_relu_input(op, x);
+  check_bn_relu_channel(op, "weight", weight, x);
+  check_bn_relu_channel(op, "bias", bias, x);
+  TORCH_CHECK(x.numel() > x.size(1), op, ": expected more than 1 value per channel, got `x` of shape ",
+              x.sizes());
+}
+
 inline void check_same_as_x(const char* op, const char* name, const at::Tensor& t,
                             const at::Tensor& x) {
   TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&

@@ -713,11 +713,7 @@ at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_in, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_bn_relu_input("bn_relu_train_forward", x_in);
-  check_bn_relu_channel("bn_relu_train_forward", "weight", weight, x_in);
-  check_bn_relu_channel("bn_relu_train_forward", "bias", bias, x_in);
-  TORCH_CHECK(x_in.numel() > x_in.size(1), "bn_relu_train_forward: expected more than 1 value per channel, got `x` of shape ",
-              x_in.sizes());
+  check_bn_relu_train_args("bn_relu_train_forward", x_in, weight, bias);
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt);
   auto y = at::empty(x.sizes(), x.options().memory_format(fmt));

@@ -428,11 +428,7 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
 // which at the small levels cost more than the kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_bn_relu_input("bn_relu_train_forward", x);
-  check_bn_relu_channel("bn_relu_train_forward", "weight", weight, x);
-  check_bn_relu_channel("bn_relu_train_forward", "bias", bias, x);
-  TORCH_CHECK(x.numel() > x.size(1), "bn_relu_train_forward: expected more than 1 value per channel, got `x` of shape ",
-              x.sizes());
+  check_bn_relu_train_args("bn_relu_train_forward", x, weight, bias);
   auto [mean, var] = bn_relu_stats_cuda(x);
   auto invstd = at::rsqrt(var.add(eps));  // as the Python path computes it
   auto y = bn_relu_forward_cuda(x, mean, invstd, weight, bias);
