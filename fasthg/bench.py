@@ -314,7 +314,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
 
     batch = 16 if gpu else 4
     dtypes = dtypes or ([torch.float32, torch.bfloat16] if gpu else [torch.float32])
-    layouts = [torch.contiguous_format, torch.channels_last]
+    layouts = list(LAYOUTS.values())
     cases = []
     for c in channels:
         cases += [(bench_upsample_add, backends("upsample_add"), case)
