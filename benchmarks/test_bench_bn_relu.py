@@ -10,6 +10,7 @@ import torch
 
 from conftest import BATCH, DEVICE, DTYPES, LAYOUTS, SHAPES, compiled, op_backends, record, rotation, shape_id, sync
 from fasthg import ops, reference
+from fasthg.bench import dtype_name
 
 MODES = ["train forward", "train forward+backward", "eval forward"]
 CASES = list(itertools.product(MODES, DTYPES, LAYOUTS, SHAPES["bn_relu"], op_backends("bn_relu_forward")))
@@ -19,7 +20,7 @@ CASES = list(itertools.product(MODES, DTYPES, LAYOUTS, SHAPES["bn_relu"], op_bac
                          ids=[f"{m.replace(' ', '-')}-{str(d)[6:]}-{lay}-{shape_id(s)}-{b}" for m, d, lay, s, b in CASES])
 def test_bn_relu(benchmark, mode, dtype, layout, shape, backend):
     c, h, w = shape
-    benchmark.group = f"bn_relu {mode} {str(dtype)[6:]} {layout} {shape_id(shape)}"
+    benchmark.group = f"bn_relu {mode} {dtype_name(dtype)} {layout} {shape_id(shape)}"
     backward = mode == "train forward+backward"
 
     def one_set():  # x (a leaf for the backward) and its grad

@@ -10,11 +10,12 @@ import torch
 
 from conftest import BATCH, DEVICE, DTYPES, LAYOUTS, backends_for, compiled, record, sync
 from fasthg import memory
+from fasthg.bench import dtype_name
 from fasthg.models import PRESETS
 
 BACKENDS = backends_for("bn_relu_forward") + ["auto", "compile"]
 CASES = list(itertools.product(["hg2", "hg8"], LAYOUTS, DTYPES, BACKENDS))
-IDS = [f"{p}-{layout}-{str(dtype)[6:]}-{b}" for p, layout, dtype, b in CASES]
+IDS = [f"{p}-{layout}-{dtype_name(dtype)}-{b}" for p, layout, dtype, b in CASES]
 
 
 def setup(preset, layout, dtype, backend, training=True):
@@ -34,7 +35,7 @@ def setup(preset, layout, dtype, backend, training=True):
 
 @pytest.mark.parametrize("preset,layout,dtype,backend", CASES, ids=IDS)
 def test_train_step(benchmark, preset, layout, dtype, backend):
-    benchmark.group = f"{preset} train step, batch {BATCH}, 256x256, {layout}, {str(dtype)[6:]}"
+    benchmark.group = f"{preset} train step, batch {BATCH}, 256x256, {layout}, {dtype_name(dtype)}"
     model, forward, images = setup(preset, layout, dtype, backend)
     target = torch.randn(BATCH, model.num_stacks, model.num_joints, 64, 64, device=DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -56,7 +57,7 @@ def test_train_step(benchmark, preset, layout, dtype, backend):
 
 @pytest.mark.parametrize("preset,layout,dtype,backend", CASES, ids=IDS)
 def test_forward(benchmark, preset, layout, dtype, backend):
-    benchmark.group = f"{preset} inference forward, batch {BATCH}, 256x256, {layout}, {str(dtype)[6:]}"
+    benchmark.group = f"{preset} inference forward, batch {BATCH}, 256x256, {layout}, {dtype_name(dtype)}"
     _, forward, images = setup(preset, layout, dtype, backend, training=False)
 
     def run():

@@ -13,6 +13,7 @@ import torch
 
 from conftest import BATCH, DEVICE, DTYPES, LAYOUTS, SHAPES, compiled, op_backends, record, rotation, shape_id, sync
 from fasthg import ops, reference
+from fasthg.bench import dtype_name
 
 # backend innermost so that eager runs first in each group
 CASES = list(itertools.product(["forward", "forward+backward"], DTYPES, LAYOUTS, SHAPES["upsample_add"],
@@ -24,7 +25,7 @@ CASES = list(itertools.product(["forward", "forward+backward"], DTYPES, LAYOUTS,
 def test_upsample_add(benchmark, mode, dtype, layout, shape, backend):
     c, h, w = shape
     key = (mode, dtype, layout, shape)
-    benchmark.group = f"upsample_add {mode} {str(dtype)[6:]} {layout} {shape_id(shape)}"
+    benchmark.group = f"upsample_add {mode} {dtype_name(dtype)} {layout} {shape_id(shape)}"
     fmt = LAYOUTS[layout]
     make = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
 

@@ -127,12 +127,20 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 10) -> f
     return 2 * src.numel() * src.element_size() / t
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def layout_name(fmt: torch.memory_format) -> str:
+    return "nhwc" if fmt == torch.channels_last else "nchw"
+
+
 def op_cases(op: str, batch: int, channels: int, levels, dtypes, layouts):
     for dtype in dtypes:
         for layout in layouts:
             for hw in levels:
                 yield {"op": op, "level": hw, "shape": [batch, channels, hw, hw],
-                       "dtype": str(dtype).replace("torch.", ""), "layout": "nhwc" if layout == torch.channels_last else "nchw",
+                       "dtype": dtype_name(dtype), "layout": layout_name(layout),
                        "_dtype": dtype, "_layout": layout}
 
 
@@ -269,7 +277,7 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 
     def row(what, mode, b, med, fn, **extra):
         return {"op": f"{preset} {what}", "level": image_size, "shape": [batch, 3, image_size, image_size],
-                "dtype": str(dtype).replace("torch.", ""), "layout": "nhwc" if layout == torch.channels_last else "nchw",
+                "dtype": dtype_name(dtype), "layout": layout_name(layout),
                 "mode": mode, "backend": b, "median_ms": med[b] * 1e3,
                 "speedup": med["eager"] / med[b], "images_per_s": batch / med[b],
                 "peak_mb": memory.peak_bytes(fn, device) / 2**20, **extra}
@@ -349,8 +357,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
                             f'{case["dtype"]}')
         done_one(fn(case, dev, op_backends, repeats, compile, cache_bytes))
     for preset, layout, dtype in model_cases:
-        bar.set_postfix_str(f"{preset} training step {'nhwc' if layout == torch.channels_last else 'nchw'} "
-                            f"{str(dtype).replace('torch.', '')}")
+        bar.set_postfix_str(f"{preset} training step {layout_name(layout)} {dtype_name(dtype)}")
         done_one(bench_model(preset, dev, backends() + ["auto"], batch, image_size, model_repeats, compile,
                              layout, dtype))
     bar.close()
