@@ -7,6 +7,8 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 // The activation dtypes every BN-ReLU kernel takes (float64 for gradcheck).
 #define FASTHG_BN_RELU_DISPATCH(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, NAME, __VA_ARGS__)
@@ -36,6 +38,13 @@ C10_HOST_DEVICE inline T bn_relu_grad_input(T g, T x, T mean, T invstd, T weight
                                             T mean_g_xhat) {
   const T xhat = (x - mean) * invstd;
   return weight * invstd * (g - mean_g - xhat * mean_g_xhat);
+}
+
+// invstd of training: 1 / sqrt(var + eps), division and square root each correctly rounded
+// in T (nvcc's defaults), so both devices give the same bits.
+template <typename T>
+C10_HOST_DEVICE inline T bn_relu_invstd(T var, T eps) {
+  return T(1) / std::sqrt(var + eps);
 }
 
 inline void check_bn_relu_input(const char* op, const at::Tensor& x) {

@@ -623,7 +623,7 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* w, const acc_t* b,
                           double eps, acc_t* mean, acc_t* var, acc_t* invstd) {
   stats_kernel(x, v, mean, var);
-  for (int64_t c = 0; c < v.C; ++c) invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));  // torch.rsqrt
+  for (int64_t c = 0; c < v.C; ++c) invstd[c] = bn_relu_invstd(var[c], static_cast<acc_t>(eps));
   forward_kernel(x, y, v, mean, invstd, w, b);
 }
 

@@ -9,7 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/rsqrt.h>
 #ifndef FASTHG_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -90,10 +89,13 @@ __global__ void __launch_bounds__(kReduceThreads) stats_kernel(
   }
 }
 
+// With `invstd` (the training forward), also bn_relu_invstd(var, eps), as the CPU op: two
+// launches fewer.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void stats_finalize_kernel(const scalar_t* __restrict__ x, const double* __restrict__ s1,
                                       const double* __restrict__ s2, acc_t* __restrict__ mean,
-                                      acc_t* __restrict__ var, index_t splits, index_t M, ChannelIndex<index_t> ix) {
+                                      acc_t* __restrict__ var, index_t splits, index_t M, ChannelIndex<index_t> ix,
+                                      acc_t* __restrict__ invstd, acc_t eps) {
   const index_t C = ix.c.divisor, c = thread_in_grid<index_t>();
   if (c >= C) return;
   double a = 0, q = 0;
@@ -103,7 +105,9 @@ __global__ void stats_finalize_kernel(const scalar_t* __restrict__ x, const doub
   }
   const double d = a / M;
   mean[c] = static_cast<acc_t>(static_cast<double>(x[ix.offset(0, c)]) + d);
-  var[c] = static_cast<acc_t>(fmax(q / M - d * d, 0.0));
+  const acc_t v = static_cast<acc_t>(fmax(q / M - d * d, 0.0));
+  var[c] = v;
+  if (invstd) invstd[c] = bn_relu_invstd(v, eps);
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -214,10 +218,13 @@ __global__ void __launch_bounds__(kReduceThreads) backward_reduce_nhwc_kernel(
   }
 }
 
+// With `mean_g` (the training backward), also the means over `count` values, sum / count in
+// acc_t as the CPU op computes them: two launches fewer.
 template <typename acc_t>
 __global__ void sums_finalize_kernel(const double* __restrict__ part_g, const double* __restrict__ part_gx,
                                      acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t splits,
-                                     int64_t C) {
+                                     int64_t C, acc_t* __restrict__ mean_g, acc_t* __restrict__ mean_gx,
+                                     acc_t count) {
   const int64_t c = thread_in_grid<int64_t>();
   if (c >= C) return;
   double a = 0, ax = 0;
@@ -225,8 +232,13 @@ __global__ void sums_finalize_kernel(const double* __restrict__ part_g, const do
     a += part_g[k * C + c];
     ax += part_gx[k * C + c];
   }
-  sum_g[c] = static_cast<acc_t>(a);
-  sum_gx[c] = static_cast<acc_t>(ax);
+  const acc_t g = static_cast<acc_t>(a), gx = static_cast<acc_t>(ax);
+  sum_g[c] = g;
+  sum_gx[c] = gx;
+  if (mean_g) {
+    mean_g[c] = g / count;
+    mean_gx[c] = gx / count;
+  }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -299,14 +311,10 @@ Dense dense(const at::Tensor& x) {
   return {x.contiguous(fmt), fmt, x.size(0) * HW, x.size(1), HW, fmt == at::MemoryFormat::ChannelsLast};
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
-  check_bn_relu_input("bn_relu_stats", x_in);
-  TORCH_CHECK(x_in.is_cuda(), "bn_relu_stats: expected a CUDA `x`");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto d = dense(x_in);
-  auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
-  auto var = at::empty({d.C}, mean.options());
-  const auto g = d.reduction(x_in.device().index());
+// mean and biased var of d's channels, and 1 / sqrt(var + eps) into invstd where it is defined.
+void launch_stats(const Dense& d, c10::DeviceIndex device, const at::Tensor& mean, const at::Tensor& var,
+                  const at::Tensor& invstd, double eps) {
+  const auto g = d.reduction(device);
   auto s1 = at::empty({g.splits, d.C}, d.t.options().dtype(at::kDouble));
   auto s2 = at::empty({g.splits, d.C}, s1.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -324,11 +332,22 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
             x, s1.mutable_data_ptr<double>(), s2.mutable_data_ptr<double>(), d.M, ix);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       stats_finalize_kernel<scalar_t, acc_t, index_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
-          d.t.const_data_ptr<scalar_t>(), s1.const_data_ptr<double>(), s2.const_data_ptr<double>(),
-          mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), g.splits, d.M, ix);
+          x, s1.const_data_ptr<double>(), s2.const_data_ptr<double>(), mean.mutable_data_ptr<acc_t>(),
+          var.mutable_data_ptr<acc_t>(), g.splits, d.M, ix,
+          invstd.defined() ? invstd.mutable_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
+  check_bn_relu_input("bn_relu_stats", x_in);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_stats: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
+  auto var = at::empty({d.C}, mean.options());
+  launch_stats(d, x_in.device().index(), mean, var, at::Tensor(), 0);
   return {mean, var};
 }
 
@@ -355,17 +374,12 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_backward_args("bn_relu_backward_reduce", grad_in, x_in, mean, invstd, weight, bias);
-  TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_reduce: expected a CUDA `x`");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto d = dense(x_in);
-  const auto dy = grad_in.contiguous(d.fmt);
-  auto sum_g = at::empty({d.C}, mean.options());
-  auto sum_gx = at::empty({d.C}, mean.options());
-  const auto g = d.reduction(x_in.device().index());
+// sum(g) and sum(g * xhat) per channel of d (dy laid out as d), and their means over the
+// N*H*W values into mean_g and mean_gx where those are defined.
+void launch_sums(const Dense& d, const at::Tensor& dy, c10::DeviceIndex device, const at::Tensor& mean,
+                 const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_g,
+                 const at::Tensor& sum_gx, const at::Tensor& mean_g, const at::Tensor& mean_gx) {
+  const auto g = d.reduction(device);
   auto part_g = at::empty({g.splits, d.C}, d.t.options().dtype(at::kDouble));
   auto part_gx = at::empty({g.splits, d.C}, part_g.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -387,11 +401,26 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
             d.index<index_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    const bool means = mean_g.defined();
     sums_finalize_kernel<acc_t><<<channel_blocks(d.C), kThreads, 0, stream>>>(
         part_g.const_data_ptr<double>(), part_gx.const_data_ptr<double>(), sum_g.mutable_data_ptr<acc_t>(),
-        sum_gx.mutable_data_ptr<acc_t>(), g.splits, d.C);
+        sum_gx.mutable_data_ptr<acc_t>(), g.splits, d.C, means ? mean_g.mutable_data_ptr<acc_t>() : nullptr,
+        means ? mean_gx.mutable_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(d.M));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias) {
+  check_bn_relu_backward_args("bn_relu_backward_reduce", grad_in, x_in, mean, invstd, weight, bias);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_reduce: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  auto sum_g = at::empty({d.C}, mean.options());
+  auto sum_gx = at::empty({d.C}, mean.options());
+  launch_sums(d, grad_in.contiguous(d.fmt), x_in.device().index(), mean, invstd, weight, bias, sum_g, sum_gx,
+              at::Tensor(), at::Tensor());
   return {sum_g, sum_gx};
 }
 
@@ -425,24 +454,32 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
 
 // Training in one call each direction, as on the CPU (csrc/autograd/bn_relu.cpp runs them):
 // the same kernels, with no Python autograd Function and no Python between their launches,
-// which at the small levels cost more than the kernels.
+// which at the small levels cost more than the kernels; the statistics' finalize kernel
+// also writes invstd, the sums' the means the elementwise pass takes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_bn_relu_train_args("bn_relu_train_forward", x, weight, bias);
-  auto [mean, var] = bn_relu_stats_cuda(x);
-  auto invstd = at::rsqrt(var.add(eps));  // as the Python path computes it
-  auto y = bn_relu_forward_cuda(x, mean, invstd, weight, bias);
-  return {y, mean, var, invstd};
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_bn_relu_train_args("bn_relu_train_forward", x_in, weight, bias);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_train_forward: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  auto mean = at::empty({d.C}, d.t.options().dtype(bn_relu_param_dtype(d.t)));
+  auto var = at::empty({d.C}, mean.options()), invstd = at::empty({d.C}, mean.options());
+  launch_stats(d, x_in.device().index(), mean, var, invstd, eps);
+  return {bn_relu_forward_cuda(d.t, mean, invstd, weight, bias), mean, var, invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias) {
-  auto [sum_g, sum_gx] = bn_relu_backward_reduce_cuda(grad_out, x, mean, invstd, weight, bias);
-  const int64_t count = x.numel() / x.size(1);
-  auto grad_x =
-      bn_relu_backward_elemt_cuda(grad_out, x, mean, invstd, weight, bias, sum_g.div(count), sum_gx.div(count));
-  return {grad_x, sum_g, sum_gx};
+  check_bn_relu_backward_args("bn_relu_train_backward", grad_in, x_in, mean, invstd, weight, bias);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_train_backward: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  const auto dy = grad_in.contiguous(d.fmt);
+  auto sum_g = at::empty({d.C}, mean.options()), sum_gx = at::empty({d.C}, mean.options());
+  auto mean_g = at::empty({d.C}, mean.options()), mean_gx = at::empty({d.C}, mean.options());
+  launch_sums(d, dy, x_in.device().index(), mean, invstd, weight, bias, sum_g, sum_gx, mean_g, mean_gx);
+  return {bn_relu_backward_elemt_cuda(dy, d.t, mean, invstd, weight, bias, mean_g, mean_gx), sum_g, sum_gx};
 }
 
 // bn_relu_train without autograd (torch.inference_mode, say): the forward alone.

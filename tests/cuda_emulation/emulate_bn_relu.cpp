@@ -36,11 +36,21 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
     else
       stats_kernel<scalar_t, index_t>(x.data(), s1.data(), s2.data(), M, ix);
   });
-  std::vector<float> mean(C, NAN), var(C, NAN);
+  std::vector<float> mean(C, NAN), var(C, NAN), invstd_k(C, NAN);
+  const float eps = 1e-5f;
   launch(channel_blocks(C), kThreads, [&] {
     stats_finalize_kernel<scalar_t, float, index_t>(x.data(), s1.data(), s2.data(), mean.data(), var.data(),
-                                                 g.splits, M, ix);
+                                                 g.splits, M, ix, invstd_k.data(), eps);
   });
+  std::vector<float> mean2(C, NAN), var2(C, NAN);  // the statistics op: no invstd asked for
+  launch(channel_blocks(C), kThreads, [&] {
+    stats_finalize_kernel<scalar_t, float, index_t>(x.data(), s1.data(), s2.data(), mean2.data(), var2.data(),
+                                                 g.splits, M, ix, nullptr, eps);
+  });
+  if (mean2 != mean || var2 != var) {
+    ++emu::failures;
+    std::printf("FAILED statistics without invstd differ %s\n", shape);
+  }
   std::vector<double> rmean(C, 0), rvar(C, 0);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t n = 0; n < N; ++n)
@@ -55,7 +65,11 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
 
   // The rest from the kernels' own statistics, so that only each pass's error counts.
   std::vector<float> invstd(C);
-  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0f / std::sqrt(var[c] + 1e-5f);
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0f / std::sqrt(var[c] + eps);  // float, as the CPU op
+  if (invstd_k != invstd) {
+    ++emu::failures;
+    std::printf("FAILED invstd %s\n", shape);
+  }
   std::vector<double> ry(total), sum_g(C, 0), sum_gx(C, 0), rdx(total);
   for (int pass = 0; pass < 2; ++pass)
     for (int64_t n = 0; n < N; ++n)
@@ -89,12 +103,24 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
       backward_reduce_kernel<scalar_t, float, index_t>(dy.data(), x.data(), mean.data(), invstd.data(), w.data(),
                                                     b.data(), pg.data(), pgx.data(), M, ix);
   });
-  std::vector<float> sg(C, NAN), sgx(C, NAN);
+  std::vector<float> sg(C, NAN), sgx(C, NAN), mg_k(C, NAN), mgx_k(C, NAN);
   launch(channel_blocks(C), kThreads, [&] {
-    sums_finalize_kernel<float>(pg.data(), pgx.data(), sg.data(), sgx.data(), g.splits, C);
+    sums_finalize_kernel<float>(pg.data(), pgx.data(), sg.data(), sgx.data(), g.splits, C, mg_k.data(),
+                                mgx_k.data(), float(M));
   });
   emu::expect_close("sum of grad", sum_g, sg, 1e-5, shape);
   emu::expect_close("sum of grad * xhat", sum_gx, sgx, 1e-5, shape);
+  std::vector<float> sg2(C, NAN), sgx2(C, NAN);  // the reduction op: no means asked for
+  launch(channel_blocks(C), kThreads, [&] {
+    sums_finalize_kernel<float>(pg.data(), pgx.data(), sg2.data(), sgx2.data(), g.splits, C, nullptr, nullptr,
+                                float(M));
+  });
+  for (int64_t c = 0; c < C; ++c)  // each the kernel's own sum over the count, as the CPU op divides
+    if (!(mg_k[c] == sg[c] / float(M) && mgx_k[c] == sgx[c] / float(M) && sg2[c] == sg[c] && sgx2[c] == sgx[c])) {
+      ++emu::failures;
+      std::printf("FAILED means of the sums, channel %ld %s\n", long(c), shape);
+      break;
+    }
 
   std::vector<float> mg(C), mgx(C);
   std::vector<scalar_t> dx(total, static_cast<scalar_t>(NAN));
