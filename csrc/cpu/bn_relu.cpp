@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -96,22 +98,31 @@ C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w
 // NHWC reductions: each thread sums its rows into its own per-channel double partials,
 // chunk by chunk, and bands of channels (16 for the statistics, 32 for the backward's sums:
 // one or two cache lines of floats per row) walk down a chunk's rows with their sums in
-// registers. A chunk (192 KiB of input) sits in L2 while the next one streams in: each line a
-// band reads issues a prefetch of the next chunk's lines into L2, in address order
-// (LineStream), which DRAM serves as one sequential stream. Measured on 4x256x32x32 from
-// DRAM: the backward sums 0.23 -> 0.15 ms (NCHW's sequential planes: 0.13), the statistics
+// registers. A chunk sits in L2 while the next one streams in: each line a band reads issues
+// a prefetch of the next chunk's lines into L2, in address order (LineStream), which DRAM
+// serves as one sequential stream. Measured on 4x256x32x32 from DRAM, on a Zen 5 VM (1 MiB
+// L2): the backward sums 0.23 -> 0.15 ms (NCHW's sequential planes: 0.13), the statistics
 // 0.105 -> 0.09 ms, against each band's own lines prefetched 64 rows ahead (a stride of C
-// floats: short scattered DRAM accesses). 32 KiB chunks prefetched into L1 lost lines not
-// yet read to the next chunk (the two overflow its 48 KiB; 0.23 ms); 512 KiB into L2, 0.17.
-// Per-row updates of per-channel sums in memory made loads of x wait on stores whose
-// addresses matched modulo 4 KiB (1.5-3x slower, depending on placement).
-constexpr int64_t kChunkBytes = 192 << 10;
+// floats: short scattered DRAM accesses). Per-row updates of per-channel sums in memory made
+// loads of x wait on stores whose addresses matched modulo 4 KiB (1.5-3x slower).
+//
+// A chunk holds L2/16 of each input. 192 KiB of input (the backward's two inputs: 96 KiB
+// each) was right for the 1 MiB L2 of Zen 5 and three times too much for the 512 KiB of a
+// Zen 3 VM, whose statistics it left 1.5x slower than NCHW's: at 4x256x32x32 they went
+// 0.43-0.49 -> 0.31-0.32 ms with 32 KiB (0.35 with 64), at 64x64 1.75-1.88 -> 1.09-1.11 ms;
+// the backward sums moved within the noise. (A whole L2 of chunks, 512 KiB on Zen 5, 0.17.)
+int64_t chunk_bytes_per_input() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where the system does not say
+    return std::max<int64_t>(16 << 10, (l2 > 0 ? l2 : 512 << 10) / 16);
+  }();
+  return bytes;
+}
 
-// Rows per chunk for `inputs` tensors of C channels, counted as floats whatever the
-// storage type: 16-bit inputs then add in the same order as float32 ones, and their results
-// are the float32 op's, rounded.
-int64_t rows_per_chunk(int64_t C, int64_t inputs) {
-  return std::max<int64_t>(2, kChunkBytes / (C * inputs * int64_t(sizeof(float))));
+// Rows per chunk of C channels, counted as floats whatever the storage type: 16-bit inputs
+// then add in the same order as float32 ones, and their results are the float32 op's, rounded.
+int64_t rows_per_chunk(int64_t C) {
+  return std::max<int64_t>(2, chunk_bytes_per_input() / (C * int64_t(sizeof(float))));
 }
 
 // Calls f(t, r0, r1, r2) for chunks [r0, r1) of R NHWC rows of C channels, in parallel; t
@@ -304,7 +315,7 @@ void stats_kernel(const scalar_t* x, const View& v, acc_t* mean, acc_t* var) {
   }
   const int64_t T = at::get_num_threads();  // one partial per thread
   std::vector<double> S(T * C, 0.0), Q(T * C, 0.0);
-  for_row_chunks(v.outer, C, rows_per_chunk(C, 1), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
+  for_row_chunks(v.outer, C, rows_per_chunk(C), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
     double* s = &S[t * C];
     double* q = &Q[t * C];
     int64_t c0 = 0;
@@ -521,7 +532,7 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
       }
     });
   } else {
-    for_row_chunks(v.outer, C, rows_per_chunk(C, 2), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
+    for_row_chunks(v.outer, C, rows_per_chunk(C), [&](int64_t t, int64_t r0, int64_t r1, int64_t r2) {
       double* a = &ps[t * C];
       double* ax = &px[t * C];
       int64_t c0 = 0;
