@@ -71,7 +71,7 @@ def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
     """The CPU NHWC reductions walk bands of 32, then 8 channels, then single channels down
     chunks of rows (L2/16 of each input: 32 rows of 256 channels on a 512 KiB L2), each
     thread summing its own partials: 256 channels in bands of 32; 24 in bands of 8; 44 = 32
-    + 8 + 4 over 6144 rows, several chunks per thread for any L2 up to 4 MiB."""
+    + 8 + 4 over 6144 rows, several chunks per thread at any chunk size (at most 128 KiB)."""
     if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
         pytest.skip("native unavailable")
     test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)

@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -111,10 +112,11 @@ C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w
 // Zen 3 VM, whose statistics it left 1.5x slower than NCHW's: at 4x256x32x32 they went
 // 0.43-0.49 -> 0.31-0.32 ms with 32 KiB (0.35 with 64), at 64x64 1.75-1.88 -> 1.09-1.11 ms;
 // the backward sums moved within the noise. (A whole L2 of chunks, 512 KiB on Zen 5, 0.17.)
+// At most 128 KiB, in case a VM reports its L3 as L2.
 int64_t chunk_bytes_per_input() {
   static const int64_t bytes = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where the system does not say
-    return std::max<int64_t>(16 << 10, (l2 > 0 ? l2 : 512 << 10) / 16);
+    return std::clamp<int64_t>((l2 > 0 ? l2 : 512 << 10) / 16, 16 << 10, 128 << 10);
   }();
   return bytes;
 }
