@@ -16,19 +16,21 @@
 namespace fasthg {
 
 // y = max(0, (x - mean) * invstd * weight + bias); subtracting the mean first keeps large
-// offsets (x ~ 1e4, small variance) exact to float32 rounding.
+// offsets (x ~ 1e4, small variance) exact to float32 rounding. As torch.relu, a NaN stays
+// NaN (so a diverged input shows in the loss rather than as zeros) and -0 stays -0.
 // T is the math type: float (for float/half/bfloat16 x) or double (for double x).
 template <typename T>
 C10_HOST_DEVICE inline T bn_relu_value(T x, T mean, T invstd, T weight, T bias) {
   const T y = (x - mean) * (invstd * weight) + bias;
-  return y > T(0) ? y : T(0);
+  return y < T(0) ? T(0) : y;
 }
 
 // The upstream gradient with the ReLU mask recomputed from the input (not stored): zero
-// where the forward output was clamped.
+// where the forward output was clamped, y <= 0; a NaN passes dy, as relu's backward
+// (threshold_backward) does.
 template <typename T>
 C10_HOST_DEVICE inline T bn_relu_masked_grad(T dy, T x, T mean, T invstd, T weight, T bias) {
-  return (x - mean) * (invstd * weight) + bias > T(0) ? dy : T(0);
+  return (x - mean) * (invstd * weight) + bias <= T(0) ? T(0) : dy;
 }
 
 // grad_x of training-mode BN given the masked gradient g and the channel means of g and of

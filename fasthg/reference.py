@@ -36,8 +36,9 @@ def bn_relu_forward(x, mean, invstd, weight, bias):
 
 
 def _masked_grad_and_xhat(grad_out, x, mean, invstd, weight, bias):
-    """grad_out where the forward output was > 0 (the ReLU mask, recomputed), and xhat."""
-    g = torch.where(_pre_activation(x, mean, invstd, weight, bias) > 0, grad_out.to(mean.dtype), 0)
+    """grad_out where the forward output was not <= 0 (the ReLU mask, recomputed; a NaN
+    passes, as in relu's backward), and xhat."""
+    g = torch.where(_pre_activation(x, mean, invstd, weight, bias) <= 0, 0, grad_out.to(mean.dtype))
     return g, (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
 
 

@@ -76,6 +76,13 @@ def _stats_kernel(x_ptr, s1_ptr, s2_ptr, M, C, HW, SPLITS, CHANNELS_LAST: tl.con
 
 
 @triton.jit
+def _relu_passes(y):
+    """Where relu's backward passes the gradient: not y <= 0, so a NaN passes (as
+    threshold_backward does); csrc/bn_relu.h's bn_relu_masked_grad."""
+    return (y > 0) | (y != y)
+
+
+@triton.jit
 def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, HW,
                     CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
@@ -85,7 +92,7 @@ def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C, 
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
     scale = tl.load(invstd_ptr + c, mask=mask, other=0.0) * tl.load(w_ptr + c, mask=mask, other=0.0)
     y = (x - mean) * scale + tl.load(b_ptr + c, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, tl.maximum(y, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, tl.where(y < 0, 0.0, y).to(y_ptr.dtype.element_ty), mask=mask)  # a NaN stays NaN, as in torch.relu
 
 
 @triton.jit
@@ -104,7 +111,7 @@ def _backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s
         offs, mask = _tile(first, end, c, cmask, C, HW, CHANNELS_LAST, ROWS)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.where(mask & ((x - mean) * scale + bias > 0), dy, 0.0)
+        g = tl.where(mask & _relu_passes((x - mean) * scale + bias), dy, 0.0)
         acc += g.to(tl.float64)
         accx += (g * ((x - mean) * invstd)).to(tl.float64)
     out = program_index(1, INT64) * C + c
@@ -124,7 +131,7 @@ def _backward_elemt_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0)
     w = tl.load(w_ptr + c, mask=mask, other=0.0)
-    g = tl.where((x - mean) * (invstd * w) + tl.load(b_ptr + c, mask=mask, other=0.0) > 0, dy, 0.0)
+    g = tl.where(_relu_passes((x - mean) * (invstd * w) + tl.load(b_ptr + c, mask=mask, other=0.0)), dy, 0.0)
     xhat = (x - mean) * invstd
     dx = w * invstd * (g - tl.load(mean_g_ptr + c, mask=mask, other=0.0)
                        - xhat * tl.load(mean_gx_ptr + c, mask=mask, other=0.0))

@@ -223,6 +223,36 @@ def test_opcheck(device, backend, layout):
 
 
 @pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_propagates_as_in_eager(device, backend, layout, training, poison):
+    """A NaN in x gives what relu(batch_norm(x)) gives: NaN where eager has NaN (the whole
+    channel in training, whose statistics it spoils; the element in eval), not zeros that
+    would hide a diverged step from the loss; and relu's backward passes grad_out where the
+    output is NaN. 20 channels of 9x7: 8-wide vectors and scalar tails both see a NaN.
+    (One difference: in eval, grad_x at a NaN of x is NaN, where eager's is finite, as the
+    fused backward's xhat * mean_g_xhat is NaN * 0 there.)"""
+    x64, x = make_x((2, 20, 9, 7), torch.float32, device, layout)
+    x64[1, 3, 4, 5] = x64[0, 17, 0, 0] = float("nan")
+    x = x64.float().to(device).contiguous(memory_format=layout)
+    g = torch.Generator().manual_seed(2)
+    w64, b64 = torch.rand(20, generator=g, dtype=torch.float64) + 0.5, torch.randn(20, generator=g, dtype=torch.float64)
+    rm64, rv64 = torch.randn(20, dtype=torch.float64, generator=g), torch.rand(20, dtype=torch.float64, generator=g) + 0.5
+    gy64 = torch.randn(x64.shape, dtype=torch.float64, generator=g)
+    ins64 = [t.requires_grad_() for t in (x64, w64, b64)]
+    ins = [x.requires_grad_()] + [t.float().to(device).requires_grad_() for t in (w64.detach(), b64.detach())]
+    ref = reference(*ins64, rm64.clone(), rv64.clone(), training)
+    y = ops.bn_relu(*ins, rm64.float().to(device), rv64.float().to(device), training=training, backend=backend)
+    grads64 = torch.autograd.grad(ref, ins64, gy64)
+    grads = torch.autograd.grad(y, ins, gy64.float().to(device).contiguous(memory_format=layout))
+    assert ref.isnan().any()
+    if not training:
+        grads64 = (torch.where(x64.isnan(), float("nan"), grads64[0]),) + grads64[1:]
+    for got, want in zip((y,) + grads, (ref,) + grads64):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", params())
 def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     m = BNReLU(3, backend=backend).to(device)

@@ -78,10 +78,10 @@ C10_ALWAYS_INLINE double hsum(__m256d v) {
 }
 
 // bn_relu_value for 8 floats, the same operations in the same order. max_ps returns its
-// second operand (+0) for NaN and for -0, as bn_relu_value's y > 0 ? y : 0 does.
+// second operand, y, for a NaN and for -0, as bn_relu_value's y < 0 ? 0 : y does.
 C10_ALWAYS_INLINE __m256 value8(__m256 x, __m256 m, __m256 s, __m256 w, __m256 b) {
   const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, m), _mm256_mul_ps(s, w)), b);
-  return _mm256_max_ps(y, _mm256_setzero_ps());
+  return _mm256_max_ps(_mm256_setzero_ps(), y);
 }
 
 // bn_relu_masked_grad then bn_relu_grad_input for 8 floats, the same operations in order.
@@ -89,7 +89,7 @@ C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w
                                __m256 mgx) {
   const __m256 d = _mm256_sub_ps(x, m);
   const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(s, w)), b);
-  const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), dy);
+  const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), dy);
   const __m256 xhat = _mm256_mul_ps(d, s);
   return _mm256_mul_ps(_mm256_mul_ps(w, s), _mm256_sub_ps(_mm256_sub_ps(g, mg), _mm256_mul_ps(xhat, mgx)));
 }
@@ -454,7 +454,7 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
         }
         const __m256 d = _mm256_sub_ps(load8(x0 + j), vm);
         const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw), vb);
-        const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), load8(g0 + j));
+        const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), load8(g0 + j));
         p[0] = _mm256_add_ps(p[0], g);
         p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs)));
       }, acc);
@@ -486,7 +486,7 @@ void plane_masked_sums(const scalar_t* __restrict__ xp, const scalar_t* __restri
 
 #ifdef __AVX2__
 // sum(g) and sum(g * xhat) of a band of V vectors of channels from c0, rows [r0, r1), with
-// g = dy where the forward output was > 0, as bn_relu_masked_grad computes it.
+// g = dy where the forward output was not <= 0, as bn_relu_masked_grad computes it.
 template <int V, typename T>
 C10_ALWAYS_INLINE void band_masked_sums(const T* x, const T* dy, int64_t r0, int64_t r1, int64_t C,
                                         int64_t c0, const float* m, const float* s, const float* w,
@@ -509,7 +509,7 @@ C10_ALWAYS_INLINE void band_masked_sums(const T* x, const T* dy, int64_t r0, int
     }
     const __m256 d = _mm256_sub_ps(load8(x + i), vm[v]);
     const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, vsw[v]), vb[v]);
-    const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_GT_OQ), load8(dy + i));
+    const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), load8(dy + i));
     p[0] = _mm256_add_ps(p[0], g);
     p[1] = _mm256_add_ps(p[1], _mm256_mul_ps(g, _mm256_mul_ps(d, vs[v])));
   }, acc);
