@@ -414,28 +414,14 @@ def _write_atomic(path: str, text: str):
 
 
 def write_outputs(result, out_dir: str, chart: bool = True):
-    """bench.json and bench.md, and with `chart` bench.png (the speedup of every non-eager row)."""
+    """bench.json and bench.md, and with `chart` bench.png (fasthg.bench_chart)."""
     os.makedirs(out_dir, exist_ok=True)
     _write_atomic(os.path.join(out_dir, "bench.json"), json.dumps(result, indent=1))
     _write_atomic(os.path.join(out_dir, "bench.md"), table(result) + "\n")
     if not chart:
         return
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        from fasthg.bench_chart import speedup_chart
+        speedup_chart(result, os.path.join(out_dir, "bench.png"), BARS, BAR_LEVELS)
+    except ImportError:  # matplotlib
         return
-    rows = [r for r in result["rows"] if r["backend"] != "eager"]
-    labels = [f"{r['op'].split()[0]} {r['layout']} {r['shape'][1]}x{r['level']} {r['dtype']}\n{r['mode']} {r['backend']}"
-              for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 5))
-    ax.bar(range(len(rows)), [r["speedup"] for r in rows], color="tab:blue")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
-    ax.set_ylabel("speedup over eager (x)")
-    ax.set_title(f"fasthg vs eager on {result['device']}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "bench.png"), dpi=120)
-    plt.close(fig)

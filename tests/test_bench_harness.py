@@ -146,3 +146,30 @@ def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     table = (tmp_path / "bench.md").read_text()
     assert table.startswith("(incomplete") and table.count("| upsample_add |") == len(saved["rows"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_chart_has_a_panel_per_op_and_mode_and_one_for_the_models(tmp_path):
+    """bench.png: eager rows are the baseline, not bars; each fused op and mode gets a panel,
+    all model rows share one, and a run with nothing to compare draws nothing."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    from fasthg.bench_chart import speedup_chart
+
+    def row(op, mode, level, backend, speedup, layout="nchw", **extra):
+        return dict(op=op, mode=mode, level=level, shape=[4, 256, level, level], dtype="float32", layout=layout,
+                    backend=backend, speedup=speedup, **extra)
+
+    rows = [row(op, mode, level, b, s, layout) for op, mode in (("bn_relu", "train forward+backward"),
+                                                                ("upsample_add", "forward"))
+            for level in (64, 32) for layout in ("nchw", "nhwc") for b, s in (("eager", 1.0), ("native", 1.7))]
+    rows += [dict(row(f"hg2 {what}", mode, 256, b, s, layout), shape=[4, 3, 256, 256], images_per_s=3.0)
+             for what, mode in (("train step", "forward+backward"), ("inference", "forward"))
+             for layout in ("nchw", "nhwc") for b, s in (("eager", 1.0), ("native", 1.2), ("auto", 1.2))]
+    path = str(tmp_path / "bench.png")
+    assert speedup_chart({"device": "CPU", "rows": rows}, path, bench.BARS, bench.BAR_LEVELS) == 3
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width > 2 * height > 0  # three panels side by side
+    assert speedup_chart({"device": "CPU", "rows": [r for r in rows if r["backend"] == "eager"]},
+                         str(tmp_path / "none.png"), bench.BARS) == 0
+    assert not (tmp_path / "none.png").exists() and not list(tmp_path.glob("*.tmp"))
