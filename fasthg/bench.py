@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from fasthg import memory, ops, reference
+from fasthg import device as device_info
 from fasthg.device import resolve as resolve_device
 from fasthg.models import PRESETS
 
@@ -302,13 +303,21 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
+def default_dtypes(dev: torch.device) -> List[torch.dtype]:
+    """float32, and bfloat16 where the device computes it natively: GPUs, and CPUs with AMX or
+    AVX512_BF16 (elsewhere a CPU converts bf16 to float32 and back, which tells little)."""
+    if dev.type == "cuda" or device_info.cpu_computes_bf16():
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32]
+
+
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
         progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc")):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.malloc), so
     that page faults of fresh outputs do not swamp the kernels; process-wide. dtypes: the
-    ops' activation dtypes and the models' (float32, or autocast to the others; default
-    float32, and bfloat16 on GPUs). model_layouts: nchw and/or nhwc (channels_last)."""
+    ops' activation dtypes and the models' (float32, or autocast to the others; default:
+    default_dtypes). model_layouts: nchw and/or nhwc (channels_last)."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
@@ -321,7 +330,7 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         return [b for b in ops.available(dev.type, op) if gpu or b != "triton"]
 
     batch = 16 if gpu else 4
-    dtypes = dtypes or ([torch.float32, torch.bfloat16] if gpu else [torch.float32])
+    dtypes = dtypes or default_dtypes(dev)
     layouts = list(LAYOUTS.values())
     cases = []
     for c in channels:

