@@ -46,9 +46,19 @@ def sync():
         torch.cuda.synchronize()
 
 
+def note_rate(benchmark, key, count, digits=2):
+    """extra_info[key] = count / median seconds (samples/s, images/s), where there are timings
+    (none under --benchmark-disable)."""
+    if benchmark.stats is not None:
+        benchmark.extra_info[key] = round(count / benchmark.stats.stats.median, digits)
+
+
 def record(benchmark, key, backend):
     """After benchmark(fn): note eager's median for `key` and give other backends the ratio
-    eager / backend (eager runs first in every group, in the same session)."""
+    eager / backend (eager runs first in every group, in the same session). Under
+    --benchmark-disable (each case run once, as a smoke test) there is nothing to record."""
+    if benchmark.stats is None:
+        return
     median = benchmark.stats.stats.median
     if backend == "eager":
         _EAGER_MEDIANS[key] = median

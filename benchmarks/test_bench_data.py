@@ -3,6 +3,7 @@ DataLoader with 0 and 2 workers: what the GPU can be fed. extra_info.samples_per
 import pytest
 import torch
 
+from conftest import note_rate
 from fasthg.data.dataset import PoseDataset
 from fasthg.data.synthetic import SyntheticPoses
 
@@ -21,4 +22,4 @@ def test_pipeline(benchmark, input_size, workers):
             pass
 
     benchmark.pedantic(one_pass, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["samples_per_s"] = round(len(ds) / benchmark.stats.stats.median, 1)
+    note_rate(benchmark, "samples_per_s", len(ds), 1)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import BATCH, DEVICE, DTYPES, LAYOUTS, backends_for, compiled, record, sync
+from conftest import BATCH, DEVICE, DTYPES, LAYOUTS, backends_for, compiled, note_rate, record, sync
 from fasthg import memory
 from fasthg.bench import dtype_name
 from fasthg.models import PRESETS
@@ -49,7 +49,7 @@ def test_train_step(benchmark, preset, layout, dtype, backend):
     step()  # warm-up (and compilation) outside the timing
     benchmark.pedantic(step, rounds=3 if DEVICE == "cpu" else 20, warmup_rounds=1)
     record(benchmark, (preset, layout, dtype), backend)
-    benchmark.extra_info["images_per_s"] = round(BATCH / benchmark.stats.stats.median, 2)
+    note_rate(benchmark, "images_per_s", BATCH)
     benchmark.extra_info["peak_mb"] = round(memory.peak_bytes(step, DEVICE) / 2**20, 1)
     benchmark.extra_info["saved_mb"] = round(
         memory.saved_activation_bytes(lambda: forward(images), model.parameters()) / 2**20, 1)
@@ -68,5 +68,5 @@ def test_forward(benchmark, preset, layout, dtype, backend):
     run()  # warm-up (and compilation) outside the timing
     benchmark.pedantic(run, rounds=3 if DEVICE == "cpu" else 20, warmup_rounds=1)
     record(benchmark, ("forward", preset, layout, dtype), backend)
-    benchmark.extra_info["images_per_s"] = round(BATCH / benchmark.stats.stats.median, 2)
+    note_rate(benchmark, "images_per_s", BATCH)
     benchmark.extra_info["peak_mb"] = round(memory.peak_bytes(run, DEVICE) / 2**20, 1)
