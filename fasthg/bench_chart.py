@@ -41,8 +41,8 @@ def speedup_chart(result, path: str, bars: Dict[Tuple[str, str], float], bar_lev
     if not panels:
         return 0
     cols = min(3, len(panels))
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5.5 * cols, 3.8 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
+    rows_of_panels = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.5 * cols, 3.8 * rows_of_panels), squeeze=False)
     for ax, ((op, mode), rows) in zip(axes.flat, panels.items()):
         series: Dict[str, Dict[str, float]] = {}
         if op == "models":
@@ -56,8 +56,9 @@ def speedup_chart(result, path: str, bars: Dict[Tuple[str, str], float], bar_lev
                          fontsize=9)
         else:
             groups = [f"{level}x{level}" for level in sorted({r["level"] for r in rows}, reverse=True)]
+            several_channels = len({r["shape"][1] for r in rows}) > 1
             for r in rows:
-                name = f"{r['layout']} {r['dtype']} {r['backend']}" + (f" C={r['shape'][1]}" if len({x['shape'][1] for x in rows}) > 1 else "")
+                name = f"{r['layout']} {r['dtype']} {r['backend']}" + (f" C={r['shape'][1]}" if several_channels else "")
                 series.setdefault(name, {})[f"{r['level']}x{r['level']}"] = r["speedup"]
             ax.set_title(f"{op} {mode}", fontsize=9)
             if (op, mode) in bars:

@@ -232,7 +232,7 @@ def test_nan_propagates_as_in_eager(device, backend, layout, training, poison):
     output is NaN. 20 channels of 9x7: 8-wide vectors and scalar tails both see a NaN.
     (One difference: in eval, grad_x at a NaN of x is NaN, where eager's is finite, as the
     fused backward's xhat * mean_g_xhat is NaN * 0 there.)"""
-    x64, x = make_x((2, 20, 9, 7), torch.float32, device, layout)
+    x64, _ = make_x((2, 20, 9, 7), torch.float32, device, layout)
     x64[1, 3, 4, 5] = x64[0, 17, 0, 0] = float("nan")
     x = x64.float().to(device).contiguous(memory_format=layout)
     g = torch.Generator().manual_seed(2)
