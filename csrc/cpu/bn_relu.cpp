@@ -5,7 +5,10 @@
 // backward's sums add 16 rows in float before each fold into double (two_level_sums).
 // The float32, bfloat16 and float16 passes have AVX2 paths, 8 values a vector as floats
 // (vec8.h; setup.py builds with AVX2 where the machine has it): a masked select feeding
-// double accumulators is beyond GCC's auto-vectoriser.
+// double accumulators is beyond GCC's auto-vectoriser. The walks and sums that are not
+// BN-ReLU's own (chunks of NHWC rows, lane and two-level sums, line prefetch) are in
+// channel_passes.h; the NHWC reductions' bands here are 16 channels for the statistics and
+// 32 for the backward's sums.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,63 +23,18 @@
 #include <type_traits>
 #include <vector>
 
-#include <unistd.h>
-
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
 #include "../bn_relu.h"
+#include "channel_passes.h"
 #include "vec8.h"
 
 namespace fasthg {
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per task, as in ATen
-
-// A dense tensor seen as [outer, C, inner]: NCHW is [N, C, H*W], NHWC is [N*H*W, C, 1].
-struct View {
-  int64_t outer, C, inner;
-  bool channels_last;
-};
-
-View view_of(const at::Tensor& x, at::MemoryFormat fmt) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  if (fmt == at::MemoryFormat::ChannelsLast) return {N * HW, C, 1, true};
-  return {N, C, HW, false};
-}
-
-// Independent double accumulators: a single chain can be neither vectorised (no
-// reassociation) nor pipelined; kLanes of them can be both, and keep double precision.
-constexpr int kLanes = 8;
-
-template <typename F>
-C10_ALWAYS_INLINE void lane_sums(int64_t n, F f, double& s0, double& s1) {
-  double a[kLanes] = {}, b[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) f(i + k, a[k], b[k]);
-  for (; i < n; ++i) f(i, a[0], b[0]);
-  s0 = s1 = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    s0 += a[k];
-    s1 += b[k];
-  }
-}
-
 #ifdef __AVX2__
-// 8 floats added in double: two halves of 4.
-C10_ALWAYS_INLINE void add_pd(__m256 v, __m256d& lo, __m256d& hi) {
-  lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-  hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-}
-
-C10_ALWAYS_INLINE double hsum(__m256d v) {
-  alignas(32) double t[4];
-  _mm256_store_pd(t, v);
-  return (t[0] + t[1]) + (t[2] + t[3]);
-}
-
 // bn_relu_value for 8 floats, the same operations in the same order. max_ps returns its
 // second operand, y, for a NaN and for -0, as bn_relu_value's y < 0 ? 0 : y does.
 C10_ALWAYS_INLINE __m256 value8(__m256 x, __m256 m, __m256 s, __m256 w, __m256 b) {
@@ -92,112 +50,6 @@ C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w
   const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), dy);
   const __m256 xhat = _mm256_mul_ps(d, s);
   return _mm256_mul_ps(_mm256_mul_ps(w, s), _mm256_sub_ps(_mm256_sub_ps(g, mg), _mm256_mul_ps(xhat, mgx)));
-}
-
-#endif
-
-// NHWC reductions: each thread sums its rows into its own per-channel double partials,
-// chunk by chunk, and bands of channels (16 for the statistics, 32 for the backward's sums:
-// one or two cache lines of floats per row) walk down a chunk's rows with their sums in
-// registers. A chunk sits in L2 while the next one streams in: each line a band reads issues
-// a prefetch of the next chunk's lines into L2, in address order (LineStream), which DRAM
-// serves as one sequential stream. Measured on 4x256x32x32 from DRAM, on a Zen 5 VM (1 MiB
-// L2): the backward sums 0.23 -> 0.15 ms (NCHW's sequential planes: 0.13), the statistics
-// 0.105 -> 0.09 ms, against each band's own lines prefetched 64 rows ahead (a stride of C
-// floats: short scattered DRAM accesses). Per-row updates of per-channel sums in memory made
-// loads of x wait on stores whose addresses matched modulo 4 KiB (1.5-3x slower).
-//
-// A chunk holds L2/16 of each input. 192 KiB of input (the backward's two inputs: 96 KiB
-// each) was right for the 1 MiB L2 of Zen 5 and three times too much for the 512 KiB of a
-// Zen 3 VM, whose statistics it left 1.5x slower than NCHW's: at 4x256x32x32 they went
-// 0.43-0.49 -> 0.31-0.32 ms with 32 KiB (0.35 with 64), at 64x64 1.75-1.88 -> 1.09-1.11 ms;
-// the backward sums moved within the noise. (A whole L2 of chunks, 512 KiB on Zen 5, 0.17.)
-// At most 128 KiB, in case a VM reports its L3 as L2.
-int64_t chunk_bytes_per_input() {
-  static const int64_t bytes = [] {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where the system does not say
-    return std::clamp<int64_t>((l2 > 0 ? l2 : 512 << 10) / 16, 16 << 10, 128 << 10);
-  }();
-  return bytes;
-}
-
-// Rows per chunk of C channels, counted as floats whatever the storage type: 16-bit inputs
-// then add in the same order as float32 ones, and their results are the float32 op's, rounded.
-int64_t rows_per_chunk(int64_t C) {
-  return std::max<int64_t>(2, chunk_bytes_per_input() / (C * int64_t(sizeof(float))));
-}
-
-// Calls f(t, r0, r1, r2) for chunks [r0, r1) of R NHWC rows of C channels, in parallel; t
-// is the thread and [r1, r2) its next chunk (empty after the last).
-template <typename F>
-void for_row_chunks(int64_t rows, int64_t C, int64_t R, F f) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
-    const int64_t t = at::get_thread_num();
-    for (int64_t r0 = b; r0 < e; r0 += R) f(t, r0, std::min(e, r0 + R), std::min(e, r0 + 2 * R));
-  });
-}
-
-#ifdef __AVX2__
-// Two-level sums for float NHWC bands: up to kFloatRows rows add in float (8 lanes a
-// vector, no conversions), then fold into double accumulators. A float sum of 16 terms
-// errs by at most 16 ulp of its magnitude (about 4 ulp typically), and what it sums is
-// centred (masked gradients), so the doubles carry the precision across rows.
-constexpr int64_t kFloatRows = 16;
-
-// Sums over rows [r0, r1) of f(r, v, p) for V vectors v of 8 channels, f adding Q float
-// quantities into p[0..Q); every kFloatRows rows they fold into acc[v][2q], acc[v][2q+1]
-// (the low and high halves, in double).
-template <int V, int Q, typename F>
-C10_ALWAYS_INLINE void two_level_sums(int64_t r0, int64_t r1, F f, __m256d (&acc)[V][2 * Q]) {
-  for (auto& a : acc)
-    for (auto& d : a) d = _mm256_setzero_pd();
-  for (int64_t r = r0; r < r1; r += kFloatRows) {
-    __m256 part[V][Q];
-    for (auto& p : part)
-      for (auto& f32 : p) f32 = _mm256_setzero_ps();
-    const int64_t e = std::min(r1, r + kFloatRows);
-    for (int64_t i = r; i < e; ++i)
-      for (int v = 0; v < V; ++v) f(i, v, part[v]);
-    for (int v = 0; v < V; ++v)
-      for (int q = 0; q < Q; ++q) add_pd(part[v][q], acc[v][2 * q], acc[v][2 * q + 1]);
-  }
-}
-
-// Prefetches the cache lines of the elements [r1 * C, r2 * C) into L2, one per next(), in
-// address order.
-class LineStream {
- public:
-  template <typename T>
-  LineStream(const T* p, int64_t r1, int64_t r2, int64_t C)
-      : p_(reinterpret_cast<uintptr_t>(p + r1 * C)), end_(reinterpret_cast<uintptr_t>(p + r2 * C)) {}
-  C10_ALWAYS_INLINE void next() {
-    if (p_ < end_) {
-      _mm_prefetch(reinterpret_cast<const char*>(p_), _MM_HINT_T2);
-      p_ += 64;
-    }
-  }
-
- private:
-  uintptr_t p_, end_;
-};
-
-// Whether vector v of row r, in a band of V vectors of T, starts a cache line's worth of
-// the stream: a line holds 2 vectors of float, 4 of bfloat16 or half.
-template <typename T, int V>
-C10_ALWAYS_INLINE bool starts_line(int64_t r, int v) {
-  constexpr int per_line = 64 / (8 * sizeof(T));
-  return (r * V + v) % per_line == 0;
-}
-
-// out[q][c0 + 8v ..] += acc[v][2q], acc[v][2q + 1], for the Q per-channel sums.
-template <int V, int Q>
-C10_ALWAYS_INLINE void add_band(const __m256d (&acc)[V][2 * Q], double* const (&out)[Q], int64_t c0) {
-  for (int q = 0; q < Q; ++q)
-    for (int v = 0; v < V; ++v) {
-      double* o = out[q] + c0 + 8 * v;
-      _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), acc[v][2 * q]));
-      _mm256_storeu_pd(o + 4, _mm256_add_pd(_mm256_loadu_pd(o + 4), acc[v][2 * q + 1]));
-    }
 }
 
 // x and (x - K)^2 added in double: 8 floats as two halves of 4 (see stats_kernel).
@@ -274,13 +126,6 @@ void plane_moments(const scalar_t* __restrict__ x, int64_t n, double k, double& 
   q += tq;
 }
 
-// parts[p * C + c] summed over p, per channel: one partial per image or per thread.
-C10_ALWAYS_INLINE double sum_parts(const std::vector<double>& parts, int64_t C, int64_t c) {
-  double total = 0;
-  for (size_t k = c; k < parts.size(); k += C) total += parts[k];
-  return total;
-}
-
 // Per-channel mean and biased variance from the partial sums of x and of (x - K)^2 over n
 // values: mean = sum(x) / n, M2 = sum((x - K)^2) - n (mean - K)^2.
 template <typename acc_t>
@@ -342,40 +187,6 @@ void stats_kernel(const scalar_t* x, const View& v, acc_t* mean, acc_t* var) {
   finish_stats(S, Q, K, double(v.outer), mean, var);
 }
 
-// Calls plane(c, begin, n) for every NCHW plane, or rows(begin_row, end_row) for NHWC.
-template <typename P, typename R>
-void elementwise(const View& v, P plane, R rows) {
-  if (!v.channels_last) {
-    at::parallel_for(0, v.outer * v.C, std::max<int64_t>(1, kGrain / v.inner), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) plane(p % v.C, p * v.inner, v.inner);
-    });
-  } else {
-    at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / v.C), rows);
-  }
-}
-
-// run8 for NHWC rows [r0, r1) of C channels: f(i, c) and vec(i, c) (float only) for the
-// element i = r * C + c, the 8-wide loop over each row's channels. (Rows start aligned
-// when they stream: see streams.)
-template <typename scalar_t, typename F, typename V>
-C10_ALWAYS_INLINE void run8_rows(int64_t r0, int64_t r1, int64_t C, F f, V vec) {
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t c = 0;
-#ifdef __AVX2__
-    if constexpr (kVec8<scalar_t>)
-      for (; c + 8 <= C; c += 8) vec(r * C + c, c);
-#endif
-    for (; c < C; ++c) f(r * C + c, c);
-  }
-}
-
-// Whether an elementwise pass writing `out` streams its stores. NHWC rows stream only when
-// every row starts aligned; NCHW planes peel to alignment (run8).
-template <typename scalar_t>
-bool streams(const scalar_t* out, const View& v) {
-  return fasthg::streams(out, v.outer * v.C * v.inner * int64_t(sizeof(scalar_t)), !v.channels_last || v.C % 8 == 0);
-}
-
 // Normalise+clamp of n elements from x to y, one channel's parameters.
 template <typename scalar_t, typename acc_t>
 void forward_plane(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, int64_t n, acc_t m, acc_t s,
@@ -394,8 +205,8 @@ void forward_plane(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, i
   run8(n, yp, false, one, [](int64_t) {});
 }
 
-// Normalise+clamp of NHWC rows [r0, r1). (Two rows at a time, sharing each load of the
-// channel parameters, was 1.2x faster on inputs in cache but 2x slower on inputs from DRAM.)
+// Normalise+clamp of NHWC rows [r0, r1), one at a time. (Two rows at a time, sharing each
+// load of the channel parameters, was faster on inputs in cache but slower from DRAM.)
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, scalar_t* y, int64_t r0, int64_t r1, int64_t C, const acc_t* __restrict__ m,
                   const acc_t* __restrict__ s, const acc_t* __restrict__ wc, const acc_t* __restrict__ bc,
@@ -630,8 +441,8 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
 
 // The training forward and backward in one call each: the same passes, without the Python
 // and dispatch between them. (Running each NCHW channel's reduction and elementwise pass
-// back to back, its planes still in L2, was 1.1x faster on inputs in cache and 1.3x slower
-// on inputs from DRAM: a channel's planes lie 1 MiB apart, short streams for the prefetchers.)
+// back to back, its planes still in L2, was faster on inputs in cache but slower from DRAM:
+// a channel's planes lie an image apart, short streams for the prefetchers.)
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* w, const acc_t* b,
                           double eps, acc_t* mean, acc_t* var, acc_t* invstd) {
@@ -655,108 +466,131 @@ void train_backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   backward_elemt_kernel(dy, x, dx, v, mean, invstd, w, b, mg.data(), mgx.data());
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x_in) {
-  check_bn_relu_input("bn_relu_stats", x_in);
+// What an op takes besides x, null where it does not: which of bn_relu.h's checks applies,
+// and which tensors prepare makes ready.
+struct Takes {
+  const at::Tensor *grad_out = nullptr, *mean = nullptr, *invstd = nullptr, *weight = nullptr, *bias = nullptr,
+                   *mean_g = nullptr, *mean_gx = nullptr;
+};
+
+// An op's arguments ready for the kernels: x and grad_out dense in x's memory format, the
+// channel tensors contiguous, x seen as [outer, C, inner]; and its outputs' allocation.
+struct Args {
+  at::MemoryFormat fmt;
+  at::Tensor x, dy;                                        // dy: grad_out, where the op takes it
+  at::Tensor mean, invstd, weight, bias, mean_g, mean_gx;  // those the op takes
+  View v;
+
+  at::Tensor like_x() const { return at::empty(x.sizes(), x.options().memory_format(fmt)); }
+  at::Tensor per_channel() const { return at::empty({v.C}, x.options().dtype(bn_relu_param_dtype(x))); }
+};
+
+// The one preparation of the seven ops (as dense in csrc/cuda/bn_relu.cu), after the check
+// for what the op takes.
+Args prepare(const char* op, const at::Tensor& x_in, const Takes& t) {
+  if (t.grad_out)
+    check_bn_relu_backward_args(op, *t.grad_out, x_in, *t.mean, *t.invstd, *t.weight, *t.bias, t.mean_g, t.mean_gx);
+  else if (t.mean)
+    check_bn_relu_params(op, x_in, *t.mean, *t.invstd, *t.weight, *t.bias);
+  else if (t.weight)
+    check_bn_relu_train_args(op, x_in, *t.weight, *t.bias);
+  else
+    check_bn_relu_input(op, x_in);
   const auto fmt = x_in.suggest_memory_format();
-  const auto x = x_in.contiguous(fmt);
-  auto mean = at::empty({x.size(1)}, x.options().dtype(bn_relu_param_dtype(x)));
-  auto var = at::empty({x.size(1)}, x.options().dtype(bn_relu_param_dtype(x)));
-  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_stats_cpu", [&] {
+  const auto dense = [](const at::Tensor* p) { return p ? p->contiguous() : at::Tensor(); };
+  Args a{fmt, x_in.contiguous(fmt), t.grad_out ? t.grad_out->contiguous(fmt) : at::Tensor(),
+         dense(t.mean), dense(t.invstd), dense(t.weight), dense(t.bias), dense(t.mean_g), dense(t.mean_gx), {}};
+  a.v = view_of(a.x, fmt);
+  return a;
+}
+
+template <typename T>
+const T* in(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+template <typename T>
+T* out(const at::Tensor& t) {
+  return t.mutable_data_ptr<T>();
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x) {
+  const auto a = prepare("bn_relu_stats", x, {});
+  auto mean = a.per_channel(), var = a.per_channel();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_kernel(x.const_data_ptr<scalar_t>(), view_of(x, fmt), mean.mutable_data_ptr<acc_t>(),
-                 var.mutable_data_ptr<acc_t>());
+    stats_kernel(in<scalar_t>(a.x), a.v, out<acc_t>(mean), out<acc_t>(var));
   });
   return {mean, var};
 }
 
-at::Tensor bn_relu_forward_cpu(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+at::Tensor bn_relu_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_params("bn_relu_forward", x_in, mean, invstd, weight, bias);
-  const auto fmt = x_in.suggest_memory_format();
-  const auto x = x_in.contiguous(fmt);
-  auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_forward_cpu", [&] {
+  const auto a = prepare("bn_relu_forward", x, {.mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  auto y = a.like_x();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), view_of(x, fmt),
-                   m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-                   b.const_data_ptr<acc_t>());
+    forward_kernel(in<scalar_t>(a.x), out<scalar_t>(y), a.v, in<acc_t>(a.mean), in<acc_t>(a.invstd),
+                   in<acc_t>(a.weight), in<acc_t>(a.bias));
   });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_backward_args("bn_relu_backward_reduce", grad_in, x_in, mean, invstd, weight, bias);
-  const auto fmt = x_in.suggest_memory_format();
-  const auto x = x_in.contiguous(fmt), dy = grad_in.contiguous(fmt);
-  const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  auto sum_g = at::empty({x.size(1)}, m.options());
-  auto sum_gx = at::empty({x.size(1)}, m.options());
-  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
+  const auto a = prepare("bn_relu_backward_reduce", x,
+                         {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  auto sum_g = a.per_channel(), sum_gx = a.per_channel();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_reduce_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), view_of(x, fmt),
-                           m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-                           b.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
-                           sum_gx.mutable_data_ptr<acc_t>());
+    backward_reduce_kernel(in<scalar_t>(a.dy), in<scalar_t>(a.x), a.v, in<acc_t>(a.mean), in<acc_t>(a.invstd),
+                           in<acc_t>(a.weight), in<acc_t>(a.bias), out<acc_t>(sum_g), out<acc_t>(sum_gx));
   });
   return {sum_g, sum_gx};
 }
 
-at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
+at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  check_bn_relu_backward_args("bn_relu_backward_elemt", grad_in, x_in, mean, invstd, weight, bias, &mean_g,
-                              &mean_gx);
-  const auto fmt = x_in.suggest_memory_format();
-  const auto x = x_in.contiguous(fmt), dy = grad_in.contiguous(fmt);
-  auto dx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  const auto mg = mean_g.contiguous(), mgx = mean_gx.contiguous();
-  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
+  const auto a = prepare("bn_relu_backward_elemt", x,
+                         {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias,
+                          .mean_g = &mean_g, .mean_gx = &mean_gx});
+  auto dx = a.like_x();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_elemt_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-                          view_of(x, fmt), m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
-                          w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), mg.const_data_ptr<acc_t>(),
-                          mgx.const_data_ptr<acc_t>());
+    backward_elemt_kernel(in<scalar_t>(a.dy), in<scalar_t>(a.x), out<scalar_t>(dx), a.v, in<acc_t>(a.mean),
+                          in<acc_t>(a.invstd), in<acc_t>(a.weight), in<acc_t>(a.bias), in<acc_t>(a.mean_g),
+                          in<acc_t>(a.mean_gx));
   });
   return dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cpu(
-    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_bn_relu_train_args("bn_relu_train_forward", x_in, weight, bias);
-  const auto fmt = x_in.suggest_memory_format();
-  const auto x = x_in.contiguous(fmt);
-  auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  const auto popts = x.options().dtype(bn_relu_param_dtype(x));
-  auto mean = at::empty({x.size(1)}, popts), var = at::empty({x.size(1)}, popts), invstd = at::empty({x.size(1)}, popts);
-  const auto w = weight.contiguous(), b = bias.contiguous();
-  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_train_forward_cpu", [&] {
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const auto a = prepare("bn_relu_train_forward", x, {.weight = &weight, .bias = &bias});
+  auto y = a.like_x();
+  auto mean = a.per_channel(), var = a.per_channel(), invstd = a.per_channel();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_train_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    train_forward_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), view_of(x, fmt),
-                         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, mean.mutable_data_ptr<acc_t>(),
-                         var.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>());
+    train_forward_kernel(in<scalar_t>(a.x), out<scalar_t>(y), a.v, in<acc_t>(a.weight), in<acc_t>(a.bias), eps,
+                         out<acc_t>(mean), out<acc_t>(var), out<acc_t>(invstd));
   });
   return {y, mean, var, invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_backward_args("bn_relu_train_backward", grad_in, x_in, mean, invstd, weight, bias);
-  const auto fmt = x_in.suggest_memory_format();
-  const auto x = x_in.contiguous(fmt), dy = grad_in.contiguous(fmt);
-  const auto m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  auto dx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  auto sum_g = at::empty({x.size(1)}, m.options()), sum_gx = at::empty({x.size(1)}, m.options());
-  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), "bn_relu_train_backward_cpu", [&] {
+  const auto a = prepare("bn_relu_train_backward", x,
+                         {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  auto dx = a.like_x();
+  auto sum_g = a.per_channel(), sum_gx = a.per_channel();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_train_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    train_backward_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                          dx.mutable_data_ptr<scalar_t>(), view_of(x, fmt), m.const_data_ptr<acc_t>(),
-                          s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-                          sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>());
+    train_backward_kernel(in<scalar_t>(a.dy), in<scalar_t>(a.x), out<scalar_t>(dx), a.v, in<acc_t>(a.mean),
+                          in<acc_t>(a.invstd), in<acc_t>(a.weight), in<acc_t>(a.bias), out<acc_t>(sum_g),
+                          out<acc_t>(sum_gx));
   });
   return {dx, sum_g, sum_gx};
 }

@@ -10,13 +10,11 @@
 #include <vector>
 
 #include "../upsample_add.h"
+#include "channel_passes.h"
 #include "vec8.h"
 
 namespace fasthg {
 namespace {
-
-// Elements per task: below this, threading costs more than it saves (ATen's value).
-constexpr int64_t kGrain = 32768;
 
 // Half the forward's traffic is its output: big float outputs stream (vec8.h's streams),
 // where the read-for-ownership of each line made it move 5/4 of the bytes it needs. The

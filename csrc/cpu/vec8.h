@@ -56,9 +56,8 @@ C10_ALWAYS_INLINE void store8(c10::BFloat16* p, __m256 v, bool) {
 // Elementwise passes and reductions read each thread's share in address order, a stream the
 // hardware prefetchers restart at every 4 KiB page (one NCHW plane at 32x32), and they fall
 // behind when the loop has work besides loads (the statistics' double sums): a prefetch a
-// fixed distance ahead of every vector keeps the stream going across pages. Measured on a
-// 2-core Xeon VM at 4x256x64x64 NCHW: statistics 1.45 -> 0.9 ms, training forward+backward
-// 6.2 -> 4.5-5.1 ms; 2 KiB ahead beat 1 and 4 KiB.
+// fixed distance ahead of every vector keeps the stream going across pages. 2 KiB ahead
+// beat 1 and 4 KiB (benchmarks/results/HISTORY.md).
 constexpr int kAheadBytes = 2048;
 
 template <typename T>
