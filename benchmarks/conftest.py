@@ -1,13 +1,16 @@
+"""What the pytest-benchmark suites share: the device, batch, dtypes and shapes, and the
+speedup over eager recorded in extra_info. The timed calls themselves come from
+fasthg.bench.cases, the same as `fasthg bench` times."""
 import pytest
 import torch
 
 import fasthg
-import fasthg.malloc
-from fasthg.bench import LAYOUTS, Rotation, compiled, hourglass_shapes, last_level_cache_bytes  # noqa: F401 (compiled, LAYOUTS: for the suites)
+import fasthg.bench.malloc
+from fasthg.bench import hourglass_shapes, last_level_cache_bytes, speedup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # time the kernels, not the page faults of fresh outputs (see fasthg.malloc)
-    fasthg.malloc.keep_freed_memory()
+if DEVICE == "cpu":  # time the kernels, not the page faults of fresh outputs (see fasthg.bench.malloc)
+    fasthg.bench.malloc.keep_freed_memory()
 CACHE_BYTES = last_level_cache_bytes(torch.device(DEVICE))
 BATCH = 16 if DEVICE == "cuda" else 4
 # Half precision where the device computes it: bf16 on CPUs, bf16 and fp16 on GPUs.
@@ -16,22 +19,10 @@ DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" 
 SHAPES = hourglass_shapes("hg2", 256)
 
 
-def rotation(make):
-    """Input sets from make() that together hold twice the last-level cache, taken in turn
-    by .next(): no call finds its inputs in cache from the call before (fasthg.bench)."""
-    return Rotation(make, CACHE_BYTES)
-
-
-def backends_for(op: str):
-    """The backends with a kernel for `op` here. The Triton interpreter is for correctness,
-    not speed: Triton is benchmarked on GPUs only."""
+def backends_for(op: str = None):
+    """The backends with a kernel for `op` (default: every fused op) here. The Triton
+    interpreter is for correctness, not speed: Triton is benchmarked on GPUs only."""
     return [b for b in fasthg.ops.available(DEVICE, op) if DEVICE == "cuda" or b != "triton"]
-
-
-def op_backends(op: str):
-    """backends_for(op) and "compile", torch.compile of the eager composition (eager first:
-    record() needs its median before the others')."""
-    return backends_for(op) + ["compile"]
 
 
 def shape_id(shape):
@@ -55,15 +46,16 @@ def note_rate(benchmark, key, count, digits=2):
 
 def record(benchmark, key, backend):
     """After benchmark(fn): note eager's median for `key` and give other backends the ratio
-    eager / backend (eager runs first in every group, in the same session). Under
-    --benchmark-disable (each case run once, as a smoke test) there is nothing to record."""
+    fasthg.bench.speedup(eager, backend) (eager runs first in every group, in the same
+    session). Under --benchmark-disable (each case run once, as a smoke test) there is
+    nothing to record."""
     if benchmark.stats is None:
         return
     median = benchmark.stats.stats.median
     if backend == "eager":
         _EAGER_MEDIANS[key] = median
     elif key in _EAGER_MEDIANS:
-        benchmark.extra_info["speedup_vs_eager"] = round(_EAGER_MEDIANS[key] / median, 3)
+        benchmark.extra_info["speedup_vs_eager"] = round(speedup(_EAGER_MEDIANS[key], median), 3)
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu x{torch.get_num_threads()}"
 
 

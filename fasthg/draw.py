@@ -1,4 +1,6 @@
-"""Pictures of poses: skeletons drawn on images, and grids of predicted vs true."""
+"""Pictures: skeletons drawn on images, grids of predicted vs true, training curves. (The
+benchmark chart is fasthg.bench.chart.)"""
+import os
 from typing import Optional, Sequence, Tuple
 
 import cv2
@@ -48,3 +50,27 @@ def grid(images: Sequence[np.ndarray], columns: int = 4) -> np.ndarray:
 def write_png(path: str, image: np.ndarray) -> None:
     if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
+
+
+def plot_training_curves(history: Sequence[dict], score_key: str, score_label: str, path: str) -> None:
+    """A PNG of a run's training loss and validation score per epoch (rows of fasthg train's
+    log.jsonl), written atomically; nothing without history or matplotlib."""
+    if not history:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ep = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [r["loss"] for r in history], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    b.plot(ep, [r[score_key] for r in history], marker="o", color="tab:green")
+    b.set(xlabel="epoch", ylabel=score_label, ylim=(0, 100))
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasthg._layout import memory_format_of
+from fasthg.ops.layout import memory_format_of
 from fasthg.kernels._index import needs_int64, program_index
 
 BLOCK = 1024
@@ -204,3 +204,21 @@ def backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx):
                                                          total, C, HW, CHANNELS_LAST=cl, ACC=acc,
                                                          INT64=needs_int64(x), BLOCK=BLOCK)
     return dx
+
+
+def compile_variants(dt: str, channels_last: bool, int64: bool):
+    """(kernel, pointer argument -> element type, constexprs) of every kernel variant the op
+    launches for activations of Triton type `dt`: tests/triton_compile_all.py compiles them
+    for sm_90 ahead of time."""
+    acc = tl.float64 if dt == "fp64" else tl.float32
+    param = "fp64" if dt == "fp64" else "fp32"
+    rows, cols, _ = _tiles(256, 4096, channels_last, torch.device("cpu"))  # the tile the kernels get
+    params = {k: param for k in ("mean_ptr", "invstd_ptr", "w_ptr", "b_ptr", "mean_g_ptr", "mean_gx_ptr")}
+    act = {k: dt for k in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")}
+    sums = {k: "fp64" for k in ("s1_ptr", "s2_ptr", "sum_g_ptr", "sum_gx_ptr")}
+    base = dict(CHANNELS_LAST=channels_last, INT64=int64)
+    yield _stats_kernel, {**act, **sums}, dict(base, ROWS=rows, COLS=cols)
+    yield _backward_reduce_kernel, {**act, **params, **sums}, dict(base, ACC=acc, ROWS=rows, COLS=cols)
+    for k in (_forward_kernel, _backward_elemt_kernel):
+        yield k, {**act, **params}, dict(base, ACC=acc, BLOCK=BLOCK)
+

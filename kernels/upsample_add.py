@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasthg._layout import memory_format_of
+from fasthg.ops.layout import memory_format_of
 from fasthg.kernels._index import needs_int64, program_index
 
 BLOCK = 1024
@@ -147,3 +147,17 @@ def upsample_add_backward(grad_out: torch.Tensor, low_h: int, low_w: int) -> tor
         KH=kh, KW=kw, CHANNELS_LAST=fmt == torch.channels_last, TWICE=twice, ACC=acc, INT64=needs_int64(grad_out),
         BLOCK=BLOCK)
     return grad_low
+
+
+def compile_variants(dt: str, channels_last: bool, int64: bool):
+    """(kernel, pointer argument -> element type, constexprs) of every kernel variant the op
+    launches for activations of Triton type `dt`: tests/triton_compile_all.py compiles them
+    for sm_90 ahead of time."""
+    acc = tl.float64 if dt == "fp64" else tl.float32
+    ptrs = {"low_ptr": dt, "skip_ptr": dt, "out_ptr": dt, "grad_ptr": dt, "grad_low_ptr": dt,
+            "src_h_ptr": "i64", "src_w_ptr": "i64", "begin_h_ptr": "i64", "begin_w_ptr": "i64"}
+    for twice in (True, False):
+        ups = dict(CHANNELS_LAST=channels_last, INT64=int64, TWICE=twice, BLOCK=BLOCK)
+        yield _forward_kernel, ptrs, ups
+        yield _backward_kernel, ptrs, dict(ups, KH=2, KW=3, ACC=acc)
+

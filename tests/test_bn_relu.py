@@ -17,7 +17,7 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 def params():
     """(device, backend) pairs: the backends with bn_relu kernels here, CUDA ones marked."""
-    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu", "bn_relu_forward") if b != "eager"]
+    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu", "bn_relu") if b != "eager"]
     out += [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in ("native", "triton")]
     return out
 
@@ -30,7 +30,7 @@ def make_x(shape, dtype, device, layout, seed=0, offset=0.0):
 
 
 def reference(x64, w, b, rm, rv, training, momentum=0.1, eps=1e-5):
-    return fasthg.reference.bn_relu(x64, w, b, rm, rv, training, momentum, eps)
+    return fasthg.ops.reference.bn_relu(x64, w, b, rm, rv, training, momentum, eps)
 
 
 @pytest.mark.parametrize("device,backend", params())
@@ -72,7 +72,7 @@ def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
     chunks of rows (L2/16 of each input: 32 rows of 256 channels on a 512 KiB L2), each
     thread summing its own partials: 256 channels in bands of 32; 24 in bands of 8; 44 = 32
     + 8 + 4 over 6144 rows, several chunks per thread at any chunk size (at most 128 KiB)."""
-    if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
+    if "native" not in fasthg.ops.available("cpu", "bn_relu"):
         pytest.skip("native unavailable")
     test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)
 
@@ -84,7 +84,7 @@ def test_native_cpu_half_precision_rounds_as_float(dtype, layout, poison):
     outputs and gradients must be the float32 op's, rounded to nearest even, bit for bit
     (a NaN in the gradient stays NaN). 44 channels: bands of 32 and 8 and a tail; planes of
     21x23 elements: 8-wide steps and a tail."""
-    if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
+    if "native" not in fasthg.ops.available("cpu", "bn_relu"):
         pytest.skip("native unavailable")
     _, x = make_x((3, 44, 21, 23), dtype, "cpu", layout)
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype).contiguous(memory_format=layout)
@@ -105,7 +105,7 @@ def test_native_cpu_streaming_stores(layout, poison):
     """Float32 outputs of 8 MiB and more are written with streaming stores (csrc/cpu's
     kStreamBytes): NCHW planes of an odd size start unaligned and peel to 32 bytes, NHWC rows
     of 64 channels start aligned."""
-    if "native" not in fasthg.ops.available("cpu", "bn_relu_forward"):
+    if "native" not in fasthg.ops.available("cpu", "bn_relu"):
         pytest.skip("native unavailable")
     shape = (2, 64, 129, 131)
     assert 4 * shape[0] * shape[1] * shape[2] * shape[3] >= 8 << 20
@@ -272,7 +272,7 @@ def test_torch_compile_fullgraph(device, backend):
 @pytest.mark.parametrize("kw", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
                          ids=["default", "cumulative", "no-affine", "no-running-stats"])
 def test_module_is_a_drop_in_for_batchnorm_relu(backend, kw):
-    if backend not in fasthg.ops.available("cpu", "bn_relu_forward"):
+    if backend not in fasthg.ops.available("cpu", "bn_relu"):
         pytest.skip(f"{backend} has no CPU bn_relu here")
     torch.manual_seed(0)
     ref = nn.Sequential(nn.BatchNorm2d(4, **kw), nn.ReLU())

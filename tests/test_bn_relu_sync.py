@@ -58,7 +58,7 @@ def _worker(rank, init_file, backend, layout, out_dir):
 @pytest.mark.parametrize("backend,layout", [("eager", "nchw"), ("native", "nchw"), ("native", "nhwc"),
                                             ("triton", "nchw")])
 def test_two_processes_equal_one_process_on_the_whole_batch(backend, layout, tmp_path):
-    if backend not in fasthg.ops.available("cpu", "bn_relu_forward"):
+    if backend not in fasthg.ops.available("cpu", "bn_relu"):
         pytest.skip(f"{backend} has no CPU bn_relu here")
     mp.spawn(_worker, args=(str(tmp_path / "init"), backend, layout, str(tmp_path)), nprocs=len(SHARDS), join=True)
     parts = [torch.load(tmp_path / f"{r}.pt") for r in range(len(SHARDS))]

@@ -11,12 +11,14 @@ import subprocess
 import pytest
 from torch.utils import cpp_extension
 
+from fasthg.ops import registry
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation")
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
-@pytest.mark.parametrize("op", ["bn_relu", "upsample_add"])
+@pytest.mark.parametrize("op", registry.names())
 def test_cuda_kernels_emulated_on_cpu(op, tmp_path):
     exe = str(tmp_path / op)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]  # torch's headers, as the build uses

@@ -1,15 +1,15 @@
-"""fasthg.malloc.keep_freed_memory: after it, a big block comes from glibc's heap rather
+"""fasthg.bench.malloc.keep_freed_memory: after it, a big block comes from glibc's heap rather
 than a fresh mmap, and freeing it does not hand the pages back to the OS."""
 import subprocess
 import sys
 
 import pytest
 
-from fasthg import malloc
+from fasthg.bench import malloc
 
 PROBE = r"""
 import ctypes
-from fasthg import malloc
+from fasthg.bench import malloc
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -1,7 +1,7 @@
 """The memory counters the benchmarks report, on cases worked out by hand."""
 import torch
 
-from fasthg.memory import peak_bytes, saved_activation_bytes
+from fasthg.bench.memory import peak_bytes, saved_activation_bytes
 
 MB = 1 << 20
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fasthg
-import fasthg.train as train
+import fasthg.train.trainer as train
 from fasthg import checkpoint
 from fasthg.train import TrainConfig, Trainer
 
@@ -106,7 +106,7 @@ def test_heatmap_loss_by_hand():
 
 
 def test_train_command_and_resume(tmp_path, capsys, monkeypatch):
-    from fasthg import malloc
+    from fasthg.bench import malloc
     from fasthg.cli import main
 
     kept = []  # on the CPU the command keeps freed memory (not in this test process: recorded instead)

@@ -65,10 +65,10 @@ def test_two_processes_with_sync_bn_follow_one_process_on_the_global_batch(tmp_p
 
 
 def test_sampler_slices_each_global_batch_by_rank():
-    from fasthg.train import _EpochSampler
+    from fasthg.data.sampler import EpochSampler
 
-    whole = _EpochSampler(21, seed=3, batch_size=6)
-    parts = [_EpochSampler(21, seed=3, batch_size=3, rank=r, world=2) for r in range(2)]
+    whole = EpochSampler(21, seed=3, batch_size=6)
+    parts = [EpochSampler(21, seed=3, batch_size=3, rank=r, world=2) for r in range(2)]
     order = list(whole)
     assert len(order) == 18 and sorted(set(order)) == sorted(order)
     got = [list(p) for p in parts]

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DTYPES, TOL, device_backend_params, rel_err, skip_unsupported
-from fasthg import ops, reference
+from fasthg import ops
+from fasthg.ops import reference
 
 # (low shape, skip H, W): the hourglass's exact 2x, odd sizes, 3x, non-integer, shrinking, 1x.
 CASES = [

@@ -1,6 +1,8 @@
-"""Fused ops, each with backend="auto" | "eager" | "native" | "triton"."""
+"""Fused ops, each with backend="auto" | "eager" | "native" | "triton", each declared once in
+fasthg.ops.registry (by its own module, on import)."""
+from fasthg.ops import registry
 from fasthg.ops._backend import BACKENDS, available
-from fasthg.ops.bn_relu import bn_relu
-from fasthg.ops.upsample_add import upsample_add
+from fasthg.ops.upsample_add import upsample_add  # (registered first: fasthg bench's order)
+from fasthg.ops.bn_relu import bn_relu  # noqa: E402,I001
 
-__all__ = ["BACKENDS", "available", "bn_relu", "upsample_add"]
+__all__ = ["BACKENDS", "available", "bn_relu", "registry", "upsample_add"]

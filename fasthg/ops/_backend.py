@@ -3,9 +3,9 @@ import os
 
 import torch
 
-from fasthg import _ext
+from fasthg.ops import _ext, registry
 
-BACKENDS = ("auto", "eager", "native", "triton")
+BACKENDS = ("auto",) + registry.BACKENDS
 
 
 def _import_triton() -> bool:
@@ -37,17 +37,21 @@ def triton_usable(device_type: str) -> bool:
 
 
 def resolve(backend: str, op: str, t: torch.Tensor) -> str:
-    """The concrete backend (eager, native or triton) that runs `op` on tensors like `t`."""
+    """The concrete backend (eager, native or triton) that runs the registered op `op` on
+    tensors like `t`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    entry = registry.get(op)
     dev = t.device.type
     if backend == "auto":
-        if _ext.has_kernel(op, dev):
+        if "native" in entry.backends and registry.has_native(op, dev):
             return "native"
-        if dev == "cuda" and triton_usable(dev):
+        if "triton" in entry.backends and dev == "cuda" and triton_usable(dev):
             return "triton"
         return "eager"
-    if backend == "native" and not _ext.has_kernel(op, dev):
+    if backend not in entry.backends:
+        raise RuntimeError(f"backend={backend!r} has no {op}: its backends are {entry.backends}")
+    if backend == "native" and not registry.has_native(op, dev):
         why = f"the extension failed to load: {_ext.LOAD_ERROR}" if _ext._C is None else (
             f"fasthg._C was built without {dev.upper()} kernels")
         raise RuntimeError(f"backend='native' cannot run {op} on {dev} tensors: {why}")
@@ -59,10 +63,9 @@ def resolve(backend: str, op: str, t: torch.Tensor) -> str:
 
 
 def available(device_type: str, op: str = None) -> list:
-    """The concrete backends that can run `op` (default: every fused op) on a device type."""
-    out = ["eager"]
-    if all(_ext.has_kernel(o, device_type) for o in ([op] if op else _ext.OPS)):
-        out.append("native")
-    if triton_usable(device_type):
-        out.append("triton")
-    return out
+    """The concrete backends that can run `op` (default: every registered op) on a device type."""
+    entries = [registry.get(op)] if op else registry.ops()
+    usable = {"eager": True, "native": lambda e: registry.has_native(e.name, device_type),
+              "triton": lambda e: triton_usable(device_type)}
+    return [b for b in registry.BACKENDS
+            if all(b in e.backends and (usable[b] is True or usable[b](e)) for e in entries)]

@@ -6,7 +6,7 @@ only x and the per-channel statistics and recomputes the ReLU mask from them: on
 pass and one elementwise pass. Native training (without sync, CPU and CUDA) is one op,
 fasthg::bn_relu_train, whose autograd kernel is C++ (csrc/autograd/bn_relu.cpp) and runs each
 direction as one call (fasthg::bn_relu_train_forward / _backward): the same passes, without
-the Python and dispatch between them. Backends: eager (fasthg.reference), native
+the Python and dispatch between them. Backends: eager (fasthg.ops.reference), native
 (fasthg::bn_relu_* from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as
 fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
@@ -21,9 +21,9 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from fasthg import _ext, reference
-from fasthg._layout import memory_format_of
-from fasthg.ops import _backend
+from fasthg.ops import _ext, reference
+from fasthg.ops.layout import memory_format_of
+from fasthg.ops import _backend, registry
 
 
 def _param_dtype(x):
@@ -224,7 +224,7 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
     sync=True (training only) merges the statistics over `process_group` (default: all
     processes) so that every process normalises with those of the whole global batch."""
     check_args(x, weight, bias, running_mean, running_var, training)
-    which = _backend.resolve(backend, "bn_relu_forward", x)
+    which = _backend.resolve(backend, "bn_relu", x)
     group = _sync_group(sync, process_group) if training else None
     if which == "eager" and group is None:
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
@@ -243,3 +243,15 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
         return ops.forward(x, *_running_invstd(running_mean, running_var, eps, pdtype), weight, bias)
     return _BNReLU.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
                          ops, group)
+
+
+# Bytes moved, in full tensors: the training forward reads x for the statistics, then reads x
+# and writes y; its backward reads grad and x to reduce, then grad and x again to write grad_x;
+# eval reads x and writes y.
+OP = registry.register(registry.FusedOp(
+    name="bn_relu", kernel="bn_relu_forward",
+    schemas=("bn_relu_stats", "bn_relu_forward", "bn_relu_backward_reduce", "bn_relu_backward_elemt",
+             "bn_relu_train_forward", "bn_relu_train_backward", "bn_relu_train"),
+    reference=reference.bn_relu, fn=bn_relu,
+    traffic={"train forward": 3.0, "eval forward": 2.0, "train forward+backward": 8.0},
+    bars={"train forward+backward": 1.6}))

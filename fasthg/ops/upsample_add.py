@@ -1,7 +1,7 @@
 """upsample_add(low, skip) = skip + nearest_upsample(low, size=skip's H, W): the hourglass's
 skip merge, in one pass instead of materialising the upsampled tensor.
 
-Backends: eager (fasthg.reference), native (fasthg::upsample_add from csrc/, CPU and CUDA)
+Backends: eager (fasthg.ops.reference), native (fasthg::upsample_add from csrc/, CPU and CUDA)
 and triton (kernels/upsample_add.py, registered here as fasthg::upsample_add_triton). Both
 custom ops get the same autograd: grad_skip is grad_out itself, grad_low its block sum (the
 native op's in C++, csrc/autograd/upsample_add.cpp, the Triton op's here).
@@ -11,9 +11,9 @@ non-integer ratios and shrinking); the hourglass always uses exactly 2x.
 """
 import torch
 
-from fasthg import _ext, reference
-from fasthg._layout import memory_format_of
-from fasthg.ops import _backend
+from fasthg.ops import _ext, reference
+from fasthg.ops.layout import memory_format_of
+from fasthg.ops import _backend, registry
 
 
 def check_args(low: torch.Tensor, skip: torch.Tensor) -> None:
@@ -91,3 +91,11 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor, backend: str = "auto") -
     if which == "triton":
         return torch.ops.fasthg.upsample_add_triton(low, skip)
     return reference.upsample_add(low, skip)
+
+
+# Bytes moved, in full tensors: the forward reads low (1/4) and skip and writes out; the
+# backward reads grad and writes grad_low (1/4; grad_skip is grad itself).
+OP = registry.register(registry.FusedOp(
+    name="upsample_add", kernel="upsample_add", schemas=("upsample_add", "upsample_add_backward"),
+    reference=reference.upsample_add, fn=upsample_add,
+    traffic={"forward": 2.25, "forward+backward": 3.5}, bars={"forward+backward": 2.0}, shape_arg=1))

@@ -23,7 +23,7 @@ import os
 import random
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -33,48 +33,14 @@ from tqdm import tqdm
 from fasthg import checkpoint
 from fasthg.data.dataset import PoseDataset
 from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, joint_conventions
+from fasthg.data.sampler import EpochSampler
+from fasthg.data.sources import sources
 from fasthg.data.synthetic import SyntheticPoses
 from fasthg.device import resolve as resolve_device
 from fasthg.evaluate import METRICS, evaluate
+from fasthg.draw import plot_training_curves
 from fasthg.models import StackedHourglass
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    out: str = "runs/train"
-    stacks: int = 2
-    features: int = 256
-    depth: int = 4
-    input_size: int = 256
-    sigma: Optional[float] = None        # heatmap Gaussian std in output pixels (None: output/64)
-    backend: str = "auto"
-    epochs: int = 10
-    batch_size: int = 16                 # per process (the global batch is batch_size x processes)
-    accumulate: int = 1                  # optimizer step every `accumulate` batches
-    optimizer: str = "rmsprop"           # the paper's; or "adam", "sgd" (momentum 0.9)
-    lr: float = 2.5e-4
-    lr_drops: tuple = ()                 # epochs at which the learning rate is multiplied by lr_gamma
-    lr_gamma: float = 0.1
-    train_size: int = 20000              # synthetic people per epoch
-    val_size: int = 500
-    mpii_h5_train: Optional[str] = None
-    mpii_json_train: Optional[str] = None  # MPII JSON list (bearpaw: its training people; HRNet: all)
-    mpii_h5_valid: Optional[str] = None    # validation needs the HDF5's head sizes for PCKh
-    coco_train: Optional[str] = None       # COCO person_keypoints JSON: 17 joints, validated by OKS AP
-    coco_valid: Optional[str] = None
-    images: Optional[str] = None
-    valid_images: Optional[str] = None     # the validation file's image folder, if not `images` (COCO's val2017)
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"                    # none, bf16, fp16 (fp16: CUDA, with a grad scaler)
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False                # BN-ReLU statistics over all processes (torchrun)
-    cuda_graphs: bool = False            # capture the whole step once, replay it (static shapes)
-    flip_test: bool = False
-    tensorboard: bool = False
-    progress: bool = True
+from fasthg.train.config import TrainConfig
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -83,26 +49,6 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     Adam's epsilon swallows them.) pred [B, S, J, h, w]; target [B, J, h, w]; weights [B, J]."""
     err = (pred.float() - target[:, None]) ** 2 * weights[:, None, :, None, None]
     return 0.5 * err.sum((3, 4)).mean((0, 2)).sum()
-
-
-class _EpochSampler(torch.utils.data.Sampler):
-    """This process's share of a permutation that depends only on (seed, epoch), from a given
-    position: the data order of a resumed run is the uninterrupted run's. Global batch k is
-    perm[k*B*W:(k+1)*B*W] whatever the number of processes W; rank r takes its r-th B."""
-
-    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.batch_size, self.rank, self.world = n, seed, batch_size, rank, world
-        self.epoch, self.start = 0, 0
-        self.steps = n // (batch_size * world)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[:self.steps * self.batch_size * self.world]
-        mine = perm.view(self.steps, self.world, self.batch_size)[:, self.rank].reshape(-1)
-        return iter(mine[self.start:].tolist())
-
-    def __len__(self):
-        return self.steps * self.batch_size - self.start
 
 
 def _torchrun_env():
@@ -162,13 +108,13 @@ class Trainer:
                           "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)}[cfg.optimizer]()
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.lr_drops), cfg.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        train_src, val_src = self._sources()
+        train_src, val_src = sources(cfg)
         # Synthetic people tell left from right by colour (warm right limbs): a mirrored one is
         # not a synthetic person, so flip augmentation would teach the net that colour means nothing.
         self.train_set = PoseDataset(train_src, cfg.input_size, train=True, seed=cfg.seed, sigma=cfg.sigma,
                                      flip=not isinstance(train_src, SyntheticPoses), flip_pairs=self.flip_pairs)
         self.val_set = PoseDataset(val_src, cfg.input_size, train=False, sigma=cfg.sigma, flip_pairs=self.flip_pairs)
-        self.sampler = _EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
+        self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size, self.rank, self.world)
         if self.sampler.steps < 1:
             raise ValueError(f"{len(self.train_set)} training people make no batch of {cfg.batch_size} x "
                              f"{self.world} processes")
@@ -176,33 +122,6 @@ class Trainer:
         self._stop = False
         self._graph = None  # (CUDAGraph, static inputs, static loss, the lr it was captured with)
         self.log_path = os.path.join(cfg.out, "log.jsonl")
-
-    def _sources(self):
-        c = self.cfg
-        if self.metric == "oks":
-            from fasthg.data.coco import load_coco_keypoints
-            if not (c.coco_train and c.coco_valid and c.images):
-                raise ValueError("COCO training needs coco_train, coco_valid and images (valid_images too when the "
-                                 "validation images are in another folder)")
-            if c.mpii_h5_train or c.mpii_json_train or c.mpii_h5_valid:
-                raise ValueError("give MPII or COCO files, not both: their joints differ (16 and 17)")
-            return (load_coco_keypoints(c.coco_train, c.images),
-                    load_coco_keypoints(c.coco_valid, c.valid_images or c.images))
-        if c.mpii_h5_train or c.mpii_json_train:
-            from fasthg.data.mpii import load_mpii_h5, load_mpii_json
-            if not (c.mpii_h5_valid and c.images):
-                raise ValueError("MPII training needs mpii_h5_valid (its head sizes give PCKh) and images")
-            if c.mpii_h5_train and c.mpii_json_train:
-                raise ValueError("give one of mpii_h5_train and mpii_json_train")
-            if c.mpii_h5_train:
-                train = load_mpii_h5(c.mpii_h5_train, c.images)
-            else:  # a bearpaw list flags its validation people; an HRNet train.json holds none
-                train = [r for r in load_mpii_json(c.mpii_json_train, c.images)
-                         if not r.extra.get("is_validation", False)]
-            return train, load_mpii_h5(c.mpii_h5_valid, c.valid_images or c.images)
-        # Training and validation people come from different seeds: validation is held out.
-        return (SyntheticPoses(c.train_size, c.input_size, seed=c.seed + 1),
-                SyntheticPoses(c.val_size, c.input_size, seed=10_000_019 + c.seed))
 
     @staticmethod
     def _seed_everything(seed: int):
@@ -435,22 +354,6 @@ class Trainer:
         return {"pckh": "PCKh@0.5 mean", "oks": "OKS AP"}[self.metric]
 
     def plot(self):
-        """PNG of the loss and validation-score curves (needs matplotlib)."""
-        if not self.history:
-            return
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        ep = [r["epoch"] for r in self.history]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        a.plot(ep, [r["loss"] for r in self.history], marker="o")
-        a.set(xlabel="epoch", ylabel="training loss", yscale="log")
-        key = f"{self.metric}_{METRICS[self.metric].lower()}"
-        b.plot(ep, [r[key] for r in self.history], marker="o", color="tab:green")
-        b.set(xlabel="epoch", ylabel=f"validation {self._metric_label()} (%)", ylim=(0, 100))
-        fig.tight_layout()
-        fig.savefig(os.path.join(self.cfg.out, "curves.png"), dpi=110)
-        plt.close(fig)
+        """curves.png in the output folder: the loss and validation-score curves (needs matplotlib)."""
+        plot_training_curves(self.history, f"{self.metric}_{METRICS[self.metric].lower()}",
+                             f"validation {self._metric_label()} (%)", os.path.join(self.cfg.out, "curves.png"))

@@ -4,8 +4,7 @@ import platform
 import torch
 
 import fasthg
-from fasthg import _ext
-from fasthg.ops import _backend
+from fasthg.ops import _backend, _ext, registry
 
 
 def collect() -> dict:
@@ -22,6 +21,7 @@ def collect() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cuda_devices": [],
         "backends": {"cpu": _backend.available("cpu")},
+        "ops": {op.name: {"cpu": _backend.available("cpu", op.name)} for op in registry.ops()},
     }
     try:
         import triton
@@ -34,6 +34,8 @@ def collect() -> dict:
             p = torch.cuda.get_device_properties(i)
             info["cuda_devices"].append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
         info["backends"]["cuda"] = _backend.available("cuda")
+        for name, per_device in info["ops"].items():
+            per_device["cuda"] = _backend.available("cuda", name)
     return info
 
 
@@ -50,5 +52,7 @@ def render(info: dict) -> str:
         ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
     ]
     rows += [(f"backends on {dev}", ", ".join(b)) for dev, b in info["backends"].items()]
+    rows += [(f"  {name} on {dev}", ", ".join(b)) for name, per_device in info.get("ops", {}).items()
+             for dev, b in per_device.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

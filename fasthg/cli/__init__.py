@@ -4,7 +4,7 @@ import sys
 
 
 def _info(args):
-    from fasthg import info
+    from fasthg.cli import info
 
     print(info.render(info.collect()))
     return 0
@@ -95,12 +95,12 @@ def main(argv=None):
                    help="memory formats the models run in: nchw, nhwc (channels_last), comma-separated")
     b.add_argument("--image-size", type=int, default=256)
     b.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU: glibc keeps freed memory for reuse (fasthg.malloc), so that fresh outputs' page "
+                   help="CPU: glibc keeps freed memory for reuse (fasthg.bench.malloc), so that fresh outputs' page "
                         "faults do not swamp the kernels' time (for eager and fused ops alike)")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json/.md/.png ('' for none)")
     b.set_defaults(fn=_bench)
-    from fasthg.poses_cli import add_commands
-    from fasthg.train_cli import add_command
+    from fasthg.cli.poses import add_commands
+    from fasthg.cli.train import add_command
 
     add_commands(sub)
     add_command(sub)

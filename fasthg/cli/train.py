@@ -2,19 +2,7 @@
 import dataclasses
 
 from fasthg.device import resolve as resolve_device
-from fasthg.train import TrainConfig, Trainer
-
-# The paper's setting on a GPU. On a CPU a smaller input and width, so that the default run
-# ends in minutes on 2 cores: 128x128 input (32x32 heatmaps) with sigma 2 px there (sigma
-# 1 px left the net predicting near-zero maps for minutes), Adam on batches of 8 (twice the
-# updates of 16 per image, clearly faster per minute), channels_last (a quarter faster per
-# step on the CPU). README: what it reaches.
-GPU_DEFAULTS = dict(input_size=256, stacks=8, features=256, depth=4, optimizer="rmsprop", lr=2.5e-4, epochs=100,
-                    batch_size=16, train_size=20000, workers=8)
-CPU_DEFAULTS = dict(input_size=128, stacks=2, features=64, depth=3, optimizer="adam", lr=2e-3, sigma=2.0,
-                    lr_drops=(12,), epochs=16, batch_size=8, train_size=1600, val_size=300, workers=1,
-                    channels_last=True)
-
+from fasthg.train import TrainConfig, Trainer, device_defaults
 
 def config_from_args(args) -> TrainConfig:
     """Device defaults (or, when resuming, the checkpoint's config), then the flags given."""
@@ -25,7 +13,7 @@ def config_from_args(args) -> TrainConfig:
         values = dict(checkpoint.read(args.resume)["config"])
         values["lr_drops"] = tuple(values["lr_drops"])
     else:
-        values = dict(GPU_DEFAULTS if gpu else CPU_DEFAULTS)
+        values = device_defaults("cuda" if gpu else "cpu")
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -39,7 +27,7 @@ def run_train(args) -> int:
         # Fresh activations otherwise page-fault every step: one epoch of the default run on
         # the 2-core VM went from 48-50 to 58-61 images/s, same loss. The process is ours: its
         # memory stays at its peak, which a training run reaches at the first step anyway.
-        from fasthg import malloc
+        from fasthg.bench import malloc
 
         malloc.keep_freed_memory()
     trainer = Trainer(cfg)
@@ -84,7 +72,7 @@ def add_command(sub):
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     t.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="on the CPU, let glibc hand freed memory back to the OS (by default it keeps it for "
-                        "reuse: fasthg.malloc)")
+                        "reuse: fasthg.bench.malloc)")
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="NCHW activations (the CPU default is channels_last)")
     t.set_defaults(fn=run_train)

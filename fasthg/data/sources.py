@@ -1,0 +1,31 @@
+"""Where a training run's people come from."""
+from fasthg.data.synthetic import SyntheticPoses
+
+
+def sources(c):
+    """(training, validation) records of a TrainConfig: COCO files (17 joints, validated by OKS AP),
+    MPII files, or synthetic people, held out by seed."""
+    if c.coco_train or c.coco_valid:
+        from fasthg.data.coco import load_coco_keypoints
+        if not (c.coco_train and c.coco_valid and c.images):
+            raise ValueError("COCO training needs coco_train, coco_valid and images (valid_images too when the "
+                             "validation images are in another folder)")
+        if c.mpii_h5_train or c.mpii_json_train or c.mpii_h5_valid:
+            raise ValueError("give MPII or COCO files, not both: their joints differ (16 and 17)")
+        return (load_coco_keypoints(c.coco_train, c.images),
+                load_coco_keypoints(c.coco_valid, c.valid_images or c.images))
+    if c.mpii_h5_train or c.mpii_json_train:
+        from fasthg.data.mpii import load_mpii_h5, load_mpii_json
+        if not (c.mpii_h5_valid and c.images):
+            raise ValueError("MPII training needs mpii_h5_valid (its head sizes give PCKh) and images")
+        if c.mpii_h5_train and c.mpii_json_train:
+            raise ValueError("give one of mpii_h5_train and mpii_json_train")
+        if c.mpii_h5_train:
+            train = load_mpii_h5(c.mpii_h5_train, c.images)
+        else:  # a bearpaw list flags its validation people; an HRNet train.json holds none
+            train = [r for r in load_mpii_json(c.mpii_json_train, c.images)
+                     if not r.extra.get("is_validation", False)]
+        return train, load_mpii_h5(c.mpii_h5_valid, c.valid_images or c.images)
+    # Training and validation people come from different seeds: validation is held out.
+    return (SyntheticPoses(c.train_size, c.input_size, seed=c.seed + 1),
+            SyntheticPoses(c.val_size, c.input_size, seed=10_000_019 + c.seed))
