@@ -11,7 +11,7 @@ JOBS   ?= 2
 # keeps CI short. `make run` builds for A100 and H100 (setup.py's default) or the visible GPU.
 TEST_CUDA_ARCHS := $(if $(shell command -v nvidia-smi 2>/dev/null),,9.0)
 
-.PHONY: install run test report bench
+.PHONY: install run test test-quick report bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: export TORCH_CUDA_ARCH_LIST ?= $(TEST_CUDA_ARCHS)
 test: install
 	$(PY) -m fasthg info
 	$(PY) -m pytest tests
+
+test-quick: export TORCH_CUDA_ARCH_LIST ?= $(TEST_CUDA_ARCHS)
+test-quick: install
+	$(PY) -m pytest tests -m "not slow"
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json runs/pytest-benchmark.json

@@ -11,8 +11,7 @@ def resolve(name: str) -> torch.device:
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions (AMX or AVX512_BF16), with which oneDNN runs
-    autocast's bf16 convolutions natively (an hg2 training step measured 2.4x faster than in
-    float32 on such a Xeon), rather than converting to float32. (torch.cpu's probes are
+    autocast's bf16 convolutions natively rather than converting to float32. (torch.cpu's probes are
     private: where they are missing, the answer is no.)"""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         try:

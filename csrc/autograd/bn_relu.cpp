@@ -1,7 +1,7 @@
 // Autograd kernel of fasthg::bn_relu_train (training forward and backward of the fused
 // BatchNorm+ReLU, each one op: bn_relu_train_forward / _backward). In C++ rather than a
-// Python autograd.Function, whose Python and dispatch around two fast kernels cost ~25 us a
-// forward+backward, as much as the CPU kernels at the hourglass's 4x4 and 8x8 levels.
+// Python autograd.Function, whose Python and dispatch around two fast kernels cost as much
+// as the CPU kernels at the hourglass's 4x4 and 8x8 levels.
 #include <torch/library.h>
 
 #include <tuple>

@@ -2,9 +2,8 @@
 
 glibc's malloc serves big blocks (here: every feature map) with fresh mmap pages and gives
 freed memory back to the OS; each new block then pays a page fault per 4 KiB page when it is
-first written. On the shared development VM a fault costs up to ~2 us, so allocating two
-16 MiB outputs per call took longer than the kernels that fill them, and `fasthg bench`'s
-CPU ratios at 64x64 moved 2x from run to run with the state of the heap. Keeping freed
+first written, which on a shared VM can take longer than the kernels that fill the block,
+and makes timings depend on the state of the heap. Keeping freed
 memory (as jemalloc and tcmalloc do) removes that cost from eager and fused ops alike.
 """
 import ctypes

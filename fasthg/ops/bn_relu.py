@@ -151,14 +151,15 @@ def _merge_across_processes(mean, var, count, group):
 
 
 def _as_dtype(t, dtype):
-    """t.to(dtype) without the dispatch when t already is (0.8 us a call, of a 4x4 BN-ReLU's ~20)."""
+    """t.to(dtype) without the dispatch when t already is (the dispatch is a measurable share of a
+    4x4 BN-ReLU)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """As nn.BatchNorm2d: the unbiased batch variance goes into running_var. (One foreach
     call, half the time of two lerps; mean and var never require grad. `var.mul(f)` rather
-    than `var * f`, which converts f to a tensor first: 5 us of a 4x4 BN-ReLU's ~230.)"""
+    than `var * f`, which converts f to a tensor first.)"""
     torch._foreach_lerp_((running_mean, running_var),
                          (_as_dtype(mean, running_mean.dtype), _as_dtype(var.mul(count / (count - 1)), running_var.dtype)),
                          momentum)
