@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fasthg  # noqa: E402,F401
+from fasthg.ops import registry  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -48,20 +49,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def backends_on(device: str):
-    """Concrete backends that can run on a device here (Triton on CPU: the interpreter)."""
-    if device == "cuda" and not HAS_CUDA:
-        return ["eager", "native", "triton"]  # collected, then skipped
-    return fasthg.ops.available(device)
+def backends_on(device: str, op: str = None):
+    """Concrete backends that can run `op` (default: every registered op) on a device here
+    (Triton on CPU: the interpreter)."""
+    if device == "cuda" and not HAS_CUDA:  # collected, then skipped
+        return list(registry.get(op).backends if op else registry.BACKENDS)
+    return fasthg.ops.available(device, op)
 
 
-def device_backend_params(include_eager=True):
-    """(device, backend) pairs: every backend available on the CPU here, and every backend on
-    CUDA (marked `cuda`, so skipped without a GPU)."""
-    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu")
+def device_backend_params(include_eager=True, op: str = None):
+    """(device, backend) pairs of `op` (default: every registered op), from the registry:
+    every backend available on the CPU here, and every backend on CUDA (marked `cuda`, so
+    skipped without a GPU)."""
+    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu", op)
            if include_eager or b != "eager"]
     out += [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda)
-            for b in ("eager", "native", "triton") if include_eager or b != "eager"]
+            for b in (registry.get(op).backends if op else registry.BACKENDS) if include_eager or b != "eager"]
     return out
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DTYPES, TOL, rel_err, skip_unsupported
+from conftest import DTYPES, TOL, device_backend_params, rel_err, skip_unsupported
 import fasthg
 from fasthg import ops
 from fasthg.nn import BNReLU
@@ -17,9 +17,7 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 def params():
     """(device, backend) pairs: the backends with bn_relu kernels here, CUDA ones marked."""
-    out = [pytest.param("cpu", b, id=f"cpu-{b}") for b in fasthg.ops.available("cpu", "bn_relu") if b != "eager"]
-    out += [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in ("native", "triton")]
-    return out
+    return device_backend_params(include_eager=False, op="bn_relu")
 
 
 def make_x(shape, dtype, device, layout, seed=0, offset=0.0):

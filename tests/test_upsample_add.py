@@ -29,7 +29,7 @@ def make(low_shape, hw, dtype, device, layout, seed=0):
     return low, skip, cast(low), cast(skip)
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params(op="upsample_add"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("low_shape,hw", CASES, ids=CASE_IDS)
@@ -55,7 +55,7 @@ def test_forward_backward_match_float64_reference(device, backend, dtype, layout
     assert rel_err(skip.grad, skip64.grad) < TOL[dtype]
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("device,backend", device_backend_params(op="upsample_add"))
 def test_exact_on_integer_ratios(device, backend):
     # Forward is a copy plus one rounding, as in eager: equal bit for bit in float32.
     low = torch.randn(2, 3, 5, 6, device=device)
@@ -64,7 +64,7 @@ def test_exact_on_integer_ratios(device, backend):
                                skip + F.interpolate(low, scale_factor=2, mode="nearest"), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="upsample_add"))
 def test_non_contiguous_and_mixed_layouts(device, backend):
     low64 = torch.randn(2, 6, 8, 5, dtype=torch.float64)
     skip64 = torch.randn(2, 3, 10, 16, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_native_cpu_vector_paths_are_exact(low_shape, dtype, layout, poison):
     torch.testing.assert_close(grad_low, block_sums_2x(grad), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="upsample_add"))
 def test_grad_of_skip_is_grad_out_itself(device, backend):
     low = torch.randn(1, 2, 3, 3, device=device, requires_grad=True)
     skip = torch.randn(1, 2, 6, 6, device=device, requires_grad=True)
@@ -126,7 +126,7 @@ def test_grad_of_skip_is_grad_out_itself(device, backend):
     assert seen["skip"].data_ptr() == seen["out"].data_ptr()
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="upsample_add"))
 @pytest.mark.parametrize("low_shape,hw", [CASES[0], CASES[3], CASES[4], CASES[5]], ids=["2x", "3x", "non-integer", "shrink"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_gradcheck_float64(device, backend, low_shape, hw, layout):
@@ -142,7 +142,7 @@ def _opcheck_ops(backend):
     return torch.ops.fasthg.upsample_add_triton, torch.ops.fasthg.upsample_add_backward_triton
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="upsample_add"))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("low_shape,hw", [CASES[0], CASES[4]], ids=["2x", "non-integer"])
 def test_opcheck(device, backend, layout, low_shape, hw):
@@ -153,7 +153,7 @@ def test_opcheck(device, backend, layout, low_shape, hw):
     torch.library.opcheck(bwd, (grad, low.shape[2], low.shape[3]))
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False))
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="upsample_add"))
 def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
 
