@@ -168,3 +168,13 @@ def evaluate(model, dataset, threshold: float = 0.5, metric: str = "pckh",
         return oks_table(oks(res["pred"], res["joints"], res["visible"], res["area"]), res["peak"].mean(1)), res
     acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold)
     return pckh_table(acc, count), res
+
+
+def per_joint_table(accuracy: np.ndarray, count: np.ndarray, names: Sequence[str]) -> str:
+    """pckh()'s per-joint result as text: a line per joint with its name, its accuracy in
+    percent ("-" for a joint never annotated) and its number of annotations."""
+    width = max(len(n) for n in names)
+    lines = [f"{'joint':<{width}}  {'PCKh':>7}  {'annotated':>9}"]
+    for name, a, c in zip(names, np.asarray(accuracy, np.float64), count):
+        lines.append(f"{name:<{width}}  {'-' if np.isnan(a) else f'{100.0 * a:.2f}':>7}  {int(c):>9}")
+    return "\n".join(lines)

@@ -76,3 +76,110 @@ def test_predict_unreadable_image(tmp_path):
     checkpoint.save(ckpt, tiny(), input_size=64)
     with pytest.raises(ValueError, match="cannot read image"):
         main(["predict", ckpt, str(tmp_path / "missing.jpg"), "--out", str(tmp_path)])
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from fasthg.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    missing = [f"{name} {a.option_strings or a.dest}" for name, parser in sub.choices.items()
+               for a in parser._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not missing, f"flags without help text: {missing}"
+
+
+def test_shared_argument_types():
+    import argparse
+
+    from fasthg.cli import args
+    from fasthg.models import PRESETS
+    from fasthg.ops import BACKENDS
+
+    assert args.positive_ints("64,32,") == [64, 32] and args.epochs("") == () and args.epochs("3,5") == (3, 5)
+    assert args.positive_int("7") == 7 and args.models("none") == [] and args.models("hg1,hg8") == ["hg1", "hg8"]
+    assert args.dtypes("bf16,f32") == [torch.bfloat16, torch.float32] and args.layouts("nhwc") == ["nhwc"]
+    for parse, text in ((args.positive_ints, "0,4"), (args.positive_ints, ""), (args.epochs, "-1"),
+                        (args.positive_int, "0"), (args.positive_int, "2,3"), (args.models, "hg3"),
+                        (args.models, ""), (args.dtypes, "int8"), (args.layouts, "nchw,chwn")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    p = argparse.ArgumentParser()
+    args.add_backend(p)
+    assert next(a for a in p._actions if a.dest == "backend").choices == BACKENDS and "hg4" in PRESETS
+
+
+def _read_predictions(path):
+    """pos_pred_src (2, J, N) back from a file fasthg eval --save-predictions wrote."""
+    import json
+
+    import h5py
+
+    ext = os.path.splitext(path)[1]
+    if ext == ".mat":  # MATLAB 7.3: HDF5, MATLAB's dimensions reversed
+        with h5py.File(path, "r") as f:
+            assert f["pos_pred_src"].attrs["MATLAB_class"] == b"double"
+            return f["pos_pred_src"][()].T
+    if ext == ".h5":
+        with h5py.File(path, "r") as f:
+            return f["pos_pred_src"][()]
+    if ext == ".npz":
+        return np.load(path)["pos_pred_src"]
+    if ext == ".json":
+        return np.array(json.load(open(path))["pos_pred_src"])
+    rows = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding=None)
+    n, j = rows["person"].max() + 1, rows["joint"].max() + 1
+    return np.stack([rows["x_1based"], rows["y_1based"]]).reshape(2, n, j).transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("ext", [".mat", ".h5", ".npz", ".json", ".csv"])
+def test_saved_predictions_round_trip_one_based(tmp_path, ext, monkeypatch):
+    from fasthg.cli.eval import save_predictions
+
+    if ext == ".mat":  # without scipy: MATLAB 7.3 (HDF5); the scipy branch is tested below where installed
+        monkeypatch.setitem(__import__("sys").modules, "scipy.io", None)
+    pred = np.random.default_rng(0).uniform(0, 300, (3, 16, 2))
+    path = str(tmp_path / f"pred{ext}")
+    save_predictions(path, pred, np.array([4, 7, 9]))
+    pos = _read_predictions(path)
+    assert pos.shape == (2, 16, 3) and np.array_equal(pos, pred.transpose(2, 1, 0) + 1)
+    if ext == ".mat":
+        assert open(path, "rb").read(19) == b"MATLAB 7.3 MAT-file"
+    with pytest.raises(ValueError, match="predictions are written as"):
+        save_predictions(str(tmp_path / "pred.txt"), pred, np.arange(3))
+
+
+def test_saved_predictions_mat_with_scipy(tmp_path):
+    io = pytest.importorskip("scipy.io")
+    from fasthg.cli.eval import save_predictions
+
+    pred = np.random.default_rng(1).uniform(0, 300, (2, 16, 2))
+    save_predictions(str(tmp_path / "pred.mat"), pred, np.arange(2))
+    assert np.array_equal(io.loadmat(str(tmp_path / "pred.mat"))["pos_pred_src"], pred.transpose(2, 1, 0) + 1)
+
+
+def test_eval_limit_per_joint_table_and_saved_predictions(tmp_path, capsys):
+    from fasthg.data.dataset import PoseDataset
+    from fasthg.data.records import MPII_JOINTS
+    from fasthg.data.synthetic import SyntheticPoses
+    from fasthg.evaluate import predict_dataset
+
+    ckpt = str(tmp_path / "m.pt")
+    checkpoint.save(ckpt, tiny(), input_size=64)
+    saved = str(tmp_path / "out" / "pred.npz")
+    assert main(["eval", ckpt, "--n", "6", "--limit", "3", "--save-predictions", saved, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "PCKh@0.5 on 3 people" in out and "per joint:" in out
+    lines = out.split("per joint:\n")[1].splitlines()
+    assert [line.split()[0] for line in lines[1:17]] == list(MPII_JOINTS)
+    assert "1-based" in out and os.path.exists(saved)
+    # the same three people's predictions, computed here: the file holds them + 1
+    res = predict_dataset(checkpoint.load_model(ckpt), PoseDataset(SyntheticPoses(3, 64, seed=12345), 64, train=False),
+                          progress=False)
+    assert np.allclose(_read_predictions(saved), res["pred"].transpose(2, 1, 0) + 1)
+    assert "coordinates" in np.load(saved) and list(np.load(saved)["index"]) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        main(["eval", ckpt, "--save-predictions", str(tmp_path / "pred.txt")])
+    with pytest.raises(SystemExit):
+        main(["eval", ckpt, "--limit", "0"])

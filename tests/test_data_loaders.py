@@ -386,6 +386,13 @@ def test_eval_command_on_an_mpii_h5_file(tmp_path, image_dir, capsys):
     checkpoint.save(ckpt, StackedHourglass(num_stacks=1, num_features=8, depth=1, backend="eager"), input_size=32)
     assert main(["eval", ckpt, "--mpii-h5", h5, "--images", str(image_dir), "--device", "cpu"]) == 0
     assert "PCKh@0.5 on 3 people" in capsys.readouterr().out
+    # --limit: the first people only; the per-joint table; the toolkit's 1-based pixels
+    saved = str(tmp_path / "pred.npz")
+    assert main(["eval", ckpt, "--mpii-h5", h5, "--images", str(image_dir), "--device", "cpu", "--limit", "2",
+                 "--save-predictions", saved]) == 0
+    out = capsys.readouterr().out
+    assert "PCKh@0.5 on 2 people" in out and "\nhead_top " in out and "\nl_wrist " in out
+    assert np.load(saved)["pos_pred_src"].shape == (2, 16, 2) and list(np.load(saved)["index"]) == [0, 1]
     # The JSON formats have no head sizes: PCKh refuses them with a clear message.
     js = _write_json(tmp_path / "annot.json", _cpm_entries())
     with pytest.raises(ValueError, match="head size"):
@@ -429,7 +436,15 @@ def test_training_and_eval_on_coco_files(tmp_path, image_dir, capsys):
     assert checkpoint.read(best)["model_config"]["num_joints"] == 17
     assert main(["eval", best, "--coco", path, "--images", str(image_dir), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "OKS AP (ground-truth boxes) on 3 people" in out and "AP50" in out
+    assert "OKS AP (ground-truth boxes) on 3 people" in out and "AP50" in out and "per joint" not in out
+    # --save-predictions FILE.json on COCO people: COCO's keypoint results format
+    saved = str(tmp_path / "results.json")
+    assert main(["eval", best, "--coco", path, "--images", str(image_dir), "--device", "cpu", "--limit", "2",
+                 "--save-predictions", saved]) == 0
+    results = json.load(open(saved))
+    assert [r["image_id"] for r in results] == [5, 9] and all(r["category_id"] == 1 for r in results)
+    assert all(len(r["keypoints"]) == 51 and r["score"] == pytest.approx(np.mean(r["keypoints"][2::3]))
+               for r in results)
     mpii = str(tmp_path / "m16.pt")
     checkpoint.save(mpii, StackedHourglass(num_stacks=1, num_features=8, depth=1, backend="eager"), input_size=32)
     with pytest.raises(ValueError, match="16 joints cannot be scored on COCO"):

@@ -132,3 +132,13 @@ def test_oks_ap_by_hand():
     swapped = oks_table(np.array([0.91, 0.62]), np.array([0.5, 1.0]))
     assert swapped["AP50"] == pytest.approx(100.0) and swapped["AP75"] == pytest.approx(50 * 51 / 101)
     assert oks_table(np.array([0.3]), np.array([1.0]))["AP"] == 0.0
+
+
+def test_per_joint_table_names_every_joint():
+    from fasthg.evaluate import per_joint_table
+
+    text = per_joint_table(np.array([0.5, np.nan, 1.0]), np.array([4, 0, 2]), ["r_ankle", "pelvis", "l_wrist"])
+    assert text.splitlines() == ["joint       PCKh  annotated",
+                                 "r_ankle    50.00          4",
+                                 "pelvis         -          0",
+                                 "l_wrist   100.00          2"]

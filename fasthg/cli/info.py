@@ -56,3 +56,12 @@ def render(info: dict) -> str:
              for dev, b in per_device.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args) -> int:
+    print(render(collect()))
+    return 0
+
+
+def add_command(sub):
+    sub.add_parser("info", help="versions, extension build, backends per device").set_defaults(fn=run)

@@ -1,8 +1,10 @@
 """`fasthg train`: the README's main job."""
 import dataclasses
 
+from fasthg.cli import args as types
 from fasthg.device import resolve as resolve_device
-from fasthg.train import TrainConfig, Trainer, device_defaults
+from fasthg.train import DEVICE_DEFAULTS, TrainConfig, Trainer, device_defaults
+
 
 def config_from_args(args) -> TrainConfig:
     """Device defaults (or, when resuming, the checkpoint's config), then the flags given."""
@@ -42,22 +44,66 @@ def run_train(args) -> int:
     return 0
 
 
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def default(name: str) -> str:
+    """A setting's default as help text: "GPU x, CPU y" where DEVICE_DEFAULTS gives one per device."""
+    if name in DEVICE_DEFAULTS:
+        gpu, cpu = ("output size/64" if v is None else _shown(v) for v in DEVICE_DEFAULTS[name])
+        return f"default: GPU {gpu}, CPU {cpu}"
+    return f"default: {_shown(TrainConfig.__dataclass_fields__[name].default)}"
+
+
+# setting: (type, help); the help gets its default appended.
+_SETTINGS = {
+    "input_size": (int, "network input size in pixels (the heatmaps are a quarter of it)"),
+    "stacks": (int, "hourglasses stacked"),
+    "features": (int, "channels inside the hourglasses"),
+    "depth": (int, "downsamplings per hourglass"),
+    "sigma": (float, "heatmap Gaussian std in heatmap pixels"),
+    "epochs": (int, "epochs to train (when resuming: the total, counting those done)"),
+    "batch_size": (int, "images per batch and process (the global batch is this x processes)"),
+    "accumulate": (int, "batches per optimizer step"),
+    "lr": (float, "learning rate"),
+    "lr_gamma": (float, "factor of each learning-rate drop"),
+    "train_size": (int, "synthetic training people per epoch"),
+    "val_size": (int, "synthetic validation people"),
+    "workers": (int, "data-loading processes"),
+    "seed": (int, "random seed of initialisation, data and augmentation"),
+    "lr_drops": (types.epochs, "comma-separated epochs at which the learning rate drops ('' for none)"),
+}
+_SWITCHES = {
+    "channels_last": "channels_last (NHWC) activations",
+    "compile": "torch.compile the model",
+    "flip_test": "validate with the flip test (mirrored image's heatmaps averaged in)",
+    "tensorboard": "write TensorBoard logs to the output folder",
+    "sync_bn": "BN-ReLU statistics over all processes (torchrun)",
+    "cuda_graphs": "capture the whole training step once as a CUDA graph and replay it (one CUDA process)",
+}
+
+
 def add_command(sub):
     t = sub.add_parser("train", help="train a StackedHourglass (synthetic people by default); "
-                                     "data-parallel with `torchrun --nproc_per_node N -m fasthg train`")
+                                     "data-parallel with `torchrun --nproc_per_node N -m fasthg train`",
+                       description="Settings not given take the device's defaults (GPU or CPU, as shown), "
+                                   "or, with --resume, the checkpoint's.")
     t.add_argument("--out", help="output folder (default: runs/train, or the resumed checkpoint's)")
     t.add_argument("--resume", help="checkpoint to continue from (e.g. OUT/last.pt); its settings are kept "
                                     "unless given again")
-    t.add_argument("--device", default="auto")
-    for name, kind in (("input_size", int), ("stacks", int), ("features", int), ("depth", int), ("sigma", float),
-                       ("epochs", int), ("batch_size", int), ("accumulate", int), ("lr", float), ("lr_gamma", float),
-                       ("train_size", int), ("val_size", int), ("workers", int), ("seed", int)):
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
-    t.add_argument("--lr-drops", dest="lr_drops", type=lambda s: tuple(int(x) for x in s.split(",") if x),
-                   help="comma-separated epochs at which the learning rate drops")
-    t.add_argument("--backend", choices=["auto", "eager", "native", "triton"])
-    t.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"])
-    t.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    types.add_device(t, help=" (default: auto, a GPU if there is one; it picks the defaults' column)")
+    for name, (kind, text) in _SETTINGS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({default(name)})")
+    types.add_backend(t, default=None, help=f" ({default('backend')})")
+    t.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"],
+                   help=f"rmsprop (the paper's), adam, or sgd with momentum 0.9 ({default('optimizer')})")
+    t.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help=f"automatic mixed precision; fp16 needs CUDA and uses a grad scaler ({default('amp')})")
     t.add_argument("--mpii-h5-train", dest="mpii_h5_train", help="MPII training people, HDF5 format")
     t.add_argument("--mpii-json-train", dest="mpii_json_train",
                    help="MPII training people, JSON list (bearpaw's isValidation people are left out)")
@@ -67,9 +113,11 @@ def add_command(sub):
     t.add_argument("--images", help="image folder of the training file (MPII: of both files)")
     t.add_argument("--valid-images", dest="valid_images",
                    help="image folder of the validation file, if not --images (COCO's val2017)")
-    for flag in ("channels_last", "compile", "flip_test", "tensorboard", "sync_bn", "cuda_graphs"):
-        t.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
-    t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    for name, text in _SWITCHES.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
+                       help=f"{text} ({default(name)})")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
     t.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="on the CPU, let glibc hand freed memory back to the OS (by default it keeps it for "
                         "reuse: fasthg.bench.malloc)")

@@ -1,0 +1,83 @@
+"""The argument types every command shares, written once: backend, device, dtypes, memory
+layouts, model presets and comma-separated integer lists."""
+import argparse
+
+from fasthg.models import PRESETS
+from fasthg.ops import BACKENDS
+
+DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "f16": "float16", "fp16": "float16"}
+LAYOUTS = ("nchw", "nhwc")
+
+
+def _int_list(text, minimum):
+    """The integers of a comma-separated list, or None if one is not an integer >= minimum."""
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        return None
+    return values if all(v >= minimum for v in values) else None
+
+
+def positive_ints(text):
+    """A non-empty comma-separated list of positive integers (--levels, --channels)."""
+    values = _int_list(text, 1)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def epochs(text):
+    """Comma-separated epoch numbers (>= 0), possibly none at all (--lr-drops ''), as a tuple."""
+    values = _int_list(text, 0)
+    if values is None:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs (integers >= 0), got {text!r}")
+    return tuple(values)
+
+
+def positive_int(text):
+    """One integer >= 1 (--limit, --repeats, --batch-size)."""
+    values = _int_list(text, 1)
+    if not values or len(values) != 1 or "," in text:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return values[0]
+
+
+def _names(text, known, what, none=False, shown=None):
+    """Comma-separated names out of `known` (or the word none, where `none` allows it); the
+    error lists `shown` (default: known)."""
+    names = [] if none and text == "none" else [x for x in text.split(",") if x]
+    unknown = [n for n in names if n not in known]
+    if unknown or (not names and not (none and text == "none")):
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}: expected "
+                                         f"{', '.join(shown or known)} (comma-separated){' or none' if none else ''}")
+    return names
+
+
+def dtypes(text):
+    """--dtypes: activation dtypes, comma-separated (float32, bfloat16, float16 or their short names)."""
+    import torch
+
+    return [getattr(torch, DTYPES[n]) for n in _names(text, DTYPES, "dtype", shown=dict.fromkeys(DTYPES.values()))]
+
+
+def models(text):
+    """--model: preset names, comma-separated, or none."""
+    return _names(text, PRESETS, "model", none=True)
+
+
+def layouts(text):
+    """--model-layouts: nchw and/or nhwc, comma-separated."""
+    return _names(text, LAYOUTS, "layout")
+
+
+def add_backend(parser, default="auto", help=" (default: auto)"):
+    """--backend, its choices fasthg.ops.BACKENDS."""
+    parser.add_argument("--backend", default=default, choices=BACKENDS,
+                        help="fused-op kernels: auto takes the extension's (native) where it has the op for the "
+                             "device, else Triton on CUDA, else eager PyTorch" + help)
+
+
+def add_device(parser, help=" (default: auto, a GPU if there is one)"):
+    """--device: cpu, cuda, cuda:N or auto (fasthg.device.resolve)."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto" + help)

@@ -1,0 +1,41 @@
+"""`fasthg predict`: pictures of a checkpoint's poses on image files."""
+import os
+
+import cv2
+import numpy as np
+
+from fasthg.cli import _model
+from fasthg.data.dataset import PoseDataset, load_image
+from fasthg.data.records import PoseRecord, joint_conventions
+from fasthg.draw import draw_skeleton, write_png
+from fasthg.evaluate import predict_dataset
+
+
+def run(args) -> int:
+    model, size = _model.load(args)
+    flip_pairs, skeleton = joint_conventions(model.num_joints)
+    os.makedirs(args.out, exist_ok=True)
+    for path in args.images_in:
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"cannot read image {path!r}")
+        h, w = img.shape[:2]
+        # No person box given: the person is taken to fill the image (crop = whole image).
+        record = PoseRecord(center=((w - 1) / 2, (h - 1) / 2), scale=max(h, w) / 200 / 1.25, joints=np.zeros((1, 2)),
+                            visible=np.zeros(1), image=path)
+        ds = PoseDataset([record], input_size=size, train=False, flip_pairs=flip_pairs)
+        res = predict_dataset(model, ds, batch_size=1, flip_test=args.flip_test, progress=False)
+        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_pose.png")
+        write_png(out, draw_skeleton(load_image(record), res["pred"][0], skeleton=skeleton,
+                                     thickness=max(2, max(h, w) // 150)))
+        print(out)
+    return 0
+
+
+def add_command(sub):
+    p = sub.add_parser("predict", help="draw a checkpoint's predicted skeleton on images (PNG)")
+    _model.add_arguments(p)
+    p.add_argument("images_in", nargs="+", metavar="IMAGE",
+                   help="image files, each taken to show one person filling the picture")
+    p.add_argument("--out", default="runs/predict", help="folder for IMAGE_pose.png (default: runs/predict)")
+    p.set_defaults(fn=run)
