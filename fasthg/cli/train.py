@@ -26,9 +26,8 @@ def config_from_args(args) -> TrainConfig:
 def run_train(args) -> int:
     cfg = config_from_args(args)
     if args.keep_freed_memory and resolve_device(cfg.device).type == "cpu":
-        # Fresh activations otherwise page-fault every step: one epoch of the default run on
-        # the 2-core VM went from 48-50 to 58-61 images/s, same loss. The process is ours: its
-        # memory stays at its peak, which a training run reaches at the first step anyway.
+        # Fresh activations otherwise page-fault every step. The process is ours: its memory
+        # stays at its peak, which a training run reaches at the first step anyway.
         from fasthg.bench import malloc
 
         malloc.keep_freed_memory()
