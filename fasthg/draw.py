@@ -6,30 +6,52 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from fasthg.data.records import MPII_SKELETON
+from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, joint_conventions
 
 # Right side warm, left side cool, centre line white: the usual reading of pose pictures.
 _RIGHT, _LEFT, _MIDDLE = (255, 80, 40), (40, 140, 255), (255, 255, 255)
-_MPII_RIGHT, _MPII_LEFT = {0, 1, 2, 10, 11, 12}, {3, 4, 5, 13, 14, 15}
+_KNOWN_JOINTS = {len(names): names for names in (MPII_JOINTS, COCO_JOINTS)}
 
 
-def _bone_colour(a: int, b: int):
-    if a in _MPII_RIGHT or b in _MPII_RIGHT:
+def joint_side(name: str) -> str:
+    """The side of a joint by its name, "right", "left" or "middle": r_/right and l_/left
+    name a side (MPII's r_ankle, COCO's l_eye), anything else (pelvis, nose) is the centre line."""
+    name = name.lower()
+    if name.startswith(("r_", "right")):
+        return "right"
+    if name.startswith(("l_", "left")):
+        return "left"
+    return "middle"
+
+
+def bone_colour(a: str, b: str):
+    """The colour of a bone between joints named a and b: a bone with an end on one side
+    only is that side's (MPII's hip-pelvis is right), one across both sides (COCO's
+    shoulder-shoulder) or on the centre line is white."""
+    sides = {joint_side(a), joint_side(b)} - {"middle"}
+    if sides == {"right"}:
         return _RIGHT
-    if a in _MPII_LEFT or b in _MPII_LEFT:
-        return _LEFT
-    return _MIDDLE
+    return _LEFT if sides == {"left"} else _MIDDLE
 
 
 def draw_skeleton(image: np.ndarray, joints: np.ndarray, visible: Optional[np.ndarray] = None,
-                  skeleton: Sequence[Tuple[int, int]] = MPII_SKELETON, colour=None, thickness: int = 2) -> np.ndarray:
-    """A copy of the RGB image with bones between joints (where both ends are visible)."""
+                  skeleton: Optional[Sequence[Tuple[int, int]]] = None, colour=None, thickness: int = 2,
+                  joint_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """A copy of the RGB image with bones between joints (where both ends are visible),
+    coloured by side from the joints' names: `joint_names`, else MPII's for 16 joints and
+    COCO's for 17 (other counts: all white). skeleton None: MPII's or COCO's bones by the
+    number of joints (fasthg.data.records.joint_conventions)."""
     out = np.ascontiguousarray(image).copy()
     vis = np.ones(len(joints)) if visible is None else np.asarray(visible)
+    if skeleton is None:
+        _, skeleton = joint_conventions(len(joints))
+    names = joint_names if joint_names is not None else _KNOWN_JOINTS.get(len(joints), ("",) * len(joints))
+    if len(names) != len(joints):
+        raise ValueError(f"{len(names)} joint names for {len(joints)} joints")
     pt = lambda k: (int(round(joints[k][0])), int(round(joints[k][1])))  # noqa: E731
     for a, b in skeleton:
         if vis[a] > 0 and vis[b] > 0:
-            cv2.line(out, pt(a), pt(b), colour or _bone_colour(a, b), thickness, cv2.LINE_AA)
+            cv2.line(out, pt(a), pt(b), colour or bone_colour(names[a], names[b]), thickness, cv2.LINE_AA)
     for k in range(len(joints)):
         if vis[k] > 0:
             cv2.circle(out, pt(k), thickness + 1, colour or (255, 255, 0), -1, cv2.LINE_AA)

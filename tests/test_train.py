@@ -3,6 +3,7 @@ writes its log, curves and checkpoints."""
 import json
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import fasthg
 import fasthg.train.trainer as train
 from fasthg import checkpoint
 from fasthg.train import TrainConfig, Trainer
+
+HEATMAP_LOSS = train.heatmap_loss
 
 
 def tiny(out, **kw):
@@ -69,23 +72,70 @@ def test_outputs_log_curves_and_best(tmp_path):
     assert model.config["num_features"] == 16
 
 
+def nan_at_steps(monkeypatch, steps):
+    """heatmap_loss returns NaN at these (0-based) calls."""
+    calls = {"n": -1}
+    real = HEATMAP_LOSS
+
+    def loss(*args):
+        calls["n"] += 1
+        return real(*args) * (float("nan") if calls["n"] in steps else 1)
+
+    monkeypatch.setattr(train, "heatmap_loss", loss)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     Trainer(tiny(tmp_path, epochs=1)).fit()
     before = weights(str(tmp_path / "last.pt"))
-    calls = {"n": 0}
-    real = train.heatmap_loss
-
-    def nan_at_step_3(*args):
-        calls["n"] += 1
-        return real(*args) * (float("nan") if calls["n"] == 3 else 1)
-
-    monkeypatch.setattr(train, "heatmap_loss", nan_at_step_3)
+    nan_at_steps(monkeypatch, {2})
     t = Trainer(tiny(tmp_path, epochs=2))
     t.resume(str(tmp_path / "last.pt"))
     with pytest.raises(FloatingPointError, match="non-finite loss .* at epoch 1 step 2"):
         t.fit()
     after = weights(str(tmp_path / "last.pt"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_finite_loss_names_its_step_between_and_at_the_checks(tmp_path, monkeypatch):
+    """The losses reach the host every check_every steps (here 4 of 10 an epoch: checks at
+    steps 3, 7 and the last, 9), yet the error names the first bad step, and no checkpoint
+    is written after it."""
+    kw = dict(train_size=40, check_every=4, epochs=2)
+    Trainer(tiny(tmp_path, **{**kw, "epochs": 1})).fit()
+    files = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}
+    for bad in (0, 3, 5, 9):
+        nan_at_steps(monkeypatch, {bad, bad + 1})
+        t = Trainer(tiny(tmp_path, **kw))
+        t.resume(str(tmp_path / "last.pt"))
+        with pytest.raises(FloatingPointError, match=rf"non-finite loss \(nan\) at epoch 1 step {bad}; "):
+            t.fit()
+        assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+def test_the_host_waits_for_the_losses_once_in_check_every_steps(tmp_path, monkeypatch):
+    """Not at every step: 10 steps, check_every 4 -> 3 checks, and the trainer reads no
+    other tensor's value but the epoch's totals. (Adam's own reads of its step count are of
+    CPU tensors, no wait for a GPU.)"""
+    counts = {"check": 0, "read": 0}
+    real_check = Trainer._check
+
+    def check(self, *args):
+        counts["check"] += 1
+        return real_check(self, *args)
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            counts["read"] += sys._getframe(1).f_code.co_filename == train.__file__
+            return real(self, *args)
+        return read
+
+    monkeypatch.setattr(Trainer, "_check", check)
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    Trainer(tiny(tmp_path, train_size=40, check_every=4, epochs=1)).fit()
+    assert counts == {"check": 3, "read": 3 + 1}
 
 
 def test_bad_configs():

@@ -64,6 +64,53 @@ def test_two_processes_with_sync_bn_follow_one_process_on_the_global_batch(tmp_p
     assert [r["epoch"] for r in b["history"]] == [1, 2]
 
 
+def _one_process_interrupted(rank, init_file, out, what):
+    """Rank 1 alone gets a SIGINT, or a NaN loss, at its step 2 of 6 an epoch; the losses
+    reach the host every 2 steps (checks at steps 1, 3, 5)."""
+    import signal
+    from datetime import timedelta
+
+    import fasthg.train.trainer as train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    # a process left waiting for the other fails the test in a minute rather than hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        calls, real = {"n": -1}, train.heatmap_loss
+
+        def loss(*args):
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == 2 and what == "signal":
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*args) * (float("nan") if rank == 1 and calls["n"] == 2 and what == "nan" else 1)
+
+        train.heatmap_loss = loss
+        t = Trainer(tiny(out, train_size=48, check_every=2, epochs=1))
+        if what == "nan":
+            want = "in another process" if rank == 0 else "nan"
+            with pytest.raises(FloatingPointError, match=rf"non-finite loss \({want}\) at epoch 0 step 2; "):
+                t.fit()
+        else:
+            t.fit()
+            assert not t.history and t.epoch == 0
+        t.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_process_stops_at_the_same_check(tmp_path):
+    """A signal to one process stops both at the next check (step 3, an optimizer step): the
+    checkpoint resumes at step 4. A NaN in one process stops both, naming its step."""
+    mp.spawn(_one_process_interrupted, args=(str(tmp_path / "init1"), str(tmp_path / "signal"), "signal"),
+             nprocs=WORLD)
+    assert checkpoint.read(str(tmp_path / "signal" / "last.pt"))["step_in_epoch"] == 4
+    mp.spawn(_one_process_interrupted, args=(str(tmp_path / "init2"), str(tmp_path / "nan"), "nan"), nprocs=WORLD)
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
 def test_sampler_slices_each_global_batch_by_rank():
     from fasthg.data.sampler import EpochSampler
 

@@ -48,6 +48,8 @@ class TrainConfig:
     epochs: int = _GPU["epochs"]
     batch_size: int = _GPU["batch_size"]  # per process (the global batch is batch_size x processes)
     accumulate: int = 1                  # optimizer step every `accumulate` batches
+    check_every: int = 16                # the host waits for the device's losses (log, non-finite check,
+                                         # progress bar, agreeing to stop) every this many batches
     optimizer: str = _GPU["optimizer"]   # rmsprop (the paper's), adam, sgd (momentum 0.9)
     lr: float = _GPU["lr"]
     lr_drops: tuple = _GPU["lr_drops"]   # epochs at which the learning rate is multiplied by lr_gamma

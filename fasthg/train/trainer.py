@@ -8,6 +8,11 @@ scaler, epoch, step within the epoch, RNG states and the data order, so an inter
 resumed run ends with the weights of an uninterrupted one. A non-finite loss stops the run
 with a message naming the step; the last good checkpoint stays.
 
+The host waits for the device only every `check_every` steps (and at an epoch's end, and
+before a checkpoint on a signal): the steps' losses stay on the device until then, when one
+copy brings them over to be summed for the log, checked for the first non-finite one, and
+shown in the progress bar.
+
 Data-parallel under torchrun (`torchrun --nproc_per_node N -m fasthg train`): each process
 trains on batch_size people of every global batch of N * batch_size (one permutation per
 epoch, sliced by rank), DDP averages the gradients, `sync_bn` merges the BN-ReLU statistics
@@ -166,13 +171,14 @@ class Trainer:
         """Rank 0: the one process that evaluates, logs and writes checkpoints."""
         return self.rank == 0
 
-    def _agree(self, *flags: bool) -> List[bool]:
-        """Each flag OR-ed over all processes, so that every process stops at the same step."""
+    def _max_over_processes(self, *values: float) -> List[float]:
+        """Each value's maximum over all processes (a flag's OR), so that every process stops
+        at the same step."""
         if self.world == 1:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+        return t.tolist()
 
     def _barrier(self):
         if self.world > 1:
@@ -244,6 +250,11 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.is_main),
                    initial=first, total=first + len(loader), unit="batch")
         t0, seen, loss_sum, n = time.time(), 0, 0.0, 0
+        # Checks fall on optimizer steps (every check_every batches, rounded up to whole
+        # accumulations), at the same steps in every process, and at the epoch's last step.
+        period = -(-max(cfg.check_every, 1) // cfg.accumulate) * cfg.accumulate
+        last = first + len(loader) - 1
+        losses = []  # the device's losses of the steps since the last check
         step = first
         for step, batch in enumerate(bar, start=first):
             boundary = (step + 1) % cfg.accumulate == 0
@@ -251,16 +262,20 @@ class Trainer:
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if cfg.cuda_graphs:
-                value = self._graphed_step(images, batch["heatmaps"], batch["weights"], amp_dtype, step)
-                stop = self._stop
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {step} (with "
-                                             f"CUDA graphs after its update); the last good checkpoint is in {cfg.out}")
+                losses.append(self._graphed_step(images, batch["heatmaps"], batch["weights"], amp_dtype))
             else:
-                value, stop = self._step(images, batch["heatmaps"], batch["weights"], amp_dtype, boundary, step)
-            loss_sum, n, seen = loss_sum + value, n + 1, seen + len(images)
-            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen * self.world / (time.time() - t0):.1f}")
-            # Stop only between optimizer steps: a resumed run cannot rebuild half-accumulated grads.
+                losses.append(self._step(images, batch["heatmaps"], batch["weights"], amp_dtype, boundary))
+            seen += len(images)
+            # One process reads its own stop flag at every step (no wait); several agree on
+            # theirs at the checks only. Stop only between optimizer steps: a resumed run
+            # cannot rebuild half-accumulated grads.
+            check = (step + 1) % period == 0 or step == last or (self.world == 1 and self._stop and boundary)
+            if not check:
+                continue
+            values, stop = self._check(losses, step + 1 - len(losses))
+            losses = []
+            loss_sum, n = sum(values, loss_sum), n + len(values)
+            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{seen * self.world / (time.time() - t0):.1f}")
             if stop and boundary:
                 return False, step + 1
         totals = torch.tensor([loss_sum, n, seen], dtype=torch.float64)
@@ -277,35 +292,45 @@ class Trainer:
             pred = self.step_model(images)
         return heatmap_loss(pred, heatmaps.to(self.device), weights.to(self.device))
 
-    def _step(self, images, heatmaps, weights, amp_dtype, boundary: bool, step: int):
+    def _check(self, losses: List[torch.Tensor], first_step: int):
+        """The host's wait for the device, once in check_every steps: the losses of steps
+        first_step, first_step + 1, ... as floats, and the stop flag OR-ed over all processes.
+        Raises FloatingPointError naming the first step whose loss is not finite in any
+        process (its checkpoints were written before that step's update, and none since)."""
+        values = torch.stack(losses).tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), len(values))
+        minus_bad, stop = self._max_over_processes(-bad, float(self._stop))
+        bad = int(-minus_bad)
+        if bad < len(values):
+            value = values[bad] if not math.isfinite(values[bad]) else "in another process"
+            raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {first_step + bad}; "
+                                     f"the last good checkpoint is in {self.cfg.out}")
+        return values, bool(stop)
+
+    def _step(self, images, heatmaps, weights, amp_dtype, boundary: bool) -> torch.Tensor:
         """Forward, loss and backward, and the optimizer step at accumulation boundaries;
-        returns (loss, whether to stop), agreed by every process."""
+        returns the loss, on the device (no wait for it)."""
         ddp = isinstance(self.step_model, torch.nn.parallel.DistributedDataParallel)
         # Between optimizer steps DDP need not all-reduce the gradients it accumulates.
         with (self.step_model.no_sync() if ddp and not boundary else contextlib.nullcontext()):
             loss = self._loss(images, heatmaps, weights, amp_dtype)
-            value = loss.item()
-            non_finite, stop = self._agree(not math.isfinite(value), self._stop)
-            if non_finite:
-                raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {step}; "
-                                         f"the last good checkpoint is in {self.cfg.out}")
             self.scaler.scale(loss / self.cfg.accumulate).backward()
         if boundary:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        return value, stop
+        return loss.detach()
 
-    def _graphed_step(self, images, heatmaps, weights, amp_dtype, step: int) -> float:
+    def _graphed_step(self, images, heatmaps, weights, amp_dtype) -> torch.Tensor:
         """The whole step (forward, loss, backward, optimizer) as one CUDA graph replay: the
         launch-bound low-resolution levels cost one launch. The first step of a run is eager
         (it creates the optimizer state); the graph is captured at the second and again
-        whenever the learning rate changed, since the graph holds it as a constant."""
+        whenever the learning rate changed, since the graph holds it as a constant. Returns
+        the loss on the device (a copy: the next replay overwrites the graph's)."""
         heatmaps, weights = heatmaps.to(self.device), weights.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         if not self.optimizer.state:
-            value, _ = self._step(images, heatmaps, weights, amp_dtype, True, step)
-            return value
+            return self._step(images, heatmaps, weights, amp_dtype, True)
         if self._graph is None or self._graph[3] != lr:
             static = (images.clone(), heatmaps.clone(), weights.clone())
             buffers = [b.clone() for b in self.model.buffers()]  # the warm-up must not move BN statistics
@@ -331,7 +356,7 @@ class Trainer:
         for dst, src in zip(static, (images, heatmaps, weights)):
             dst.copy_(src, non_blocking=True)
         graph.replay()
-        return loss.item()
+        return loss.detach().clone()
 
     def _record(self, table: Dict[str, float], writer):
         row = {"epoch": self.epoch + 1, **self._last_epoch, "lr": self.optimizer.param_groups[0]["lr"],
