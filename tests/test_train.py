@@ -145,6 +145,8 @@ def test_bad_configs():
         Trainer(TrainConfig(amp="fp16", device="cpu"))
     with pytest.raises(ValueError, match="optimizer must be"):
         Trainer(TrainConfig(optimizer="lbfgs"))
+    with pytest.raises(ValueError, match="check_every must be positive"):
+        Trainer(TrainConfig(check_every=0))
 
 
 def test_heatmap_loss_by_hand():

@@ -75,6 +75,8 @@ _SETTINGS = {
     "val_size": (int, "synthetic validation people"),
     "workers": (int, "data-loading processes"),
     "seed": (int, "random seed of initialisation, data and augmentation"),
+    "check_every": (int, "steps between the host's reads of the losses (the non-finite check, the progress "
+                         "bar's loss); each read waits for the GPU"),
     "lr_drops": (types.epochs, "comma-separated epochs at which the learning rate drops ('' for none)"),
 }
 _SWITCHES = {

@@ -67,8 +67,8 @@ class Trainer:
             raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.optimizer not in ("rmsprop", "adam", "sgd"):
             raise ValueError(f"optimizer must be rmsprop, adam or sgd, got {cfg.optimizer!r}")
-        if cfg.accumulate < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
-            raise ValueError("epochs, batch_size and accumulate must be positive")
+        if min(cfg.accumulate, cfg.batch_size, cfg.epochs, cfg.check_every) < 1:
+            raise ValueError("epochs, batch_size, accumulate and check_every must be positive")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.rank, self.world, local_rank = _torchrun_env()
@@ -252,7 +252,7 @@ class Trainer:
         t0, seen, loss_sum, n = time.time(), 0, 0.0, 0
         # Checks fall on optimizer steps (every check_every batches, rounded up to whole
         # accumulations), at the same steps in every process, and at the epoch's last step.
-        period = -(-max(cfg.check_every, 1) // cfg.accumulate) * cfg.accumulate
+        period = -(-cfg.check_every // cfg.accumulate) * cfg.accumulate
         last = first + len(loader) - 1
         losses = []  # the device's losses of the steps since the last check
         step = first
