@@ -63,7 +63,7 @@ step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 \
-  "$PY" -m pytest $("$PY" -m fasthg.ops.registry) -m cuda -q -p no:cacheprovider \
+  "$PY" -m pytest $("$PY" -m fasthg.ops --test-files) -m cuda -q -p no:cacheprovider \
   -k "not hourglass_sizes and not compile and not opcheck and not gradcheck" || true
 step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --levels 128,64,32,16,8,4 \
   --channels 128,256 --model hg2,hg8 --model-layouts nchw --out "$out/bench" || true

@@ -92,11 +92,12 @@ def test_registering_twice_or_a_kernel_outside_the_schemas_is_refused():
 
 
 def test_the_gpu_check_reads_its_test_list_from_the_registry():
-    run = subprocess.run([sys.executable, "-m", "fasthg.ops.registry"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, "-m", "fasthg.ops", "--test-files"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0 and not run.stderr, run.stderr
     assert run.stdout.split() == [f"tests/test_{n}.py" for n in OPS]
     with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
-        assert "-m fasthg.ops.registry" in f.read()
+        assert '-m fasthg.ops --test-files' in f.read()
 
 
 def test_the_benchmarks_find_every_op_in_the_model():

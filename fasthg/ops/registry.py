@@ -96,7 +96,7 @@ def has_native(name: str, device_type: str) -> bool:
 
 def test_files() -> Tuple[str, ...]:
     """Every op's test file, relative to the repository root (benchmarks/gpu_check.sh runs them
-    under compute-sanitizer)."""
+    under compute-sanitizer, listed by `python -m fasthg.ops --test-files`)."""
     return tuple(op.test_file for op in _OPS.values())
 
 
@@ -105,8 +105,3 @@ def bar(name: str, mode: str):
     op = _OPS.get(name)
     return None if op is None else op.bars.get(mode)
 
-
-if __name__ == "__main__":  # `python -m fasthg.ops.registry`: the test files, for shell scripts
-    from fasthg.ops import registry  # this file as imported by fasthg.ops, which registers every op
-
-    print(" ".join(registry.test_files()))
