@@ -98,10 +98,3 @@ def test_files() -> Tuple[str, ...]:
     """Every op's test file, relative to the repository root (benchmarks/gpu_check.sh runs them
     under compute-sanitizer, listed by `python -m fasthg.ops --test-files`)."""
     return tuple(op.test_file for op in _OPS.values())
-
-
-def bar(name: str, mode: str):
-    """The bar of an op's mode, or None."""
-    op = _OPS.get(name)
-    return None if op is None else op.bars.get(mode)
-
