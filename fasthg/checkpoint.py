@@ -30,15 +30,41 @@ def save(path: str, model: StackedHourglass, **extra: Any) -> None:
         raise
 
 
+EXPECTED = "expected a checkpoint that fasthg train wrote, e.g. runs/train/best.pt"
+
+
+def _looks_like_text(path: str) -> bool:
+    """Whether the file starts as UTF-8 text (a checkpoint, zip or pickle, never does)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the end of the read
+            return False
+    return b"\0" not in head
+
+
 def read(path: str) -> Dict[str, Any]:
+    """The checkpoint's contents; FileNotFoundError (missing) or ValueError (anything else
+    that is not a fasthg checkpoint) with a message that names the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file ({EXPECTED})")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a folder, not a checkpoint file ({EXPECTED})")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: an empty file, not a fasthg checkpoint ({EXPECTED})")
+    if _looks_like_text(path):
+        raise ValueError(f"{path}: a text file, not a fasthg checkpoint ({EXPECTED})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise
     except Exception as e:  # truncated, not a torch file, ...
-        raise ValueError(f"{path}: not a readable fasthg checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fasthg checkpoint (expected format {FORMAT!r})")
+        raise ValueError(f"{path}: not a readable fasthg checkpoint ({type(e).__name__}: {e}; {EXPECTED})") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise ValueError(f"{path}: a torch file but not a fasthg checkpoint (no format {FORMAT!r}; {EXPECTED})")
+    if state["format"] != FORMAT:
+        raise ValueError(f"{path}: a checkpoint of format {state['format']!r}, which this fasthg does not read "
+                         f"(expected {FORMAT!r})")
     return state
 
 

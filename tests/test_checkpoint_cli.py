@@ -71,11 +71,27 @@ def test_eval_and_predict_commands(tmp_path, capsys):
     assert cv2.imread(str(tmp_path / "pred" / "person_pose.png")).shape == (90, 70, 3)
 
 
-def test_predict_unreadable_image(tmp_path):
+def test_predict_says_where_it_wrote_each_picture(tmp_path, capsys, monkeypatch):
     ckpt = str(tmp_path / "m.pt")
     checkpoint.save(ckpt, tiny(), input_size=64)
-    with pytest.raises(ValueError, match="cannot read image"):
-        main(["predict", ckpt, str(tmp_path / "missing.jpg"), "--out", str(tmp_path)])
+    for name in ("photo.jpg", "other.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((40, 30, 3), 90, np.uint8))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", ckpt, "photo.jpg", "other.png", "--device", "cpu"]) == 0
+    out = os.path.join("runs", "predict")  # the default folder, under the current one
+    assert capsys.readouterr().out.splitlines() == [f"photo.jpg -> {os.path.join(out, 'photo_pose.png')}",
+                                                    f"other.png -> {os.path.join(out, 'other_pose.png')}"]
+    assert sorted(os.listdir(tmp_path / out)) == ["other_pose.png", "photo_pose.png"]
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "default: runs/predict" in " ".join(capsys.readouterr().out.split())
+
+
+def test_predict_unreadable_image(tmp_path, capsys):
+    ckpt = str(tmp_path / "m.pt")
+    checkpoint.save(ckpt, tiny(), input_size=64)
+    assert main(["predict", ckpt, str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 1
+    assert "missing.jpg: no such file" in capsys.readouterr().err
 
 
 def test_every_flag_of_every_command_has_help():

@@ -1,6 +1,7 @@
 """The argument types every command shares, written once: backend, device, dtypes, memory
-layouts, model presets and comma-separated integer lists."""
+layouts, model presets, positive numbers and comma-separated integer lists."""
 import argparse
+import math
 
 from fasthg.models import PRESETS
 from fasthg.ops import BACKENDS
@@ -8,6 +9,11 @@ from fasthg.ops import BACKENDS
 DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "f16": "float16", "fp16": "float16"}
 LAYOUTS = ("nchw", "nhwc")
+
+
+class UsageError(Exception):
+    """A command's arguments that do not go together (found after parsing): fasthg.cli.main
+    prints the command's usage and this message, exit status 2, as argparse does."""
 
 
 def _int_list(text, minimum):
@@ -35,12 +41,32 @@ def epochs(text):
     return tuple(values)
 
 
+def _int(text, minimum, expected):
+    values = _int_list(text, minimum)
+    if not values or len(values) != 1 or "," in text:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return values[0]
+
+
 def positive_int(text):
     """One integer >= 1 (--limit, --repeats, --batch-size)."""
-    values = _int_list(text, 1)
-    if not values or len(values) != 1 or "," in text:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return values[0]
+    return _int(text, 1, "a positive integer")
+
+
+def natural_int(text):
+    """One integer >= 0 (--workers, --seed)."""
+    return _int(text, 0, "an integer >= 0")
+
+
+def positive_float(text):
+    """One finite number > 0 (--lr, --sigma)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _names(text, known, what, none=False, shown=None):
@@ -78,6 +104,25 @@ def add_backend(parser, default="auto", help=" (default: auto)"):
                              "device, else Triton on CUDA, else eager PyTorch" + help)
 
 
+def device(text):
+    """--device: auto, cpu, cuda or cuda:N (a GPU that is there), kept as the text."""
+    import torch
+
+    if text in ("auto", "cpu"):
+        return text
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda, cuda:N or auto")
+    count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f"{text}: no such GPU ({count or 'no'} CUDA device{'s' * (count != 1)} "
+                                         "visible); expected cpu, auto" + (f" or cuda:0..{count - 1}" if count else ""))
+    return text
+
+
 def add_device(parser, help=" (default: auto, a GPU if there is one)"):
     """--device: cpu, cuda, cuda:N or auto (fasthg.device.resolve)."""
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto" + help)
+    parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N or auto" + help)

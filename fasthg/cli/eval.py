@@ -23,6 +23,9 @@ COORDINATES = ("image pixels, 1-based (MATLAB, the MPII toolkit's): fasthg's 0-b
 def eval_source(args, input_size):
     """The records to evaluate: held-out synthetic people by default, else the given files;
     the first args.limit of them where that is given."""
+    annotation = args.mpii_json or args.mpii_h5 or args.coco
+    if annotation and not args.images:
+        raise types.UsageError("--mpii-json, --mpii-h5 and --coco need --images, the folder of the file's images")
     if args.mpii_json:
         from fasthg.data.mpii import load_mpii_json
         source = load_mpii_json(args.mpii_json, args.images, split=None if args.split == "all" else args.split)
@@ -37,6 +40,9 @@ def eval_source(args, input_size):
         source = SyntheticPoses(args.n, input_size, seed=args.seed)
     if args.limit and args.limit < len(source):
         source = torch.utils.data.Subset(source, range(args.limit))
+    if annotation:  # the people evaluated, each with its image file
+        from fasthg.data.mpii import require_images
+        require_images(source, annotation, args.images)
     return source
 
 
@@ -167,7 +173,7 @@ def add_command(sub):
     _model.add_arguments(e)
     e.add_argument("--n", type=types.positive_int, default=500,
                    help="synthetic people to evaluate on (default: 500)")
-    e.add_argument("--seed", type=int, default=12345,
+    e.add_argument("--seed", type=types.natural_int, default=12345,
                    help="synthetic validation seed (training uses others; default: 12345)")
     e.add_argument("--mpii-json", help="MPII annotations, JSON list format")
     e.add_argument("--mpii-h5", help="MPII annotations, HDF5 format (with head sizes)")
@@ -178,7 +184,7 @@ def add_command(sub):
                         "default: valid)")
     e.add_argument("--limit", type=types.positive_int, default=None, metavar="N",
                    help="evaluate only the first N people of the source, for a quick look (default: all)")
-    e.add_argument("--threshold", type=float, default=0.5,
+    e.add_argument("--threshold", type=types.positive_float, default=0.5,
                    help="PCKh threshold, a fraction of the head size (default: 0.5)")
     e.add_argument("--batch-size", type=types.positive_int, default=16, help="people per batch (default: 16)")
     e.add_argument("--grid", help="write a PNG grid of predicted vs true skeletons here")

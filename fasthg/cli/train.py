@@ -61,22 +61,22 @@ def default(name: str) -> str:
 
 # setting: (type, help); the help gets its default appended.
 _SETTINGS = {
-    "input_size": (int, "network input size in pixels (the heatmaps are a quarter of it)"),
-    "stacks": (int, "hourglasses stacked"),
-    "features": (int, "channels inside the hourglasses"),
-    "depth": (int, "downsamplings per hourglass"),
-    "sigma": (float, "heatmap Gaussian std in heatmap pixels"),
-    "epochs": (int, "epochs to train (when resuming: the total, counting those done)"),
-    "batch_size": (int, "images per batch and process (the global batch is this x processes)"),
-    "accumulate": (int, "batches per optimizer step"),
-    "lr": (float, "learning rate"),
-    "lr_gamma": (float, "factor of each learning-rate drop"),
-    "train_size": (int, "synthetic training people per epoch"),
-    "val_size": (int, "synthetic validation people"),
-    "workers": (int, "data-loading processes"),
-    "seed": (int, "random seed of initialisation, data and augmentation"),
-    "check_every": (int, "steps between the host's reads of the losses (the non-finite check, the progress "
-                         "bar's loss); each read waits for the GPU"),
+    "input_size": (types.positive_int, "network input size in pixels (the heatmaps are a quarter of it)"),
+    "stacks": (types.positive_int, "hourglasses stacked"),
+    "features": (types.positive_int, "channels inside the hourglasses"),
+    "depth": (types.positive_int, "downsamplings per hourglass"),
+    "sigma": (types.positive_float, "heatmap Gaussian std in heatmap pixels"),
+    "epochs": (types.positive_int, "epochs to train (when resuming: the total, counting those done)"),
+    "batch_size": (types.positive_int, "images per batch and process (the global batch is this x processes)"),
+    "accumulate": (types.positive_int, "batches per optimizer step"),
+    "lr": (types.positive_float, "learning rate"),
+    "lr_gamma": (types.positive_float, "factor of each learning-rate drop"),
+    "train_size": (types.positive_int, "synthetic training people per epoch"),
+    "val_size": (types.positive_int, "synthetic validation people"),
+    "workers": (types.natural_int, "data-loading processes"),
+    "seed": (types.natural_int, "random seed of initialisation, data and augmentation"),
+    "check_every": (types.positive_int, "steps between the host's reads of the losses (the non-finite check, "
+                                        "the progress bar's loss); each read waits for the GPU"),
     "lr_drops": (types.epochs, "comma-separated epochs at which the learning rate drops ('' for none)"),
 }
 _SWITCHES = {

@@ -3,18 +3,18 @@
 One record per kept person annotation, in file order. COCO has no person centre or height,
 so they come from the box: centre = box centre, scale = max(w, h) / 200 * padding (padding
 1.0 by default: PoseDataset already pads the crop by its crop_factor, 1.25). COCO has no head boxes: head_size is 0.
-Images are not opened here; `check_images` (re-exported from fasthg.data.mpii) lists records
-whose image file is missing.
+Images are not opened here; `check_images` and `require_images` (re-exported from
+fasthg.data.mpii) list the records whose image file is missing or raise if there are any.
 """
 import os
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
-from fasthg.data.mpii import _load_json, check_images
+from fasthg.data.mpii import _load_json, check_images, require_images
 from fasthg.data.records import COCO_JOINTS, PoseRecord
 
-__all__ = ["load_coco_keypoints", "check_images"]
+__all__ = ["load_coco_keypoints", "check_images", "require_images"]
 
 NUM_KEYPOINTS = len(COCO_JOINTS)
 ANNOTATION_KEYS = ("id", "image_id", "bbox", "keypoints")
@@ -80,7 +80,7 @@ def load_coco_keypoints(path: str, image_dir: str, min_keypoints: int = 1, inclu
     """
     if not padding > 0:
         raise ValueError(f"padding must be positive, got {padding}")
-    data = _load_json(path)
+    data = _load_json(path, "COCO person keypoints JSON, e.g. person_keypoints_val2017.json")
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{path}: expected a COCO object with 'images' and 'annotations'")
     names = _image_names(path, data["images"])

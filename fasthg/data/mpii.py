@@ -12,7 +12,7 @@ Two file families are read:
 MPII's coordinates are 1-based (MATLAB): centres and joints are shifted by -1 to fasthg's
 0-based pixel centres, as HRNet's loader does. Scales are kept as stored (PoseDataset pads
 the crop by its crop_factor). Images are not opened here; `check_images` lists the records
-whose image file is missing.
+whose image file is missing, and `require_images` raises, naming the folder, if there are any.
 
 A joint is annotated (visible = 1, scored by PCKh) unless both of its coordinates are <= 0:
 MPII files mark a missing joint with (0, 0) or (-1, -1). The per-joint flag of the file is
@@ -42,13 +42,25 @@ def _error(path: str, index: int, what: str) -> ValueError:
     return ValueError(f"{path}: record {index}: {what}")
 
 
-def _load_json(path: str) -> Any:
-    """The parsed file; a syntax error names the file (json's own message does not)."""
+def require_file(path: str, expected: str) -> None:
+    """FileNotFoundError (IsADirectoryError for a folder) naming the file and what was expected."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a folder, not a file (expected {expected})")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (expected {expected})")
+
+
+def _load_json(path: str, expected: str = "a JSON annotation file") -> Any:
+    """The parsed file; a missing file or a syntax error names the file (json's own message does
+    not) and what was expected."""
+    require_file(path, expected)
     with open(path, "r", encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
+            raise ValueError(f"{path}: not valid JSON: {e} (expected {expected})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file (expected {expected})") from None
 
 
 def _require(path: str, index: int, entry: Any, keys: Sequence[str]) -> None:
@@ -155,7 +167,7 @@ def load_mpii_json(path: str, image_dir: str, split: Optional[str] = None) -> Li
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    entries = _load_json(path)
+    entries = _load_json(path, "MPII annotations as a JSON list, e.g. mpii_annotations.json or annot/valid.json")
     if isinstance(entries, dict) and isinstance(entries.get("root"), list):
         entries = entries["root"]  # the original CPM genJSON output
     if not isinstance(entries, list):
@@ -215,7 +227,13 @@ def load_mpii_h5(path: str, image_dir: str) -> List[PoseRecord]:
     datasets, wrong shapes or joint count, non-finite values, a non-positive scale or a
     negative normalize.
     """
-    with h5py.File(path, "r") as f:
+    expected = "MPII annotations in HDF5, e.g. annot/valid.h5"
+    require_file(path, expected)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e}; expected {expected})") from None
+    with f:
         missing = [k for k in H5_KEYS if k not in f]
         if missing:
             raise ValueError(f"{path}: missing datasets {missing} (has {sorted(f.keys())})")
@@ -258,3 +276,15 @@ def check_images(records: Sequence[PoseRecord]) -> List[PoseRecord]:
         if not exists[record.image]:
             missing.append(record)
     return missing
+
+
+def require_images(records: Sequence[PoseRecord], annotation: str, image_dir: str) -> None:
+    """FileNotFoundError unless every record's image file exists: names the annotation file,
+    the image folder, how many people lack their image and the first such file."""
+    missing = check_images(records)
+    if not missing:
+        return
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{image_dir}: no such folder (expected the folder of {annotation}'s images)")
+    raise FileNotFoundError(f"{image_dir}: {len(missing)} of the {len(records)} people of {annotation} have no image "
+                            f"file there, e.g. {missing[0].image} (expected the folder of the images it names)")

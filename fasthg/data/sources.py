@@ -1,5 +1,13 @@
 """Where a training run's people come from."""
+from fasthg.data.mpii import require_images
 from fasthg.data.synthetic import SyntheticPoses
+
+
+def _checked(load, annotation, image_dir):
+    """load(annotation, image_dir), every person's image file there (else a clear error)."""
+    records = load(annotation, image_dir)
+    require_images(records, annotation, image_dir)
+    return records
 
 
 def sources(c):
@@ -12,8 +20,8 @@ def sources(c):
                              "validation images are in another folder)")
         if c.mpii_h5_train or c.mpii_json_train or c.mpii_h5_valid:
             raise ValueError("give MPII or COCO files, not both: their joints differ (16 and 17)")
-        return (load_coco_keypoints(c.coco_train, c.images),
-                load_coco_keypoints(c.coco_valid, c.valid_images or c.images))
+        return (_checked(load_coco_keypoints, c.coco_train, c.images),
+                _checked(load_coco_keypoints, c.coco_valid, c.valid_images or c.images))
     if c.mpii_h5_train or c.mpii_json_train:
         from fasthg.data.mpii import load_mpii_h5, load_mpii_json
         if not (c.mpii_h5_valid and c.images):
@@ -21,11 +29,12 @@ def sources(c):
         if c.mpii_h5_train and c.mpii_json_train:
             raise ValueError("give one of mpii_h5_train and mpii_json_train")
         if c.mpii_h5_train:
-            train = load_mpii_h5(c.mpii_h5_train, c.images)
+            train = _checked(load_mpii_h5, c.mpii_h5_train, c.images)
         else:  # a bearpaw list flags its validation people; an HRNet train.json holds none
             train = [r for r in load_mpii_json(c.mpii_json_train, c.images)
                      if not r.extra.get("is_validation", False)]
-        return train, load_mpii_h5(c.mpii_h5_valid, c.valid_images or c.images)
+            require_images(train, c.mpii_json_train, c.images)
+        return train, _checked(load_mpii_h5, c.mpii_h5_valid, c.valid_images or c.images)
     # Training and validation people come from different seeds: validation is held out.
     return (SyntheticPoses(c.train_size, c.input_size, seed=c.seed + 1),
             SyntheticPoses(c.val_size, c.input_size, seed=10_000_019 + c.seed))
