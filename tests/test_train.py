@@ -26,9 +26,13 @@ def weights(path):
     return checkpoint.read(path)["model"]
 
 
+def log_rows(folder):
+    return [json.loads(line) for line in open(folder / "log.jsonl")]
+
+
 @pytest.mark.parametrize("backend", ["eager", "native"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, backend, accumulate):
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys, backend, accumulate):
     if backend not in fasthg.ops.available("cpu"):
         pytest.skip(f"{backend} unavailable")
     whole = Trainer(tiny(tmp_path / "whole", backend=backend, accumulate=accumulate))
@@ -48,6 +52,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
     cut.fit()
     state = checkpoint.read(str(tmp_path / "cut" / "last.pt"))
     assert state["epoch"] == 1 and state["step_in_epoch"] == 2
+    assert state["epoch_sums"]["steps"] == 2 and state["epoch_sums"]["images"] == 8
+    # epochs are 1-based wherever a person reads them, as in the log and the progress bar
+    last = tmp_path / "cut" / "last.pt"
+    assert f"stopped by a signal in epoch 2 after step 2 of 4; resume from {last}" in capsys.readouterr().out
+    assert cut.summary().startswith("stopped by a signal in epoch 2 after step 2 of 4: 1 of 2 epochs done")
+    assert f"resume with: fasthg train --resume {last}" in cut.summary()
     monkeypatch.setattr(train, "heatmap_loss", real)
 
     resumed = Trainer(tiny(tmp_path / "cut", backend=backend, accumulate=accumulate))
@@ -58,16 +68,25 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["pckh_mean"] for r in whole.history] == [r["pckh_mean"] for r in resumed.history]
+    # the resumed epoch's loss averages all its steps, those before the signal too
+    assert [r["loss"] for r in log_rows(tmp_path / "whole")] == [r["loss"] for r in log_rows(tmp_path / "cut")]
 
 
 def test_outputs_log_curves_and_best(tmp_path):
     t = Trainer(tiny(tmp_path, epochs=2))
     history = t.fit()
     assert [r["epoch"] for r in history] == [1, 2]
-    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    rows = log_rows(tmp_path)
     assert rows == history and {"loss", "images_per_s", "lr", "pckh_mean", "pckh_head"} <= rows[0].keys()
     for name in ("last.pt", "best.pt", "curves.png"):
         assert (tmp_path / name).exists(), name
+    summary = t.summary().splitlines()
+    assert summary[0].startswith("2 of 2 epochs done (2 in this run), ") and summary[0].endswith(" training images/s")
+    best = max(history, key=lambda r: r["pckh_mean"])
+    assert summary[1] == (f"PCKh@0.5 mean: best {best['pckh_mean']:.1f}% (epoch {best['epoch']}), "
+                          f"last {history[-1]['pckh_mean']:.1f}% (epoch 2)")
+    assert summary[2:] == ["files written:"] + [f"  {what + ':':18} {tmp_path / name}" for what, name in (
+        ("checkpoint", "last.pt"), ("best checkpoint", "best.pt"), ("log", "log.jsonl"), ("curves", "curves.png"))]
     model = checkpoint.load_model(str(tmp_path / "best.pt"))
     assert model.config["num_features"] == 16
 
@@ -90,7 +109,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     nan_at_steps(monkeypatch, {2})
     t = Trainer(tiny(tmp_path, epochs=2))
     t.resume(str(tmp_path / "last.pt"))
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at epoch 1 step 2"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 2 step 3 of 4; "):
         t.fit()
     after = weights(str(tmp_path / "last.pt"))
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -107,7 +126,7 @@ def test_non_finite_loss_names_its_step_between_and_at_the_checks(tmp_path, monk
         nan_at_steps(monkeypatch, {bad, bad + 1})
         t = Trainer(tiny(tmp_path, **kw))
         t.resume(str(tmp_path / "last.pt"))
-        with pytest.raises(FloatingPointError, match=rf"non-finite loss \(nan\) at epoch 1 step {bad}; "):
+        with pytest.raises(FloatingPointError, match=rf"non-finite loss \(nan\) at epoch 2 step {bad + 1} of 10; "):
             t.fit()
         assert {name: (tmp_path / name).read_bytes() for name in files} == files
 
@@ -169,13 +188,57 @@ def test_train_command_and_resume(tmp_path, capsys, monkeypatch):
     assert main(args + ["--epochs", "1"]) == 0
     # resuming keeps the checkpoint's settings; only what is given again changes
     assert kept == [True]
-    assert main(["train", "--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--device", "cpu",
-                 "--no-keep-freed-memory"]) == 0
+    resume = ["train", "--resume", str(tmp_path / "last.pt"), "--device", "cpu"]
+    # refused before any training: the message names the setting, both values and why
+    for flag, value, message in (("--stacks", "2", "stacks: the checkpoint has 1, given 2; the checkpoint's weights"),
+                                 ("--seed", "3", "seed: the checkpoint has 0, given 3; the data order"),
+                                 ("--amp", "fp16", "amp: the checkpoint has 'none', given 'fp16'; fp16 trains with a "
+                                                   "grad scaler")):
+        with pytest.raises(ValueError, match=f"cannot resume with these settings changed:\n  {message}"):
+            main(resume + ["--epochs", "2", flag, value])
+    # the flags given again take effect: the learning rate and its schedule (a drop at the
+    # resumed epoch: 0.004 x 0.25 there, as a fresh run with these settings would have)
+    assert main(resume + ["--epochs", "2", "--no-keep-freed-memory", "--lr", "0.004", "--lr-drops", "1",
+                          "--lr-gamma", "0.25"]) == 0
     assert kept == [True]
     out = capsys.readouterr().out
     assert "epoch 1:" in out and "epoch 2:" in out
-    assert checkpoint.read(str(tmp_path / "last.pt"))["epoch"] == 2
-    assert len(open(tmp_path / "log.jsonl").readlines()) == 2
+    assert "with epochs 1 -> 2, lr 0.002 -> 0.004, lr_drops (12,) -> (1,), lr_gamma 0.1 -> 0.25" in out
+    assert "2 of 2 epochs done (1 in this run)" in out and f"  checkpoint:        {tmp_path / 'last.pt'}" in out
+    state = checkpoint.read(str(tmp_path / "last.pt"))
+    assert state["epoch"] == 2 and state["config"]["lr"] == 0.004
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.004 * 0.25]
+    assert [r["lr"] for r in log_rows(tmp_path)] == [0.002, 0.004 * 0.25]
+
+
+def test_resume_takes_the_settings_given_and_refuses_those_a_run_cannot_change(tmp_path):
+    Trainer(tiny(tmp_path, epochs=1)).fit()
+    last = str(tmp_path / "last.pt")
+    for change, message in (({"features": 8}, "features: the checkpoint has 16, given 8"),
+                            ({"input_size": 64}, "input_size: the checkpoint has 32, given 64"),
+                            ({"train_size": 32}, "train_size: the checkpoint has 16, given 32; the run's data order"),
+                            ({"optimizer": "sgd"}, "optimizer: the checkpoint has 'adam', given 'sgd'")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(tiny(tmp_path, **change)).resume(last)
+    # mid-epoch (here a checkpoint made to read so, as an older one without partial sums):
+    # the batch size and accumulate are refused, the rest resumes
+    state = checkpoint.read(last)
+    del state["epoch_sums"]
+    torch.save({**state, "step_in_epoch": 2}, tmp_path / "mid.pt")
+    for change in ({"batch_size": 2}, {"accumulate": 2}):
+        name, value = next(iter(change.items()))
+        with pytest.raises(ValueError, match=f"{name}: the checkpoint has {getattr(tiny(tmp_path), name)}, given "
+                                             f"{value}; the checkpoint stopped at step 2 of an epoch"):
+            Trainer(tiny(tmp_path, epochs=2, **change)).resume(str(tmp_path / "mid.pt"))
+    t = Trainer(tiny(tmp_path, epochs=2, amp="bf16", workers=1, check_every=3))
+    t.resume(str(tmp_path / "mid.pt"))
+    assert t._epoch_sums == {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+    # at an epoch's end: a new batch size, accumulate, learning rate and schedule take effect
+    t = Trainer(tiny(tmp_path, epochs=2, batch_size=8, accumulate=2, lr=2e-3, lr_drops=(1,), lr_gamma=0.5))
+    t.resume(last)
+    assert [g["lr"] for g in t.optimizer.param_groups] == [2e-3 * 0.5]
+    t.fit()
+    assert t.sampler.steps == 2 and [r["lr"] for r in log_rows(tmp_path)] == [1e-3, 2e-3 * 0.5]
 
 
 def test_cuda_graphs_need_a_cuda_device_and_one_process(tmp_path):

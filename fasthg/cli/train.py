@@ -4,15 +4,19 @@ import dataclasses
 from fasthg.cli import args as types
 from fasthg.device import resolve as resolve_device
 from fasthg.train import DEVICE_DEFAULTS, TrainConfig, Trainer, device_defaults
+from fasthg.train.config import check_resume_changes, resume_changes
 
 
 def config_from_args(args) -> TrainConfig:
-    """Device defaults (or, when resuming, the checkpoint's config), then the flags given."""
+    """Device defaults (or, when resuming, the checkpoint's config), then the flags given.
+    When resuming, raises ValueError for a flag given that a run cannot change mid-way
+    (Trainer.resume's rules), before a Trainer is built with it."""
     gpu = resolve_device(args.device).type == "cuda"
     if args.resume:
         from fasthg import checkpoint
 
-        values = dict(checkpoint.read(args.resume)["config"])
+        state = checkpoint.read(args.resume)
+        values = dict(state["config"])
         values["lr_drops"] = tuple(values["lr_drops"])
     else:
         values = device_defaults("cuda" if gpu else "cpu")
@@ -20,7 +24,10 @@ def config_from_args(args) -> TrainConfig:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    if args.resume:
+        check_resume_changes(resume_changes(state["config"], cfg), state["step_in_epoch"])
+    return cfg
 
 
 def run_train(args) -> int:
@@ -38,6 +45,8 @@ def run_train(args) -> int:
         if trainer.is_main:
             print(f"training on {trainer.device} x {trainer.world} process(es): {dataclasses.asdict(trainer.cfg)}")
         trainer.fit()
+        if trainer.is_main:
+            print(trainer.summary())
     finally:
         trainer.close()
     return 0

@@ -79,3 +79,48 @@ class TrainConfig:
     def for_device(cls, device_type: str, **settings) -> "TrainConfig":
         """The defaults of `device_type` ("cuda" or "cpu"), overridden by `settings`."""
         return cls(**{**device_defaults(device_type), **settings})
+
+
+# Settings a resumed run cannot change, and why: its weights, optimizer state, data order and
+# best score all belong to the checkpoint's values.
+_FIXED_ON_RESUME = {
+    **dict.fromkeys(("stacks", "features", "depth"), "the checkpoint's weights have the model shape it names"),
+    **dict.fromkeys(("input_size", "sigma"), "the network learned heatmaps of that size and width"),
+    "seed": "the data order, augmentation and random streams of the run follow it",
+    **dict.fromkeys(("train_size", "mpii_h5_train", "mpii_json_train", "coco_train", "images"),
+                    "the run's data order is a permutation of its training people"),
+    **dict.fromkeys(("val_size", "mpii_h5_valid", "coco_valid", "valid_images"),
+                    "the best score so far (best.pt) was measured on that validation set"),
+    "optimizer": "the checkpoint holds that optimizer's state (start a new run to change it)",
+}
+# Settings a resumed run may change only between epochs (step_in_epoch 0).
+_EPOCH_BOUNDARY_ON_RESUME = ("batch_size", "accumulate")
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> dict:
+    """{setting: (the checkpoint's value, cfg's)} for each setting of `cfg` that differs from a
+    checkpoint's config `saved`. Settings `saved` lacks (an older checkpoint's) count as unchanged."""
+    changes = {}
+    for name, given in dataclasses.asdict(cfg).items():
+        if name in saved:
+            old = tuple(saved[name]) if isinstance(given, tuple) else saved[name]
+            if old != given:
+                changes[name] = (old, given)
+    return changes
+
+
+def check_resume_changes(changes: dict, step_in_epoch: int) -> None:
+    """Raises ValueError naming each of `changes` (resume_changes') that a run resumed at step
+    `step_in_epoch` of its epoch cannot make: with the checkpoint's value, the given one and why."""
+    problems = []
+    for name, (old, given) in changes.items():
+        why = _FIXED_ON_RESUME.get(name)
+        if name == "amp" and "fp16" in (old, given):
+            why = "fp16 trains with a grad scaler whose state the other modes do not have (none and bf16 may swap)"
+        elif name in _EPOCH_BOUNDARY_ON_RESUME and step_in_epoch:
+            why = (f"the checkpoint stopped at step {step_in_epoch} of an epoch, whose data order is in batches of "
+                   f"the old size; it may change when resuming from a checkpoint written at an epoch's end")
+        if why:
+            problems.append(f"{name}: the checkpoint has {old!r}, given {given!r}; {why}")
+    if problems:
+        raise ValueError("cannot resume with these settings changed:\n  " + "\n  ".join(problems))

@@ -5,8 +5,12 @@ for COCO's 17 joints).
 Never lose work: checkpoints are atomic (fasthg.checkpoint) and written at every epoch's end
 and on SIGINT/SIGTERM (then the run stops); `resume` restores model, optimizer, scheduler,
 scaler, epoch, step within the epoch, RNG states and the data order, so an interrupted and
-resumed run ends with the weights of an uninterrupted one. A non-finite loss stops the run
-with a message naming the step; the last good checkpoint stays.
+resumed run ends with the weights of an uninterrupted one, and logs the same losses (a
+checkpoint within an epoch carries the epoch's sums so far). Settings given again on resume
+take effect (the learning rate and its schedule, epochs, batch size at an epoch's end, ...);
+those a run cannot change mid-way are refused (fasthg.train.config.check_resume_changes).
+A non-finite loss stops the run with a message naming the step; the last good checkpoint
+stays. Messages count epochs and steps from 1, as the log and the progress bar do.
 
 The host waits for the device only every `check_every` steps (and at an epoch's end, and
 before a checkpoint on a signal): the steps' losses stay on the device until then, when one
@@ -28,6 +32,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from typing import Dict, List
 
 import numpy as np
@@ -45,7 +50,12 @@ from fasthg.device import resolve as resolve_device
 from fasthg.evaluate import METRICS, evaluate
 from fasthg.draw import plot_training_curves
 from fasthg.models import StackedHourglass
-from fasthg.train.config import TrainConfig
+from fasthg.train.config import TrainConfig, check_resume_changes, resume_changes
+
+# The settings that make the learning-rate schedule.
+_SCHEDULE = ("lr", "lr_drops", "lr_gamma")
+# An epoch's running sums over all processes, carried in a checkpoint written within it.
+_NO_SUMS = {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -111,7 +121,7 @@ class Trainer:
         self.optimizer = {"rmsprop": lambda: torch.optim.RMSprop(params, lr=cfg.lr, **graphs),
                           "adam": lambda: torch.optim.Adam(params, lr=cfg.lr, **graphs),
                           "sgd": lambda: torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)}[cfg.optimizer]()
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.lr_drops), cfg.lr_gamma)
+        self.scheduler = self._new_scheduler()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         train_src, val_src = sources(cfg)
         # Synthetic people tell left from right by colour (warm right limbs): a mirrored one is
@@ -124,9 +134,15 @@ class Trainer:
             raise ValueError(f"{len(self.train_set)} training people make no batch of {cfg.batch_size} x "
                              f"{self.world} processes")
         self.epoch, self.best, self.history = 0, -1.0, []
+        self._epoch_sums = dict(_NO_SUMS)  # of the epoch's steps before a checkpoint in it (all processes')
+        self._run = {"images": 0, "seconds": 0.0, "wall": 0.0, "epochs": 0}  # what fit() trained in this process
+        self._stopped = None  # (epoch, step in it) where a signal stopped fit()
         self._stop = False
         self._graph = None  # (CUDAGraph, static inputs, static loss, the lr it was captured with)
         self.log_path = os.path.join(cfg.out, "log.jsonl")
+
+    def _new_scheduler(self):
+        return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(self.cfg.lr_drops), self.cfg.lr_gamma)
 
     @staticmethod
     def _seed_everything(seed: int):
@@ -139,6 +155,7 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step_in_epoch": step_in_epoch,
                 "best": self.best, "history": self.history, "config": dataclasses.asdict(self.cfg),
+                "epoch_sums": self._epoch_sums,
                 "input_size": self.cfg.input_size,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
@@ -147,13 +164,27 @@ class Trainer:
         checkpoint.save(path, self.model, **self._state(step_in_epoch))
 
     def resume(self, path: str):
+        """Continues from a checkpoint of this trainer's run. The settings of self.cfg that
+        differ from the checkpoint's take effect: the learning rate and its schedule (as a
+        fresh run with them would have it at this epoch), epochs, batch size and accumulate
+        (at an epoch's end only), and those that change no state (workers, progress, ...).
+        Raises ValueError for those a run cannot change (fasthg.train.config.check_resume_changes)."""
         state = checkpoint.read(path)
+        changes = resume_changes(state.get("config", {}), self.cfg)
+        check_resume_changes(changes, state["step_in_epoch"])
         checkpoint.load_model(path, model=self.model)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty from a run without fp16, which an enabled scaler refuses
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
+        # Older checkpoints have no partial sums: their resumed epoch logs the steps after it.
+        self._epoch_sums = {**_NO_SUMS, **state.get("epoch_sums", {})}
+        if any(k in changes for k in _SCHEDULE):
+            self._restart_schedule()
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if changes and self.is_main:
+            print(f"resuming from {path} with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
         self.sampler.start = state["step_in_epoch"] * self.cfg.batch_size
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -161,6 +192,18 @@ class Trainer:
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _restart_schedule(self):
+        """The learning rate a fresh run with this config has at self.epoch: its scheduler,
+        stepped as many times as epochs done (so each drop passed multiplies by lr_gamma, as
+        in the fresh run, to the last bit)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] = self.cfg.lr
+        self.scheduler = self._new_scheduler()
+        with warnings.catch_warnings():  # no optimizer step in this process yet: torch would warn
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(self.epoch):
+                self.scheduler.step()
 
     # -- the loop ------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -202,7 +245,7 @@ class Trainer:
             os.makedirs(cfg.out, exist_ok=True)
         last = os.path.join(cfg.out, "last.pt")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        writer = None
+        writer, start, self._stopped = None, time.time(), None
         if cfg.tensorboard and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
@@ -210,9 +253,10 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 finished, step = self._train_epoch()
                 if not finished:
+                    self._stopped = (self.epoch, step)
                     if self.is_main:
                         self.save(last, step)
-                        print(f"stopped by a signal at epoch {self.epoch} step {step}; resume from {last}")
+                        print(f"{self._stopped_text()}; resume from {last}")
                     self._barrier()
                     return self.history
                 if self.is_main:
@@ -220,6 +264,7 @@ class Trainer:
                                         flip_test=cfg.flip_test, progress=False)
                     self._record(table, writer)
                 self.epoch += 1
+                self._run["epochs"] += 1
                 self.scheduler.step()
                 self.sampler.start = 0
                 if self.is_main:
@@ -229,6 +274,7 @@ class Trainer:
                         self.save(os.path.join(cfg.out, "best.pt"))
                 self._barrier()
         finally:
+            self._run["wall"] += time.time() - start
             for s, h in handlers.items():
                 signal.signal(s, h)
             if writer:
@@ -249,7 +295,11 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.is_main),
                    initial=first, total=first + len(loader), unit="batch")
-        t0, seen, loss_sum, n = time.time(), 0, 0.0, 0
+        # A resumed epoch goes on from the sums of its steps before the checkpoint (rank 0 holds
+        # them, to be summed with the other processes' at the end), and from its time so far.
+        carried, self._epoch_sums = self._epoch_sums if first else dict(_NO_SUMS), dict(_NO_SUMS)
+        t0 = time.time() - carried["seconds"]
+        seen, loss_sum, n = 0, carried["loss_sum"] if self.is_main else 0.0, 0
         # Checks fall on optimizer steps (every check_every batches, rounded up to whole
         # accumulations), at the same steps in every process, and at the epoch's last step.
         period = -(-cfg.check_every // cfg.accumulate) * cfg.accumulate
@@ -275,17 +325,30 @@ class Trainer:
             values, stop = self._check(losses, step + 1 - len(losses))
             losses = []
             loss_sum, n = sum(values, loss_sum), n + len(values)
-            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{seen * self.world / (time.time() - t0):.1f}")
+            bar.set_postfix(loss=f"{values[-1]:.4f}",
+                            img_s=f"{(carried['images'] + seen * self.world) / (time.time() - t0):.1f}")
             if stop and boundary:
+                self._epoch_sums = self._sums(loss_sum, n, seen, carried, t0)
                 return False, step + 1
+        sums = self._sums(loss_sum, n, seen, carried, t0)
+        self._last_epoch = {"loss": sums["loss_sum"] / sums["steps"] if sums["steps"] else math.nan,
+                            "images_per_s": sums["images"] / max(sums["seconds"], 1e-9)}
+        return True, step + 1
+
+    def _sums(self, loss_sum: float, n: int, seen: int, carried: Dict, t0: float) -> Dict:
+        """The epoch's sums so far over all processes (a collective): this process's loss sum
+        (on rank 0 it includes the carried one), steps and images, plus the carried steps and
+        images; the seconds since t0. Adds the images and seconds of this fit() to self._run."""
         totals = torch.tensor([loss_sum, n, seen], dtype=torch.float64)
         if self.world > 1:
             totals = totals.to(self.device)
             dist.all_reduce(totals)
         loss_sum, n, seen = totals.tolist()
-        self._last_epoch = {"loss": loss_sum / n if n else math.nan,
-                            "images_per_s": seen / max(time.time() - t0, 1e-9)}
-        return True, step + 1
+        sums = {"loss_sum": loss_sum, "steps": int(n) + carried["steps"], "images": int(seen) + carried["images"],
+                "seconds": time.time() - t0}
+        self._run["images"] += int(seen)
+        self._run["seconds"] += sums["seconds"] - carried["seconds"]
+        return sums
 
     def _loss(self, images, heatmaps, weights, amp_dtype):
         with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -296,14 +359,16 @@ class Trainer:
         """The host's wait for the device, once in check_every steps: the losses of steps
         first_step, first_step + 1, ... as floats, and the stop flag OR-ed over all processes.
         Raises FloatingPointError naming the first step whose loss is not finite in any
-        process (its checkpoints were written before that step's update, and none since)."""
+        process, 1-based like the epoch (its checkpoints were written before that step's
+        update, and none since)."""
         values = torch.stack(losses).tolist()
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), len(values))
         minus_bad, stop = self._max_over_processes(-bad, float(self._stop))
         bad = int(-minus_bad)
         if bad < len(values):
             value = values[bad] if not math.isfinite(values[bad]) else "in another process"
-            raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch} step {first_step + bad}; "
+            raise FloatingPointError(f"non-finite loss ({value}) at epoch {self.epoch + 1} step "
+                                     f"{first_step + bad + 1} of {self.sampler.steps}; "
                                      f"the last good checkpoint is in {self.cfg.out}")
         return values, bool(stop)
 
@@ -375,10 +440,41 @@ class Trainer:
         """The entry of a validation table that ranks checkpoints (PCKh mean, OKS AP)."""
         return table[METRICS[self.metric]]
 
+    def _score_key(self) -> str:
+        """The log's (history's) key of the score that ranks checkpoints."""
+        return f"{self.metric}_{METRICS[self.metric].lower()}"
+
     def _metric_label(self) -> str:
         return {"pckh": "PCKh@0.5 mean", "oks": "OKS AP"}[self.metric]
 
     def plot(self):
         """curves.png in the output folder: the loss and validation-score curves (needs matplotlib)."""
-        plot_training_curves(self.history, f"{self.metric}_{METRICS[self.metric].lower()}",
+        plot_training_curves(self.history, self._score_key(),
                              f"validation {self._metric_label()} (%)", os.path.join(self.cfg.out, "curves.png"))
+
+    def _stopped_text(self) -> str:
+        epoch, step = self._stopped
+        return f"stopped by a signal in epoch {epoch + 1} after step {step} of {self.sampler.steps}"
+
+    def summary(self) -> str:
+        """What the last fit() did, for a person: epochs done, wall time, training images/s,
+        the best and last validation scores, where a signal stopped it (and how to go on),
+        and the files in the output folder with their paths."""
+        cfg, run = self.cfg, self._run
+        last = os.path.join(cfg.out, "last.pt")
+        lines = [f"{self.epoch} of {cfg.epochs} epochs done ({run['epochs']} in this run), "
+                 f"{run['wall']:.1f} s, {run['images'] / max(run['seconds'], 1e-9):.1f} training images/s"]
+        if self._stopped:
+            lines[0] = f"{self._stopped_text()}: {lines[0]}\nresume with: fasthg train --resume {last}"
+        if self.history:
+            key = self._score_key()
+            best = max(self.history, key=lambda r: r[key])
+            lines.append(f"{self._metric_label()}: best {best[key]:.1f}% (epoch {best['epoch']}), "
+                         f"last {self.history[-1][key]:.1f}% (epoch {self.history[-1]['epoch']})")
+        files = {"last.pt": "checkpoint", "best.pt": "best checkpoint", "log.jsonl": "log",
+                 "curves.png": "curves", "tensorboard": "TensorBoard logs"}
+        written = [(what, os.path.join(cfg.out, name)) for name, what in files.items()
+                   if os.path.exists(os.path.join(cfg.out, name))]
+        if written:
+            lines += ["files written:"] + [f"  {what + ':':18} {path}" for what, path in written]
+        return "\n".join(lines)
