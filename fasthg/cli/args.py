@@ -123,6 +123,6 @@ def device(text):
     return text
 
 
-def add_device(parser, help=" (default: auto, a GPU if there is one)"):
+def add_device(parser, help=" (default: auto, a GPU if there is one)", default="auto"):
     """--device: cpu, cuda, cuda:N or auto (fasthg.device.resolve)."""
-    parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N or auto" + help)
+    parser.add_argument("--device", type=device, default=default, help="cpu, cuda, cuda:N or auto" + help)

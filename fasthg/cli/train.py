@@ -11,7 +11,7 @@ def config_from_args(args) -> TrainConfig:
     """Device defaults (or, when resuming, the checkpoint's config), then the flags given.
     When resuming, raises ValueError for a flag given that a run cannot change mid-way
     (Trainer.resume's rules), before a Trainer is built with it."""
-    gpu = resolve_device(args.device).type == "cuda"
+    gpu = resolve_device(args.device or "auto").type == "cuda"
     if args.resume:
         from fasthg import checkpoint
 
@@ -106,7 +106,9 @@ def add_command(sub):
     t.add_argument("--out", help="output folder (default: runs/train, or the resumed checkpoint's)")
     t.add_argument("--resume", help="checkpoint to continue from (e.g. OUT/last.pt); its settings are kept "
                                     "unless given again")
-    types.add_device(t, help=" (default: auto, a GPU if there is one; it picks the defaults' column)")
+    # (None: "auto" for a new run, the checkpoint's device when resuming)
+    types.add_device(t, help=" (default: auto, a GPU if there is one, which picks the defaults' column; when "
+                             "resuming, the checkpoint's)", default=None)
     for name, (kind, text) in _SETTINGS.items():
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({default(name)})")
     types.add_backend(t, default=None, help=f" ({default('backend')})")
