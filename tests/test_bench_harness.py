@@ -33,7 +33,8 @@ def test_rows_tables_and_files(tmp_path):
     assert {r["backend"] for r in inference} == {r["backend"] for r in steps}
     assert all(r["images_per_s"] > 0 and r["mode"] == "forward" and "saved_mb" not in r for r in inference)
     table = (tmp_path / "bench.md").read_text()
-    assert table.count("\n") == len(result["rows"]) + 3
+    assert table.count("\n") == len(result["rows"]) + 3 + bool(bench.spread_warning(result))
+    assert all(r["spread"] >= 0 and r["varied"] == (r["spread"] > bench.SPREAD_LIMIT) for r in result["rows"])
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert (tmp_path / "bench.png").stat().st_size > 0
 
@@ -84,6 +85,56 @@ def test_op_inputs_rotate_through_twice_the_last_level_cache():
     assert len(bench.Rotation(make, cache_bytes=1 << 30, limit=3).sets) == 3
     assert len(bench.Rotation(make, cache_bytes=0).sets) == 1
     assert bench.last_level_cache_bytes(torch.device("cpu")) >= 1 << 20
+
+
+def test_spread_is_the_interquartile_range_over_the_median():
+    assert bench.spread([2.0] * 5) == 0.0
+    assert bench.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+    assert bench.spread([1.0, 1.0, 1.0, 1.0, 50.0]) == 0.0  # one stray slow call is not a busy machine
+    assert bench.spread([1.0, 9.0]) == 0.0  # too few repeats to tell
+
+
+def _busy_machine(monkeypatch):
+    """Timings as a busy machine gives them: steady eager calls, native ones anywhere from 1x to 30x."""
+    from fasthg.bench import report
+
+    def samples(fns, device, warmup=3, repeats=20):
+        return {k: [1e-3] * 5 if k == "eager" else [1e-3, 8e-3, 2e-3, 30e-3, 16e-3] for k in fns}
+
+    monkeypatch.setattr(report, "interleaved_samples", samples)
+
+
+def test_rows_whose_repeats_vary_are_flagged_in_the_rows_table_and_file(monkeypatch, tmp_path):
+    _busy_machine(monkeypatch)
+    result = bench.run(device="cpu", levels=[8], channels=[6], repeats=5, models=[], out_dir=str(tmp_path),
+                       progress=False, dtypes=[torch.float32])
+    rows = result["rows"]
+    native = [r for r in rows if r["backend"] == "native"]
+    assert native and all(r["varied"] and r["spread"] == pytest.approx(1.75) and r["median_ms"] == pytest.approx(8.0)
+                          for r in native)
+    assert not any(r["varied"] for r in rows if r["backend"] == "eager")
+    warning = (f"WARNING: {len(native)} of {len(rows)} rows varied by more than 50% between repeats "
+               "(spread = interquartile range / median; marked !): the machine was busy; their medians mean little")
+    assert bench.spread_warning(result) == warning
+    md = (tmp_path / "bench.md").read_text()
+    assert warning in md and md.count("| 8.000 | 175% ! |") == len(native)
+    assert md.count("| 1.000 | 0% |") == len(rows) - len(native)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["spread"] == rows[0]["spread"]
+
+
+def test_bench_command_warns_last_when_repeats_vary(monkeypatch, capsys):
+    from fasthg import cli
+
+    _busy_machine(monkeypatch)
+    assert cli.main(["bench", "--device", "cpu", "--levels", "8", "--channels", "6", "--model", "none",
+                     "--dtypes", "float32", "--out", ""]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("WARNING: ") and "rows varied by more than 50% between repeats" in out[-1]
+
+
+def test_steady_repeats_give_no_warning():
+    rows = [{"op": "bn_relu", "spread": 0.1}, {"op": "bn_relu"}]  # (rows of older runs carry no spread)
+    assert bench.spread_warning({"rows": rows}) == ""
 
 
 @pytest.mark.parametrize("argv,message", [

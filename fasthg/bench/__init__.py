@@ -5,11 +5,13 @@ fasthg.bench.chart), the memory counters (fasthg.bench.memory) and the allocator
 (fasthg.bench.malloc)."""
 from fasthg import device as device_info  # noqa: F401  (the tests patch its bf16 probe)
 from fasthg.bench.cases import ModelCase, hourglass_shapes, op_calls, op_case, op_cases
-from fasthg.bench.harness import (LAYOUTS, Rotation, compiled, copy_bandwidth, default_dtypes, dtype_name,
-                                  interleaved_medians, last_level_cache_bytes, layout_name, speedup)
-from fasthg.bench.report import BAR_LEVELS, BARS, TRAFFIC, bar_checks, bench_model, bench_op, run, table, write_outputs
+from fasthg.bench.harness import (LAYOUTS, SPREAD_LIMIT, Rotation, compiled, copy_bandwidth, default_dtypes,
+                                  dtype_name, interleaved_medians, interleaved_samples, last_level_cache_bytes,
+                                  layout_name, speedup, spread)
+from fasthg.bench.report import (BAR_LEVELS, BARS, TRAFFIC, bar_checks, bench_model, bench_op, run, spread_warning,
+                                 table, write_outputs)
 
-__all__ = ["BARS", "BAR_LEVELS", "LAYOUTS", "TRAFFIC", "ModelCase", "Rotation", "bar_checks", "bench_model",
-           "bench_op", "compiled", "copy_bandwidth", "default_dtypes", "dtype_name", "hourglass_shapes",
-           "interleaved_medians", "last_level_cache_bytes", "layout_name", "op_calls", "op_case", "op_cases",
-           "run", "speedup", "table", "write_outputs"]
+__all__ = ["BARS", "BAR_LEVELS", "LAYOUTS", "SPREAD_LIMIT", "TRAFFIC", "ModelCase", "Rotation", "bar_checks",
+           "bench_model", "bench_op", "compiled", "copy_bandwidth", "default_dtypes", "dtype_name", "hourglass_shapes",
+           "interleaved_medians", "interleaved_samples", "last_level_cache_bytes", "layout_name", "op_calls",
+           "op_case", "op_cases", "run", "speedup", "spread", "spread_warning", "table", "write_outputs"]

@@ -70,6 +70,25 @@ def interleaved_samples(fns: Dict[str, Callable], device: torch.device, warmup: 
     return samples
 
 
+# Above this spread a row's repeats disagree too much for its median to mean much (a busy machine).
+SPREAD_LIMIT = 0.5
+
+
+def spread(samples: List[float]) -> float:
+    """How much repeated timings of one call disagree: their interquartile range over their
+    median (0 for fewer than 3 samples, too few to tell). Robust to a stray slow sample; a
+    busy machine (other processes taking the cores) pushes it well above SPREAD_LIMIT."""
+    if len(samples) < 3:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(samples)
+
+
+def medians_and_spreads(samples: Dict[str, List[float]]):
+    """({name: median seconds}, {name: spread}) of interleaved_samples' result."""
+    return ({k: statistics.median(v) for k, v in samples.items()}, {k: spread(v) for k, v in samples.items()})
+
+
 def interleaved_medians(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
                         repeats: int = 20) -> Dict[str, float]:
     """Median seconds per call of each function, measured round-robin."""

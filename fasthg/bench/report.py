@@ -18,8 +18,9 @@ from tqdm import tqdm
 from fasthg import ops
 from fasthg.bench import memory
 from fasthg.bench.cases import ModelCase, op_calls, op_cases
-from fasthg.bench.harness import (LAYOUTS, copy_bandwidth, default_dtypes, dtype_name, interleaved_medians,
-                                  last_level_cache_bytes, layout_name, speedup)
+from fasthg.bench.harness import (LAYOUTS, SPREAD_LIMIT, copy_bandwidth, default_dtypes, dtype_name,
+                                  interleaved_samples, last_level_cache_bytes, layout_name, medians_and_spreads,
+                                  speedup)
 from fasthg.device import resolve as resolve_device
 from fasthg.ops import registry
 
@@ -30,11 +31,23 @@ BAR_LEVELS = registry.BAR_LEVELS
 TRAFFIC = {(op.name, mode): units for op in registry.ops() for mode, units in op.traffic.items()}
 
 
-def op_rows(case, calls: Dict[str, callable], mode: str, med: Dict[str, float], device) -> List[dict]:
+def timed(fns: Dict[str, callable], device, warmup: int = 3, repeats: int = 20):
+    """Each function's median seconds and spread (harness.spread), timed round-robin."""
+    return medians_and_spreads(interleaved_samples(fns, device, warmup, repeats))
+
+
+def timing(med: Dict[str, float], spreads: Dict[str, float], b: str) -> dict:
+    """A row's timing columns: median, speedup over eager, spread and whether it varied too much."""
+    return {"median_ms": med[b] * 1e3, "speedup": speedup(med["eager"], med[b]), "spread": spreads[b],
+            "varied": spreads[b] > SPREAD_LIMIT}
+
+
+def op_rows(case, calls: Dict[str, callable], mode: str, med: Dict[str, float], spreads: Dict[str, float],
+            device) -> List[dict]:
     n, c, h, w = case["shape"]
     moved = TRAFFIC[case["op"], mode] * n * c * h * w * case["_dtype"].itemsize
     return [{**{k: v for k, v in case.items() if not k.startswith("_")}, "mode": mode, "backend": b,
-             "median_ms": med[b] * 1e3, "speedup": speedup(med["eager"], med[b]), "bytes": moved,
+             **timing(med, spreads, b), "bytes": moved,
              "gb_s": moved / med[b] / 1e9, "peak_mb": memory.peak_bytes(fn, device) / 2**20}
             for b, fn in calls.items()]
 
@@ -44,7 +57,8 @@ def bench_op(case, device, backends, repeats, cache_bytes=0) -> List[dict]:
     rows = []
     for mode, calls in op_calls(case, device, backends, cache_bytes).items():
         with torch.enable_grad():
-            rows += op_rows(case, calls, mode, interleaved_medians(calls, device, repeats=repeats), device)
+            med, spreads = timed(calls, device, repeats=repeats)
+            rows += op_rows(case, calls, mode, med, spreads, device)
     return rows
 
 
@@ -58,16 +72,15 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
     def row(what, mode, b, med, fn, **extra):
         return {"op": f"{preset} {what}", "level": image_size, "shape": [batch, 3, image_size, image_size],
                 "dtype": dtype_name(dtype), "layout": layout_name(layout),
-                "mode": mode, "backend": b, "median_ms": med[b] * 1e3,
-                "speedup": speedup(med["eager"], med[b]), "images_per_s": batch / med[b],
+                "mode": mode, "backend": b, **timing(med, spreads, b), "images_per_s": batch / med[b],
                 "peak_mb": memory.peak_bytes(fn, device) / 2**20, **extra}
 
     warmup = 2 if "compile" in backends else 1
-    med = interleaved_medians(case.step, device, warmup=warmup, repeats=repeats)
+    med, spreads = timed(case.step, device, warmup=warmup, repeats=repeats)
     rows = [row("train step", "forward+backward", b, med, fn, saved_mb=case.saved_activation_bytes(b) / 2**20)
             for b, fn in case.step.items()]
     case.eval()
-    med = interleaved_medians(case.infer, device, warmup=warmup, repeats=repeats)
+    med, spreads = timed(case.infer, device, warmup=warmup, repeats=repeats)
     return rows + [row("inference", "forward", b, med, fn) for b, fn in case.infer.items()]
 
 
@@ -145,19 +158,31 @@ def bar_checks(rows) -> List[Dict]:
                 "layout": r["layout"], "dtype": r["dtype"], "speedup": r["speedup"], "bar": BARS[key],
                 "met": r["speedup"] >= BARS[key]}
     return list(checks.values())
+def spread_warning(result) -> str:
+    """One line when rows' repeats varied by more than SPREAD_LIMIT ('' when none did)."""
+    rows = result["rows"]
+    varied = sum(r.get("spread", 0.0) > SPREAD_LIMIT for r in rows)
+    if not varied:
+        return ""
+    return (f"WARNING: {varied} of {len(rows)} rows varied by more than {SPREAD_LIMIT:.0%} between repeats "
+            "(spread = interquartile range / median; marked !): the machine was busy; their medians mean little")
+
+
 def table(result) -> str:
-    lines = ([] if result.get("complete", True) else ["(incomplete: the rows measured so far)"]) + [
+    warning = spread_warning(result)
+    lines = ([] if result.get("complete", True) else ["(incomplete: the rows measured so far)"]) + (
+             [warning] if warning else []) + [
              f"device: {result['device']}, torch {result['torch']}, {result['allocator']}; "
              f"copy bandwidth {result['copy_gb_s']:.1f} GB/s; op inputs rotated through "
              f"{2 * result.get('cache_mib', 0):.0f} MiB (twice the last-level cache) "
              "(medians; speedup = eager / backend, same run)",
-             "| op | shape | layout | dtype | mode | backend | median ms | speedup | GB/s | of copy | peak MB "
-             "| img/s | saved MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| op | shape | layout | dtype | mode | backend | median ms | spread | speedup | GB/s | of copy "
+             "| peak MB | img/s | saved MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     opt = lambda r, k, f: format(r[k], f) if k in r else ""  # noqa: E731
     for r in result["rows"]:
         lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['mode']} "
-                     f"| {r['backend']} | {r['median_ms']:.3f} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
+                     f"| {r['backend']} | {r['median_ms']:.3f} | {spread_cell(r)} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
                      f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
     checks = result.get("bars", [])
@@ -166,6 +191,12 @@ def table(result) -> str:
         lines += [f"- {c['op']} {c['mode']} {c['channels']}x{c['level']}x{c['level']} {c['layout']} {c['dtype']}: "
                   f"{c['speedup']:.2f}x, bar {c['bar']:.1f}x: {'met' if c['met'] else 'NOT met'}" for c in checks]
     return "\n".join(lines)
+
+
+def spread_cell(row) -> str:
+    if "spread" not in row:
+        return ""
+    return f"{row['spread']:.0%}" + (" !" if row["spread"] > SPREAD_LIMIT else "")
 
 
 def _write_atomic(path: str, text: str):

@@ -12,6 +12,9 @@ def run(args) -> int:
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
+    warning = bench.spread_warning(result)
+    if warning:  # again as the last line, where it is seen: the table's first lines have scrolled away
+        print(f"\n{warning}")
     return 0
 
 
