@@ -21,10 +21,10 @@ def add_arguments(parser):
 def load(args):
     """(model on args.device, input size), set up to run as `fasthg train` runs it on that
     device (fasthg.cli.train, fasthg.train.config.DEVICE_DEFAULTS): the layout the trainer
-    uses there (on the CPU channels_last, about twice as fast a forward on 2 cores as NCHW)
-    and, on the CPU, glibc keeping freed memory (fasthg.bench.malloc), else every fresh
-    activation page-faults, which on a shared VM costs more than the convolutions. Without
-    these `fasthg eval` ran several times slower than the same validation inside training."""
+    uses there (on the CPU channels_last, the faster format for its convolutions) and, on the
+    CPU, glibc keeping freed memory (fasthg.bench.malloc), else every fresh activation
+    page-faults. Without these `fasthg eval` ran slower than the same validation inside
+    training (benchmarks/results/HISTORY.md)."""
     from fasthg.bench import malloc
     from fasthg.train.config import device_defaults
 
