@@ -16,12 +16,21 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+# Tests that call Triton kernels hundreds of times (gradcheck) or through a whole model: each
+# takes 5-35 s in the CPU interpreter on 2 cores, so they run in `make test`, not in
+# `make test-quick` (marked slow below; the same tests' native cases stay quick).
+SLOW_UNDER_THE_TRITON_INTERPRETER = {"test_gradcheck_float64", "test_backend_matches_eager_model",
+                                     "test_two_processes_equal_one_process_on_the_whole_batch"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
     skip = pytest.mark.skip(reason="no CUDA device visible")
     for item in items:
-        if "cuda" in item.keywords:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if (params and params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"
+                and item.originalname in SLOW_UNDER_THE_TRITON_INTERPRETER):
+            item.add_marker(pytest.mark.slow)
+        if not HAS_CUDA and "cuda" in item.keywords:
             item.add_marker(skip)
 
 

@@ -8,6 +8,7 @@ import torch
 from fasthg import bench
 
 
+@pytest.mark.slow  # every op and a model through the whole harness: 10-15 s on 2 cores
 def test_rows_tables_and_files(tmp_path):
     result = bench.run(device="cpu", levels=[8], channels=[6], repeats=2, models=["hg1"], model_repeats=1,
                        image_size=64, out_dir=str(tmp_path), progress=False, dtypes=[torch.float32])
@@ -188,6 +189,7 @@ def test_cpu_bf16_probe_answers_a_bool():
     assert cpu_computes_bf16() in (True, False)
 
 
+@pytest.mark.slow  # a model's step and inference in every layout and dtype
 def test_models_run_in_each_layout_and_autocast_dtype():
     import torch
 

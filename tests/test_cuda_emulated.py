@@ -17,6 +17,7 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
+@pytest.mark.slow  # a C++ build and run: 15-50 s on 2 cores
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 @pytest.mark.parametrize("op", registry.names())
 def test_cuda_kernels_emulated_on_cpu(op, tmp_path):
