@@ -151,15 +151,20 @@ def test_train_accepts_zero_workers_and_seed():
     assert (args.workers, args.seed, args.lr) == (0, 0, 1e-3)
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
-    (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
-    (["--threshold", "-0.5"], "argument --threshold: expected a positive number, got '-0.5'"),
-    (["--input-size", "0"], "argument --input-size: expected a positive integer"),
-    (["--split", "test"], "argument --split: invalid choice: 'test'"),
-    (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
-])
+# The flags of `fasthg eval`, each with a bad value, and what the error says.
+BAD_EVAL_VALUES = {
+    "--backend nope": "argument --backend: invalid choice: 'nope'",
+    "--device tpu": "unknown device 'tpu'",
+    "--batch-size 0": "argument --batch-size: expected a positive integer, got '0'",
+    "--threshold -0.5": "argument --threshold: expected a positive number, got '-0.5'",
+    "--input-size 0": "argument --input-size: expected a positive integer",
+    "--split test": "argument --split: invalid choice: 'test'",
+    "--seed -1": "argument --seed: expected an integer >= 0",
+}
+
+
+@pytest.mark.parametrize("argv,expected", [(k.split(), v) for k, v in BAD_EVAL_VALUES.items()],
+                         ids=list(BAD_EVAL_VALUES))
 def test_eval_refuses_bad_values(capsys, monkeypatch, ckpt, argv, expected):
     fails(capsys, monkeypatch, ["eval", ckpt] + argv, 2, expected)
 
