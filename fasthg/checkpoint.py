@@ -68,10 +68,12 @@ def read(path: str) -> Dict[str, Any]:
     return state
 
 
-def load_model(path: str, backend: str = "auto", model: Optional[StackedHourglass] = None) -> StackedHourglass:
+def load_model(path: str, backend: str = "auto", model: Optional[StackedHourglass] = None,
+               state: Optional[Dict[str, Any]] = None) -> StackedHourglass:
     """The checkpoint's model (built from its config), or its weights loaded into `model`,
-    which must have the same shape."""
-    state = read(path)
+    which must have the same shape. `state`: the checkpoint as read(path) gave it, for a
+    caller that read it already (it is not read again)."""
+    state = read(path) if state is None else state
     if model is None:
         model = StackedHourglass(**state["model_config"], backend=backend)
     elif dict(model.config) != state["model_config"]:

@@ -159,14 +159,16 @@ METRICS = {"pckh": "Mean", "oks": "AP"}  # metric -> the entry of its table that
 def evaluate(model, dataset, threshold: float = 0.5, metric: str = "pckh",
              **kw) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
     """The model's score table (percent) on an evaluation PoseDataset, and the predictions it
-    was computed from: PCKh@threshold (metric "pckh"), or OKS AP ("oks": COCO; each person
-    scored by its mean heatmap peak)."""
+    was computed from: PCKh@threshold (metric "pckh", with the per-joint accuracy and count of
+    pckh() in the results as "pckh_accuracy" and "pckh_count"), or OKS AP ("oks": COCO; each
+    person scored by its mean heatmap peak)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     res = predict_dataset(model, dataset, **kw)
     if metric == "oks":
         return oks_table(oks(res["pred"], res["joints"], res["visible"], res["area"]), res["peak"].mean(1)), res
     acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold)
+    res["pckh_accuracy"], res["pckh_count"] = acc, count
     return pckh_table(acc, count), res
 
 

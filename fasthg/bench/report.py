@@ -158,6 +158,8 @@ def bar_checks(rows) -> List[Dict]:
                 "layout": r["layout"], "dtype": r["dtype"], "speedup": r["speedup"], "bar": BARS[key],
                 "met": r["speedup"] >= BARS[key]}
     return list(checks.values())
+
+
 def spread_warning(result) -> str:
     """One line when rows' repeats varied by more than SPREAD_LIMIT ('' when none did)."""
     rows = result["rows"]

@@ -30,7 +30,7 @@ def load(args):
 
     state = checkpoint.read(args.checkpoint)
     device = resolve_device(args.device)
-    model = checkpoint.load_model(args.checkpoint, backend=args.backend).to(device)
+    model = checkpoint.load_model(args.checkpoint, backend=args.backend, state=state).to(device)
     if device_defaults(device.type)["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cpu":

@@ -13,7 +13,7 @@ from fasthg.data.dataset import PoseDataset
 from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, joint_conventions
 from fasthg.data.transforms import transform_points
 from fasthg.draw import draw_skeleton, grid, write_png
-from fasthg.evaluate import evaluate, format_table, per_joint_table, pckh
+from fasthg.evaluate import evaluate, format_table, per_joint_table
 
 PREDICTION_FORMATS = (".mat", ".h5", ".npz", ".json", ".csv")
 COORDINATES = ("image pixels, 1-based (MATLAB, the MPII toolkit's): fasthg's 0-based pixel centres + 1; "
@@ -149,8 +149,7 @@ def run(args) -> int:
     print(f"{name} on {len(ds)} people ({'flip test' if args.flip_test else 'no flip test'}):")
     print(format_table(table))
     if metric == "pckh":
-        accuracy, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], args.threshold)
-        print(f"\nper joint:\n{per_joint_table(accuracy, count, MPII_JOINTS)}")
+        print(f"\nper joint:\n{per_joint_table(res['pckh_accuracy'], res['pckh_count'], MPII_JOINTS)}")
     if args.save_predictions:
         _write(args, source, res)
     if args.grid:

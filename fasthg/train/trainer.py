@@ -172,7 +172,7 @@ class Trainer:
         state = checkpoint.read(path)
         changes = resume_changes(state.get("config", {}), self.cfg)
         check_resume_changes(changes, state["step_in_epoch"])
-        checkpoint.load_model(path, model=self.model)
+        checkpoint.load_model(path, model=self.model, state=state)
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty from a run without fp16, which an enabled scaler refuses
             self.scaler.load_state_dict(state["scaler"])
