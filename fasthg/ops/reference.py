@@ -51,3 +51,24 @@ def bn_relu_backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean
     g, xhat = _masked_grad_and_xhat(grad_out, x, mean, invstd, weight, bias)
     dx = _per_channel(weight * invstd) * (g - _per_channel(mean_g) - xhat * _per_channel(mean_g_xhat))
     return dx.to(x.dtype)
+
+
+def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training: bool = True,
+                    out_stats: bool = False):
+    """conv1x1(relu((x - mean) * invstd * bn_weight + bn_bias)) (fasthg.ops.conv1x1's op). With
+    `training`, mean and invstd are x's batch statistics: they are recomputed from x here (the
+    variance with the eps the given invstd implies, so the values are the given ones) so that
+    autograd differentiates through them, as BatchNorm's training backward does. With
+    `out_stats`, also y's per-channel sum and sum of squares (without gradient)."""
+    p = mean.dtype
+    xp = x.to(p)
+    if training:
+        var = xp.var((0, 2, 3), unbiased=False)
+        eps = (invstd.detach() ** -2 - var.detach())
+        mean, invstd = xp.mean((0, 2, 3)), torch.rsqrt(var + eps)
+    a = torch.relu((xp - _per_channel(mean)) * _per_channel(invstd * bn_weight) + _per_channel(bn_bias))
+    y = F.conv2d(a.to(x.dtype), conv_weight.to(x.dtype), None if conv_bias is None else conv_bias.to(x.dtype))
+    if not out_stats:
+        return y
+    yd = y.detach().to(p)
+    return y, yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3))

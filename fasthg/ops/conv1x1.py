@@ -1,0 +1,135 @@
+"""bn_relu_conv1x1: a 1x1 convolution whose input is relu(batch_norm(x)), on Triton
+(kernels/conv1x1.py): the normalised activation is formed in the GEMM's prologue and never
+stored, and the output's per-channel sum and sum of squares (what the next BatchNorm needs)
+can come from its epilogue. Backward recomputes the activation from x and the statistics.
+
+Triton only (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), and not a registry op:
+the registry's ops have native kernels too. Its ahead-of-time compile list is in
+registry.TRITON_ONLY_KERNELS. The ops are torch.library custom ops with autograd and fake
+implementations, so they trace under torch.compile (torch.library.opcheck tests them).
+"""
+import torch
+
+from fasthg.ops import _backend
+from fasthg.ops.layout import memory_format_of
+
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _param_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias):
+    def fail(msg):
+        raise ValueError(f"bn_relu_conv1x1: {msg}")
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        fail(f"`x` must be a 4-D [N, C, H, W] tensor, got "
+             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in _ACTIVATION_DTYPES:
+        fail(f"`x` must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.numel() == 0:
+        fail(f"`x` must not be empty, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if not isinstance(t, torch.Tensor) or t.shape != (c,):
+            fail(f"`{name}` must be a tensor of shape ({c},) for the {c} channels of `x`, got "
+                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 4 or tuple(conv_weight.shape[1:]) != (c, 1, 1):
+        fail(f"`conv_weight` must be a [Cout, {c}, 1, 1] tensor (a 1x1 convolution of the {c} channels of `x`), "
+             f"got {tuple(conv_weight.shape) if isinstance(conv_weight, torch.Tensor) else type(conv_weight).__name__}")
+    cout = conv_weight.shape[0]
+    if cout == 0:
+        fail("`conv_weight` must have at least one output channel")
+    if conv_bias is not None and (not isinstance(conv_bias, torch.Tensor) or conv_bias.shape != (cout,)):
+        fail(f"`conv_bias` must be None or a tensor of shape ({cout},) for the {cout} output channels of "
+             f"`conv_weight`, got {tuple(conv_bias.shape) if isinstance(conv_bias, torch.Tensor) else type(conv_bias).__name__}")
+    named = (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+             ("conv_weight", conv_weight), ("conv_bias", conv_bias))
+    for name, t in named:
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            fail(f"`{name}` must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            fail(f"`{name}` must be on {x.device} like `x`, got {t.device}")
+    if not _backend.triton_usable(x.device.type):
+        fail(f"runs on Triton, which needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+             f"`x` is on {x.device}" + ("" if _backend.triton_available() else " and triton is not installed"))
+    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
+        fail("bfloat16 `x` needs a CUDA device (the Triton interpreter has no bfloat16)")
+
+
+def _fake_forward(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats):
+    n, _, h, w = x.shape
+    cout = conv_weight.shape[0]
+    y = x.new_empty((n, cout, h, w)).contiguous(memory_format=memory_format_of(x))
+    k = cout if out_stats else 0
+    return y, x.new_empty(k, dtype=_param_dtype(x)), x.new_empty(k, dtype=_param_dtype(x))
+
+
+def _fake_backward(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, training):
+    p = _param_dtype(x)
+    c, cout = x.shape[1], conv_weight.shape[0]
+    return (torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty(c, dtype=p), x.new_empty(c, dtype=p),
+            x.new_empty((cout, c, 1, 1)), x.new_empty(cout, dtype=p))
+
+
+_forward_op = _backward_op = None
+if _backend.triton_available():
+    from fasthg.kernels import conv1x1 as _tk
+
+    @torch.library.custom_op("fasthg::bn_relu_conv1x1_triton", mutates_args=())
+    def _forward_op(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, bn_weight: torch.Tensor,
+                    bn_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, training: bool,
+                    out_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.forward(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, out_stats)
+
+    @torch.library.custom_op("fasthg::bn_relu_conv1x1_backward_triton", mutates_args=())
+    def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                     bn_weight: torch.Tensor, bn_bias: torch.Tensor, conv_weight: torch.Tensor,
+                     training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.backward(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, training)
+
+    _forward_op.register_fake(_fake_forward)
+    _backward_op.register_fake(_fake_backward)
+
+    def _setup_context(ctx, inputs, output):
+        x, mean, invstd, bn_weight, bn_bias, conv_weight, _, training, _ = inputs
+        ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
+        ctx.training = training
+        # The statistics carry no gradient: a training BN that uses them differentiates through
+        # its statistics itself (its backward's mean terms), from y.
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward(ctx, grad_y, _grad_sum, _grad_sumsq):
+        x, mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
+        dx, dbw, dbb, dw, db = _backward_op(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, ctx.training)
+        return dx, None, None, dbw, dbb, dw, db, None, None
+
+    _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training=True, out_stats=False):
+    """y = conv2d(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight, conv_bias) for a 1x1
+    conv_weight [Cout, C, 1, 1] (conv_bias None or [Cout]), in x's memory format and dtype.
+
+    Differentiable in x, bn_weight, bn_bias, conv_weight and conv_bias. With training=True,
+    mean and invstd must be x's batch statistics (mean and 1/sqrt(biased var + eps)) and the
+    backward is BatchNorm's training backward (the gradient flows through them into x); with
+    training=False they are constants (running statistics). out_stats=True also returns y's
+    per-channel sum and sum of squares, float32 (float64 for float64 x), without gradient:
+    (y, sum, sum_of_squares).
+
+    x: float32, float16, bfloat16 (CUDA only) or float64; the statistics and BN parameters are
+    used in float32 (float64 for float64 x), and the convolution runs in x's dtype with float32
+    accumulation (conv_weight is cast to x's dtype, as autocast does). NCHW x is copied to
+    channels_last for the kernels (and y back to NCHW)."""
+    check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias)
+    p = _param_dtype(x)
+    cout = conv_weight.shape[0]
+    bias = x.new_zeros(cout, dtype=p) if conv_bias is None else conv_bias.to(p)
+    y, s, s2 = _forward_op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), conv_weight.to(x.dtype),
+                           bias, bool(training), bool(out_stats))
+    return (y, s, s2) if out_stats else y
