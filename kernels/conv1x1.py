@@ -264,8 +264,10 @@ def backward(grad_y, x, mean, invstd, bn_weight, bn_bias, weight, training: bool
 def compile_variants(dt: str, channels_last: bool, int64: bool):
     """(kernel, pointer argument -> element type, constexprs) of every kernel variant launched
     for activations of Triton type `dt` (tests/triton_compile_all.py compiles them for sm_90).
-    The kernels take channels_last matrices only (NCHW is copied first), so `channels_last`
-    changes nothing here."""
+    The kernels take channels_last matrices only (an NCHW x is copied first and runs the same
+    kernels), so the NCHW list is empty."""
+    if not channels_last:
+        return
     acc = tl.float64 if dt == "fp64" else tl.float32
     param = "fp64" if dt == "fp64" else "fp32"
     params = {k: param for k in ("mean_ptr", "invstd_ptr", "bnw_ptr", "bnb_ptr", "bias_ptr", "mean_g_ptr",

@@ -54,6 +54,20 @@ def test_every_op_has_its_triton_compile_list(name):
     assert variants and all(callable(k) or hasattr(k, "arg_names") for k, _, _ in variants)
 
 
+def test_every_triton_kernel_module_is_compiled_ahead_of_time():
+    """kernels/NAME.py is a registered op's or listed in registry.TRITON_ONLY_KERNELS (which
+    tests/triton_compile_all.py compiles too), and a Triton-only one has its tests and
+    compile list."""
+    pytest.importorskip("triton")
+    modules = {f[:-3] for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".py") and not f.startswith("_")}
+    assert modules == set(OPS) | set(registry.TRITON_ONLY_KERNELS)
+    assert not set(OPS) & set(registry.TRITON_ONLY_KERNELS)
+    for name in registry.TRITON_ONLY_KERNELS:
+        assert os.path.isfile(os.path.join(ROOT, "tests", f"test_{name}.py"))
+        module = importlib.import_module(f"fasthg.kernels.{name}")
+        assert list(module.compile_variants("fp32", True, False))
+
+
 def test_every_native_schema_belongs_to_one_registered_op():
     declared = _schemas_in_ops_cpp()
     owned = [s for op in registry.ops() for s in op.schemas]

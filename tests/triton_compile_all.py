@@ -33,12 +33,12 @@ def compile_variant(kernel, pointers, constexprs, index):
 
 
 def main():
-    """Every registered op's kernels (kernels/NAME.py's compile_variants), for every activation
-    dtype, layout and index type."""
-    for op in registry.ops():
-        module = importlib.import_module(f"fasthg.kernels.{op.name}")
+    """Every registered op's kernels and the Triton-only ones (kernels/NAME.py's
+    compile_variants), for every activation dtype, layout and index type."""
+    for name in registry.names() + registry.TRITON_ONLY_KERNELS:
+        module = importlib.import_module(f"fasthg.kernels.{name}")
         for dt, cl, int64 in itertools.product(("fp32", "fp16", "bf16", "fp64"), (False, True), (False, True)):
-            print(op.name, dt, "channels_last" if cl else "nchw")
+            print(name, dt, "channels_last" if cl else "nchw")
             for kernel, pointers, constexprs in module.compile_variants(dt, cl, int64):
                 compile_variant(kernel, pointers, constexprs, "i64" if int64 else "i32")
     print("all compiled")
