@@ -34,6 +34,7 @@ from fasthg.ops.layout import memory_format_of
 # so that the ahead-of-time compile list names every variant; tuning them awaits a GPU.
 BM, BN, BK = 64, 64, 32
 SUM_BLOCK = 256
+MIN_SPLIT_ROWS = 2048
 
 
 @triton.jit
@@ -194,9 +195,14 @@ def _sum_partials(part: torch.Tensor, dtype, halves: bool = False):
 
 
 def _splits(P: int, tiles: int, device) -> int:
-    """Pixel splits of the weight gradient: about 4 programs per SM (8 in the interpreter)."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(P, BK)))
+    """Pixel splits of the weight gradient: about 4 programs per SM, but at least
+    MIN_SPLIT_ROWS pixels each, so that the float32 partials ([splits, Cout, C], written and
+    read back) stay a few percent of the pass's traffic. In the interpreter (CPU) any split
+    of BK rows, so that small test shapes run several."""
+    if device.type != "cuda":
+        return max(1, min(8, triton.cdiv(P, BK)))
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(target, tiles), triton.cdiv(P, MIN_SPLIT_ROWS)))
 
 
 def forward(x, mean, invstd, bn_weight, bn_bias, weight, bias, out_stats: bool):

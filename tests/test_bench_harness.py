@@ -34,7 +34,9 @@ def test_rows_tables_and_files(tmp_path):
     assert {r["backend"] for r in inference} == {r["backend"] for r in steps}
     assert all(r["images_per_s"] > 0 and r["mode"] == "forward" and "saved_mb" not in r for r in inference)
     table = (tmp_path / "bench.md").read_text()
-    assert table.count("\n") == len(result["rows"]) + 3 + bool(bench.spread_warning(result))
+    rows_part, traffic_part = table.split("\n\n", 1)  # the rows, then the traffic table (fasthg.bench.traffic)
+    assert rows_part.count("\n") == len(result["rows"]) + 2 + bool(bench.spread_warning(result))
+    assert traffic_part.startswith("BN-ReLU-conv1x1 unit, compulsory bytes (fasthg.bench.traffic), batch 4;")
     assert all(r["spread"] >= 0 and r["varied"] == (r["spread"] > bench.SPREAD_LIMIT) for r in result["rows"])
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert (tmp_path / "bench.png").stat().st_size > 0

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fasthg import ops
-from fasthg.bench import memory
+from fasthg.bench import memory, traffic
 from fasthg.bench.cases import ModelCase, op_calls, op_cases
 from fasthg.bench.harness import (LAYOUTS, SPREAD_LIMIT, copy_bandwidth, default_dtypes, dtype_name,
                                   interleaved_samples, last_level_cache_bytes, layout_name, medians_and_spreads,
@@ -187,6 +187,8 @@ def table(result) -> str:
                      f"| {r['backend']} | {r['median_ms']:.3f} | {spread_cell(r)} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
                      f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
+    batch = next((r["shape"][0] for r in result["rows"] if "gb_s" in r), 16)
+    lines += ["", traffic.table(batch)]
     checks = result.get("bars", [])
     if checks:
         lines += ["", f"Bars (native vs eager, same run): {sum(c['met'] for c in checks)} of {len(checks)} met"]
