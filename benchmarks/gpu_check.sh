@@ -8,7 +8,10 @@
 # 2. runs every test marked `cuda`,
 # 3. runs the native and Triton op tests once more under compute-sanitizer memcheck
 #    (small shapes: the hourglass-size cases are left out),
-# 4. runs `fasthg bench` on the GPU (every level and channel count the hourglass runs, the
+# 4. times the Triton BN-ReLU-conv1x1 unit against the fused BN-ReLU + cuDNN conv
+#    (python -m fasthg.bench.conv1x1: 256->128 and 128->256 at 64, 32, 16, batch 16, bf16 and
+#    float32, forward and forward+backward),
+# 5. runs `fasthg bench` on the GPU (every level and channel count the hourglass runs, the
 #    models in NCHW, float32 and bfloat16; no torch.compile, whose per-shape compiles alone
 #    would outrun the 9 minutes this script has: `fasthg bench --device cuda --compile
 #    --levels 64,32 --model hg2` gives those, and `--model-layouts nhwc` the models in
@@ -63,8 +66,12 @@ step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 \
-  "$PY" -m pytest $("$PY" -m fasthg.ops --test-files) -m cuda -q -p no:cacheprovider \
+  "$PY" -m pytest $("$PY" -m fasthg.ops --test-files) tests/test_conv1x1.py -m cuda -q -p no:cacheprovider \
   -k "not hourglass_sizes and not compile and not opcheck and not gradcheck" || true
+# (its log, the table, goes into the summary: OUT_DIR holds 8 files already)
+conv_log=$(mktemp)
+step "Triton bn_relu_conv1x1 vs BN-ReLU + cuDNN conv" "$conv_log" \
+  "$PY" -m fasthg.bench.conv1x1 --device cuda --levels 64,32,16 --batch 16 || true
 step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --levels 128,64,32,16,8,4 \
   --channels 128,256 --model hg2,hg8 --model-layouts nchw --out "$out/bench" || true
 
@@ -76,6 +83,8 @@ step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device c
   echo "fused vs eager, forward+backward (training) at 256 channels, float32, from $out/bench/bench.md:"
   grep -E "forward\+backward" "$out/bench/bench.md" | grep -E "\| 16x256x|train step" | grep "float32" |
     grep -v "| eager |" | cut -d"|" -f2-10 || true
+  echo
+  grep -E "^bn_relu_conv1x1:|^\|" "$conv_log" || true
   if ((${#failed[@]})); then
     echo
     echo "FAILED steps: ${failed[*]}"

@@ -183,3 +183,15 @@ def test_bad_input_is_refused_naming_the_argument():
             bn_relu_conv1x1(**{**good, name: value})
     with pytest.raises(ValueError, match="bfloat16 `x` needs a CUDA device"):
         bn_relu_conv1x1(**{**good, "x": t["x"].bfloat16()})
+
+
+def test_the_gpu_benchmark_case_runs(tmp_path):
+    """benchmarks/gpu_check.sh's case (python -m fasthg.bench.conv1x1), at a tiny shape in the
+    interpreter: it runs, and its rows and table are whole (timings here mean nothing)."""
+    from fasthg.bench import conv1x1 as bench
+
+    rows = bench.run("cpu", levels=[4], units=((8, 4),), batch=1, repeats=1, warmup=1, out_dir=str(tmp_path))
+    assert {(r["mode"], r["backend"]) for r in rows} == {(m, b) for m in ("forward", "forward+backward")
+                                                           for b in ("unfused", "triton")}
+    assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
+    assert (tmp_path / "conv1x1.md").read_text().count("| triton |") == 2
