@@ -3,15 +3,15 @@ the next BatchNorm's statistics in its epilogue: y = conv1x1(relu(bn(x))), x cha
 taken as a [P = N*H*W, C] matrix (an NCHW x is made channels_last first: one copy, and y is
 returned NCHW by a second; the hourglass runs channels_last on the GPU, where this pays).
 
-Forward (one GEMM): each program loads x tiles, applies the per-channel scale/shift and ReLU in
-registers (the normalised activation a = relu(bn(x)) never reaches memory), multiplies by the
-weight, adds the bias and writes y; with STATS it also writes its tile's per-channel sum and
-sum of squares of y, which _sum_partials_kernel adds up in a fixed order (deterministic, no
-atomics).
+Forward (one GEMM): each program loads x tiles (a few row tiles in turn), applies the
+per-channel scale/shift and ReLU in registers (the normalised activation a = relu(bn(x))
+never reaches memory), multiplies by the weight, adds the bias and writes y; with STATS it
+also writes the per-channel sum and sum of squares of its y (one partial per program), which
+_sum_partials_kernel adds up in a fixed order (deterministic, no atomics).
 
 Backward, three launches in training (eval: the first is skipped, the second does both):
-- data, REDUCE: g = relu'(pre) * (grad_y @ W) per tile, and per-tile partial sums of g and
-  g * xhat (d bn_bias and d bn_weight, and BN's two mean terms);
+- data, REDUCE: g = relu'(pre) * (grad_y @ W) per tile, and per-program partial sums of g
+  and g * xhat (d bn_bias and d bn_weight, and BN's two mean terms);
 - data, WRITE_DX: g again (the GEMM recomputed), dx = bn_w * invstd * (g - mean(g) -
   xhat * mean(g * xhat)). Recomputing g rather than writing it once: g is [P, C] and
   grad_y [P, Cout], so the second pass reads grad_y (Cout per pixel) where writing g would
@@ -66,68 +66,85 @@ def _relu_passes(pre):
 
 @triton.jit
 def _forward_kernel(x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, w_ptr, bias_ptr, y_ptr, s_ptr,
-                    P, C, COUT, STATS: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+                    P, C, COUT, TILES, STATS: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """TILES row tiles of BM pixels x BN output channels; with STATS, one partial (sum, sum of
+    squares) per program for all its tiles (fewer partials to write and add up)."""
     pid_m = program_index(0, INT64)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < P
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < COUT
-    acc = tl.zeros([BM, BN], dtype=ACC)
-    for k0 in range(0, C, BK):
-        k = k0 + tl.arange(0, BK)
-        kmask = k < C
-        a = _activation(x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, rows, rmask, k, kmask, C, ACC)
-        # w is [COUT, C]: its transpose's tile [k, n]
-        w = tl.load(w_ptr + n[None, :] * C + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a.to(w_ptr.dtype.element_ty), w, acc, input_precision="ieee")
-    y = (acc + tl.load(bias_ptr + n, mask=nmask, other=0.0).to(ACC)[None, :]).to(y_ptr.dtype.element_ty)
-    m = rmask[:, None] & nmask[None, :]
-    tl.store(y_ptr + rows[:, None] * COUT + n[None, :], y, mask=m)
-    if STATS:  # of y as stored (rounded to its dtype): what the next BN will normalise
-        yd = tl.where(m, y.to(tl.float64), 0.0)
-        out = pid_m * 2 * COUT + n  # s_ptr is [tiles, 2, COUT]
-        tl.store(s_ptr + out, tl.sum(yd, axis=0), mask=nmask)
-        tl.store(s_ptr + out + COUT, tl.sum(yd * yd, axis=0), mask=nmask)
+    bias = tl.load(bias_ptr + n, mask=nmask, other=0.0).to(ACC)[None, :]
+    s1 = tl.zeros([BN], dtype=tl.float64)
+    s2 = tl.zeros([BN], dtype=tl.float64)
+    for t in range(0, TILES):
+        rows = (pid_m * TILES + t) * BM + tl.arange(0, BM)
+        rmask = rows < P
+        acc = tl.zeros([BM, BN], dtype=ACC)
+        for k0 in range(0, C, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < C
+            a = _activation(x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, rows, rmask, k, kmask, C, ACC)
+            # w is [COUT, C]: its transpose's tile [k, n]
+            w = tl.load(w_ptr + n[None, :] * C + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a.to(w_ptr.dtype.element_ty), w, acc, input_precision="ieee")
+        y = (acc + bias).to(y_ptr.dtype.element_ty)
+        m = rmask[:, None] & nmask[None, :]
+        tl.store(y_ptr + rows[:, None] * COUT + n[None, :], y, mask=m)
+        if STATS:  # of y as stored (rounded to its dtype): what the next BN will normalise
+            yd = tl.where(m, y.to(tl.float64), 0.0)
+            s1 += tl.sum(yd, axis=0)
+            s2 += tl.sum(yd * yd, axis=0)
+    if STATS:
+        out = pid_m * 2 * COUT + n  # s_ptr is [programs, 2, COUT]
+        tl.store(s_ptr + out, s1, mask=nmask)
+        tl.store(s_ptr + out + COUT, s2, mask=nmask)
 
 
 @triton.jit
 def _backward_data_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, w_ptr, mean_g_ptr, mean_gx_ptr,
-                          dx_ptr, s_ptr, P, C, COUT, REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
+                          dx_ptr, s_ptr, P, C, COUT, TILES, REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
                           CENTRE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Tile of rows x BN input channels: g = relu'(bn(x)) * (grad_y @ W); REDUCE writes its
-    per-channel partial sums of g and g * xhat, WRITE_DX writes dx (CENTRE: BN's training
-    backward, with the mean terms; else eval's)."""
+    """TILES row tiles of BM pixels x BN input channels: g = relu'(bn(x)) * (grad_y @ W); REDUCE
+    writes the program's per-channel partial sums of g and g * xhat, WRITE_DX writes dx
+    (CENTRE: BN's training backward, with the mean terms; else eval's)."""
     pid_m = program_index(0, INT64)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < P
     c = tl.program_id(1) * BN + tl.arange(0, BN)
     cmask = c < C
-    acc = tl.zeros([BM, BN], dtype=ACC)
-    for k0 in range(0, COUT, BK):
-        k = k0 + tl.arange(0, BK)
-        kmask = k < COUT
-        dy = tl.load(dy_ptr + rows[:, None] * COUT + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + k[:, None] * C + c[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision="ieee")
-    pre, xhat, m = _pre_activation(x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, rows, rmask, c, cmask, C, ACC)
-    g = tl.where(m & _relu_passes(pre), acc, 0.0)
+    sg = tl.zeros([BN], dtype=tl.float64)
+    sgx = tl.zeros([BN], dtype=tl.float64)
+    for t in range(0, TILES):
+        rows = (pid_m * TILES + t) * BM + tl.arange(0, BM)
+        rmask = rows < P
+        acc = tl.zeros([BM, BN], dtype=ACC)
+        for k0 in range(0, COUT, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < COUT
+            dy = tl.load(dy_ptr + rows[:, None] * COUT + k[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+            w = tl.load(w_ptr + k[:, None] * C + c[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision="ieee")
+        pre, xhat, m = _pre_activation(x_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, rows, rmask, c, cmask, C,
+                                       ACC)
+        g = tl.where(m & _relu_passes(pre), acc, 0.0)
+        if REDUCE:
+            gd = g.to(tl.float64)
+            sg += tl.sum(gd, axis=0)
+            sgx += tl.sum(gd * xhat.to(tl.float64), axis=0)
+        if WRITE_DX:
+            invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
+            k_dx = (tl.load(bnw_ptr + c, mask=cmask, other=0.0).to(ACC) * invstd)[None, :]
+            if CENTRE:
+                mean_g = tl.load(mean_g_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+                mean_gx = tl.load(mean_gx_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+                dx = k_dx * (g - mean_g - xhat * mean_gx)
+            else:
+                dx = k_dx * g
+            tl.store(dx_ptr + rows[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
     if REDUCE:
-        gd = g.to(tl.float64)
-        out = pid_m * 2 * C + c  # s_ptr is [tiles, 2, C]
-        tl.store(s_ptr + out, tl.sum(gd, axis=0), mask=cmask)
-        tl.store(s_ptr + out + C, tl.sum(gd * xhat.to(tl.float64), axis=0), mask=cmask)
-    if WRITE_DX:
-        invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-        k_dx = (tl.load(bnw_ptr + c, mask=cmask, other=0.0).to(ACC) * invstd)[None, :]
-        if CENTRE:
-            mean_g = tl.load(mean_g_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
-            mean_gx = tl.load(mean_gx_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
-            dx = k_dx * (g - mean_g - xhat * mean_gx)
-        else:
-            dx = k_dx * g
-        tl.store(dx_ptr + rows[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+        out = pid_m * 2 * C + c  # s_ptr is [programs, 2, C]
+        tl.store(s_ptr + out, sg, mask=cmask)
+        tl.store(s_ptr + out + C, sgx, mask=cmask)
 
 
 @triton.jit
@@ -194,6 +211,23 @@ def _sum_partials(part: torch.Tensor, dtype, halves: bool = False):
     return (out, out2) if halves else out
 
 
+def tiles_per_program(row_tiles: int, column_tiles: int, sms: int) -> int:
+    """Row tiles each program of the forward and data-gradient passes runs: enough programs
+    for 2 per SM, at most 16 tiles each; each program writes one partial for its tiles, so
+    this divides the partials' traffic (fasthg.bench.traffic mirrors it)."""
+    return max(1, min(16, row_tiles * column_tiles // (2 * sms)))
+
+
+def _row_grid(P: int, columns: int, device):
+    """(TILES, grid) of the forward and data-gradient passes; 2 tiles a program in the
+    interpreter, so that the tests run the loop (and a program whose second tile is empty)."""
+    tiles = triton.cdiv(P, BM)
+    col_tiles = triton.cdiv(columns, BN)
+    per = 2 if device.type != "cuda" else tiles_per_program(
+        tiles, col_tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+    return per, (triton.cdiv(tiles, per), col_tiles)
+
+
 def _splits(P: int, tiles: int, device) -> int:
     """Pixel splits of the weight gradient: about 4 programs per SM, but at least
     MIN_SPLIT_ROWS pixels each, so that the float32 partials ([splits, Cout, C], written and
@@ -216,9 +250,9 @@ def forward(x, mean, invstd, bn_weight, bn_bias, weight, bias, out_stats: bool):
     acc, pdtype = _acc_types(x.dtype)
     y = torch.empty((x.shape[0], cout, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
-    grid = (triton.cdiv(P, BM), triton.cdiv(cout, BN))
+    per, grid = _row_grid(P, cout, x.device)
     parts = torch.empty((grid[0], 2, cout) if out_stats else (1,), dtype=torch.float64, device=x.device)
-    _forward_kernel[grid](xcl, mean, invstd, bn_weight, bn_bias, w, bias, y, parts, P, C, cout,
+    _forward_kernel[grid](xcl, mean, invstd, bn_weight, bn_bias, w, bias, y, parts, P, C, cout, per,
                           STATS=out_stats, ACC=acc, INT64=needs_int64(x, y), BM=BM, BN=BN, BK=BK)
     y = y.contiguous(memory_format=memory_format_of(x))
     if not out_stats:
@@ -237,12 +271,12 @@ def backward(grad_y, x, mean, invstd, bn_weight, bn_bias, weight, training: bool
     acc, pdtype = _acc_types(x.dtype)
     int64 = needs_int64(x, dy)
     dx = torch.empty_like(xcl, memory_format=torch.channels_last)
-    grid = (triton.cdiv(P, BM), triton.cdiv(C, BN))
+    per, grid = _row_grid(P, C, x.device)
     parts = torch.empty((grid[0], 2, C), dtype=torch.float64, device=x.device)
     common = (dy, xcl, mean, invstd, bn_weight, bn_bias, w)
 
     def data_pass(mean_g, mean_gx, reduce, write_dx):
-        _backward_data_kernel[grid](*common, mean_g, mean_gx, dx, parts, P, C, cout,
+        _backward_data_kernel[grid](*common, mean_g, mean_gx, dx, parts, P, C, cout, per,
                                     REDUCE=reduce, WRITE_DX=write_dx, CENTRE=training, ACC=acc, INT64=int64,
                                     BM=BM, BN=BN, BK=BK)
 

@@ -17,8 +17,9 @@ BN-ReLU backward's reduction reads da and x, its elementwise pass da and x and w
 Fused forward: read x, write y (and per-tile statistics partials). Fused backward (training):
 the data pass twice (reduce, then dx: grad_y @ W recomputed rather than g written and read
 back), each reading dy and x, the second writing dx; the weight pass reads dy and x. Eval
-backward runs the data pass once. The fused kernels' partials (float64 statistics per 64-row
-tile; float32 weight-gradient partials per pixel split) are counted in `partials`.
+backward runs the data pass once. The fused kernels' partials (float64 statistics per program
+of up to 16 64-row tiles; float32 weight-gradient partials per pixel split) are counted in
+`partials`.
 """
 from typing import Dict, List
 
@@ -43,6 +44,11 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def tiles_per_program(row_tiles: int, column_tiles: int, sms: int = H200_SMS) -> int:
+    """kernels/conv1x1.py's tiles_per_program (the same formula; a test checks them)."""
+    return max(1, min(16, row_tiles * column_tiles // (2 * sms)))
+
+
 def bn_relu_conv1x1_bytes(n: int, h: int, w: int, cin: int, cout: int, itemsize: int) -> Dict[str, float]:
     """Bytes moved by the unit: 'unfused forward', 'fused forward', 'unfused backward', 'fused
     backward' (training), 'fused eval backward', and 'fused forward partials' / 'fused backward
@@ -50,8 +56,9 @@ def bn_relu_conv1x1_bytes(n: int, h: int, w: int, cin: int, cout: int, itemsize:
     p = n * h * w
     x, y, wt = p * cin * itemsize, p * cout * itemsize, cin * cout * itemsize
     tiles = _cdiv(p, TILE_ROWS)
-    stats_parts = tiles * 2 * cout * 8 * 2  # written, then read by the finalize
-    grad_parts = tiles * 2 * cin * 8 * 2
+    # one float64 (sum, sum of squares) partial per program, written, then read by the finalize
+    stats_parts = _cdiv(tiles, tiles_per_program(tiles, _cdiv(cout, 64))) * 2 * cout * 8 * 2
+    grad_parts = _cdiv(tiles, tiles_per_program(tiles, _cdiv(cin, 64))) * 2 * cin * 8 * 2
     weight_tiles = _cdiv(cout, 64) * _cdiv(cin, 64)
     splits = max(1, min(_cdiv(4 * H200_SMS, weight_tiles), _cdiv(p, SPLIT_ROWS)))
     dw_parts = splits * (cin * cout + cout) * 4 * 2
