@@ -81,6 +81,7 @@ def rows(batch: int = 16, levels=LEVELS, units=UNITS, itemsizes=(2, 4),
          bytes_per_s: float = H200_BYTES_PER_S) -> List[dict]:
     """One row per (itemsize, level, unit): MB moved and the time bound at bytes_per_s."""
     out = []
+    us = lambda n_bytes: n_bytes / bytes_per_s * 1e6  # noqa: E731
     for size in itemsizes:
         for hw in levels:
             for cin, cout in units:
@@ -94,8 +95,8 @@ def rows(batch: int = 16, levels=LEVELS, units=UNITS, itemsizes=(2, 4),
                             "partials_mb": (b["fused forward partials"] + b["fused backward partials"]) / 1e6,
                             "fwd_ratio": b["unfused forward"] / b["fused forward"],
                             "fb_ratio": fb_unfused / fb_fused,
-                            "fwd_us": (b["unfused forward"] / bytes_per_s * 1e6, b["fused forward"] / bytes_per_s * 1e6),
-                            "fb_us": (fb_unfused / bytes_per_s * 1e6, fb_fused / bytes_per_s * 1e6)})
+                            "fwd_us": (us(b["unfused forward"]), us(b["fused forward"])),
+                            "fb_us": (us(fb_unfused), us(fb_fused))})
     return out
 
 

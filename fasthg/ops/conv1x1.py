@@ -20,13 +20,16 @@ def _param_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _describe(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias):
     def fail(msg):
         raise ValueError(f"bn_relu_conv1x1: {msg}")
 
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        fail(f"`x` must be a 4-D [N, C, H, W] tensor, got "
-             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        fail(f"`x` must be a 4-D [N, C, H, W] tensor, got {_describe(x)}")
     if x.dtype not in _ACTIVATION_DTYPES:
         fail(f"`x` must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.numel() == 0:
@@ -34,17 +37,16 @@ def check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias):
     c = x.shape[1]
     for name, t in (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         if not isinstance(t, torch.Tensor) or t.shape != (c,):
-            fail(f"`{name}` must be a tensor of shape ({c},) for the {c} channels of `x`, got "
-                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            fail(f"`{name}` must be a tensor of shape ({c},) for the {c} channels of `x`, got {_describe(t)}")
     if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 4 or tuple(conv_weight.shape[1:]) != (c, 1, 1):
         fail(f"`conv_weight` must be a [Cout, {c}, 1, 1] tensor (a 1x1 convolution of the {c} channels of `x`), "
-             f"got {tuple(conv_weight.shape) if isinstance(conv_weight, torch.Tensor) else type(conv_weight).__name__}")
+             f"got {_describe(conv_weight)}")
     cout = conv_weight.shape[0]
     if cout == 0:
         fail("`conv_weight` must have at least one output channel")
     if conv_bias is not None and (not isinstance(conv_bias, torch.Tensor) or conv_bias.shape != (cout,)):
         fail(f"`conv_bias` must be None or a tensor of shape ({cout},) for the {cout} output channels of "
-             f"`conv_weight`, got {tuple(conv_bias.shape) if isinstance(conv_bias, torch.Tensor) else type(conv_bias).__name__}")
+             f"`conv_weight`, got {_describe(conv_bias)}")
     named = (("mean", mean), ("invstd", invstd), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
              ("conv_weight", conv_weight), ("conv_bias", conv_bias))
     for name, t in named:
