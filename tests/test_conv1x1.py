@@ -195,3 +195,15 @@ def test_the_gpu_benchmark_case_runs(tmp_path):
                                                            for b in ("unfused", "triton")}
     assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
     assert (tmp_path / "conv1x1.md").read_text().count("| triton |") == 2
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_it_whole():
+    """The custom ops' fake impls let torch.compile trace forward and backward without a
+    graph break (aot_eager: the same kernels run, so results are equal)."""
+    _, t = make_inputs(SHAPES[0], torch.float32, "cpu", torch.channels_last)
+    compiled = torch.compile(bn_relu_conv1x1, backend="aot_eager", fullgraph=True)
+    (want, *stats), grads = run(t, True)
+    (got, *got_stats), got_grads = run(t, True, fn=compiled)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_stats, stats))
+    assert all(torch.allclose(got_grads[k], grads[k], rtol=1e-6, atol=0) for k in LEAVES)
