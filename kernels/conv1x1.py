@@ -289,12 +289,12 @@ def backward(grad_y, x, mean, invstd, bn_weight, bn_bias, weight, training: bool
         sums = _sum_partials(parts, pdtype, halves=True)
     wgrid = (triton.cdiv(cout, BM), triton.cdiv(C, BN))
     splits = _splits(P, wgrid[0] * wgrid[1], x.device)
-    per = triton.cdiv(triton.cdiv(P, splits), BK) * BK
-    splits = triton.cdiv(P, per)
+    rows_per_split = triton.cdiv(triton.cdiv(P, splits), BK) * BK
+    splits = triton.cdiv(P, rows_per_split)
     dw_parts = torch.empty((splits, cout, C), dtype=pdtype, device=x.device)
     db_parts = torch.empty((splits, cout), dtype=pdtype, device=x.device)
-    _backward_weight_kernel[wgrid + (splits,)](dy, xcl, mean, invstd, bn_weight, bn_bias, dw_parts, db_parts,
-                                               P, C, cout, per, ACC=acc, INT64=int64, BM=BM, BN=BN, BK=BK)
+    _backward_weight_kernel[wgrid + (splits,)](dy, xcl, mean, invstd, bn_weight, bn_bias, dw_parts, db_parts, P, C,
+                                               cout, rows_per_split, ACC=acc, INT64=int64, BM=BM, BN=BN, BK=BK)
     dw = _sum_partials(dw_parts, x.dtype).view(cout, C, 1, 1)
     dbias = _sum_partials(db_parts, pdtype)
     dx = dx.contiguous(memory_format=memory_format_of(x))
