@@ -430,3 +430,61 @@ def test_peer_options_without_a_fasthg_counterpart_are_refused(tmp_path):
     with pytest.raises(ValueError, match="input_mean is for pytorch-pose"):
         princeton_checkpoint(path, PoseNet(1, 16, 16, depth=2))
         from_checkpoint(path, input_mean=[0.5] * 3)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_eval_and_predict_take_the_peers_checkpoints(tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    from fasthg.cli import main
+
+    princeton, bearpaw = str(tmp_path / "princeton.pt"), str(tmp_path / "bearpaw.pth.tar")
+    princeton_checkpoint(princeton, randomise(PoseNet(1, 16, 16)))
+    pytorch_pose_checkpoint(bearpaw, randomise(HourglassNet(1, 1, 16, num_feats=8)))
+    assert main(["eval", princeton, "--n", "4", "--input-size", "64", "--device", "cpu"]) == 0
+    assert "PCKh@0.5 on 4 people" in capsys.readouterr().out
+    img = str(tmp_path / "person.png")
+    cv2.imwrite(img, np.full((70, 50, 3), 100, np.uint8))
+    assert main(["predict", bearpaw, img, "--input-size", "64", "--input-mean", "0.44,0.44,0.43",
+                 "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert cv2.imread(str(tmp_path / "pred" / "person_pose.png")).shape == (70, 50, 3)
+
+
+def _train(tmp_path, *extra):
+    from fasthg.cli import main
+
+    return main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--train-size", "8", "--val-size", "4",
+                 "--batch-size", "4", "--input-size", "64", "--workers", "0", "--no-progress", "--device", "cpu",
+                 "--backend", "eager", *extra])
+
+
+@pytest.mark.slow
+def test_train_init_adopts_the_checkpoints_model_and_resumes_without_it(tmp_path, capsys):
+    init = tmp_path / "princeton.pt"
+    net = randomise(PoseNet(1, 16, 16))
+    princeton_checkpoint(str(init), net)
+    assert _train(tmp_path, "--init", str(init)) == 0
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.read(str(last))
+    assert state["model_config"] == from_checkpoint(str(init)).config  # depth 4, its input_norm
+    assert state["config"]["init"] == str(init) and state["epoch"] == 1
+    assert state["config"]["depth"] == 4 and state["config"]["features"] == 16  # not the CPU defaults (3, 64)
+    assert not torch.equal(state["model"]["heads.0.weight"], net.outs[0].conv.weight)  # trained from there
+    init.unlink()  # a resumed run has its weights in its own checkpoint
+    assert _train(tmp_path, "--resume", str(last), "--epochs", "2") == 0
+    assert checkpoint.read(str(last))["epoch"] == 2
+
+
+def test_train_init_refuses_another_shape_and_resume(tmp_path, capsys, monkeypatch):
+    from test_cli_errors import fails
+
+    init = str(tmp_path / "bearpaw.pth.tar")
+    pytorch_pose_checkpoint(init, randomise(HourglassNet(1, 1, 16, num_feats=8, depth=2)))
+    common = ["train", "--init", init, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    fails(capsys, monkeypatch, common + ["--stacks", "2", "--depth", "3"], 1,
+          "--init", "another model than the checkpoint's: --stacks 2 (it has 1), --depth 3 (it has 2)")
+    pytorch_pose_checkpoint(init, randomise(HourglassNet(1, 1, 17, num_feats=8, depth=2)))
+    fails(capsys, monkeypatch, common, 1, "a model of 17 joints, and the training data has 16")
+    fails(capsys, monkeypatch, common + ["--resume", init], 2, "give one of them")

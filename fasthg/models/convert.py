@@ -292,7 +292,8 @@ def _tensor_pairs(pairs, kind: str, skips: set):
 
 def _map(state, pairs, config, path, kind, prefix):
     """fasthg's state_dict from the peer's, every key accounted for, else a ValueError naming them."""
-    expected = StackedHourglass(**config, backend="eager").state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+        expected = StackedHourglass(**config, backend="eager").state_dict()
     skips = {k[:-len(".skip.weight")] for k in expected if k.endswith(".skip.weight")}
     tensor_pairs, dropped = _tensor_pairs(pairs, kind, skips)
     if {f for f, _ in tensor_pairs} != set(expected):  # the layouts above and fasthg's model disagree
