@@ -21,7 +21,8 @@ Reads, and tells apart by their contents:
   `score.i` the heatmaps, `fc_.i` / `score_.i` the convs into the next stack. Only its
   default one residual module per place (--blocks 1, the published models) has a fasthg
   counterpart: more are refused.
-A bare state_dict of either (no wrapper dict) loads too; wrapper prefixes "module.",
+A bare state_dict of either (no wrapper dict) loads too, as does a fasthg model's (its config
+then inferred like theirs, with no input_norm); wrapper prefixes "module.",
 "model." and torch.compile's "_orig_mod." are stripped wherever all keys share them.
 
 Stack count, feature width, joint count and hourglass depth come from the tensors' names
@@ -100,13 +101,13 @@ def read_checkpoint(path: str, map_location="cpu", input_mean: Union[None, str, 
     """The checkpoint at `path`, mapped onto fasthg's model (no model built yet)."""
     from fasthg import checkpoint
 
-    contents = checkpoint.load_file(path, EXPECTED, map_location)
+    contents = checkpoint.load_file(path, map_location=map_location)  # its errors name fasthg's own kind
     if isinstance(contents, dict) and "format" in contents:
         checkpoint.check_format(path, contents)
         if input_mean is not None:
             raise ValueError(f"input_mean: {path} is a fasthg checkpoint, whose model takes fasthg's own input")
         return Checkpoint(path, FASTHG, dict(contents["model_config"]), contents["model"], contents, [])
-    state, prefix = _strip_wrappers(_state_dict(path, contents), path)
+    state, prefix = _strip_wrappers(_state_dict(path, contents))
     roots = {k.split(".", 1)[0] for k in state}
     if roots & {"hgs", "pre"}:
         kind, (config, pairs) = PRINCETON, _princeton(state, path)
@@ -123,6 +124,10 @@ def read_checkpoint(path: str, map_location="cpu", input_mean: Union[None, str, 
                           stacklevel=3)
         else:
             config["input_norm"] = {"mean": _mean(input_mean), "std": [1.0] * 3}
+    elif {"stem", "hourglasses", "heads"} <= roots:  # fasthg's own model.state_dict(), without its config
+        kind, config, pairs = FASTHG, _fasthg(state, path), None
+        if input_mean is not None:
+            raise ValueError(f"input_mean: {path} holds a fasthg model's weights, which take fasthg's own input")
     else:
         raise ValueError(f"{path}: a torch file but not a fasthg checkpoint, nor a stacked hourglass fasthg converts: "
                          f"its network's top-level modules are {_names(sorted(roots))}; the authors' "
@@ -150,7 +155,7 @@ def _state_dict(path: str, contents: Any) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _strip_wrappers(state: Dict[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.Tensor], str]:
+def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
     """The keys without the wrappers' prefix all of them share ("model.module.", "module.", ...)."""
     prefix = ""
     while True:
@@ -210,6 +215,16 @@ def _stacks(indices: List[int], root: str, path: str) -> int:
 # -- the peers' layouts ---------------------------------------------------------------------------
 # A layout is a list of (fasthg module, peer module, kind): kind "conv", "bn" or "res"
 # (a residual: fasthg's body.0-5 and skip; the peer's names come with the peer).
+
+def _fasthg(state, path):
+    """The config of a bare fasthg state_dict (a config-less one has no input_norm)."""
+    stacks = _stacks(_indices(state, r"heads\.(\d+)\."), "heads", path)
+    joints, features = _shape(state, "heads.0.weight", path, FASTHG)[:2]
+    depth = max(1, max(k.count("low2.") for k in state if k.startswith("hourglasses.0.")))
+    stem = "pytorch-pose" if _shape(state, "stem.4.body.5.weight", path, FASTHG)[0] == 256 else "paper"
+    return {"num_stacks": stacks, "num_features": int(features), "num_joints": int(joints), "depth": depth,
+            "stem": stem}
+
 
 def _princeton(state, path):
     """(config, pairs) of the authors' PoseNet."""
@@ -295,7 +310,7 @@ def _map(state, pairs, config, path, kind, prefix):
     with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
         expected = StackedHourglass(**config, backend="eager").state_dict()
     skips = {k[:-len(".skip.weight")] for k in expected if k.endswith(".skip.weight")}
-    tensor_pairs, dropped = _tensor_pairs(pairs, kind, skips)
+    tensor_pairs, dropped = _tensor_pairs(pairs, kind, skips) if kind != FASTHG else ([(k, k) for k in expected], [])
     if {f for f, _ in tensor_pairs} != set(expected):  # the layouts above and fasthg's model disagree
         raise RuntimeError(f"fasthg's {kind} layout does not cover its own model: "
                            f"{_names(sorted(set(expected) ^ {f for f, _ in tensor_pairs}))}")
