@@ -82,7 +82,9 @@ def from_checkpoint(path: str, backend: str = "auto", map_location="cpu",
                     input_mean: Union[None, str, Sequence[float]] = None) -> StackedHourglass:
     """A fasthg StackedHourglass with the weights of the checkpoint at `path` (fasthg's,
     princeton-vl's pytorch_stacked_hourglass or bearpaw's pytorch-pose; see the module's
-    docstring), in eval mode. `map_location`: torch.load's (a device also receives the model).
+    docstring), in eval mode; every tensor of the file maps, except the authors' port's
+    skip_layer where a residual keeps its width (built there, never used by its forward:
+    dropped). `map_location`: torch.load's (a device also receives the model).
     `input_mean`: for pytorch-pose, the per-channel RGB mean its training subtracted from
     pixel / 255 (3 floats, or the path of its mean.pth.tar)."""
     return build(read_checkpoint(path, map_location, input_mean), backend, map_location)
