@@ -42,7 +42,7 @@ import dataclasses
 import os
 import re
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 
@@ -121,8 +121,9 @@ def read_checkpoint(path: str, map_location="cpu", input_mean: Union[None, str, 
         kind, (config, pairs) = PYTORCH_POSE, _pytorch_pose(state, path, contents)
         config["stem"] = "pytorch-pose"
         if input_mean is None:
-            warnings.warn(f"{path}: pytorch-pose subtracted its training set's mean colour (its data/<set>/mean.pth.tar, "
-                          "not in the checkpoint) from pixel / 255; without input_mean fasthg's 0.5 stands in for it",
+            warnings.warn(f"{path}: pytorch-pose subtracted its training set's mean colour (its "
+                          "data/<set>/mean.pth.tar, not in the checkpoint) from pixel / 255; without input_mean "
+                          "fasthg's 0.5 stands in for it",
                           stacklevel=3)
         else:
             config["input_norm"] = {"mean": _mean(input_mean), "std": [1.0] * 3}

@@ -111,7 +111,7 @@ class StackedHourglass(nn.Module):
             Residual(64, 128, backend), nn.MaxPool2d(2, 2), Residual(128, mid, backend), Residual(mid, f, backend),
         )
         self.input_norm = input_norm
-        if input_norm is not None:  # fasthg's x = pixel/255 - 0.5 -> (x + 0.5 - mean) / std; not saved (config holds it)
+        if input_norm is not None:  # x = pixel/255 - 0.5 -> (x + 0.5 - mean) / std; not saved: config holds it
             # float64, cast per call: a float64 model then computes the peer's input to the last bit
             std = torch.tensor(input_norm["std"], dtype=torch.float64).view(1, 3, 1, 1)
             mean = torch.tensor(input_norm["mean"], dtype=torch.float64).view(1, 3, 1, 1)
