@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from fasthg.models import StackedHourglass
+from fasthg.models.hourglass import complete_config
 
 FORMAT = "fasthg-checkpoint-1"
 
@@ -45,27 +46,39 @@ def _looks_like_text(path: str) -> bool:
     return b"\0" not in head
 
 
+def load_file(path: str, expected: str = EXPECTED, map_location="cpu") -> Any:
+    """torch.load of a checkpoint file, with errors that name the file and say what it is
+    instead (missing, a folder, empty, text, truncated or not a torch file) and `expected`.
+    Like torch.load, it unpickles: load only files you trust."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file ({expected})")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a folder, not a checkpoint file ({expected})")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: an empty file, not a fasthg checkpoint ({expected})")
+    if _looks_like_text(path):
+        raise ValueError(f"{path}: a text file, not a fasthg checkpoint ({expected})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ValueError(f"{path}: not a readable fasthg checkpoint ({type(e).__name__}: {e}; {expected})") from None
+
+
 def read(path: str) -> Dict[str, Any]:
     """The checkpoint's contents; FileNotFoundError (missing) or ValueError (anything else
     that is not a fasthg checkpoint) with a message that names the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file ({EXPECTED})")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path}: a folder, not a checkpoint file ({EXPECTED})")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: an empty file, not a fasthg checkpoint ({EXPECTED})")
-    if _looks_like_text(path):
-        raise ValueError(f"{path}: a text file, not a fasthg checkpoint ({EXPECTED})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise ValueError(f"{path}: not a readable fasthg checkpoint ({type(e).__name__}: {e}; {EXPECTED})") from None
+    state = load_file(path)
     if not isinstance(state, dict) or "format" not in state:
         raise ValueError(f"{path}: a torch file but not a fasthg checkpoint (no format {FORMAT!r}; {EXPECTED})")
+    check_format(path, state)
+    return state
+
+
+def check_format(path: str, state: Dict[str, Any]) -> None:
+    """ValueError unless `state` (a dict with a "format") is of the format this fasthg reads."""
     if state["format"] != FORMAT:
         raise ValueError(f"{path}: a checkpoint of format {state['format']!r}, which this fasthg does not read "
                          f"(expected {FORMAT!r})")
-    return state
 
 
 def load_model(path: str, backend: str = "auto", model: Optional[StackedHourglass] = None,
@@ -76,7 +89,7 @@ def load_model(path: str, backend: str = "auto", model: Optional[StackedHourglas
     state = read(path) if state is None else state
     if model is None:
         model = StackedHourglass(**state["model_config"], backend=backend)
-    elif dict(model.config) != state["model_config"]:
+    elif complete_config(model.config) != complete_config(state["model_config"]):
         raise ValueError(f"{path}: checkpoint of a model {state['model_config']}, not {dict(model.config)}")
     model.load_state_dict(state["model"])
     return model

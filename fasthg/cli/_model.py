@@ -1,14 +1,35 @@
 """What `fasthg eval` and `fasthg predict` share: the checkpoint's flags and loading its model."""
+import argparse
+import os
+
 import torch
 
-from fasthg import checkpoint
 from fasthg.cli import args as types
 from fasthg.device import resolve as resolve_device
+from fasthg.models import convert
+
+
+def input_mean(text):
+    """--input-mean: three comma-separated numbers, or a file (pytorch-pose's mean.pth.tar)."""
+    if os.path.exists(text):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected R,G,B (three numbers) or a mean.pth.tar file, got {text!r}")
+    return values
 
 
 def add_arguments(parser):
     """The checkpoint and how its model runs."""
-    parser.add_argument("checkpoint", help="a fasthg checkpoint (e.g. runs/train/best.pt)")
+    parser.add_argument("checkpoint", help="a fasthg checkpoint (e.g. runs/train/best.pt), or one of the authors' "
+                                           "PyTorch port (princeton-vl's pytorch_stacked_hourglass) or bearpaw's "
+                                           "pytorch-pose hourglass (fasthg.models.from_checkpoint)")
+    parser.add_argument("--input-mean", type=input_mean, default=None, metavar="R,G,B|FILE",
+                        help="for a pytorch-pose checkpoint: the mean colour (of pixel/255) its training subtracted, "
+                             "or its data/<set>/mean.pth.tar (default: fasthg's 0.5, with a warning)")
     types.add_backend(parser)
     types.add_device(parser)
     parser.add_argument("--input-size", type=types.positive_int, default=None,
@@ -28,11 +49,11 @@ def load(args):
     from fasthg.bench import malloc
     from fasthg.train.config import device_defaults
 
-    state = checkpoint.read(args.checkpoint)
+    ckpt = convert.read_checkpoint(args.checkpoint, input_mean=args.input_mean)
     device = resolve_device(args.device)
-    model = checkpoint.load_model(args.checkpoint, backend=args.backend, state=state).to(device)
+    model = convert.build(ckpt, backend=args.backend).to(device)
     if device_defaults(device.type)["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cpu":
         malloc.keep_freed_memory()  # process-wide: this process only evaluates (or predicts) and exits
-    return model, args.input_size or int(state.get("input_size", 256))
+    return model, args.input_size or ckpt.input_size

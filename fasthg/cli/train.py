@@ -7,19 +7,26 @@ from fasthg.train import DEVICE_DEFAULTS, TrainConfig, Trainer, device_defaults
 from fasthg.train.config import check_resume_changes, resume_changes
 
 
-def config_from_args(args) -> TrainConfig:
+def config_from_args(args, state=None) -> TrainConfig:
     """Device defaults (or, when resuming, the checkpoint's config), then the flags given.
     When resuming, raises ValueError for a flag given that a run cannot change mid-way
-    (Trainer.resume's rules), before a Trainer is built with it."""
+    (Trainer.resume's rules), before a Trainer is built with it. With --init, the model's
+    shape is the init checkpoint's where no flag gives it. `state`: the resumed checkpoint,
+    for a caller that read it already."""
     gpu = resolve_device(args.device or "auto").type == "cuda"
+    if args.resume and getattr(args, "init", None):
+        raise types.UsageError("--init starts a new run from a checkpoint's weights and --resume continues a run "
+                               "(with the weights it started from): give one of them")
     if args.resume:
         from fasthg import checkpoint
 
-        state = checkpoint.read(args.resume)
+        state = checkpoint.read(args.resume) if state is None else state
         values = dict(state["config"])
         values["lr_drops"] = tuple(values["lr_drops"])
     else:
         values = device_defaults("cuda" if gpu else "cpu")
+        if getattr(args, "init", None):
+            values.update(init_shape(args.init))
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -30,15 +37,33 @@ def config_from_args(args) -> TrainConfig:
     return cfg
 
 
+def init_shape(path: str) -> dict:
+    """The model shape settings (stacks, features, depth) of an --init checkpoint."""
+    import warnings
+
+    from fasthg.models.convert import read_checkpoint
+    from fasthg.train.init import SHAPE
+
+    with warnings.catch_warnings():  # the Trainer's reading of it says the same again
+        warnings.simplefilter("ignore")
+        config = read_checkpoint(path).config
+    return {name: config[key] for name, key in SHAPE.items()}
+
+
 def run_train(args) -> int:
-    cfg = config_from_args(args)
+    state = None
+    if args.resume and not getattr(args, "init", None):
+        from fasthg import checkpoint
+
+        state = checkpoint.read(args.resume)
+    cfg = config_from_args(args, state)
     if args.keep_freed_memory and resolve_device(cfg.device).type == "cpu":
         # Fresh activations otherwise page-fault every step. The process is ours: its memory
         # stays at its peak, which a training run reaches at the first step anyway.
         from fasthg.bench import malloc
 
         malloc.keep_freed_memory()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, model_config=state["model_config"] if state else None)
     try:
         if args.resume:
             trainer.resume(args.resume)
@@ -106,6 +131,10 @@ def add_command(sub):
     t.add_argument("--out", help="output folder (default: runs/train, or the resumed checkpoint's)")
     t.add_argument("--resume", help="checkpoint to continue from (e.g. OUT/last.pt); its settings are kept "
                                     "unless given again")
+    t.add_argument("--init", dest="init", metavar="CKPT",
+                   help="start a new run from this checkpoint's weights (fasthg's, or princeton-vl's "
+                        "pytorch_stacked_hourglass or bearpaw's pytorch-pose hourglass): its model shape (stacks, "
+                        "features, depth, stem) where not given; fresh optimizer, schedule and epochs")
     # (None: "auto" for a new run, the checkpoint's device when resuming)
     types.add_device(t, help=" (default: auto, a GPU if there is one, which picks the defaults' column; when "
                              "resuming, the checkpoint's)", default=None)

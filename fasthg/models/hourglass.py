@@ -1,7 +1,7 @@
 """The Stacked Hourglass network (Newell, Yang, Deng, ECCV 2016), as in the authors' Torch
 code: pre-activation bottleneck residual modules, hourglasses of depth 4 whose skip merges
 are nearest-2x-upsample + add, and intermediate supervision between stacks."""
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -50,15 +50,50 @@ class Hourglass(nn.Module):
         return ops.upsample_add(low, up1, backend=self.backend)
 
 
+# Stems after the 7x7 conv: the paper's residuals 64->128, pool, 128->128, 128->F, and
+# pytorch-pose's (bearpaw's HourglassNet) 64->128, pool, 128->256, 256->F.
+STEMS = ("paper", "pytorch-pose")
+# Config keys later than the first checkpoints, with the value a config without them means.
+CONFIG_DEFAULTS = {"stem": "paper", "input_norm": None}
+
+
+def complete_config(config: dict) -> dict:
+    """A model config with the keys an older checkpoint's lacks filled in (stem "paper", no
+    input_norm), so that configs compare equal whatever fasthg wrote them."""
+    return {**CONFIG_DEFAULTS, **config}
+
+
+def _input_norm(value) -> Optional[dict]:
+    """input_norm as {"mean": [r, g, b], "std": [r, g, b]} of floats, or None."""
+    if value is None:
+        return None
+    try:
+        mean, std = ([float(v) for v in value[k]] for k in ("mean", "std"))
+    except (TypeError, KeyError, ValueError):
+        mean = std = None
+    if mean is None or len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise ValueError(f"input_norm must be None or {{'mean': 3 floats, 'std': 3 positive floats}}, got {value!r}")
+    return {"mean": mean, "std": std}
+
+
 class StackedHourglass(nn.Module):
     """Input [B, 3, H, W] (H, W multiples of 4 * 2**depth); output the heatmaps of every
-    stack, [B, num_stacks, num_joints, H/4, W/4]. The loss supervises every stack."""
+    stack, [B, num_stacks, num_joints, H/4, W/4]. The loss supervises every stack.
+
+    Images come as fasthg's data pipeline makes them: RGB in [-0.5, 0.5] (pixel / 255 - 0.5).
+    `input_norm` {"mean", "std"} (per RGB channel) is for weights trained on other inputs
+    (a converted checkpoint, fasthg.models.from_checkpoint): the network then feeds its stem
+    (pixel / 255 - mean) / std, computed from the images it is given, so fasthg's data,
+    eval and predict run such a model unchanged. `stem`: "paper" or "pytorch-pose" (STEMS)."""
 
     def __init__(self, num_stacks: int = 8, num_features: int = 256, num_joints: int = 16,
-                 depth: int = 4, backend: str = "auto"):
+                 depth: int = 4, backend: str = "auto", stem: str = "paper", input_norm: Optional[dict] = None):
         super().__init__()
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        input_norm = _input_norm(input_norm)
         for name, v in (("num_stacks", num_stacks), ("num_features", num_features),
                         ("num_joints", num_joints), ("depth", depth)):
             if not isinstance(v, int) or v < 1:
@@ -68,12 +103,20 @@ class StackedHourglass(nn.Module):
         self.num_stacks, self.num_joints, self.depth, self.backend = num_stacks, num_joints, depth, backend
         # What rebuilds this network from a checkpoint (the backend is the loader's choice).
         self.config = {"num_stacks": num_stacks, "num_features": num_features, "num_joints": num_joints,
-                       "depth": depth}
+                       "depth": depth, "stem": stem, "input_norm": input_norm}
         f = num_features
+        mid = 128 if stem == "paper" else 256
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 7, stride=2, padding=3), BNReLU(64, backend=backend),
-            Residual(64, 128, backend), nn.MaxPool2d(2, 2), Residual(128, 128, backend), Residual(128, f, backend),
+            Residual(64, 128, backend), nn.MaxPool2d(2, 2), Residual(128, mid, backend), Residual(mid, f, backend),
         )
+        self.input_norm = input_norm
+        if input_norm is not None:  # x = pixel/255 - 0.5 -> (x + 0.5 - mean) / std; not saved: config holds it
+            # float64, cast per call: a float64 model then computes the peer's input to the last bit
+            std = torch.tensor(input_norm["std"], dtype=torch.float64).view(1, 3, 1, 1)
+            mean = torch.tensor(input_norm["mean"], dtype=torch.float64).view(1, 3, 1, 1)
+            self.register_buffer("input_scale", 1 / std, persistent=False)
+            self.register_buffer("input_shift", (0.5 - mean) / std, persistent=False)
         self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend) for _ in range(num_stacks))
         self.features = nn.ModuleList(
             nn.Sequential(Residual(f, f, backend), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
@@ -90,6 +133,8 @@ class StackedHourglass(nn.Module):
         if images.shape[2] % mult or images.shape[3] % mult:
             raise ValueError(f"image height and width must be multiples of {mult} for depth "
                              f"{self.depth}, got {tuple(images.shape[2:])}")
+        if self.input_norm is not None:
+            images = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
         x = self.stem(images)
         heatmaps: List[torch.Tensor] = []
         for i in range(self.num_stacks):

@@ -39,6 +39,7 @@ class TrainConfig:
     """A field's default is the GPU column of DEVICE_DEFAULTS where it has one;
     `TrainConfig.for_device("cpu", ...)` starts from the CPU column instead."""
     out: str = "runs/train"
+    init: Optional[str] = None           # a checkpoint whose weights start the run (fasthg.train.init)
     stacks: int = _GPU["stacks"]
     features: int = _GPU["features"]
     depth: int = _GPU["depth"]

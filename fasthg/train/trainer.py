@@ -33,7 +33,7 @@ import random
 import signal
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from fasthg.evaluate import METRICS, evaluate
 from fasthg.draw import plot_training_curves
 from fasthg.models import StackedHourglass
 from fasthg.train.config import TrainConfig, check_resume_changes, resume_changes
+from fasthg.train.init import init_model
 
 # The settings that make the learning-rate schedule.
 _SCHEDULE = ("lr", "lr_drops", "lr_gamma")
@@ -72,7 +73,10 @@ def _torchrun_env():
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, model_config: Optional[dict] = None):
+        """`model_config`: the model to build, a checkpoint's (resume's: what TrainConfig does
+        not hold, a stem or input_norm, comes with it); default: cfg's shape, or with cfg.init
+        that checkpoint's model and weights (fasthg.train.init)."""
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.optimizer not in ("rmsprop", "adam", "sgd"):
@@ -104,7 +108,13 @@ class Trainer:
         self.metric = "oks" if coco else "pckh"
         joints = len(COCO_JOINTS) if coco else len(MPII_JOINTS)
         self.flip_pairs, _ = joint_conventions(joints)
-        self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend).to(self.device)
+        if model_config is not None:  # resuming: the checkpoint's model, whose weights resume() loads
+            self.model = StackedHourglass(**model_config, backend=cfg.backend)
+        elif cfg.init:
+            self.model = init_model(cfg, joints)
+        else:
+            self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend)
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = self.model
