@@ -10,12 +10,18 @@ from fasthg import ops
 from fasthg.nn import BNReLU
 
 
+MEMORY = ("default", "recompute")
+
+
 class Residual(nn.Module):
     """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
-    (through a 1x1 conv when the channel counts differ). Paper Fig. 4."""
+    (through a 1x1 conv when the channel counts differ). Paper Fig. 4. memory="recompute"
+    runs each BN-ReLU-conv pair of the body as fasthg.ops.bn_relu_conv (same modules, same
+    state_dict), which recomputes relu(bn(x)) in the backward instead of storing it."""
 
-    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
+        self.backend, self.memory = backend, memory
         mid = out_channels // 2
         self.body = nn.Sequential(
             BNReLU(in_channels, backend=backend), nn.Conv2d(in_channels, mid, 1),
@@ -25,6 +31,11 @@ class Residual(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
+        if self.memory == "recompute":
+            h = x
+            for i in range(0, len(self.body), 2):
+                h = ops.bn_relu_conv(h, self.body[i], self.body[i + 1], backend=self.backend)
+            return h + self.skip(x)
         return self.body(x) + self.skip(x)
 
 
@@ -32,14 +43,15 @@ class Hourglass(nn.Module):
     """up1 = res(x); low = res(maxpool(x)) -> hourglass(depth-1) or res -> res;
     out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add."""
 
-    def __init__(self, depth: int, channels: int, backend: str = "auto"):
+    def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
         self.backend = backend
-        self.up1 = Residual(channels, channels, backend)
+        self.up1 = Residual(channels, channels, backend, memory)
         self.pool = nn.MaxPool2d(2, 2)
-        self.low1 = Residual(channels, channels, backend)
-        self.low2 = Hourglass(depth - 1, channels, backend) if depth > 1 else Residual(channels, channels, backend)
-        self.low3 = Residual(channels, channels, backend)
+        self.low1 = Residual(channels, channels, backend, memory)
+        self.low2 = (Hourglass(depth - 1, channels, backend, memory) if depth > 1
+                     else Residual(channels, channels, backend, memory))
+        self.low3 = Residual(channels, channels, backend, memory)
 
     def forward(self, x):
         up1 = self.up1(x)
@@ -52,13 +64,21 @@ class Hourglass(nn.Module):
 
 class StackedHourglass(nn.Module):
     """Input [B, 3, H, W] (H, W multiples of 4 * 2**depth); output the heatmaps of every
-    stack, [B, num_stacks, num_joints, H/4, W/4]. The loss supervises every stack."""
+    stack, [B, num_stacks, num_joints, H/4, W/4]. The loss supervises every stack.
+
+    memory="recompute": the residual modules' BN-ReLU-conv units save only their input and
+    the BN statistics for backward (fasthg.ops.bn_relu_conv; about half the activations),
+    with the native or triton backend; the same numerics up to rounding and the same
+    state_dict as "default". Like the backend, it is not part of `config` (a checkpoint
+    loads into either)."""
 
     def __init__(self, num_stacks: int = 8, num_features: int = 256, num_joints: int = 16,
-                 depth: int = 4, backend: str = "auto"):
+                 depth: int = 4, backend: str = "auto", memory: str = "default"):
         super().__init__()
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if memory not in MEMORY:
+            raise ValueError(f"memory must be one of {MEMORY}, got {memory!r}")
         for name, v in (("num_stacks", num_stacks), ("num_features", num_features),
                         ("num_joints", num_joints), ("depth", depth)):
             if not isinstance(v, int) or v < 1:
@@ -66,17 +86,19 @@ class StackedHourglass(nn.Module):
         if num_features % 2:
             raise ValueError(f"num_features must be even, got {num_features}")
         self.num_stacks, self.num_joints, self.depth, self.backend = num_stacks, num_joints, depth, backend
+        self.memory = memory
         # What rebuilds this network from a checkpoint (the backend is the loader's choice).
         self.config = {"num_stacks": num_stacks, "num_features": num_features, "num_joints": num_joints,
                        "depth": depth}
         f = num_features
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 7, stride=2, padding=3), BNReLU(64, backend=backend),
-            Residual(64, 128, backend), nn.MaxPool2d(2, 2), Residual(128, 128, backend), Residual(128, f, backend),
+            Residual(64, 128, backend, memory), nn.MaxPool2d(2, 2), Residual(128, 128, backend, memory),
+            Residual(128, f, backend, memory),
         )
-        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend) for _ in range(num_stacks))
+        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend, memory) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(Residual(f, f, backend), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
+            nn.Sequential(Residual(f, f, backend, memory), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
             for _ in range(num_stacks))
         self.heads = nn.ModuleList(nn.Conv2d(f, num_joints, 1) for _ in range(num_stacks))
         # Intermediate supervision: each stack's features and heatmaps re-enter the next.

@@ -104,7 +104,8 @@ class Trainer:
         self.metric = "oks" if coco else "pckh"
         joints = len(COCO_JOINTS) if coco else len(MPII_JOINTS)
         self.flip_pairs, _ = joint_conventions(joints)
-        self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend).to(self.device)
+        self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend,
+                                      memory=cfg.memory).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = self.model
