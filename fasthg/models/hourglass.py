@@ -8,6 +8,7 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.nn import BNReLU
+from fasthg.ops.max_pool import max_pool2d
 
 
 MEMORY = ("default", "recompute")
@@ -45,7 +46,7 @@ class Hourglass(nn.Module):
 
     def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
-        self.backend = backend
+        self.backend, self.memory = backend, memory
         self.up1 = Residual(channels, channels, backend, memory)
         self.pool = nn.MaxPool2d(2, 2)
         self.low1 = Residual(channels, channels, backend, memory)
@@ -55,7 +56,9 @@ class Hourglass(nn.Module):
 
     def forward(self, x):
         up1 = self.up1(x)
-        low = self.low3(self.low2(self.low1(self.pool(x))))
+        # recompute: the pool keeps no indices (its input x is saved by up1 anyway)
+        pooled = max_pool2d(x, self.pool) if self.memory == "recompute" else self.pool(x)
+        low = self.low3(self.low2(self.low1(pooled)))
         if low.dtype != up1.dtype:  # autocast may leave the branches in different dtypes
             dtype = torch.promote_types(low.dtype, up1.dtype)
             low, up1 = low.to(dtype), up1.to(dtype)
@@ -66,9 +69,11 @@ class StackedHourglass(nn.Module):
     """Input [B, 3, H, W] (H, W multiples of 4 * 2**depth); output the heatmaps of every
     stack, [B, num_stacks, num_joints, H/4, W/4]. The loss supervises every stack.
 
-    memory="recompute": the residual modules' BN-ReLU-conv units save only their input and
-    the BN statistics for backward (fasthg.ops.bn_relu_conv; about half the activations),
-    with the native or triton backend; the same numerics up to rounding and the same
+    memory="recompute": the BN-ReLU-conv units (the residual modules' three, and the
+    features' BN-ReLU before the heatmap and remap convolutions) save only their input and
+    the BN statistics for backward (fasthg.ops.bn_relu_conv), and the hourglasses' max-pools
+    recompute their argmax (fasthg.ops.max_pool), about half the activations, with the native
+    or triton backend; the same numerics up to rounding and the same
     state_dict as "default". Like the backend, it is not part of `config` (a checkpoint
     loads into either)."""
 
@@ -115,11 +120,18 @@ class StackedHourglass(nn.Module):
         x = self.stem(images)
         heatmaps: List[torch.Tensor] = []
         for i in range(self.num_stacks):
-            feat = self.features[i](self.hourglasses[i](x))
-            hm = self.heads[i](feat)
+            if self.memory == "recompute":  # the features' BN-ReLU output is not stored either
+                res, conv, bn_relu = self.features[i]
+                convs = (self.heads[i],) + ((self.remap_features[i],) if i < self.num_stacks - 1 else ())
+                hm, *remapped = ops.bn_relu_convs(conv(res(self.hourglasses[i](x))), bn_relu, convs,
+                                                  backend=self.backend)
+            else:
+                feat = self.features[i](self.hourglasses[i](x))
+                hm = self.heads[i](feat)
+                remapped = [self.remap_features[i](feat)] if i < self.num_stacks - 1 else []
             heatmaps.append(hm)
             if i < self.num_stacks - 1:
-                x = x + self.remap_features[i](feat) + self.remap_heatmaps[i](hm)
+                x = x + remapped[0] + self.remap_heatmaps[i](hm)
         return torch.stack(heatmaps, dim=1)
 
 

@@ -57,22 +57,15 @@ def _conv_dtype(x):
     return x.dtype
 
 
-def _stored(backend, x, bn, conv, group):
-    """The storing composition: fused (or eager) BN-ReLU, then the convolution."""
-    rm, rv, batch_stats, factor = batch_norm_args(bn)
-    y = bn_relu(x, bn.weight, bn.bias, rm, rv, batch_stats, factor, bn.eps, backend=backend,
-                    sync=group is not None, process_group=group)
-    return conv(y)
-
-
 class _BNReLUConvRecompute(torch.autograd.Function):
-    """Training only. Inputs after x: the BN's weight and bias (in the statistics' dtype),
-    the convolution's weight and bias (in the convolution's dtype), the BN's running
-    statistics (None: not tracked), then constants."""
+    """Training only. Inputs after x: the BN's weight and bias (in the statistics' dtype), its
+    running statistics (None: not tracked), constants, each convolution's (stride, padding,
+    dilation), then each convolution's weight and bias (in the convolution's dtype; bias may
+    be None). One output per convolution, all from the same relu(bn(x))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv_weight, conv_bias, running_mean, running_var, momentum, eps,
-                stride, padding, dilation, which, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry,
+                *conv_params):
         ops = _OPS[which]
         count = x.numel() // x.shape[1]
         if group is None and x.device.type in ops.train_devices:
@@ -85,24 +78,34 @@ class _BNReLUConvRecompute(torch.autograd.Function):
             y = ops.forward(x, mean, invstd, weight, bias)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        out = torch.ops.aten.convolution(y.to(conv_weight.dtype), conv_weight, conv_bias, stride, padding,
-                                         dilation, False, [0, 0], 1)
+        weights, biases = conv_params[0::2], conv_params[1::2]
+        y = y.to(weights[0].dtype)
+        outs = tuple(torch.ops.aten.convolution(y, w, b, *g, False, [0, 0], 1)
+                     for w, b, g in zip(weights, biases, geometry))
         # y dies here: only x and the statistics (and the parameters) are kept.
-        ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
-        ctx.which, ctx.group, ctx.count, ctx.has_conv_bias = which, group, count, conv_bias is not None
-        ctx.conv_args = (stride, padding, dilation)
-        return out
+        ctx.save_for_backward(x, weight, bias, mean, invstd, *weights)
+        ctx.which, ctx.group, ctx.count, ctx.geometry = which, group, count, geometry
+        ctx.has_bias = tuple(b is not None for b in biases)
+        return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
+    def backward(ctx, *grad_outs):
+        x, weight, bias, mean, invstd, *weights = ctx.saved_tensors
         ops = _OPS[ctx.which]
-        stride, padding, dilation = ctx.conv_args
-        y = ops.forward(x, mean, invstd, weight, bias).to(conv_weight.dtype)  # the recompute
         need = ctx.needs_input_grad
-        grad_y, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-            grad_out, y, conv_weight, [conv_weight.shape[0]] if ctx.has_conv_bias else None, stride, padding,
-            dilation, False, [0, 0], 1, [need[0] or need[1] or need[2], need[3], need[4]])
+        need_y = need[0] or need[1] or need[2]
+        y = ops.forward(x, mean, invstd, weight, bias).to(weights[0].dtype)  # the recompute
+        grad_y, grad_params = None, []
+        for k, (g, w, geo, has_bias) in enumerate(zip(grad_outs, weights, ctx.geometry, ctx.has_bias)):
+            need_w, need_b = need[10 + 2 * k], need[11 + 2 * k]
+            if g is None:
+                grad_params += [None, None]
+                continue
+            gy, gw, gb = torch.ops.aten.convolution_backward(
+                g, y, w, [w.shape[0]] if has_bias else None, *geo, False, [0, 0], 1, [need_y, need_w, need_b])
+            grad_params += [gw, gb]
+            if gy is not None:
+                grad_y = gy if grad_y is None else grad_y + gy
         del y
         grad_x = grad_w = grad_b = None
         if grad_y is not None:
@@ -120,10 +123,10 @@ class _BNReLUConvRecompute(torch.autograd.Function):
                 if need[0]:
                     grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, total_g / ctx.count,
                                                 total_gx / ctx.count)
-        return (grad_x, grad_w, grad_b, grad_cw, grad_cb) + (None,) * 9
+        return (grad_x, grad_w, grad_b) + (None,) * 7 + tuple(grad_params)
 
 
-def _recompute(which, x, bn, conv, group):
+def _recompute(which, x, bn, convs, group):
     """The recomputing unit on backend `which` (native or triton)."""
     rm, rv, _, factor = batch_norm_args(bn)  # (training: batch statistics)
     check_args(x, bn.weight, bn.bias, rm, rv, True)
@@ -131,30 +134,41 @@ def _recompute(which, x, bn, conv, group):
     weight = x.new_ones(c, dtype=pdtype) if bn.weight is None else _as_dtype(bn.weight, pdtype)
     bias = x.new_zeros(c, dtype=pdtype) if bn.bias is None else _as_dtype(bn.bias, pdtype)
     cdtype = _conv_dtype(x)
-    if conv.weight.dtype != cdtype and cdtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(f"bn_relu_conv: `x` is {x.dtype} but the convolution's weight is {conv.weight.dtype} "
-                         "(use autocast, or convert the model)")
-    # Differentiable casts, outside the Function: autograd casts their gradients back, as it
-    # does for autocast's own casts of nn.Conv2d's parameters.
-    cw = _as_dtype(conv.weight, cdtype)
-    cb = None if conv.bias is None else _as_dtype(conv.bias, cdtype)
-    return _BNReLUConvRecompute.apply(x, weight, bias, cw, cb, rm, rv, float(factor), float(bn.eps),
-                                      tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), which, group)
+    params = []
+    for conv in convs:
+        if conv.weight.dtype != cdtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"bn_relu_conv: `x` is {x.dtype} but the convolution's weight is {conv.weight.dtype} "
+                             "(use autocast, or convert the model)")
+        # Differentiable casts, outside the Function: autograd casts their gradients back, as
+        # it does for autocast's own casts of nn.Conv2d's parameters.
+        params += [_as_dtype(conv.weight, cdtype), None if conv.bias is None else _as_dtype(conv.bias, cdtype)]
+    geometry = tuple((tuple(m.stride), tuple(m.padding), tuple(m.dilation)) for m in convs)
+    out = _BNReLUConvRecompute.apply(x, weight, bias, rm, rv, float(factor), float(bn.eps), which, group, geometry,
+                                     *params)
+    return out if len(convs) > 1 else (out,)
 
 
-def _unit(which, x, conv):
+def _stored(backend, x, bn, convs, group):
+    """The storing composition: fused (or eager) BN-ReLU, then the convolutions."""
+    rm, rv, batch_stats, factor = batch_norm_args(bn)
+    y = bn_relu(x, bn.weight, bn.bias, rm, rv, batch_stats, factor, bn.eps, backend=backend,
+                sync=group is not None, process_group=group)
+    return tuple(conv(y) for conv in convs)
+
+
+def _unit(which, x, convs):
     """The implementation that runs the training unit on concrete backend `which`: the one
     place where a backend picks its kernels (e.g. a Triton convolution for 1x1 on CUDA)."""
     return _stored if which == "eager" else _recompute
 
 
-def bn_relu_conv(x, bn, conv, backend="auto"):
-    """conv(relu(bn(x))), `bn` an nn.BatchNorm2d (fasthg.nn.BNReLU included: its sync and
-    process_group apply) and `conv` an nn.Conv2d (groups 1, numeric padding, zero padding mode),
-    following bn.training exactly as fasthg.nn.BNReLU does. In training, the native and triton
-    backends save only x and the BN statistics for backward and recompute relu(bn(x)) there;
-    eager stores it (plain composition). The modules' own parameters and buffers are used."""
-    check_modules(bn, conv)
+def bn_relu_convs(x, bn, convs, backend="auto"):
+    """(conv(relu(bn(x))) for conv in convs): several convolutions reading one BN-ReLU's output
+    (each as bn_relu_conv requires), which the recomputing unit does not store either."""
+    if not convs:
+        raise ValueError("bn_relu_convs: `convs` must name at least one convolution")
+    for conv in convs:
+        check_modules(bn, conv)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != bn.num_features:
         raise ValueError(f"bn_relu_conv: `x` must be [N, {bn.num_features}, H, W] for {bn}, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -163,8 +177,17 @@ def bn_relu_conv(x, bn, conv, backend="auto"):
     if bn.training and getattr(bn, "sync", False):
         group = _sync_group(True, getattr(bn, "process_group", None))
     if not (bn.training and torch.is_grad_enabled()):  # nothing is saved for backward
-        return _stored(which, x, bn, conv, group)
-    return _unit(which, x, conv)(which, x, bn, conv, group)
+        return _stored(which, x, bn, convs, group)
+    return _unit(which, x, convs)(which, x, bn, convs, group)
 
 
-__all__ = ["bn_relu_conv", "check_modules"]
+def bn_relu_conv(x, bn, conv, backend="auto"):
+    """conv(relu(bn(x))), `bn` an nn.BatchNorm2d (fasthg.nn.BNReLU included: its sync and
+    process_group apply) and `conv` an nn.Conv2d (groups 1, numeric padding, zero padding mode),
+    following bn.training exactly as fasthg.nn.BNReLU does. In training, the native and triton
+    backends save only x and the BN statistics for backward and recompute relu(bn(x)) there;
+    eager stores it (plain composition). The modules' own parameters and buffers are used."""
+    return bn_relu_convs(x, bn, (conv,), backend)[0]
+
+
+__all__ = ["bn_relu_conv", "bn_relu_convs", "check_modules"]
