@@ -183,6 +183,53 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(bn.running_var, bn2.running_var)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_several_convolutions_of_one_bn_relu(backend, layout):
+    """bn_relu_convs: a 1x1 and a 3x3 convolution of the same relu(bn(x)), gradients summed."""
+    fmt = LAYOUTS[layout]
+    bn, conv1 = unit(5, dict(out_channels=3, kernel_size=1), backend=backend)
+    conv2 = nn.Conv2d(5, 4, 3, padding=1, bias=False).to(memory_format=fmt)
+    bn64, c1, c2 = copy.deepcopy(bn).double(), copy.deepcopy(conv1).double(), copy.deepcopy(conv2).double()
+    x64, x = make_x((2, 5, 7, 6), fmt)
+    x, x64 = x.requires_grad_(), x64.requires_grad_()
+    y1, y2 = ops.bn_relu_convs(x, bn, (conv1, conv2), backend=backend)
+    y = torch.relu(nn.functional.batch_norm(x64, bn64.running_mean, bn64.running_var, bn64.weight, bn64.bias, True))
+    r1, r2 = c1(y), c2(y)
+    g1, g2 = torch.randn_like(r1), torch.randn_like(r2)
+    got = torch.autograd.grad((y1, y2), [x, bn.weight, bn.bias, conv1.weight, conv1.bias, conv2.weight],
+                              (g1.float(), g2.float()))
+    want = torch.autograd.grad((r1, r2), [x64, bn64.weight, bn64.bias, c1.weight, c1.bias, c2.weight], (g1, g2),
+                               retain_graph=True)
+    assert rel_err(y1, r1) < 1e-5 and rel_err(y2, r2) < 1e-5
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) < 1e-5, i
+    assert rel_err(bn.running_var, bn64.running_var) < 1e-6
+    # only the first output used: the other convolution's weight gets no (or a zero) gradient
+    y1, _ = ops.bn_relu_convs(x, bn, (conv1, conv2), backend=backend)
+    gx, gw2 = torch.autograd.grad(y1.sum(), (x, conv2.weight), allow_unused=True, materialize_grads=True)
+    assert not gw2.any()
+    assert rel_err(gx, torch.autograd.grad(c1(y).sum(), x64)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape,pool", [((2, 3, 8, 6), nn.MaxPool2d(2, 2)), ((1, 4, 7, 9), nn.MaxPool2d(3, 2, 1)),
+                                        ((2, 2, 5, 5), nn.MaxPool2d(2, ceil_mode=True))], ids=str)
+def test_max_pool_recomputing_its_indices_equals_nn_max_pool(layout, shape, pool):
+    from fasthg.ops.max_pool import max_pool2d
+
+    fmt = LAYOUTS[layout]
+    # ties included: small integers, so several maxima share a window
+    x = torch.randint(0, 4, shape).float().contiguous(memory_format=fmt).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = max_pool2d(x, pool), pool(x2)
+    assert torch.equal(y, y2) and y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y2)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y2, x2, g)[0])
+    assert saved_activation_bytes(lambda: max_pool2d(x, pool)) == x.numel() * 4  # x only, no int64 indices
+    assert saved_activation_bytes(lambda: pool(x)) > x.numel() * 4
+
+
 @pytest.mark.parametrize("conv,message", [
     (nn.Conv2d(4, 4, 3, groups=2), "groups=2"),
     (nn.Conv2d(4, 4, 3, padding="same"), "padding='same'"),
@@ -260,8 +307,8 @@ def test_recompute_model_under_bf16_autocast_matches_the_storing_model():
 
 
 def test_recompute_model_saves_less_for_backward():
-    """The residual bodies keep 2C instead of 4C per pixel: the whole forward at least a
-    quarter less here (and the eager backend, which stores, saves as much as default)."""
+    """The BN-ReLU-conv units keep 2C instead of 4C per pixel: the whole forward at least a
+    third less here. The eager backend stores the units (only the pools' indices go)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     saved = {}
@@ -269,8 +316,8 @@ def test_recompute_model_saves_less_for_backward():
                             ("eager", "recompute")):
         m = small(backend=backend, memory=memory, num_features=32)
         saved[backend, memory] = saved_activation_bytes(lambda: m(x), m.parameters())
-    assert saved["native", "recompute"] < 0.75 * saved["native", "default"]
-    assert saved["eager", "recompute"] == saved["eager", "default"]
+    assert saved["native", "recompute"] < 0.67 * saved["native", "default"]
+    assert saved["native", "recompute"] < saved["eager", "recompute"] < saved["eager", "default"]
 
 
 def test_checkpoint_of_a_default_model_loads_into_a_recompute_model(tmp_path):

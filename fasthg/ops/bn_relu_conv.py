@@ -86,6 +86,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd, *weights)
         ctx.which, ctx.group, ctx.count, ctx.geometry = which, group, count, geometry
         ctx.has_bias = tuple(b is not None for b in biases)
+        ctx.set_materialize_grads(False)  # an output nobody used costs no convolution backward
         return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
