@@ -306,6 +306,23 @@ def test_recompute_model_under_bf16_autocast_matches_the_storing_model():
     assert rel_err(grads[1], grads[0]) < 1e-2
 
 
+def test_recompute_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = small(backend="native", memory="recompute")
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    out.square().mean().backward()
+    expected = ref(x)
+    expected.square().mean().backward()
+    assert rel_err(out, expected) < 1e-6
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert rel_err(a.grad, b.grad) < 1e-5
+    for a, b in zip(model.buffers(), ref.buffers()):
+        assert torch.equal(a, b)
+
+
 def test_recompute_model_saves_less_for_backward():
     """The BN-ReLU-conv units keep 2C instead of 4C per pixel: the whole forward at least a
     third less here. The eager backend stores the units (only the pools' indices go)."""
