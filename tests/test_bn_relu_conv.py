@@ -352,6 +352,28 @@ def test_checkpoint_of_a_default_model_loads_into_a_recompute_model(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_activation_budget_is_extrapolated_from_two_batches():
+    from fasthg.bench import budget
+
+    # 100 fixed + 30 per image: 10 images fit 400 bytes, 9 fit 399
+    assert budget.largest_batch({2: 160, 4: 220}, 400) == 10
+    assert budget.largest_batch({2: 160, 4: 220}, 399) == 9
+    assert budget.largest_batch({2: 160, 4: 220}, 50) == 0
+
+
+@pytest.mark.slow
+def test_activation_budget_rows_of_a_model():
+    from fasthg.bench import budget
+
+    rows = budget.budget_rows("hg1", ["eager", "native+recompute"], 64, "cpu", budgets_gib=(1,))
+    eager, rec = rows
+    assert eager["drop"] == 0 and rec["drop"] > 0.3
+    assert rec["largest_batch"]["1"] > eager["largest_batch"]["1"] > 0
+    assert eager["per_image_mb"] == pytest.approx((eager["saved_mb"]["4"] - eager["saved_mb"]["2"]) / 2)
+    lines = budget.table(rows)
+    assert "largest batch in 1 GiB" in lines[2] and len(lines) == 6
+
+
 # ---- sync BN across processes (gloo, CPU)
 
 SHARDS = (3, 2)

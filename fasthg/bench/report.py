@@ -117,7 +117,8 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     recompute = "recompute" in memory_modes
     budget_models = list(budget_models) if recompute else []
     model_cases = [(preset, LAYOUTS[lay], dtype) for preset in models for lay in model_layouts for dtype in dtypes]
-    bar = tqdm(total=len(cases) + len(model_cases) + len(budget_models) + 1, desc=f"bench on {dev.type}", disable=not progress)
+    bar = tqdm(total=len(cases) + len(model_cases) + len(budget_models) + 1, desc=f"bench on {dev.type}",
+               disable=not progress)
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()
