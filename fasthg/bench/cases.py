@@ -9,6 +9,7 @@ from typing import Callable, Dict, List
 import torch
 
 from fasthg import ops
+from fasthg.bench.budget import model_spec
 from fasthg.bench.harness import LAYOUTS, Rotation, compiled, dtype_name, layout_name
 from fasthg.models import PRESETS
 from fasthg.ops import reference, registry
@@ -154,8 +155,9 @@ class ModelCase:
         self.target = torch.randn(batch, base.num_stacks, base.num_joints, image_size // 4, image_size // 4,
                                   device=device)
         self.models, self._forwards = {}, {}
-        for b in backends:
-            m = PRESETS[preset](backend="eager" if b == "compile" else b).to(device)
+        for b in backends:  # "native+recompute": memory="recompute" (fasthg.bench.budget.model_spec)
+            backend, mem = model_spec(b)
+            m = PRESETS[preset](backend="eager" if b == "compile" else backend, memory=mem).to(device)
             m.load_state_dict(base.state_dict())
             m = m.to(memory_format=layout)
             self.models[b], self._forwards[b] = m, (compiled(m, device) if b == "compile" else m)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fasthg import ops
-from fasthg.bench import memory, traffic
+from fasthg.bench import budget, memory, traffic
 from fasthg.bench.cases import ModelCase, op_calls, op_cases
 from fasthg.bench.harness import (LAYOUTS, SPREAD_LIMIT, copy_bandwidth, default_dtypes, dtype_name,
                                   interleaved_samples, last_level_cache_bytes, layout_name, medians_and_spreads,
@@ -86,12 +86,16 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
-        progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc")):
+        progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc"),
+        memory_modes=("default",), budget_models=("hg8",)):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.bench.malloc), so
     that page faults of fresh outputs do not swamp the kernels; process-wide. dtypes: the
     ops' activation dtypes and the models' (float32, or autocast to the others; default:
     default_dtypes). model_layouts: nchw and/or nhwc (channels_last). `compile` adds
-    torch.compile of the eager compositions and model."""
+    torch.compile of the eager compositions and model. memory_modes with "recompute": the models
+    also run with memory="recompute" on each non-eager backend ("native+recompute" rows), and
+    the report gets the largest batch of each of `budget_models` in 16 and 80 GiB of
+    activations, eager vs storing vs recompute (fasthg.bench.budget)."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
@@ -109,9 +113,12 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     cases = [(backends(op.name) + extra, case) for c in channels for op in registry.ops()
              for case in op_cases(op.name, batch, c, levels, dtypes, list(LAYOUTS.values()))]
     cache_bytes = last_level_cache_bytes(dev)
-    rows = []
+    rows, budgets = [], []
+    recompute = "recompute" in memory_modes
+    budget_models = list(budget_models) if recompute else []
     model_cases = [(preset, LAYOUTS[lay], dtype) for preset in models for lay in model_layouts for dtype in dtypes]
-    bar = tqdm(total=len(cases) + len(model_cases) + 1, desc=f"bench on {dev.type}", disable=not progress)
+    bar = tqdm(total=len(cases) + len(model_cases) + len(budget_models) + 1, desc=f"bench on {dev.type}",
+               disable=not progress)
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()
@@ -123,7 +130,8 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         return {"device": torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads",
                 "torch": torch.__version__, "allocator": allocator, "copy_gb_s": copy_bw / 1e9,
                 "cache_mib": cache_bytes / 2**20, "complete": complete, "rows": rows,
-                "bars": [] if gpu else bar_checks(rows)}  # the bars are set for the CPU
+                "bars": [] if gpu else bar_checks(rows),  # the bars are set for the CPU
+                **({"budgets": budgets} if budgets else {})}
 
     def done_one(new_rows):  # the JSON and table so far, so that a run cut short keeps what it measured
         rows.extend(new_rows)
@@ -137,8 +145,15 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         done_one(bench_op(case, dev, op_backends, repeats, cache_bytes))
     for preset, layout, dtype in model_cases:
         bar.set_postfix_str(f"{preset} training step {layout_name(layout)} {dtype_name(dtype)}")
-        done_one(bench_model(preset, dev, backends() + ["auto"] + extra, batch, image_size, model_repeats,
-                             layout, dtype))
+        concrete = backends()
+        done_one(bench_model(preset, dev, concrete + ["auto"] + extra
+                             + [f"{b}+recompute" for b in concrete if recompute and b != "eager"],
+                             batch, image_size, model_repeats, layout, dtype))
+    for preset in budget_models:
+        bar.set_postfix_str(f"{preset} activation budget")
+        specs = ["eager"] + [b + mode for b in backends() if b != "eager" for mode in ("", "+recompute")]
+        budgets.extend(budget.budget_rows(preset, specs, image_size, dev))
+        bar.update()
     bar.close()
     final = result(True)
     if out_dir:
@@ -194,6 +209,7 @@ def table(result) -> str:
         lines += ["", f"Bars (native vs eager, same run): {sum(c['met'] for c in checks)} of {len(checks)} met"]
         lines += [f"- {c['op']} {c['mode']} {c['channels']}x{c['level']}x{c['level']} {c['layout']} {c['dtype']}: "
                   f"{c['speedup']:.2f}x, bar {c['bar']:.1f}x: {'met' if c['met'] else 'NOT met'}" for c in checks]
+    lines += budget.table(result.get("budgets", []))
     return "\n".join(lines)
 
 

@@ -92,6 +92,11 @@ def models(text):
     return _names(text, PRESETS, "model", none=True)
 
 
+def memory_modes(text):
+    """--memory: default and/or recompute, comma-separated."""
+    return _names(text, {"default": None, "recompute": None}, "memory mode")
+
+
 def layouts(text):
     """--model-layouts: nchw and/or nhwc, comma-separated."""
     return _names(text, LAYOUTS, "layout")

@@ -8,7 +8,8 @@ def run(args) -> int:
     result = bench.run(device=args.device, levels=args.levels, channels=args.channels,
                        repeats=args.repeats, models=args.model, model_repeats=args.model_repeats,
                        image_size=args.image_size, compile=args.compile, out_dir=args.out, dtypes=args.dtypes,
-                       keep_freed_memory=args.keep_freed_memory, model_layouts=args.model_layouts)
+                       keep_freed_memory=args.keep_freed_memory, model_layouts=args.model_layouts,
+                       memory_modes=args.memory, budget_models=args.budget_model)
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
@@ -41,6 +42,12 @@ def add_command(sub):
     b.add_argument("--model-layouts", type=types.layouts, default="nchw,nhwc",
                    help="memory formats the models run in: nchw, nhwc (channels_last), comma-separated "
                         "(default: both)")
+    b.add_argument("--memory", type=types.memory_modes, default="default",
+                   help="models' activation memory: default, recompute (adds BACKEND+recompute rows: "
+                        "StackedHourglass(memory='recompute'), and the largest batch of --budget-model in 16 and "
+                        "80 GiB of saved activations), comma-separated (default: default)")
+    b.add_argument("--budget-model", type=types.models, default="hg8",
+                   help="models of the activation-budget section (with --memory recompute; default: hg8)")
     b.add_argument("--image-size", type=types.positive_int, default=256,
                    help="the models' input size in pixels (default: 256)")
     b.add_argument("--keep-freed-memory", action="store_true",

@@ -143,6 +143,10 @@ def add_command(sub):
     types.add_backend(t, default=None, help=f" ({default('backend')})")
     t.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"],
                    help=f"rmsprop (the paper's), adam, or sgd with momentum 0.9 ({default('optimizer')})")
+    t.add_argument("--memory", choices=["default", "recompute"],
+                   help="recompute: the residual modules' BN-ReLU-conv units keep only their input and the BN "
+                        "statistics for backward and recompute the rest there (about half the activations, a few "
+                        f"percent more time; native or triton backend) ({default('memory')})")
     t.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help=f"automatic mixed precision; fp16 needs CUDA and uses a grad scaler ({default('amp')})")
     t.add_argument("--mpii-h5-train", dest="mpii_h5_train", help="MPII training people, HDF5 format")

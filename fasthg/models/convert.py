@@ -90,9 +90,9 @@ def from_checkpoint(path: str, backend: str = "auto", map_location="cpu",
     return build(read_checkpoint(path, map_location, input_mean), backend, map_location)
 
 
-def build(ckpt: Checkpoint, backend: str = "auto", map_location="cpu") -> StackedHourglass:
+def build(ckpt: Checkpoint, backend: str = "auto", map_location="cpu", memory: str = "default") -> StackedHourglass:
     """The StackedHourglass of a read_checkpoint() result, in eval mode."""
-    model = StackedHourglass(**ckpt.config, backend=backend)
+    model = StackedHourglass(**ckpt.config, backend=backend, memory=memory)
     model.load_state_dict(ckpt.state_dict)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)

@@ -8,14 +8,21 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.nn import BNReLU
+from fasthg.ops.max_pool import max_pool2d
+
+
+MEMORY = ("default", "recompute")
 
 
 class Residual(nn.Module):
     """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
-    (through a 1x1 conv when the channel counts differ). Paper Fig. 4."""
+    (through a 1x1 conv when the channel counts differ). Paper Fig. 4. memory="recompute"
+    runs each BN-ReLU-conv pair of the body as fasthg.ops.bn_relu_conv (same modules, same
+    state_dict), which recomputes relu(bn(x)) in the backward instead of storing it."""
 
-    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto"):
+    def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
+        self.backend, self.memory = backend, memory
         mid = out_channels // 2
         self.body = nn.Sequential(
             BNReLU(in_channels, backend=backend), nn.Conv2d(in_channels, mid, 1),
@@ -25,6 +32,11 @@ class Residual(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
+        if self.memory == "recompute":
+            h = x
+            for i in range(0, len(self.body), 2):
+                h = ops.bn_relu_conv(h, self.body[i], self.body[i + 1], backend=self.backend)
+            return h + self.skip(x)
         return self.body(x) + self.skip(x)
 
 
@@ -32,18 +44,21 @@ class Hourglass(nn.Module):
     """up1 = res(x); low = res(maxpool(x)) -> hourglass(depth-1) or res -> res;
     out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add."""
 
-    def __init__(self, depth: int, channels: int, backend: str = "auto"):
+    def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
-        self.backend = backend
-        self.up1 = Residual(channels, channels, backend)
+        self.backend, self.memory = backend, memory
+        self.up1 = Residual(channels, channels, backend, memory)
         self.pool = nn.MaxPool2d(2, 2)
-        self.low1 = Residual(channels, channels, backend)
-        self.low2 = Hourglass(depth - 1, channels, backend) if depth > 1 else Residual(channels, channels, backend)
-        self.low3 = Residual(channels, channels, backend)
+        self.low1 = Residual(channels, channels, backend, memory)
+        self.low2 = (Hourglass(depth - 1, channels, backend, memory) if depth > 1
+                     else Residual(channels, channels, backend, memory))
+        self.low3 = Residual(channels, channels, backend, memory)
 
     def forward(self, x):
         up1 = self.up1(x)
-        low = self.low3(self.low2(self.low1(self.pool(x))))
+        # recompute: the pool keeps no indices (its input x is saved by up1 anyway)
+        pooled = max_pool2d(x, self.pool) if self.memory == "recompute" else self.pool(x)
+        low = self.low3(self.low2(self.low1(pooled)))
         if low.dtype != up1.dtype:  # autocast may leave the branches in different dtypes
             dtype = torch.promote_types(low.dtype, up1.dtype)
             low, up1 = low.to(dtype), up1.to(dtype)
@@ -84,15 +99,26 @@ class StackedHourglass(nn.Module):
     `input_norm` {"mean", "std"} (per RGB channel) is for weights trained on other inputs
     (a converted checkpoint, fasthg.models.from_checkpoint): the network then feeds its stem
     (pixel / 255 - mean) / std, computed from the images it is given, so fasthg's data,
-    eval and predict run such a model unchanged. `stem`: "paper" or "pytorch-pose" (STEMS)."""
+    eval and predict run such a model unchanged. `stem`: "paper" or "pytorch-pose" (STEMS).
+
+    memory="recompute": the BN-ReLU-conv units (the residual modules' three, and the
+    features' BN-ReLU before the heatmap and remap convolutions) save only their input and
+    the BN statistics for backward (fasthg.ops.bn_relu_conv), and the hourglasses' max-pools
+    recompute their argmax (fasthg.ops.max_pool), about half the activations, with the native
+    or triton backend; the same numerics up to rounding and the same
+    state_dict as "default". Like the backend, it is not part of `config` (a checkpoint
+    loads into either)."""
 
     def __init__(self, num_stacks: int = 8, num_features: int = 256, num_joints: int = 16,
-                 depth: int = 4, backend: str = "auto", stem: str = "paper", input_norm: Optional[dict] = None):
+                 depth: int = 4, backend: str = "auto", stem: str = "paper", input_norm: Optional[dict] = None,
+                 memory: str = "default"):
         super().__init__()
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if memory not in MEMORY:
+            raise ValueError(f"memory must be one of {MEMORY}, got {memory!r}")
         input_norm = _input_norm(input_norm)
         for name, v in (("num_stacks", num_stacks), ("num_features", num_features),
                         ("num_joints", num_joints), ("depth", depth)):
@@ -101,6 +127,7 @@ class StackedHourglass(nn.Module):
         if num_features % 2:
             raise ValueError(f"num_features must be even, got {num_features}")
         self.num_stacks, self.num_joints, self.depth, self.backend = num_stacks, num_joints, depth, backend
+        self.memory = memory
         # What rebuilds this network from a checkpoint (the backend is the loader's choice).
         self.config = {"num_stacks": num_stacks, "num_features": num_features, "num_joints": num_joints,
                        "depth": depth, "stem": stem, "input_norm": input_norm}
@@ -108,7 +135,8 @@ class StackedHourglass(nn.Module):
         mid = 128 if stem == "paper" else 256
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 7, stride=2, padding=3), BNReLU(64, backend=backend),
-            Residual(64, 128, backend), nn.MaxPool2d(2, 2), Residual(128, mid, backend), Residual(mid, f, backend),
+            Residual(64, 128, backend, memory), nn.MaxPool2d(2, 2), Residual(128, mid, backend, memory),
+            Residual(mid, f, backend, memory),
         )
         self.input_norm = input_norm
         if input_norm is not None:  # x = pixel/255 - 0.5 -> (x + 0.5 - mean) / std; not saved: config holds it
@@ -117,9 +145,9 @@ class StackedHourglass(nn.Module):
             mean = torch.tensor(input_norm["mean"], dtype=torch.float64).view(1, 3, 1, 1)
             self.register_buffer("input_scale", 1 / std, persistent=False)
             self.register_buffer("input_shift", (0.5 - mean) / std, persistent=False)
-        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend) for _ in range(num_stacks))
+        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend, memory) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(Residual(f, f, backend), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
+            nn.Sequential(Residual(f, f, backend, memory), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
             for _ in range(num_stacks))
         self.heads = nn.ModuleList(nn.Conv2d(f, num_joints, 1) for _ in range(num_stacks))
         # Intermediate supervision: each stack's features and heatmaps re-enter the next.
@@ -138,11 +166,18 @@ class StackedHourglass(nn.Module):
         x = self.stem(images)
         heatmaps: List[torch.Tensor] = []
         for i in range(self.num_stacks):
-            feat = self.features[i](self.hourglasses[i](x))
-            hm = self.heads[i](feat)
+            if self.memory == "recompute":  # the features' BN-ReLU output is not stored either
+                res, conv, bn_relu = self.features[i]
+                convs = (self.heads[i],) + ((self.remap_features[i],) if i < self.num_stacks - 1 else ())
+                hm, *remapped = ops.bn_relu_convs(conv(res(self.hourglasses[i](x))), bn_relu, convs,
+                                                  backend=self.backend)
+            else:
+                feat = self.features[i](self.hourglasses[i](x))
+                hm = self.heads[i](feat)
+                remapped = [self.remap_features[i](feat)] if i < self.num_stacks - 1 else []
             heatmaps.append(hm)
             if i < self.num_stacks - 1:
-                x = x + self.remap_features[i](feat) + self.remap_heatmaps[i](hm)
+                x = x + remapped[0] + self.remap_heatmaps[i](hm)
         return torch.stack(heatmaps, dim=1)
 
 

@@ -46,6 +46,8 @@ class TrainConfig:
     input_size: int = _GPU["input_size"]
     sigma: Optional[float] = _GPU["sigma"]  # heatmap Gaussian std in output pixels (None: output/64)
     backend: str = "auto"
+    memory: str = "default"              # recompute: BN-ReLU-conv units save half the activations (StackedHourglass);
+                                         # same numerics up to rounding, so a resumed run may change it
     epochs: int = _GPU["epochs"]
     batch_size: int = _GPU["batch_size"]  # per process (the global batch is batch_size x processes)
     accumulate: int = 1                  # optimizer step every `accumulate` batches

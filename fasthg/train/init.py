@@ -25,4 +25,4 @@ def init_model(cfg, joints: int, ckpt: Optional[Checkpoint] = None) -> StackedHo
     if ckpt.config["num_joints"] != joints:
         raise ValueError(f"--init {cfg.init}: a model of {ckpt.config['num_joints']} joints, and the training data "
                          f"has {joints}")
-    return build(ckpt, backend=cfg.backend).train()
+    return build(ckpt, backend=cfg.backend, memory=cfg.memory).train()

@@ -109,11 +109,12 @@ class Trainer:
         joints = len(COCO_JOINTS) if coco else len(MPII_JOINTS)
         self.flip_pairs, _ = joint_conventions(joints)
         if model_config is not None:  # resuming: the checkpoint's model, whose weights resume() loads
-            self.model = StackedHourglass(**model_config, backend=cfg.backend)
+            self.model = StackedHourglass(**model_config, backend=cfg.backend, memory=cfg.memory)
         elif cfg.init:
             self.model = init_model(cfg, joints)
         else:
-            self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend)
+            self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend,
+                                          memory=cfg.memory)
         self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
