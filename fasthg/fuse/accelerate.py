@@ -350,6 +350,23 @@ def _is_fresh(node, root) -> bool:
     return node.op == "call_function" and node.target in _FRESH_FUNCTIONS
 
 
+_METADATA = {"shape", "dtype", "device", "ndim"}
+
+
+def _only_read_before(skip: fx.Node, iadd: fx.Node) -> bool:
+    """True when every other user of `skip` reads only its metadata (shape, dtype...), so
+    turning `skip += up` out of place changes what nobody sees."""
+    for user in skip.users:
+        if user is iadd:
+            continue
+        if user.op == "call_function" and user.target is getattr and user.args[1:] and user.args[1] in _METADATA:
+            continue
+        if user.op == "call_method" and user.target in ("size", "dim"):
+            continue
+        return False
+    return True
+
+
 def _rewrite_upsample_add(root, graphs, path, options, report, before):
     seen = set()
     for g in graphs.values():
@@ -369,7 +386,7 @@ def _rewrite_upsample_add(root, graphs, path, options, report, before):
                 skip = b if a is node else a
                 if a is b:
                     why = "added to itself"
-                elif in_place and a is skip and (len(skip.users) != 1 or not _is_fresh(skip, root)):
+                elif in_place and a is skip and not (_is_fresh(skip, root) and _only_read_before(skip, users[0])):
                     why = "+= onto a tensor that may be an input, a view or used elsewhere"
             where = f"{_join(path, '') or '<model>'}:{node.name}"
             if why:
@@ -422,6 +439,10 @@ def _accelerate_sequential(seq: nn.Sequential, path, options, report, process_gr
     """Module-level BN-ReLU fusion in an nn.Sequential that fx cannot trace."""
     children = list(seq._modules.items())
     for (name, m), (rname, r) in zip(children, children[1:]):
+        if isinstance(m, BNReLU) and type(r) is nn.Identity:  # fused by an earlier call
+            report.append(Change("bn_relu", _join(path, name), "already fused", "already a fasthg BNReLU"))
+            m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+            continue
         if not isinstance(r, nn.ReLU) or _has_hooks(r) or not isinstance(m, nn.BatchNorm2d):
             continue
         if type(m) is nn.BatchNorm2d and not _has_hooks(m):
