@@ -2,6 +2,7 @@
 from torch import nn
 
 from fasthg import ops
+from fasthg.ops.bn_relu import batch_norm_args
 
 
 class BNReLU(nn.BatchNorm2d):
@@ -24,15 +25,8 @@ class BNReLU(nn.BatchNorm2d):
             raise ValueError(f"BNReLU: expected a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"BNReLU: expected {self.num_features} channels, got input of shape {tuple(x.shape)}")
-        # The running-average factor and the train/eval choice exactly as nn.BatchNorm2d.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return ops.bn_relu(x, self.weight, self.bias, self.running_mean if track else None,
-                           self.running_var if track else None, use_batch_stats, factor, self.eps,
+        rm, rv, use_batch_stats, factor = batch_norm_args(self)  # exactly as nn.BatchNorm2d
+        return ops.bn_relu(x, self.weight, self.bias, rm, rv, use_batch_stats, factor, self.eps,
                            backend=self.backend, sync=self.sync, process_group=self.process_group)
 
     def extra_repr(self):

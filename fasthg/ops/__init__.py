@@ -4,5 +4,6 @@ from fasthg.ops import registry
 from fasthg.ops._backend import BACKENDS, available
 from fasthg.ops.upsample_add import upsample_add  # (registered first: fasthg bench's order)
 from fasthg.ops.bn_relu import bn_relu  # noqa: E402,I001
+from fasthg.ops.bn_relu_conv import bn_relu_conv  # noqa: E402 (composes bn_relu's kernels: not registered)
 
-__all__ = ["BACKENDS", "available", "bn_relu", "registry", "upsample_add"]
+__all__ = ["BACKENDS", "available", "bn_relu", "bn_relu_conv", "registry", "upsample_add"]

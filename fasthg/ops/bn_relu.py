@@ -217,6 +217,19 @@ def _sync_group(sync, process_group):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def batch_norm_args(bn):
+    """(running_mean, running_var, use_batch_stats, momentum factor) for the forward of an
+    nn.BatchNorm2d `bn`, decided exactly as nn.BatchNorm2d does; counts the batch in
+    num_batches_tracked when training (call once per forward)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return (bn.running_mean if track else None), (bn.running_var if track else None), use_batch_stats, factor
+
+
 def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
             momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None):
     """relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),

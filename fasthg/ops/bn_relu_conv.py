@@ -1,0 +1,170 @@
+"""bn_relu_conv: conv(relu(bn(x))) for training without storing relu(bn(x)).
+
+A pre-activation residual body stores, per BN-ReLU-conv unit, the BN's input x (for the BN
+backward) and the normalised activation y = relu(bn(x)) (for the convolution's weight
+gradient). Here autograd saves only x and the per-channel statistics (mean, invstd): the
+forward runs the fused BN-ReLU and the convolution and frees y; the backward recomputes y
+in one fused pass (bn_relu_forward with the saved statistics), runs the convolution's
+backward (aten.convolution_backward), then the fused BN-ReLU backward, which recomputes the
+ReLU mask from x and the statistics itself. One extra elementwise pass per unit in the
+backward buys half the unit's saved activations (2C instead of 4C per pixel in a bottleneck).
+
+Not a registered fused op (it has no kernels of its own): it composes fasthg.ops.bn_relu's
+kernels with the stock convolution. Backends as bn_relu's: native and triton recompute;
+eager stores (relu(batch_norm(x)) then the convolution, as plain PyTorch does). Eval mode and
+inference store nothing anyway and run the fused eval BN-ReLU, then the convolution.
+
+Autocast: the convolution runs in the autocast dtype, as nn.Conv2d would (the BN-ReLU in x's
+dtype, as fasthg.ops.bn_relu does), so results match the storing model's. Sync BN
+(BNReLU.sync): statistics are merged across processes in the forward and the backward's two
+sums all-reduced, with fasthg.ops.bn_relu's helpers.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fasthg.ops import _backend
+from fasthg.ops.bn_relu import (_OPS, _as_dtype, _merge_across_processes, _param_dtype, _sync_group,
+                                 _update_running_stats, batch_norm_args, bn_relu, check_args)
+
+_FP_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
+
+
+def check_modules(bn, conv):
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ValueError(f"bn_relu_conv: `bn` must be an nn.BatchNorm2d (or fasthg.nn.BNReLU), got {type(bn).__name__}")
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"bn_relu_conv: `conv` must be an nn.Conv2d, got {type(conv).__name__}")
+    why = None
+    if conv.groups != 1:
+        why = f"groups={conv.groups} (only 1 is supported)"
+    elif isinstance(conv.padding, str):
+        why = f"padding={conv.padding!r} (give the padding as numbers)"
+    elif conv.padding_mode != "zeros":
+        why = f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    elif conv.in_channels != bn.num_features:
+        why = f"in_channels={conv.in_channels} but the BN has {bn.num_features} features"
+    if why:
+        raise ValueError(f"bn_relu_conv: unsupported convolution {conv}: {why}")
+
+
+def _conv_dtype(x):
+    """The dtype nn.Conv2d would run in on relu(bn(x)) (which has x's dtype): autocast's, if on."""
+    dev = x.device.type
+    if x.dtype in _FP_AUTOCAST and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _stored(backend, x, bn, conv, group):
+    """The storing composition: fused (or eager) BN-ReLU, then the convolution."""
+    rm, rv, batch_stats, factor = batch_norm_args(bn)
+    y = bn_relu(x, bn.weight, bn.bias, rm, rv, batch_stats, factor, bn.eps, backend=backend,
+                    sync=group is not None, process_group=group)
+    return conv(y)
+
+
+class _BNReLUConvRecompute(torch.autograd.Function):
+    """Training only. Inputs after x: the BN's weight and bias (in the statistics' dtype),
+    the convolution's weight and bias (in the convolution's dtype), the BN's running
+    statistics (None: not tracked), then constants."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_weight, conv_bias, running_mean, running_var, momentum, eps,
+                stride, padding, dilation, which, group):
+        ops = _OPS[which]
+        count = x.numel() // x.shape[1]
+        if group is None and x.device.type in ops.train_devices:
+            y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward(x, weight, bias, eps)
+        else:
+            mean, var = ops.stats(x)
+            if group is not None:
+                mean, var, count = _merge_across_processes(mean, var, count, group)
+            invstd = torch.rsqrt(var + eps)
+            y = ops.forward(x, mean, invstd, weight, bias)
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        out = torch.ops.aten.convolution(y.to(conv_weight.dtype), conv_weight, conv_bias, stride, padding,
+                                         dilation, False, [0, 0], 1)
+        # y dies here: only x and the statistics (and the parameters) are kept.
+        ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
+        ctx.which, ctx.group, ctx.count, ctx.has_conv_bias = which, group, count, conv_bias is not None
+        ctx.conv_args = (stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
+        ops = _OPS[ctx.which]
+        stride, padding, dilation = ctx.conv_args
+        y = ops.forward(x, mean, invstd, weight, bias).to(conv_weight.dtype)  # the recompute
+        need = ctx.needs_input_grad
+        grad_y, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
+            grad_out, y, conv_weight, [conv_weight.shape[0]] if ctx.has_conv_bias else None, stride, padding,
+            dilation, False, [0, 0], 1, [need[0] or need[1] or need[2], need[3], need[4]])
+        del y
+        grad_x = grad_w = grad_b = None
+        if grad_y is not None:
+            grad_y = grad_y.to(x.dtype)
+            if ctx.group is None and x.device.type in ops.train_devices:
+                grad_x, grad_b, grad_w = torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd, weight,
+                                                                                 bias)
+            else:
+                grad_b, grad_w = ops.backward_reduce(grad_y, x, mean, invstd, weight, bias)
+                total_g, total_gx = grad_b, grad_w
+                if ctx.group is not None:  # the statistics were global: so are their gradients
+                    both = torch.cat([grad_b, grad_w])
+                    dist.all_reduce(both, group=ctx.group)
+                    total_g, total_gx = both.chunk(2)
+                if need[0]:
+                    grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, total_g / ctx.count,
+                                                total_gx / ctx.count)
+        return (grad_x, grad_w, grad_b, grad_cw, grad_cb) + (None,) * 9
+
+
+def _recompute(which, x, bn, conv, group):
+    """The recomputing unit on backend `which` (native or triton)."""
+    rm, rv, _, factor = batch_norm_args(bn)  # (training: batch statistics)
+    check_args(x, bn.weight, bn.bias, rm, rv, True)
+    pdtype, c = _param_dtype(x), x.shape[1]
+    weight = x.new_ones(c, dtype=pdtype) if bn.weight is None else _as_dtype(bn.weight, pdtype)
+    bias = x.new_zeros(c, dtype=pdtype) if bn.bias is None else _as_dtype(bn.bias, pdtype)
+    cdtype = _conv_dtype(x)
+    if conv.weight.dtype != cdtype and cdtype == x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"bn_relu_conv: `x` is {x.dtype} but the convolution's weight is {conv.weight.dtype} "
+                         "(use autocast, or convert the model)")
+    # Differentiable casts, outside the Function: autograd casts their gradients back, as it
+    # does for autocast's own casts of nn.Conv2d's parameters.
+    cw = _as_dtype(conv.weight, cdtype)
+    cb = None if conv.bias is None else _as_dtype(conv.bias, cdtype)
+    return _BNReLUConvRecompute.apply(x, weight, bias, cw, cb, rm, rv, float(factor), float(bn.eps),
+                                      tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), which, group)
+
+
+def _unit(which, x, conv):
+    """The implementation that runs the training unit on concrete backend `which`: the one
+    place where a backend picks its kernels (e.g. a Triton convolution for 1x1 on CUDA)."""
+    return _stored if which == "eager" else _recompute
+
+
+def bn_relu_conv(x, bn, conv, backend="auto"):
+    """conv(relu(bn(x))), `bn` an nn.BatchNorm2d (fasthg.nn.BNReLU included: its sync and
+    process_group apply) and `conv` an nn.Conv2d (groups 1, numeric padding, zero padding mode),
+    following bn.training exactly as fasthg.nn.BNReLU does. In training, the native and triton
+    backends save only x and the BN statistics for backward and recompute relu(bn(x)) there;
+    eager stores it (plain composition). The modules' own parameters and buffers are used."""
+    check_modules(bn, conv)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != bn.num_features:
+        raise ValueError(f"bn_relu_conv: `x` must be [N, {bn.num_features}, H, W] for {bn}, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    which = _backend.resolve(backend, "bn_relu", x)
+    group = None
+    if bn.training and getattr(bn, "sync", False):
+        group = _sync_group(True, getattr(bn, "process_group", None))
+    if not (bn.training and torch.is_grad_enabled()):  # nothing is saved for backward
+        return _stored(which, x, bn, conv, group)
+    return _unit(which, x, conv)(which, x, bn, conv, group)
+
+
+__all__ = ["bn_relu_conv", "check_modules"]
