@@ -11,7 +11,9 @@ and once in eval mode, since forwards may read self.training):
   scale_factor=2 or a size) whose only user is an addition (+, torch.add, .add, +=, either
   order) -> fasthg.ops.upsample_add, behind a run-time check (upsample_add_2x): shapes that
   would broadcast, a size other than twice the input's, mixed dtypes run the original ops.
-- memory="recompute": not available in this build (see ValueError below).
+- memory="recompute": a fused BN-ReLU whose output only feeds an nn.Conv2d -> the
+  recomputing unit fasthg.ops.bn_relu_conv(x, bn, conv) (the same modules), which saves x
+  and the BN statistics for the backward instead of relu(bn(x)).
 
 A module whose graph changed gets its rewritten forward by a class swap of that instance (a
 subclass of its own class, generated per instance, as torch.fx.GraphModule does): the object,
@@ -38,6 +40,7 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.nn import BNReLU
+from fasthg.ops.bn_relu_conv import check_modules
 
 MEMORY_MODES = ("default", "recompute")
 
@@ -409,6 +412,50 @@ def _rewrite_upsample_add(root, graphs, path, options, report, before):
             seen.add(where)
 
 
+def _rewrite_bn_relu_conv(root, graphs, path, options, report, before):
+    """After _rewrite_bn_relu: BNReLU -> Conv2d (the BN-ReLU output used by the conv only)."""
+    seen = set()
+    for g in graphs.values():
+        for node in list(g.nodes):
+            if node.op != "call_module" or not isinstance(root.get_submodule(node.target), BNReLU):
+                continue
+            users = list(node.users)
+            if len(users) != 1 or users[0].op != "call_module":
+                continue
+            conv_node = users[0]
+            bn, conv = root.get_submodule(node.target), root.get_submodule(conv_node.target)
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            where = f"{_join(path, node.target)} -> {conv_node.target}"
+            why = None
+            if type(conv) is not nn.Conv2d or _has_hooks(conv):
+                why = f"{type(conv).__name__} is a subclass of Conv2d or has hooks"
+            elif conv_node.args != (node,) or conv_node.kwargs:
+                why = "the convolution is called with other arguments"
+            else:
+                try:
+                    check_modules(bn, conv)
+                except ValueError as e:
+                    why = str(e)
+            if why:
+                if where not in seen:
+                    report.append(Change("bn_relu_conv", where, "left alone", why))
+                seen.add(where)
+                continue
+            with g.inserting_before(conv_node):
+                unit = g.call_function(ops.bn_relu_conv, (node.args[0], g.get_attr(node.target),
+                                                          g.get_attr(conv_node.target), options.backend))
+            conv_node.replace_all_uses_with(unit)
+            g.erase_node(conv_node)
+            g.erase_node(node)
+            options.fused.add(("bn_relu_conv", conv_node.name))
+            if where not in seen:
+                done = (path, "bn_relu_conv", conv_node.name) in before
+                report.append(Change("bn_relu_conv", where, "already fused" if done else "fused",
+                                     "BNReLU + Conv2d -> bn_relu_conv (recomputes relu(bn(x)) in backward)"))
+            seen.add(where)
+
+
 # ----------------------------------------------------------------------------- the passes
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
@@ -429,6 +476,8 @@ def _accelerate_traceable(module, graphs, path, options, report, before, process
     snapshot = {mode: g.python_code("self").src for mode, g in graphs.items()}
     _rewrite_bn_relu(module, graphs, path, options, report, names, process_group)
     _rewrite_upsample_add(module, graphs, path, options, report, before)
+    if options.memory == "recompute":
+        _rewrite_bn_relu_conv(module, graphs, path, options, report, before)
     for g in graphs.values():
         g.lint()
     if any(g.python_code("self").src != snapshot[mode] for mode, g in graphs.items()):
@@ -485,7 +534,9 @@ def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default",
     a list of Change, printable as a table). state_dict keys and values are unchanged; calling
     it again changes nothing more (its report says "already fused").
 
-    backend: the fused ops' backend ("auto", "eager", "native", "triton"). sync_bn=True: the
+    backend: the fused ops' backend ("auto", "eager", "native", "triton"). memory="recompute":
+    BN-ReLU -> Conv2d runs as fasthg.ops.bn_relu_conv, which keeps x and the BN statistics for
+    the backward instead of the activation (less memory, one more pass). sync_bn=True: the
     fused BN-ReLUs merge their training statistics over `process_group` (default: all
     processes), like nn.SyncBatchNorm (for DistributedDataParallel)."""
     if not isinstance(model, nn.Module):
@@ -494,9 +545,6 @@ def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default",
         raise ValueError(f"accelerate: `backend` must be one of {ops.BACKENDS}, got {backend!r}")
     if memory not in MEMORY_MODES:
         raise ValueError(f"accelerate: `memory` must be one of {MEMORY_MODES}, got {memory!r}")
-    if memory == "recompute":
-        raise ValueError("accelerate: memory='recompute' is not available yet in this build "
-                         "(it needs fasthg.ops.bn_relu_conv); use memory='default'")
     if not isinstance(sync_bn, bool):
         raise ValueError(f"accelerate: `sync_bn` must be True or False, got {sync_bn!r}")
     before = _restore(model)
