@@ -270,6 +270,19 @@ def test_idempotent():
         assert all(torch.equal(v, state[k]) for k, v in accelerated.state_dict().items())
 
 
+def test_a_submodule_with_hooks_keeps_them_and_is_accelerated_inside():
+    original, x = build("seq_hourglass")
+    accelerated = copy.deepcopy(original)
+    calls = []
+    accelerated.low1.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    original.low1.register_forward_hook(lambda m, i, o: None)
+    fasthg.accelerate(accelerated)
+    assert isinstance(accelerated.low1.body[0], BNReLU)
+    original.eval(), accelerated.eval()
+    close(accelerated(x), original(x))
+    assert calls == [torch.Size([4, 8, 8, 8])]
+
+
 # ----------------------------------------------------------------------------- what it computes
 def run_steps(model, x, steps=2):
     """Training steps (forward, backward) then an eval forward: outputs, grads, running stats."""
@@ -400,6 +413,42 @@ def test_ddp_single_process_gloo_and_sync_bn(tmp_path):
             close(p.grad, q.grad, what=name, scale=scale)
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_worker(rank, init_file, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model, x = build("seq_hourglass")
+        ddp = DistributedDataParallel(fasthg.accelerate(model, sync_bn=True))
+        y = ddp(x[2 * rank:2 * rank + 2])
+        y.square().mean().backward()
+        torch.save({"y": y.detach(), "grads": [p.grad for p in model.parameters()],
+                    "buffers": list(model.buffers())}, f"{out}.{rank}")
+        del ddp  # DDP's hold on the group goes before the group
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_sync_bn_follow_one_process_on_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    original, x = build("seq_hourglass")
+    y = original(x)
+    y.square().mean().backward()
+    ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    close(torch.cat([r["y"] for r in ranks]), y)
+    scale = max(float(p.grad.abs().max()) for p in original.parameters())
+    for r in ranks:
+        for g, p in zip(r["grads"], original.parameters()):
+            close(g, p.grad, scale=scale)
+        for b, rb in zip(r["buffers"], original.buffers()):
+            close(b, rb)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -127,19 +127,33 @@ class _Proxy(fx.Proxy):
 
 
 class _Tracer(fx.Tracer):
+    """Modules with hooks stay calls (tracing through them would drop their hooks); `hooked`
+    names them, to be accelerated on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.hooked = set()
+
     def proxy(self, node):
         return _Proxy(node, self)
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, BNReLU) or super().is_leaf_module(m, qualname)
+        if isinstance(m, BNReLU) or super().is_leaf_module(m, qualname):
+            return True
+        if _has_hooks(m):
+            self.hooked.add(qualname)
+            return True
+        return False
 
 
-def _trace(module: nn.Module, training: bool) -> fx.Graph:
-    """The graph of module.forward with every module of the tree in `training` mode (restored after)."""
+def _trace(module: nn.Module, training: bool) -> Tuple[fx.Graph, Set[str]]:
+    """The graph of module.forward with every module of the tree in `training` mode (restored
+    after), and the submodules left as calls because they have hooks."""
     modes = [(m, m.training) for m in module.modules()]
+    tracer = _Tracer()
     try:
         module.train(training)
-        return _Tracer().trace(module)
+        return tracer.trace(module), tracer.hooked
     finally:
         for m, mode in modes:
             m.training = mode
@@ -178,11 +192,14 @@ def _reduce_ex(self, protocol):
     return _rebuild, (type(self)._fasthg_orig_cls, self.__dict__)
 
 
+_KEEP = object()  # (as process_group: leave the BNReLUs' settings as they are)
+
+
 def _rebuild(cls, state):
     module = cls.__new__(cls)
     module.__dict__.update(state)
     options = state["_fasthg_accelerate"]
-    _accelerate_traceable(module, _graphs(module), "", options, Report(), options.fused, process_group=None)
+    _accelerate_traceable(module, _graphs(module), "", options, Report(), options.fused, process_group=_KEEP)
     return module
 
 
@@ -280,7 +297,8 @@ def _rewrite_bn_relu(root, graphs, path, options, report, names, process_group):
             continue
         if not already:
             m.__class__ = BNReLU
-        m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+        if process_group is not _KEEP:
+            m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
         for _, bn_node, relu_node, _ in sites:
             if relu_node is not None:  # relu(relu(y)) == relu(y): after a BNReLU the ReLU goes
                 relu_node.replace_all_uses_with(bn_node)
@@ -306,18 +324,20 @@ def _upsample_of(node: fx.Node, root: nn.Module):
         if type(m) not in (nn.Upsample, nn.UpsamplingNearest2d) or _has_hooks(m):
             return None, None, f"{type(m).__name__} is a subclass or has hooks"
         args = {"input": node.args[0] if node.args else node.kwargs.get("input"), "size": m.size,
-                "scale_factor": m.scale_factor, "mode": m.mode, "antialias": False}
+                "scale_factor": m.scale_factor, "mode": m.mode, "align_corners": m.align_corners}
     elif node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS:
         if node.target is F.interpolate:
             args = _interpolate_args(node)
         else:  # F.upsample(input, size, scale_factor, mode), F.upsample_nearest(input, size, scale_factor)
             names = ["input", "size", "scale_factor", "mode"]
-            args = {"size": None, "scale_factor": None, "mode": "nearest", "antialias": False,
-                    **dict(zip(names, node.args)), **node.kwargs}
+            args = {"size": None, "scale_factor": None, "mode": "nearest", **dict(zip(names, node.args)),
+                    **node.kwargs}
     else:
         return None
     if args["mode"] != "nearest":
         return None, None, f"mode {args['mode']!r}, not 'nearest'"
+    if args.get("align_corners") is not None:
+        return None, None, "align_corners given (an error for mode 'nearest')"
     if args.get("antialias"):
         return None, None, "antialias=True"
     if args["size"] is not None:
@@ -461,9 +481,12 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
-def _graphs(module: nn.Module) -> Dict[bool, fx.Graph]:
-    """The training and eval graphs; one entry when the forward does not read self.training."""
-    train, evaluation = _trace(module, True), _trace(module, False)
+def _graphs(module: nn.Module, hooked: Optional[Set[str]] = None) -> Dict[bool, fx.Graph]:
+    """The training and eval graphs; one entry when the forward does not read self.training.
+    Adds to `hooked` the submodules left as calls because they have hooks."""
+    (train, hooked_train), (evaluation, hooked_eval) = _trace(module, True), _trace(module, False)
+    if hooked is not None:
+        hooked |= hooked_train | hooked_eval
     if train.python_code("self").src == evaluation.python_code("self").src:
         return {True: train}
     return {True: train, False: evaluation}
@@ -510,8 +533,9 @@ def _accelerate_module(module, path, options_of, report, before, process_group):
         for name, child in module.named_children():
             _accelerate_module(child, _join(path, name), options_of, report, before, process_group)
         return
+    hooked = set()
     try:
-        graphs = _graphs(module)
+        graphs = _graphs(module, hooked)
     except Exception as e:  # noqa: BLE001  (whatever fx raises, the submodules are tried instead)
         if not any(True for _ in module.children()):
             return
@@ -525,6 +549,8 @@ def _accelerate_module(module, path, options_of, report, before, process_group):
             _accelerate_module(child, _join(path, name), options_of, report, before, process_group)
         return
     _accelerate_traceable(module, graphs, path, options_of(), report, before, process_group)
+    for name in sorted(hooked):  # called as modules: their forwards are accelerated on their own
+        _accelerate_module(module.get_submodule(name), _join(path, name), options_of, report, before, process_group)
 
 
 def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default", sync_bn: bool = False,
