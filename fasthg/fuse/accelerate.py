@@ -220,7 +220,6 @@ _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
 _UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest}
 _ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
-_INPLACE_ADDS = {operator.iadd, "add_"}
 # Producers of a fresh tensor (never a view of another): a `+=` onto their output mutates nothing else.
 _FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.cat, F.interpolate,
                     upsample_add_2x, ops.upsample_add}
