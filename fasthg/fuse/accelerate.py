@@ -559,7 +559,8 @@ def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default",
     a list of Change, printable as a table). state_dict keys and values are unchanged; calling
     it again changes nothing more (its report says "already fused").
 
-    backend: the fused ops' backend ("auto", "eager", "native", "triton"). memory="recompute":
+    backend: the fused ops' backend ("auto", "eager", "native", "triton"), set on every BNReLU
+    it finds (those the model had included). memory="recompute":
     BN-ReLU -> Conv2d runs as fasthg.ops.bn_relu_conv, which keeps x and the BN statistics for
     the backward instead of the activation (less memory, one more pass). sync_bn=True: the
     fused BN-ReLUs merge their training statistics over `process_group` (default: all
