@@ -86,12 +86,15 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
-        progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc")):
+        progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc"),
+        inference_fold: bool = False):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.bench.malloc), so
     that page faults of fresh outputs do not swamp the kernels; process-wide. dtypes: the
     ops' activation dtypes and the models' (float32, or autocast to the others; default:
     default_dtypes). model_layouts: nchw and/or nhwc (channels_last). `compile` adds
-    torch.compile of the eager compositions and model."""
+    torch.compile of the eager compositions and model. inference_fold: instead of the ops and
+    training steps, each model's folded inference against eager and compiled-with-freezing at
+    batch 1 and 8 (fasthg.bench.inference)."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
@@ -111,7 +114,11 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     cache_bytes = last_level_cache_bytes(dev)
     rows = []
     model_cases = [(preset, LAYOUTS[lay], dtype) for preset in models for lay in model_layouts for dtype in dtypes]
-    bar = tqdm(total=len(cases) + len(model_cases) + 1, desc=f"bench on {dev.type}", disable=not progress)
+    fold_cases = [(preset, LAYOUTS[lay], dtype, b) for preset in models for dtype in dtypes for lay in model_layouts
+                  for b in (1, 8)] if inference_fold else []
+    if inference_fold:
+        cases, model_cases = [], []
+    bar = tqdm(total=len(cases) + len(model_cases) + len(fold_cases) + 1, desc=f"bench on {dev.type}", disable=not progress)
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()
@@ -139,6 +146,11 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         bar.set_postfix_str(f"{preset} training step {layout_name(layout)} {dtype_name(dtype)}")
         done_one(bench_model(preset, dev, backends() + ["auto"] + extra, batch, image_size, model_repeats,
                              layout, dtype))
+    for preset, layout, dtype, b in fold_cases:
+        from fasthg.bench.inference import bench_inference
+
+        bar.set_postfix_str(f"{preset} folded inference batch {b} {layout_name(layout)} {dtype_name(dtype)}")
+        done_one(bench_inference(preset, dev, b, image_size, model_repeats, layout, dtype))
     bar.close()
     final = result(True)
     if out_dir:
@@ -187,6 +199,9 @@ def table(result) -> str:
                      f"| {r['backend']} | {r['median_ms']:.3f} | {spread_cell(r)} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
                      f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
+    from fasthg.bench.inference import fold_lines
+
+    lines += fold_lines(result["rows"])
     checks = result.get("bars", [])
     if checks:
         lines += ["", f"Bars (native vs eager, same run): {sum(c['met'] for c in checks)} of {len(checks)} met"]

@@ -8,7 +8,8 @@ def run(args) -> int:
     result = bench.run(device=args.device, levels=args.levels, channels=args.channels,
                        repeats=args.repeats, models=args.model, model_repeats=args.model_repeats,
                        image_size=args.image_size, compile=args.compile, out_dir=args.out, dtypes=args.dtypes,
-                       keep_freed_memory=args.keep_freed_memory, model_layouts=args.model_layouts)
+                       keep_freed_memory=args.keep_freed_memory, model_layouts=args.model_layouts,
+                       inference_fold=args.inference_fold)
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
@@ -41,6 +42,10 @@ def add_command(sub):
     b.add_argument("--model-layouts", type=types.layouts, default="nchw,nhwc",
                    help="memory formats the models run in: nchw, nhwc (channels_last), comma-separated "
                         "(default: both)")
+    b.add_argument("--inference-fold", action="store_true",
+                   help="instead of the ops and training steps: each --model's inference at batch 1 and 8, eager vs "
+                        "the default backend vs folded (fasthg.fuse.for_inference) vs torch.compile with inductor's "
+                        "freezing (its compile wait reported apart), per --dtypes and --model-layouts")
     b.add_argument("--image-size", type=types.positive_int, default=256,
                    help="the models' input size in pixels (default: 256)")
     b.add_argument("--keep-freed-memory", action="store_true",
