@@ -1,15 +1,17 @@
 """Folded inference: each BatchNorm that directly follows a convolution is folded into that
-convolution's weight and bias, and its ReLU runs as the convolution's post-op.
+convolution's weight and bias, and its ReLU runs as the convolution's post-op. The other
+convolutions run the same kernels without a ReLU (pre-packed weights), and a residual
+module's last convolution adds the skip as its post-op.
 
     w' = w * g,  b' = (b - mean) * g + beta,  g = gamma / sqrt(var + eps)
 
-Which kernel runs a folded conv+ReLU (FoldedConvReLU.forward), per call:
+Which kernel runs a folded conv (FoldedConvReLU.forward), per call:
 - CPU, channels_last input, oneDNN available: `mkldnn._convolution_pointwise` with the ReLU
-  as its post-op and the weight pre-packed by `mkldnn._reorder_convolution_weight` (what
+  (or, `.binary`, the skip's add) as its post-op and the weight pre-packed by `mkldnn._reorder_convolution_weight` (what
   inductor's freezing does), packed once per input shape and dtype. NCHW inputs take the
   plain path: the packed op writes channels_last whatever the input, and the output keeps
   the input's memory format.
-- CUDA: cuDNN's conv+bias+ReLU (`torch.cudnn_convolution_relu`).
+- CUDA: cuDNN's conv+bias+ReLU (`torch.cudnn_convolution_relu`); cuDNN's conv for the rest.
 - Elsewhere, and whenever the model is traced (torch.export, torch.compile): conv2d then
   ReLU in place. Tracing cannot take the packed weight (an opaque MKLDNN tensor: no
   strides, no fake tensor for it), so the exported graph holds the folded weights as plain
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasthg.models.hourglass import Residual
+
 # Packed weights kept per module, one per (dtype, input shape); a few shapes cover a run
 # (the eval loop's last, smaller batch included).
 _PACK_CACHE_SIZE = 4
@@ -39,8 +43,9 @@ def _tracing() -> bool:
 
 
 class FoldedConvReLU(nn.Module):
-    """A Conv2d with its following BatchNorm folded in and, with `relu`, the BN's ReLU run as
-    the conv's post-op. Inference only: its weight and bias are buffers (no gradients) and
+    """A Conv2d with its following BatchNorm folded in (or none: a plain conv, pre-packed)
+    and, with `relu`, the BN's ReLU run as the conv's post-op; forward(x, add) adds `add`
+    to the conv's output before the ReLU. Inference only: its weight and bias are buffers (no gradients) and
     train(True) raises."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride, padding, relu: bool = True):
@@ -69,8 +74,10 @@ class FoldedConvReLU(nn.Module):
             return torch.get_autocast_dtype(dev)
         return x.dtype
 
-    def _plain(self, x):
+    def _plain(self, x, add=None):
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        if add is not None:
+            y = y + add  # promoting as eager's residual sum does (under autocast a bf16 body, a float32 skip)
         return F.relu(y, inplace=True) if self.relu else y
 
     def _packed_weight(self, dtype, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -86,9 +93,9 @@ class FoldedConvReLU(nn.Module):
                 self._packed[key] = None
         return self._packed[key]
 
-    def forward(self, x):
+    def forward(self, x, add: Optional[torch.Tensor] = None):
         if _tracing() or x.requires_grad:
-            return self._plain(x)
+            return self._plain(x, add)
         dtype = self._compute_dtype(x)
         if x.device.type == "cpu":
             if (torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
@@ -97,13 +104,18 @@ class FoldedConvReLU(nn.Module):
                 packed = self._packed_weight(dtype, tuple(x.shape))
                 if packed is not None:
                     w, b = packed
-                    return torch.ops.mkldnn._convolution_pointwise(
-                        x.to(dtype), w, b, self.padding, self.stride, [1, 1], 1,
-                        "relu" if self.relu else "none", [], "")
-        elif x.device.type == "cuda" and self.relu and torch.backends.cudnn.is_available():
+                    relu = "relu" if self.relu else "none"
+                    if add is None:
+                        return torch.ops.mkldnn._convolution_pointwise(
+                            x.to(dtype), w, b, self.padding, self.stride, [1, 1], 1, relu, [], "")
+                    if add.dtype == dtype and add.is_contiguous(memory_format=torch.channels_last):
+                        return torch.ops.mkldnn._convolution_pointwise.binary(
+                            x.to(dtype), add, w, b, self.padding, self.stride, [1, 1], 1, "add", None,
+                            relu if self.relu else None, [], None)
+        elif x.device.type == "cuda" and self.relu and add is None and torch.backends.cudnn.is_available():
             w, b = self.weight.to(dtype), self.bias.to(dtype)
             return torch.cudnn_convolution_relu(x.to(dtype), w, b, self.stride, self.padding, [1, 1], 1)
-        return self._plain(x)
+        return self._plain(x, add)
 
     def extra_repr(self):
         o, i, kh, kw = self.weight.shape
@@ -174,6 +186,28 @@ def _fold_sequential(seq: nn.Sequential, prefix: str, folded: List[str]) -> None
         i += 1
 
 
+def _packable(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _pack_conv(conv: nn.Conv2d) -> FoldedConvReLU:
+    """The same conv, nothing folded, on the folded convs' kernels (pre-packed weights)."""
+    bias = conv.bias.detach().clone() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+    return FoldedConvReLU(conv.weight.detach().clone().contiguous(), bias, conv.stride, conv.padding, relu=False)
+
+
+class FoldedResidual(Residual):
+    """fasthg's Residual with its last convolution adding the skip as the conv's post-op;
+    set as the class of a Residual whose body ends in a FoldedConvReLU (same submodules)."""
+
+    def forward(self, x):
+        h = x
+        for layer in list(self.body)[:-1]:
+            h = layer(h)
+        return self.body[-1](h, add=self.skip(x))
+
+
 def for_inference(model: nn.Module) -> nn.Module:
     """An inference-only deep copy of `model` in which every BatchNorm2d (fasthg.nn.BNReLU
     included) that directly follows an nn.Conv2d inside an nn.Sequential is folded into
@@ -181,7 +215,8 @@ def for_inference(model: nn.Module) -> nn.Module:
     kernels). In fasthg's StackedHourglass: the stem's conv + BN, each Residual's BN2 and
     BN3 (after conv1 and conv2), and each stack's features conv + BN. Every other BN
     (the residual's first, whose input is also the skip) stays, in eval mode: one fused
-    pass.
+    pass. Every other convolution (groups=1, no dilation) runs on the same kernels without a
+    ReLU, and fasthg's Residual adds its skip in its last convolution's post-op.
 
     The original model is untouched. A model in training mode is accepted: the copy is put
     in eval mode (the original stays in training mode), and the copy cannot go back to
@@ -198,6 +233,12 @@ def for_inference(model: nn.Module) -> nn.Module:
     for name, module in list(out.named_modules()):
         if type(module) is nn.Sequential:
             _fold_sequential(module, f"{name}." if name else "", folded)
+    for name, module in list(out.named_modules()):
+        for cname, child in list(module.named_children()):
+            if _packable(child):
+                setattr(module, cname, _pack_conv(child))
+        if type(module) is Residual and isinstance(module.body[-1], FoldedConvReLU):
+            module.__class__ = FoldedResidual
     for p in out.parameters():
         p.requires_grad_(False)
     out.folded_convs = folded  # what was folded, for a report or a test
