@@ -67,6 +67,9 @@ def test_folded_equals_eval_eager_model(preset, layout, poison):
     assert len(folded.folded_convs) == expected_folds(eager)
     assert sum(isinstance(m, FoldedConvReLU) and m.relu for m in folded.modules()) == expected_folds(eager)
     assert not any(type(m) is nn.Conv2d for m in folded.modules())  # the rest: packed, without ReLU
+    from fasthg.fuse.inference import FoldedResidual
+
+    assert all(type(m) is FoldedResidual for m in folded.modules() if isinstance(m, Residual))
     # What is left of the BNs: the residuals' first, as fused eval BN-ReLU passes.
     left = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
     assert left and all(isinstance(m, BNReLU) and not m.training for m in left)

@@ -233,10 +233,11 @@ def for_inference(model: nn.Module) -> nn.Module:
     for name, module in list(out.named_modules()):
         if type(module) is nn.Sequential:
             _fold_sequential(module, f"{name}." if name else "", folded)
-    for name, module in list(out.named_modules()):
+    for module in list(out.modules()):
         for cname, child in list(module.named_children()):
             if _packable(child):
                 setattr(module, cname, _pack_conv(child))
+    for module in out.modules():
         if type(module) is Residual and isinstance(module.body[-1], FoldedConvReLU):
             module.__class__ = FoldedResidual
     for p in out.parameters():
