@@ -150,6 +150,24 @@ def test_original_untouched_and_training_mode():
         for_inference(model.state_dict())
 
 
+def test_packed_weights_follow_the_weights(tmp_path):
+    eager, folded = twins("hg1", torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = eager(x), folded(x)
+        path = tmp_path / "folded.pt"
+        torch.save(folded, path)  # after packing: the packed weights are not pickled
+        again = torch.load(path, weights_only=False)
+        assert rel_err(again(x), ref) < 1e-4
+        # new weights in place (load_state_dict) and a moved model (.to) are packed again
+        state = {k: v * 2 if k.endswith("weight") else v for k, v in folded.state_dict().items()}
+        halved = {k: v / 2 if k.endswith("weight") else v for k, v in state.items()}
+        folded.load_state_dict(state)
+        assert rel_err(folded(x), out) > 1e-2
+        folded.load_state_dict(halved)
+        assert rel_err(folded.to(torch.float64).to(torch.float32)(x), out) < 1e-6
+
+
 def test_plain_batchnorm_and_relu_modules_fold():
     torch.manual_seed(0)
     seq = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

@@ -54,13 +54,20 @@ class FoldedConvReLU(nn.Module):
         self.register_buffer("bias", bias)
         self.stride, self.padding, self.relu = list(stride), list(padding), relu
         self.training = False
-        self._packed = {}  # (dtype, shape) -> packed weight, or None where oneDNN cannot pack it
+        self._packed = {}  # (dtype, shape, weight version) -> packed weight, or None where oneDNN cannot pack it
 
     def train(self, mode: bool = True):
         if mode:
             raise RuntimeError("FoldedConvReLU is inference-only: a model from fasthg.fuse.for_inference has its "
                                "BatchNorms folded away and cannot train; train the original model")
         return super().train(False)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: new weights, packed again when next used
+        self._packed = {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # torch.save of the model: packed MKLDNN tensors do not pickle
+        return {**self.__dict__, "_packed": {}}
 
     def __deepcopy__(self, memo):  # packed MKLDNN tensors cannot be deep-copied; they are repacked
         new = FoldedConvReLU(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo), self.stride,
@@ -81,7 +88,7 @@ class FoldedConvReLU(nn.Module):
         return F.relu(y, inplace=True) if self.relu else y
 
     def _packed_weight(self, dtype, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        key = (dtype, shape)
+        key = (dtype, shape, self.weight._version, self.bias._version)  # load_state_dict writes in place
         if key not in self._packed:
             if len(self._packed) >= _PACK_CACHE_SIZE:
                 self._packed.pop(next(iter(self._packed)))
