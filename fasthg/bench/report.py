@@ -118,7 +118,8 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
                   for b in (1, 8)] if inference_fold else []
     if inference_fold:
         cases, model_cases = [], []
-    bar = tqdm(total=len(cases) + len(model_cases) + len(fold_cases) + 1, desc=f"bench on {dev.type}", disable=not progress)
+    bar = tqdm(total=len(cases) + len(model_cases) + len(fold_cases) + 1, desc=f"bench on {dev.type}",
+               disable=not progress)
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()

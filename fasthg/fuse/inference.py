@@ -7,8 +7,9 @@ module's last convolution adds the skip as its post-op.
 
 Which kernel runs a folded conv (FoldedConvReLU.forward), per call:
 - CPU, channels_last input, oneDNN available: `mkldnn._convolution_pointwise` with the ReLU
-  (or, `.binary`, the skip's add) as its post-op and the weight pre-packed by `mkldnn._reorder_convolution_weight` (what
-  inductor's freezing does), packed once per input shape and dtype. NCHW inputs take the
+  (or, `.binary`, the skip's add) as its post-op and the weight pre-packed by
+  `mkldnn._reorder_convolution_weight` (what inductor's freezing does), packed once per
+  input shape and dtype. NCHW inputs take the
   plain path: the packed op writes channels_last whatever the input, and the output keeps
   the input's memory format.
 - CUDA: cuDNN's conv+bias+ReLU (`torch.cudnn_convolution_relu`); cuDNN's conv for the rest.
@@ -45,8 +46,8 @@ def _tracing() -> bool:
 class FoldedConvReLU(nn.Module):
     """A Conv2d with its following BatchNorm folded in (or none: a plain conv, pre-packed)
     and, with `relu`, the BN's ReLU run as the conv's post-op; forward(x, add) adds `add`
-    to the conv's output before the ReLU. Inference only: its weight and bias are buffers (no gradients) and
-    train(True) raises."""
+    to the conv's output before the ReLU. Inference only: its weight and bias are buffers
+    (no gradients) and train(True) raises."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride, padding, relu: bool = True):
         super().__init__()
