@@ -244,3 +244,25 @@ def test_eval_pckh_is_the_same_folded_or_not(tmp_path, capsys):
 
     a, b = (np.load(p)["pos_pred_src"] for p in npz)
     assert np.abs(a - b).max() < 1e-3  # the same heatmap peaks: joints within float rounding of the decoder
+
+
+@pytest.mark.slow
+def test_bench_inference_rows_and_bars():
+    from fasthg.bench.inference import bench_inference, fold_checks, fold_lines
+
+    rows = bench_inference("hg1", "cpu", 1, 64, repeats=1, variants=("eager", "auto", "folded"))
+    assert [r["backend"] for r in rows] == ["eager", "auto", "folded"]
+    assert all(r["images_per_s"] > 0 and r["shape"] == [1, 3, 64, 64] for r in rows)
+    assert fold_checks(rows) == []  # the bars apply at batch 8
+
+    def row(backend, ms, **extra):
+        return {"op": "hg2 inference", "shape": [8, 3, 256, 256], "dtype": "float32", "layout": "nhwc",
+                "backend": backend, "median_ms": ms, "speedup": 100 / ms, "images_per_s": 8e3 / ms, **extra}
+
+    rows = [row("eager", 100), row("folded", 75), row("compile-freezing", 70, compile_s=60.0)]
+    (check,) = fold_checks(rows)
+    assert check["met_eager"] and check["of_compiled"] == pytest.approx(70 / 75) and check["met_compiled"]
+    text = "\n".join(fold_lines(rows))
+    assert "1.33x eager (bar 1.25x: met)" in text and "compile wait" in text and "60.0 s" in text
+    rows[1]["median_ms"], rows[1]["speedup"] = 90, 100 / 90
+    assert "NOT met" in "\n".join(fold_lines(rows))
