@@ -15,7 +15,8 @@ from typing import Dict, List
 
 import torch
 
-from fasthg.bench.harness import compiled, dtype_name, layout_name, medians_and_spreads, interleaved_samples, speedup
+from fasthg.bench.harness import (SPREAD_LIMIT, compiled, dtype_name, interleaved_samples, layout_name,
+                                  medians_and_spreads, speedup)
 from fasthg.models import PRESETS
 
 VARIANTS = ("eager", "auto", "folded", "compile-freezing")
@@ -76,7 +77,7 @@ def bench_inference(preset: str, device, batch: int, image_size: int, repeats: i
     return [{"op": f"{preset} inference", "level": image_size, "shape": [batch, 3, image_size, image_size],
              "dtype": dtype_name(dtype), "layout": layout_name(layout), "mode": "forward", "backend": v,
              "median_ms": med[v] * 1e3, "speedup": speedup(med["eager"], med[v]), "spread": spreads[v],
-             "varied": spreads[v] > 0.5, "images_per_s": batch / med[v], "peak_mb": 0.0,
+             "varied": spreads[v] > SPREAD_LIMIT, "images_per_s": batch / med[v],
              **({"compile_s": case.compile_s} if v == "compile-freezing" else {})}
             for v in case.calls]
 

@@ -198,7 +198,7 @@ def table(result) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['mode']} "
                      f"| {r['backend']} | {r['median_ms']:.3f} | {spread_cell(r)} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
-                     f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
+                     f"| {opt(r, 'of_copy', '.0%')} | {opt(r, 'peak_mb', '.1f')} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
     from fasthg.bench.inference import fold_lines
 
