@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from fasthg import ops
 from fasthg.bench import budget, memory, traffic
+from fasthg.bench.inference import bench_inference, fold_lines
 from fasthg.bench.cases import ModelCase, op_calls, op_cases
 from fasthg.bench.harness import (LAYOUTS, SPREAD_LIMIT, copy_bandwidth, default_dtypes, dtype_name,
                                   interleaved_samples, last_level_cache_bytes, layout_name, medians_and_spreads,
@@ -87,7 +88,7 @@ def bench_model(preset: str, device, backends, batch: int, image_size: int, repe
 def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: int = 20, models=("hg2",),
         model_repeats: int = 3, image_size: int = 256, compile: bool = False, out_dir: str = None,
         progress: bool = True, keep_freed_memory: bool = False, dtypes=None, model_layouts=("nchw", "nhwc"),
-        memory_modes=("default",), budget_models=("hg8",)):
+        memory_modes=("default",), budget_models=("hg8",), inference_fold: bool = False):
     """keep_freed_memory (CPU): time with glibc keeping freed memory (fasthg.bench.malloc), so
     that page faults of fresh outputs do not swamp the kernels; process-wide. dtypes: the
     ops' activation dtypes and the models' (float32, or autocast to the others; default:
@@ -95,7 +96,9 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     torch.compile of the eager compositions and model. memory_modes with "recompute": the models
     also run with memory="recompute" on each non-eager backend ("native+recompute" rows), and
     the report gets the largest batch of each of `budget_models` in 16 and 80 GiB of
-    activations, eager vs storing vs recompute (fasthg.bench.budget)."""
+    activations, eager vs storing vs recompute (fasthg.bench.budget). inference_fold: instead
+    of the ops and training steps, each model's folded inference against eager and
+    compiled-with-freezing at batch 1 and 8 (fasthg.bench.inference)."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     allocator = "CUDA caching allocator" if gpu else "malloc, default"
@@ -117,8 +120,12 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
     recompute = "recompute" in memory_modes
     budget_models = list(budget_models) if recompute else []
     model_cases = [(preset, LAYOUTS[lay], dtype) for preset in models for lay in model_layouts for dtype in dtypes]
-    bar = tqdm(total=len(cases) + len(model_cases) + len(budget_models) + 1, desc=f"bench on {dev.type}",
-               disable=not progress)
+    fold_cases = [(preset, LAYOUTS[lay], dtype, b) for preset in models for dtype in dtypes for lay in model_layouts
+                  for b in (1, 8)] if inference_fold else []
+    if inference_fold:
+        cases, model_cases = [], []
+    bar = tqdm(total=len(cases) + len(model_cases) + len(budget_models) + len(fold_cases) + 1,
+               desc=f"bench on {dev.type}", disable=not progress)
     bar.set_postfix_str("copy bandwidth")
     copy_bw = copy_bandwidth(dev)
     bar.update()
@@ -154,6 +161,9 @@ def run(device: str = "auto", levels=(64, 32, 16, 8), channels=(256,), repeats: 
         specs = ["eager"] + [b + mode for b in backends() if b != "eager" for mode in ("", "+recompute")]
         budgets.extend(budget.budget_rows(preset, specs, image_size, dev))
         bar.update()
+    for preset, layout, dtype, b in fold_cases:
+        bar.set_postfix_str(f"{preset} folded inference batch {b} {layout_name(layout)} {dtype_name(dtype)}")
+        done_one(bench_inference(preset, dev, b, image_size, model_repeats, layout, dtype))
     bar.close()
     final = result(True)
     if out_dir:
@@ -200,10 +210,12 @@ def table(result) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['mode']} "
                      f"| {r['backend']} | {r['median_ms']:.3f} | {spread_cell(r)} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
-                     f"| {opt(r, 'of_copy', '.0%')} | {r['peak_mb']:.1f} | {opt(r, 'images_per_s', '.1f')} "
+                     f"| {opt(r, 'of_copy', '.0%')} | {opt(r, 'peak_mb', '.1f')} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
-    batch = next((r["shape"][0] for r in result["rows"] if "gb_s" in r), 16)
-    lines += ["", traffic.table(batch)]
+    batch = next((r["shape"][0] for r in result["rows"] if "gb_s" in r), None)
+    if batch is not None:  # the fused ops ran: their compulsory traffic beside them
+        lines += ["", traffic.table(batch)]
+    lines += fold_lines(result["rows"])
     checks = result.get("bars", [])
     if checks:
         lines += ["", f"Bars (native vs eager, same run): {sum(c['met'] for c in checks)} of {len(checks)} met"]

@@ -37,6 +37,10 @@ def add_arguments(parser):
     parser.add_argument("--flip-test", action="store_true",
                         help="average with the mirrored image's heatmaps (real photos; not synthetic "
                              "people, whose left/right colour code a mirror inverts)")
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="run the model as trained instead of folded for inference (by default each "
+                             "BatchNorm after a conv is folded into it, its ReLU run by the conv: "
+                             "fasthg.fuse.for_inference; same outputs within float rounding, faster)")
 
 
 def load(args):
@@ -44,7 +48,8 @@ def load(args):
     device (fasthg.cli.train, fasthg.train.config.DEVICE_DEFAULTS): the layout the trainer
     uses there (on the CPU channels_last, the faster format for its convolutions) and, on the
     CPU, glibc keeping freed memory (fasthg.bench.malloc), else every fresh activation
-    page-faults. Without these `fasthg eval` ran slower than the same validation inside
+    page-faults; and, unless args.fold is False, folded for inference (fasthg.fuse.for_inference).
+    Without these `fasthg eval` ran slower than the same validation inside
     training (benchmarks/results/HISTORY.md)."""
     from fasthg.bench import malloc
     from fasthg.train.config import device_defaults
@@ -54,6 +59,10 @@ def load(args):
     model = convert.build(ckpt, backend=args.backend).to(device)
     if device_defaults(device.type)["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    if getattr(args, "fold", True):
+        from fasthg.fuse import for_inference
+
+        model = for_inference(model)
     if device.type == "cpu":
         malloc.keep_freed_memory()  # process-wide: this process only evaluates (or predicts) and exits
     return model, args.input_size or ckpt.input_size

@@ -9,7 +9,8 @@ def run(args) -> int:
                        repeats=args.repeats, models=args.model, model_repeats=args.model_repeats,
                        image_size=args.image_size, compile=args.compile, out_dir=args.out, dtypes=args.dtypes,
                        keep_freed_memory=args.keep_freed_memory, model_layouts=args.model_layouts,
-                       memory_modes=args.memory, budget_models=args.budget_model)
+                       memory_modes=args.memory, budget_models=args.budget_model,
+                       inference_fold=args.inference_fold)
     print(bench.table(result))
     if args.out:
         print(f"\nwrote {args.out}/bench.json, bench.md and bench.png")
@@ -48,6 +49,10 @@ def add_command(sub):
                         "80 GiB of saved activations), comma-separated (default: default)")
     b.add_argument("--budget-model", type=types.models, default="hg8",
                    help="models of the activation-budget section (with --memory recompute; default: hg8)")
+    b.add_argument("--inference-fold", action="store_true",
+                   help="instead of the ops and training steps: each --model's inference at batch 1 and 8, eager vs "
+                        "the default backend vs folded (fasthg.fuse.for_inference) vs torch.compile with inductor's "
+                        "freezing (its compile wait reported apart), per --dtypes and --model-layouts")
     b.add_argument("--image-size", type=types.positive_int, default=256,
                    help="the models' input size in pixels (default: 256)")
     b.add_argument("--keep-freed-memory", action="store_true",
