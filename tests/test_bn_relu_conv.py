@@ -3,6 +3,7 @@ memory="recompute": against the storing composition relu(batch_norm(x)) -> conv 
 on every backend; and that it saves less for backward."""
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -210,6 +211,39 @@ def test_several_convolutions_of_one_bn_relu(backend, layout):
     gx, gw2 = torch.autograd.grad(y1.sum(), (x, conv2.weight), allow_unused=True, materialize_grads=True)
     assert not gw2.any()
     assert rel_err(gx, torch.autograd.grad(c1(y).sum(), x64)[0]) < 1e-5
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton backend unavailable")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_backend_runs_1x1_convolutions_in_the_conv1x1_kernel(layout, monkeypatch):
+    """backend="triton": 1x1 convolutions (here two of one BN-ReLU) go through
+    fasthg.ops.bn_relu_conv1x1 (prologue BN-ReLU, recomputing backward), a 3x3 does not;
+    outputs, gradients and running statistics as the float64 storing composition."""
+    unit_module = sys.modules["fasthg.ops.bn_relu_conv"]  # (fasthg.ops.bn_relu_conv is the function)
+    calls = []
+    real = unit_module.bn_relu_conv1x1
+    monkeypatch.setattr(unit_module, "bn_relu_conv1x1", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fmt = LAYOUTS[layout]
+    bn, conv1 = unit(7, dict(out_channels=5, kernel_size=1), backend="triton")
+    conv2 = nn.Conv2d(7, 3, 1, bias=False).to(memory_format=fmt)
+    bn64, c1, c2 = copy.deepcopy(bn).double(), copy.deepcopy(conv1).double(), copy.deepcopy(conv2).double()
+    x64, x = make_x((3, 7, 5, 9), fmt)
+    x, x64 = x.requires_grad_(), x64.requires_grad_()
+    y1, y2 = ops.bn_relu_convs(x, bn, (conv1, conv2), backend="triton")
+    assert len(calls) == 2
+    y = torch.relu(nn.functional.batch_norm(x64, bn64.running_mean, bn64.running_var, bn64.weight, bn64.bias, True))
+    r1, r2 = c1(y), c2(y)
+    g1, g2 = torch.randn_like(r1), torch.randn_like(r2)
+    got = torch.autograd.grad((y1, y2), [x, bn.weight, bn.bias, conv1.weight, conv1.bias, conv2.weight],
+                              (g1.float(), g2.float()))
+    want = torch.autograd.grad((r1, r2), [x64, bn64.weight, bn64.bias, c1.weight, c1.bias, c2.weight], (g1, g2))
+    assert rel_err(y1, r1) < 1e-5 and rel_err(y2, r2) < 1e-5
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) < 1e-5, i
+    assert rel_err(bn.running_mean, bn64.running_mean) < 1e-6 and rel_err(bn.running_var, bn64.running_var) < 1e-6
+    calls.clear()
+    ops.bn_relu_conv(x, bn, nn.Conv2d(7, 2, 3, padding=1), backend="triton")
+    assert not calls
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasthg.ops import _backend
+from fasthg.ops.conv1x1 import bn_relu_conv1x1
 from fasthg.ops.bn_relu import (_OPS, _as_dtype, _merge_across_processes, _param_dtype, _sync_group,
                                  _update_running_stats, batch_norm_args, bn_relu, check_args)
 
@@ -157,10 +158,41 @@ def _stored(backend, x, bn, convs, group):
     return tuple(conv(y) for conv in convs)
 
 
-def _unit(which, x, convs):
+def _is_pointwise(conv):
+    return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
+
+
+def _triton_conv1x1(which, x, bn, convs, group):
+    """Triton's unit for 1x1 convolutions: fasthg.ops.bn_relu_conv1x1 forms relu(bn(x)) in the
+    GEMM's prologue, and its backward recomputes it from x and the statistics, so it is never
+    stored. The statistics come from one pass over x; their gradient terms are the kernel's
+    BN training backward (linear in the output gradient, so several convolutions sum)."""
+    rm, rv, _, factor = batch_norm_args(bn)
+    check_args(x, bn.weight, bn.bias, rm, rv, True)
+    pdtype, c = _param_dtype(x), x.shape[1]
+    with torch.no_grad():
+        mean, var = _OPS[which].stats(x)
+        if rm is not None:
+            _update_running_stats(rm, rv, mean, var, x.numel() // c, float(factor))
+        invstd = torch.rsqrt(var + bn.eps)
+    weight = x.new_ones(c, dtype=pdtype) if bn.weight is None else _as_dtype(bn.weight, pdtype)
+    bias = x.new_zeros(c, dtype=pdtype) if bn.bias is None else _as_dtype(bn.bias, pdtype)
+    return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, conv.weight, conv.bias, training=True)
+                 for conv in convs)
+
+
+def _unit(which, x, bn, convs, group):
     """The implementation that runs the training unit on concrete backend `which`: the one
-    place where a backend picks its kernels (e.g. a Triton convolution for 1x1 on CUDA)."""
-    return _stored if which == "eager" else _recompute
+    place where a backend picks its kernels. Triton takes the 1x1 convolutions itself
+    (bn_relu_conv1x1) where the convolution runs in x's dtype and the BN is not synced (its
+    kernel's backward reduces over the local batch only); the rest recomputes around the stock
+    convolution."""
+    if which == "eager":
+        return _stored
+    if (which == "triton" and group is None and _conv_dtype(x) == x.dtype
+            and all(_is_pointwise(conv) and conv.weight.dtype == x.dtype for conv in convs)):
+        return _triton_conv1x1
+    return _recompute
 
 
 def bn_relu_convs(x, bn, convs, backend="auto"):
@@ -179,7 +211,7 @@ def bn_relu_convs(x, bn, convs, backend="auto"):
         group = _sync_group(True, getattr(bn, "process_group", None))
     if not (bn.training and torch.is_grad_enabled()):  # nothing is saved for backward
         return _stored(which, x, bn, convs, group)
-    return _unit(which, x, convs)(which, x, bn, convs, group)
+    return _unit(which, x, bn, convs, group)(which, x, bn, convs, group)
 
 
 def bn_relu_conv(x, bn, conv, backend="auto"):
