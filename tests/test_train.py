@@ -193,7 +193,7 @@ def test_train_command_and_resume(tmp_path, capsys, monkeypatch):
     # refused before any training: the message names the setting, both values and why
     for flag, value, message in (("--stacks", "2", "stacks: the checkpoint has 1, given 2; the checkpoint's weights"),
                                  ("--seed", "3", "seed: the checkpoint has 0, given 3; the data order"),
-                                 ("--amp", "fp16", "amp: the checkpoint has 'none', given 'fp16'; fp16 trains with a "
+                                 ("--amp", "fp16", "amp: the checkpoint has 'auto', given 'fp16'; fp16 trains with a "
                                                    "grad scaler")):
         assert main(resume + ["--epochs", "2", flag, value]) == 1
         err = capsys.readouterr().err

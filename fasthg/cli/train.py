@@ -23,6 +23,7 @@ def config_from_args(args, state=None) -> TrainConfig:
         state = checkpoint.read(args.resume) if state is None else state
         values = dict(state["config"])
         values["lr_drops"] = tuple(values["lr_drops"])
+        values.pop("minutes", None)  # a time budget is the invocation's, not the run's
     else:
         values = device_defaults("cuda" if gpu else "cpu")
         if getattr(args, "init", None):
@@ -147,8 +148,12 @@ def add_command(sub):
                    help="recompute: the residual modules' BN-ReLU-conv units keep only their input and the BN "
                         "statistics for backward and recompute the rest there (about half the activations, a few "
                         f"percent more time; native or triton backend) ({default('memory')})")
-    t.add_argument("--amp", choices=["none", "bf16", "fp16"],
-                   help=f"automatic mixed precision; fp16 needs CUDA and uses a grad scaler ({default('amp')})")
+    t.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"],
+                   help=f"automatic mixed precision; fp16 needs CUDA and uses a grad scaler; auto is bf16 on a CPU "
+                        f"that computes bf16 (AMX, AVX512_BF16), else none ({default('amp')})")
+    t.add_argument("--minutes", type=types.positive_float,
+                   help="time budget in minutes of wall time: the run stops at the first step past it, validates "
+                        "the model, writes its checkpoints and can be resumed (default: none)")
     t.add_argument("--mpii-h5-train", dest="mpii_h5_train", help="MPII training people, HDF5 format")
     t.add_argument("--mpii-json-train", dest="mpii_json_train",
                    help="MPII training people, JSON list (bearpaw's isValidation people are left out)")

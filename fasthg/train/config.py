@@ -22,7 +22,22 @@ DEVICE_DEFAULTS = {
     "val_size": (500, 300),
     "workers": (8, 1),
     "channels_last": (False, True),
+    # auto: bf16 autocast where the CPU computes bf16 (AMX, AVX512_BF16), float32 elsewhere
+    "amp": ("none", "auto"),
 }
+
+AMP_MODES = ("none", "bf16", "fp16", "auto")
+
+
+def resolve_amp(amp: str, device) -> str:
+    """The autocast mode (none, bf16, fp16) a setting means on a torch.device: "auto" is bf16 on
+    a CPU with bf16 instructions, where oneDNN's bf16 convolutions are faster than float32
+    ones, and none elsewhere (without them bf16 is converted to float32 and back: slower)."""
+    if amp != "auto":
+        return amp
+    from fasthg.device import cpu_computes_bf16
+
+    return "bf16" if device.type == "cpu" and cpu_computes_bf16() else "none"
 
 
 def device_defaults(device_type: str) -> dict:
@@ -69,7 +84,8 @@ class TrainConfig:
     workers: int = _GPU["workers"]
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"                    # none, bf16, fp16 (fp16: CUDA, with a grad scaler)
+    amp: str = _GPU["amp"]               # none, bf16, fp16 (CUDA, with a grad scaler), auto (resolve_amp)
+    minutes: Optional[float] = None      # time budget: the run stops, checkpointed and validated, after it
     channels_last: bool = _GPU["channels_last"]
     compile: bool = False
     sync_bn: bool = False                # BN-ReLU statistics over all processes (torchrun)
@@ -119,7 +135,7 @@ def check_resume_changes(changes: dict, step_in_epoch: int) -> None:
     for name, (old, given) in changes.items():
         why = _FIXED_ON_RESUME.get(name)
         if name == "amp" and "fp16" in (old, given):
-            why = "fp16 trains with a grad scaler whose state the other modes do not have (none and bf16 may swap)"
+            why = "fp16 trains with a grad scaler whose state the other modes do not have (none, bf16 and auto may swap)"
         elif name in _EPOCH_BOUNDARY_ON_RESUME and step_in_epoch:
             why = (f"the checkpoint stopped at step {step_in_epoch} of an epoch, whose data order is in batches of "
                    f"the old size; it may change when resuming from a checkpoint written at an epoch's end")
