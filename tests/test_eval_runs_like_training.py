@@ -25,7 +25,7 @@ def test_eval_runs_the_model_in_the_trainers_layout_with_freed_memory_kept(tmp_p
         return real_evaluate(model, dataset, **kw)
 
     monkeypatch.setattr(eval_cli, "evaluate", spy)
-    assert main(["eval", path, "--n", "2", "--device", "cpu", "--backend", "eager"]) == 0
+    assert main(["eval", path, "--n", "2", "--device", "cpu", "--backend", "eager", "--no-fold"]) == 0
     # The trainer's CPU default (TrainConfig.for_device("cpu")): channels_last weights.
     assert TrainConfig.for_device("cpu").channels_last
     assert seen["weights"] and all(w.is_contiguous(memory_format=torch.channels_last) and

@@ -212,9 +212,8 @@ def table(result) -> str:
                      f"| {r['backend']} | {r['median_ms']:.3f} | {spread_cell(r)} | {r['speedup']:.2f}x | {opt(r, 'gb_s', '.1f')} "
                      f"| {opt(r, 'of_copy', '.0%')} | {opt(r, 'peak_mb', '.1f')} | {opt(r, 'images_per_s', '.1f')} "
                      f"| {opt(r, 'saved_mb', '.0f')} |")
-    batch = next((r["shape"][0] for r in result["rows"] if "gb_s" in r), None)
-    if batch is not None:  # the fused ops ran: their compulsory traffic beside them
-        lines += ["", traffic.table(batch)]
+    batch = next((r["shape"][0] for r in result["rows"] if "gb_s" in r), 16)
+    lines += ["", traffic.table(batch)]
     lines += fold_lines(result["rows"])
     checks = result.get("bars", [])
     if checks:

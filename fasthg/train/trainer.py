@@ -283,6 +283,8 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 if self._deadline is not None and self._max_over_processes(float(time.time() >= self._deadline))[0]:
                     self._stopped, self._out_of_time = (self.epoch, 0), True  # at an epoch's end: all saved
+                    if self.is_main:
+                        print(f"{self._stopped_text()}; resume from {last}")
                     break
                 finished, step = self._train_epoch()
                 if not finished:
