@@ -106,3 +106,27 @@ def test_bad_arguments():
         PoseDataset(SyntheticPoses(2, 64), input_size=64, output_size=24)
     with pytest.raises(ValueError, match="n >= 1"):
         SyntheticPoses(0)
+
+
+def test_the_cache_gives_the_same_people_read_only_and_keeps_to_its_bytes():
+    plain = SyntheticPoses(5, 64, seed=3)
+    per_person = 64 * 64 * 3
+    cached = SyntheticPoses(5, 64, seed=3, cache_bytes=3 * per_person)
+    for _ in range(2):
+        for i in range(5):
+            a, b = plain[i], cached[i]
+            assert np.array_equal(a.extra["pixels"], b.extra["pixels"]) and np.array_equal(a.joints, b.joints)
+            assert a.head_size == b.head_size and np.array_equal(a.visible, b.visible)
+    assert sorted(cached._cache) == [0, 1, 2] and cached._cached_bytes == 3 * per_person
+    assert cached[1] is cached[1] and cached[4] is not cached[4]
+    with pytest.raises(ValueError, match="read-only"):
+        cached[1].extra["pixels"][0, 0, 0] = 1
+    # the dataset's items are the same cached or not, and do not share the cache's arrays
+    a = PoseDataset(plain, 64, train=True, seed=1)[2]
+    b = PoseDataset(cached, 64, train=True, seed=1)[2]
+    for k in a:
+        assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+    b["joints"].add_(1)
+    assert np.array_equal(cached[2].joints, plain[2].joints)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        SyntheticPoses(5, 64, cache_bytes=-1)

@@ -87,8 +87,8 @@ class PoseDataset(torch.utils.data.Dataset):
             "weights": torch.from_numpy(weights),
             "index": index,
             "matrix": torch.from_numpy(matrix.astype(np.float64)),
-            "joints": torch.from_numpy(record.joints),
-            "visible": torch.from_numpy(record.visible),
+            "joints": torch.tensor(record.joints),  # copies: the record's arrays may be a cache's, read-only
+            "visible": torch.tensor(record.visible),
             "head_size": float(record.head_size),
             "area": float(record.extra.get("area", 0.0)),
         }

@@ -97,10 +97,17 @@ class SyntheticPoses:
     """`n` generated people; item i is a PoseRecord whose image is in extra["pixels"]
     (image_size x image_size x 3, RGB, uint8). Same (seed, i), same record and pixels."""
 
-    def __init__(self, n: int, image_size: int = 256, seed: int = 0):
+    def __init__(self, n: int, image_size: int = 256, seed: int = 0, cache_bytes: int = 0):
+        """cache_bytes: keep drawn people (read-only) up to this many bytes of pixels, so that
+        every epoch after the first crops them instead of drawing them again (drawing is most
+        of the data pipeline's time). The cache is per process: a DataLoader worker's dies
+        with it."""
         if n < 1 or image_size < 32:
             raise ValueError(f"SyntheticPoses: need n >= 1 and image_size >= 32, got n={n}, image_size={image_size}")
+        if cache_bytes < 0:
+            raise ValueError(f"SyntheticPoses: cache_bytes must be >= 0, got {cache_bytes}")
         self.n, self.image_size, self.seed = n, image_size, seed
+        self.cache_bytes, self._cache, self._cached_bytes = cache_bytes, {}, 0
 
     def __len__(self):
         return self.n
@@ -108,6 +115,18 @@ class SyntheticPoses:
     def __getitem__(self, i: int) -> PoseRecord:
         if not 0 <= i < self.n:
             raise IndexError(f"SyntheticPoses index {i} out of range for {self.n} records")
+        if i in self._cache:
+            return self._cache[i]
+        record = self._record(i)
+        size = record.extra["pixels"].nbytes
+        if self._cached_bytes + size <= self.cache_bytes:
+            for a in (record.center, record.joints, record.visible, record.extra["pixels"]):
+                a.flags.writeable = False  # shared by every later epoch: nobody may draw on it
+            self._cache[i] = record
+            self._cached_bytes += size
+        return record
+
+    def _record(self, i: int) -> PoseRecord:
         rng = np.random.default_rng([self.seed, i])
         size = self.image_size
         height = size * rng.uniform(0.45, 0.8)

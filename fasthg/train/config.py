@@ -1,6 +1,7 @@
 """TrainConfig, every setting of a training run, and the one table of the settings whose
 default depends on the device."""
 import dataclasses
+import os
 from typing import Optional
 
 # setting: (GPU, CPU). The GPU column is the paper's setting. The CPU one makes the default
@@ -20,7 +21,9 @@ DEVICE_DEFAULTS = {
     "batch_size": (16, 8),
     "train_size": (20000, 1600),
     "val_size": (500, 300),
-    "workers": (8, 1),
+    # On a CPU the loader shares the cores with the step: with 2 cores a worker process costs the
+    # step more than loading in the main process does (synthetic people drawn once, then cached).
+    "workers": (8, 0 if (os.cpu_count() or 1) <= 4 else 2),
     "channels_last": (False, True),
     # auto: bf16 autocast where the CPU computes bf16 (AMX, AVX512_BF16), float32 elsewhere
     "amp": ("none", "auto"),
