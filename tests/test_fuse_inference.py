@@ -83,6 +83,38 @@ def test_folded_equals_eval_eager_model(preset, layout, poison):
         assert packed_calls(folded) > 0  # the oneDNN post-op path ran, not only the plain one
 
 
+def test_sums_go_in_place_only_into_tensors_nothing_reads_after(monkeypatch):
+    """The residual sums written into their skip (oneDNN's in-place post-op) are those of the
+    residuals whose input dies with them: never the outermost hourglass's up1 (the stack's
+    input is read again for the next stack) nor the first residual of the stem; the images
+    and the outputs stay as eager's."""
+    from fasthg.fuse import inference
+
+    eager, folded = twins("hg2", torch.channels_last)
+    inplace = {}
+    real = inference.FoldedConvReLU.forward
+
+    def spy(self, x, add=None, inplace_ok=False, **kw):
+        inplace_ok = kw.pop("inplace", inplace_ok)
+        if add is not None:
+            inplace[self] = inplace_ok
+        return real(self, x, add, inplace_ok)
+
+    monkeypatch.setattr(inference.FoldedConvReLU, "forward", spy)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad():
+        ref, out = eager(x), folded(x)
+    assert torch.equal(x, before)
+    assert rel_err(out, ref) < 1e-4
+    owner = {m.body[-1]: name for name, m in folded.named_modules() if isinstance(m, Residual)}
+    kept = sorted(owner.get(conv, conv) for conv, ok in inplace.items() if not ok)
+    # the stem's 64->128 and 128->16 residuals have conv skips: fresh tensors, in place too
+    assert kept == ["hourglasses.0.up1", "hourglasses.1.up1"]
+    assert sum(inplace.values()) == len(owner) - 2 + 1  # and the sum into stack 2's input
+    assert inplace[folded.remap_heatmaps[0]]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bf16_autocast(layout):
     fmt = LAYOUTS[layout]

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasthg.models.hourglass import Residual
+from fasthg import ops
+from fasthg.models.hourglass import Hourglass, Residual, StackedHourglass
 
 # Packed weights kept per module, one per (dtype, input shape); a few shapes cover a run
 # (the eval loop's last, smaller batch included).
@@ -101,7 +102,9 @@ class FoldedConvReLU(nn.Module):
                 self._packed[key] = None
         return self._packed[key]
 
-    def forward(self, x, add: Optional[torch.Tensor] = None):
+    def forward(self, x, add: Optional[torch.Tensor] = None, inplace: bool = False):
+        """inplace: the sum may be written into `add` (its caller knows nothing reads it after),
+        oneDNN's in-place binary post-op, which saves reading `add` and writing a new tensor."""
         if _tracing() or x.requires_grad:
             return self._plain(x, add)
         dtype = self._compute_dtype(x)
@@ -117,6 +120,10 @@ class FoldedConvReLU(nn.Module):
                         return torch.ops.mkldnn._convolution_pointwise(
                             x.to(dtype), w, b, self.padding, self.stride, [1, 1], 1, relu, [], "")
                     if add.dtype == dtype and add.is_contiguous(memory_format=torch.channels_last):
+                        if inplace:
+                            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                                add, x.to(dtype), w, b, self.padding, self.stride, [1, 1], 1, "add", None,
+                                relu if self.relu else None, [], None)
                         return torch.ops.mkldnn._convolution_pointwise.binary(
                             x.to(dtype), add, w, b, self.padding, self.stride, [1, 1], 1, "add", None,
                             relu if self.relu else None, [], None)
@@ -207,13 +214,68 @@ def _pack_conv(conv: nn.Conv2d) -> FoldedConvReLU:
 
 class FoldedResidual(Residual):
     """fasthg's Residual with its last convolution adding the skip as the conv's post-op;
-    set as the class of a Residual whose body ends in a FoldedConvReLU (same submodules)."""
+    set as the class of a Residual whose body ends in a FoldedConvReLU (same submodules).
+    The sum is written into the skip tensor where that is a fresh 1x1 conv output, or where
+    for_inference found that nothing reads the module's input after it (`input_dies`)."""
+
+    input_dies = False
 
     def forward(self, x):
         h = x
         for layer in list(self.body)[:-1]:
             h = layer(h)
-        return self.body[-1](h, add=self.skip(x))
+        skip = self.skip(x)
+        return self.body[-1](h, add=skip, inplace=skip is not x or self.input_dies)
+
+
+class FoldedHourglass(Hourglass):
+    """fasthg's Hourglass with its down branch first, so that up1 reads x last (and may sum
+    into it, where the hourglass's own input dies with it: the nested ones)."""
+
+    def forward(self, x):
+        low = self.low3(self.low2(self.low1(self.pool(x))))
+        up1 = self.up1(x)
+        if low.dtype != up1.dtype:
+            dtype = torch.promote_types(low.dtype, up1.dtype)
+            low, up1 = low.to(dtype), up1.to(dtype)
+        return ops.upsample_add(low, up1, backend=self.backend)
+
+
+class FoldedStackedHourglass(StackedHourglass):
+    """fasthg's StackedHourglass whose sum of a stack's input and its remapped features and
+    heatmaps runs in the remap convolutions' post-ops, in place (the remapped features are a
+    fresh tensor, and nothing reads the stack's input after it)."""
+
+    def _next_input(self, i, x, remapped, hm):
+        conv = self.remap_heatmaps[i]
+        if not isinstance(conv, FoldedConvReLU) or remapped.dtype != x.dtype:
+            return super()._next_input(i, x, remapped, hm)
+        return conv(hm, add=remapped.add_(x), inplace=True)
+
+
+def _mark_dying_inputs(model: nn.Module) -> None:
+    """Sets input_dies on the FoldedResiduals whose input nothing reads after them: those after
+    the first in an nn.Sequential (which hands each output to the next module only), an
+    Hourglass's down-branch ones, a nested Hourglass's up1, and StackedHourglass's features
+    residual (the hourglass output feeds only it)."""
+    def dies(module):
+        if isinstance(module, FoldedResidual):
+            module.input_dies = True
+
+    for module in model.modules():
+        if type(module) is nn.Sequential:
+            for child in list(module.children())[1:]:
+                dies(child)
+        if type(module) is Hourglass:
+            module.__class__ = FoldedHourglass
+            for child in (module.low1, module.low2, module.low3):
+                dies(child)
+            if isinstance(module.low2, Hourglass):
+                dies(module.low2.up1)
+    if type(model) is StackedHourglass:
+        model.__class__ = FoldedStackedHourglass
+        for seq in model.features:
+            dies(seq[0])
 
 
 def for_inference(model: nn.Module) -> nn.Module:
@@ -248,6 +310,7 @@ def for_inference(model: nn.Module) -> nn.Module:
     for module in out.modules():
         if type(module) is Residual and isinstance(module.body[-1], FoldedConvReLU):
             module.__class__ = FoldedResidual
+    _mark_dying_inputs(out)
     for p in out.parameters():
         p.requires_grad_(False)
     out.folded_convs = folded  # what was folded, for a report or a test

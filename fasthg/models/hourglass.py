@@ -177,8 +177,12 @@ class StackedHourglass(nn.Module):
                 remapped = [self.remap_features[i](feat)] if i < self.num_stacks - 1 else []
             heatmaps.append(hm)
             if i < self.num_stacks - 1:
-                x = x + remapped[0] + self.remap_heatmaps[i](hm)
+                x = self._next_input(i, x, remapped[0], hm)
         return torch.stack(heatmaps, dim=1)
+
+    def _next_input(self, i: int, x: torch.Tensor, remapped: torch.Tensor, hm: torch.Tensor) -> torch.Tensor:
+        """Stack i+1's input: stack i's input, its remapped features and remapped heatmaps."""
+        return x + remapped + self.remap_heatmaps[i](hm)
 
 
 def hg1(**kw) -> StackedHourglass:
