@@ -295,6 +295,10 @@ def for_inference(model: nn.Module) -> nn.Module:
     nn.ReLU) is left as it is, with a warning naming the modules. Only exact nn.Sequential
     containers are walked, where a conv's output feeds only the next module; a subclass
     may have its own forward.
+
+    In fasthg's models, a residual's sum is written into its skip tensor where nothing in
+    the model reads that tensor afterwards (the caller's images never): a forward hook
+    that keeps a residual's input sees it overwritten.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"for_inference: model must be a torch.nn.Module, got {type(model).__name__}")
