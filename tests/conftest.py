@@ -58,6 +58,26 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+def sgd_steps_agree(a, b, make_input, steps: int, tol: float, lr: float = 0.05) -> None:
+    """SGD steps of models `a` (the reference) and `b` from the same weights on the same
+    inputs (make_input()), their outputs and all gradients together within `tol` (relative)
+    at every step. (All gradients together: a conv bias feeding a training-mode BN has a
+    gradient of pure rounding noise, which no per-tensor bound can hold.)"""
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (a, b)]
+    for step in range(steps):
+        x = make_input()
+        outs = []
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            out = m(x)
+            out.square().mean().backward()
+            opt.step()
+            outs.append(out)
+        grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (a, b)]
+        assert rel_err(outs[1], outs[0]) < tol, step
+        assert rel_err(grads[1], grads[0]) < tol, step
+
+
 def backends_on(device: str, op: str = None):
     """Concrete backends that can run `op` (default: every registered op) on a device here
     (Triton on CPU: the interpreter)."""

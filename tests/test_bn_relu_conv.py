@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import rel_err
+from conftest import rel_err, sgd_steps_agree
 import fasthg
 from fasthg import ops
 from fasthg.bench.memory import saved_activation_bytes
@@ -305,19 +305,8 @@ def test_recompute_model_trains_like_the_storing_model(layout, dtype, steps, tol
     recompute = small(backend=backend, memory="recompute").to(dtype).to(memory_format=fmt)
     assert list(recompute.state_dict()) == list(default.state_dict())
     recompute.load_state_dict(default.state_dict())
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (default, recompute)]
-    flat = lambda m: torch.cat([p.grad.flatten() for p in m.parameters()])  # noqa: E731
-    for step in range(steps):
-        x = torch.randn(2, 3, 32, 32, dtype=dtype).contiguous(memory_format=fmt)
-        outs = []
-        for m, opt in zip((default, recompute), opts):
-            opt.zero_grad()
-            out = m(x)
-            out.square().mean().backward()
-            opt.step()
-            outs.append(out)
-        assert rel_err(outs[1], outs[0]) < tol, step
-        assert rel_err(flat(recompute), flat(default)) < tol, step
+    sgd_steps_agree(default, recompute, lambda: torch.randn(2, 3, 32, 32, dtype=dtype).contiguous(memory_format=fmt),
+                    steps, tol)
     for (name, a), b in zip(default.state_dict().items(), recompute.state_dict().values()):
         assert rel_err(b, a) < tol if a.is_floating_point() else torch.equal(a, b), name
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import device_backend_params, rel_err, require_backend
+from conftest import device_backend_params, rel_err, require_backend, sgd_steps_agree
 from fasthg.models import PRESETS, StackedHourglass, hg2, hg8
 
 
@@ -95,21 +95,9 @@ def test_backend_matches_eager_model(device, backend, layout, dtype, steps, tol,
         if hasattr(m, "backend"):
             m.backend = backend
     eager, fused = eager.to(memory_format=layout), fused.to(memory_format=layout)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, fused)]
-    # All gradients together: a conv bias feeding a training-mode BN has a gradient of pure
-    # rounding noise, which no per-tensor relative bound can hold.
-    flat = lambda m: torch.cat([p.grad.flatten() for p in m.parameters()])  # noqa: E731
-    for step in range(steps):
-        x = torch.randn(2, 3, 32, 32, device=device, dtype=dtype).contiguous(memory_format=layout)
-        outs = []
-        for m, opt in zip((eager, fused), opts):
-            opt.zero_grad()
-            out = m(x)
-            out.square().mean().backward()
-            opt.step()
-            outs.append(out)
-        assert rel_err(outs[1], outs[0]) < tol, step
-        assert rel_err(flat(fused), flat(eager)) < tol, step
+    sgd_steps_agree(eager, fused,
+                    lambda: torch.randn(2, 3, 32, 32, device=device, dtype=dtype).contiguous(memory_format=layout),
+                    steps, tol)
     for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
         assert rel_err(bf, be) < tol, name
 

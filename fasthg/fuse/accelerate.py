@@ -389,6 +389,19 @@ def _only_read_before(skip: fx.Node, iadd: fx.Node) -> bool:
     return True
 
 
+def _note_once(report, seen, change):
+    """Reports `change` once per place: a module's graphs (one per traced mode) hold the same
+    places."""
+    if change.where not in seen:
+        report.append(change)
+    seen.add(change.where)
+
+
+def _note_fused(report, seen, before, path, op, node_name, where, how):
+    done = (path, op, node_name) in before
+    _note_once(report, seen, Change(op, where, "already fused" if done else "fused", how))
+
+
 def _rewrite_upsample_add(root, graphs, path, options, report, before):
     seen = set()
     for g in graphs.values():
@@ -412,9 +425,7 @@ def _rewrite_upsample_add(root, graphs, path, options, report, before):
                     why = "+= onto a tensor that may be an input, a view or used elsewhere"
             where = f"{_join(path, '') or '<model>'}:{node.name}"
             if why:
-                if where not in seen:
-                    report.append(Change("upsample_add", where, "left alone", why))
-                seen.add(where)
+                _note_once(report, seen, Change("upsample_add", where, "left alone", why))
                 continue
             add_node = users[0]
             with g.inserting_before(add_node):
@@ -423,12 +434,9 @@ def _rewrite_upsample_add(root, graphs, path, options, report, before):
             g.erase_node(add_node)
             g.erase_node(node)
             options.fused.add(("upsample_add", node.name))
-            if where not in seen:
-                done = (path, "upsample_add", node.name) in before
-                report.append(Change("upsample_add", where, "already fused" if done else "fused",
-                                     "nearest 2x upsample + add -> upsample_add (run-time shape check; "
-                                     "other shapes run the original ops)" + (" (size given)" if size is not None else "")))
-            seen.add(where)
+            _note_fused(report, seen, before, path, "upsample_add", node.name, where,
+                        "nearest 2x upsample + add -> upsample_add (run-time shape check; other shapes run the "
+                        "original ops)" + (" (size given)" if size is not None else ""))
 
 
 def _rewrite_bn_relu_conv(root, graphs, path, options, report, before):
@@ -457,9 +465,7 @@ def _rewrite_bn_relu_conv(root, graphs, path, options, report, before):
                 except ValueError as e:
                     why = str(e)
             if why:
-                if where not in seen:
-                    report.append(Change("bn_relu_conv", where, "left alone", why))
-                seen.add(where)
+                _note_once(report, seen, Change("bn_relu_conv", where, "left alone", why))
                 continue
             with g.inserting_before(conv_node):
                 unit = g.call_function(ops.bn_relu_conv, (node.args[0], g.get_attr(node.target),
@@ -468,11 +474,8 @@ def _rewrite_bn_relu_conv(root, graphs, path, options, report, before):
             g.erase_node(conv_node)
             g.erase_node(node)
             options.fused.add(("bn_relu_conv", conv_node.name))
-            if where not in seen:
-                done = (path, "bn_relu_conv", conv_node.name) in before
-                report.append(Change("bn_relu_conv", where, "already fused" if done else "fused",
-                                     "BNReLU + Conv2d -> bn_relu_conv (recomputes relu(bn(x)) in backward)"))
-            seen.add(where)
+            _note_fused(report, seen, before, path, "bn_relu_conv", conv_node.name, where,
+                        "BNReLU + Conv2d -> bn_relu_conv (recomputes relu(bn(x)) in backward)")
 
 
 # ----------------------------------------------------------------------------- the passes
