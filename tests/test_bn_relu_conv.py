@@ -246,6 +246,35 @@ def test_triton_backend_runs_1x1_convolutions_in_the_conv1x1_kernel(layout, monk
     assert not calls
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_triton_unit_on_cuda_matches_the_float64_composition(dtype, tol):
+    """The GPU path of memory="recompute" with backend="triton": two 1x1 convolutions of one
+    BN-ReLU in the conv1x1 kernel (compiled, not interpreted), channels_last, against float64."""
+    if "triton" not in ops.available("cuda", "bn_relu"):
+        pytest.skip("Triton backend unavailable on CUDA")
+    bn, conv1 = unit(96, dict(out_channels=48, kernel_size=1), backend="triton")
+    conv2 = nn.Conv2d(96, 80, 1, bias=False)
+    bn64, c1, c2 = copy.deepcopy(bn).double(), copy.deepcopy(conv1).double(), copy.deepcopy(conv2).double()
+    bn, conv1, conv2 = (m.cuda().to(dtype) if m is not bn else m.cuda() for m in (bn, conv1, conv2))
+    x64 = torch.randn(4, 96, 33, 17, dtype=torch.float64) * 2 + 0.3
+    x = x64.to(dtype).cuda().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.detach().double().cpu().requires_grad_()
+    y1, y2 = ops.bn_relu_convs(x, bn, (conv1, conv2), backend="triton")
+    y = torch.relu(nn.functional.batch_norm(x64, bn64.running_mean, bn64.running_var, bn64.weight, bn64.bias, True))
+    r1, r2 = c1(y), c2(y)
+    g1, g2 = torch.randn_like(r1), torch.randn_like(r2)
+    got = torch.autograd.grad((y1, y2), [x, bn.weight, conv1.weight, conv2.weight],
+                              (g1.to(dtype).cuda(), g2.to(dtype).cuda()))
+    want = torch.autograd.grad((r1, r2), [x64, bn64.weight, c1.weight, c2.weight], (g1, g2))
+    assert y1.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y1, r1) < tol and rel_err(y2, r2) < tol
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) < tol, i
+    assert rel_err(bn.running_var, bn64.running_var) < 1e-5
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("shape,pool", [((2, 3, 8, 6), nn.MaxPool2d(2, 2)), ((1, 4, 7, 9), nn.MaxPool2d(3, 2, 1)),
                                         ((2, 2, 5, 5), nn.MaxPool2d(2, ceil_mode=True))], ids=str)
