@@ -115,6 +115,28 @@ def test_sums_go_in_place_only_into_tensors_nothing_reads_after(monkeypatch):
     assert inplace[folded.remap_heatmaps[0]]
 
 
+def test_a_residual_after_a_pass_through_module_keeps_its_input():
+    """In a user's nn.Sequential a residual's input may be the Sequential's own (after an
+    nn.Identity or a view): its sum must not go into that tensor, which the caller reads again."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Identity(), Residual(8, 8), Residual(8, 8))
+
+        def forward(self, x):
+            return self.seq(x) + x
+
+    torch.manual_seed(0)
+    model = randomise_bn(Model()).eval().to(memory_format=torch.channels_last)
+    folded = for_inference(model)
+    assert [m.input_dies for m in folded.seq if isinstance(m, Residual)] == [False, True]
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert torch.equal(x, before) and rel_err(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bf16_autocast(layout):
     fmt = LAYOUTS[layout]

@@ -253,19 +253,28 @@ class FoldedStackedHourglass(StackedHourglass):
         return conv(hm, add=remapped.add_(x), inplace=True)
 
 
+# Modules whose output is a tensor of their own (not their input, nor a view of it).
+_FRESH = (FoldedConvReLU, FoldedResidual, nn.MaxPool2d, Hourglass)
+
+
 def _mark_dying_inputs(model: nn.Module) -> None:
-    """Sets input_dies on the FoldedResiduals whose input nothing reads after them: those after
-    the first in an nn.Sequential (which hands each output to the next module only), an
-    Hourglass's down-branch ones, a nested Hourglass's up1, and StackedHourglass's features
-    residual (the hourglass output feeds only it)."""
+    """Sets input_dies on the FoldedResiduals whose input nothing reads after them: in an
+    nn.Sequential (which hands each output to the next module only), those whose input a
+    module of _FRESH made (nn.Identity passing it on); an Hourglass's down-branch ones, a
+    nested Hourglass's up1, and StackedHourglass's features residual (the hourglass output
+    feeds only it)."""
     def dies(module):
         if isinstance(module, FoldedResidual):
             module.input_dies = True
 
     for module in model.modules():
         if type(module) is nn.Sequential:
-            for child in list(module.children())[1:]:
-                dies(child)
+            fresh = False  # whether the tensor flowing at this point was made inside the Sequential
+            for child in module.children():
+                if fresh:
+                    dies(child)
+                if type(child) is not nn.Identity:
+                    fresh = isinstance(child, _FRESH)
         if type(module) is Hourglass:
             module.__class__ = FoldedHourglass
             for child in (module.low1, module.low2, module.low3):
