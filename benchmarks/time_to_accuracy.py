@@ -27,25 +27,18 @@ TARGET = 90.0
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def minutes_to(rows, target=TARGET, key="pckh_mean"):
-    """Minutes of the log's elapsed time at the first validation reaching `target`, or None."""
-    for r in rows:
-        if r[key] >= target:
-            return r["elapsed_s"] / 60
-    return None
-
-
 def summary(rows, wall_s):
+    """A run's figures from its log rows; `hit` is the first validation at TARGET or above."""
     final = rows[-1]
     best = max(rows, key=lambda r: r["pckh_mean"])
     hit = next((r for r in rows if r["pckh_mean"] >= TARGET), None)
     images = [r["images_per_s"] for r in rows]
-    return {"minutes_to_90": minutes_to(rows), "epoch_at_90": hit["epoch"] if hit else None,
+    wall = sum(r["train_s"] + r["val_s"] for r in rows)
+    return {"minutes_to_90": hit["elapsed_s"] / 60 if hit else None, "epoch_at_90": hit["epoch"] if hit else None,
             "final_pckh": final["pckh_mean"], "best_pckh": best["pckh_mean"], "epochs": final["epoch"],
             "minutes_total": final["elapsed_s"] / 60, "process_wall_minutes": wall_s / 60,
             "median_images_per_s": sorted(images)[len(images) // 2],
-            "data_share": sum(r["data_s"] for r in rows) / sum(r["train_s"] + r["val_s"] for r in rows),
-            "val_share": sum(r["val_s"] for r in rows) / sum(r["train_s"] + r["val_s"] for r in rows)}
+            "data_share": sum(r["data_s"] for r in rows) / wall, "val_share": sum(r["val_s"] for r in rows) / wall}
 
 
 def prepare_clone(dest):

@@ -9,17 +9,22 @@ def resolve(name: str) -> torch.device:
     return torch.device(name)
 
 
+# torch.cpu's probes of the CPU's bfloat16 instructions, by the name a person knows them by
+_BF16_PROBES = {"AMX": "_is_amx_tile_supported", "bf16": "_is_avx512_bf16_supported"}
+
+
+def _cpu_has(probe: str) -> bool:
+    """torch.cpu.<probe>(); the probes are private: where one is missing, the answer is no."""
+    try:
+        return bool(getattr(torch.cpu, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions (AMX or AVX512_BF16), with which oneDNN runs
-    autocast's bf16 convolutions natively rather than converting to float32. (torch.cpu's probes are
-    private: where they are missing, the answer is no.)"""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        try:
-            if getattr(torch.cpu, probe)():
-                return True
-        except (AttributeError, RuntimeError):
-            continue
-    return False
+    autocast's bf16 convolutions natively rather than converting to float32."""
+    return any(_cpu_has(probe) for probe in _BF16_PROBES.values())
 
 
 def cpu_description() -> str:
@@ -34,6 +39,5 @@ def cpu_description() -> str:
     except OSError:
         pass
     isa = torch.backends.cpu.get_cpu_capability()
-    extras = [what for what, probe in (("AMX", "_is_amx_tile_supported"), ("bf16", "_is_avx512_bf16_supported"))
-              if getattr(torch.cpu, probe, lambda: False)()]
+    extras = [what for what, probe in _BF16_PROBES.items() if _cpu_has(probe)]
     return f"{name}, {os.cpu_count()} cores, {' + '.join([isa] + extras)}"

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasthg import ops
 from fasthg.models.hourglass import Hourglass, Residual, StackedHourglass
 
 # Packed weights kept per module, one per (dtype, input shape); a few shapes cover a run
@@ -234,11 +233,7 @@ class FoldedHourglass(Hourglass):
 
     def forward(self, x):
         low = self.low3(self.low2(self.low1(self.pool(x))))
-        up1 = self.up1(x)
-        if low.dtype != up1.dtype:
-            dtype = torch.promote_types(low.dtype, up1.dtype)
-            low, up1 = low.to(dtype), up1.to(dtype)
-        return ops.upsample_add(low, up1, backend=self.backend)
+        return self._merge(low, self.up1(x))
 
 
 class FoldedStackedHourglass(StackedHourglass):

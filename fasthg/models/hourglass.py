@@ -58,7 +58,10 @@ class Hourglass(nn.Module):
         up1 = self.up1(x)
         # recompute: the pool keeps no indices (its input x is saved by up1 anyway)
         pooled = max_pool2d(x, self.pool) if self.memory == "recompute" else self.pool(x)
-        low = self.low3(self.low2(self.low1(pooled)))
+        return self._merge(self.low3(self.low2(self.low1(pooled))), up1)
+
+    def _merge(self, low, up1):
+        """up1 + nearest_upsample_2x(low), fused."""
         if low.dtype != up1.dtype:  # autocast may leave the branches in different dtypes
             dtype = torch.promote_types(low.dtype, up1.dtype)
             low, up1 = low.to(dtype), up1.to(dtype)

@@ -128,13 +128,20 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         return (grad_x, grad_w, grad_b) + (None,) * 7 + tuple(grad_params)
 
 
-def _recompute(which, x, bn, convs, group):
-    """The recomputing unit on backend `which` (native or triton)."""
+def _training_bn(x, bn):
+    """The BN's running statistics (or None), momentum factor, and its weight and bias in the
+    statistics' dtype (ones and zeros where it has none), checked against x for training."""
     rm, rv, _, factor = batch_norm_args(bn)  # (training: batch statistics)
     check_args(x, bn.weight, bn.bias, rm, rv, True)
     pdtype, c = _param_dtype(x), x.shape[1]
     weight = x.new_ones(c, dtype=pdtype) if bn.weight is None else _as_dtype(bn.weight, pdtype)
     bias = x.new_zeros(c, dtype=pdtype) if bn.bias is None else _as_dtype(bn.bias, pdtype)
+    return rm, rv, factor, weight, bias
+
+
+def _recompute(which, x, bn, convs, group):
+    """The recomputing unit on backend `which` (native or triton)."""
+    rm, rv, factor, weight, bias = _training_bn(x, bn)
     cdtype = _conv_dtype(x)
     params = []
     for conv in convs:
@@ -167,16 +174,12 @@ def _triton_conv1x1(which, x, bn, convs, group):
     GEMM's prologue, and its backward recomputes it from x and the statistics, so it is never
     stored. The statistics come from one pass over x; their gradient terms are the kernel's
     BN training backward (linear in the output gradient, so several convolutions sum)."""
-    rm, rv, _, factor = batch_norm_args(bn)
-    check_args(x, bn.weight, bn.bias, rm, rv, True)
-    pdtype, c = _param_dtype(x), x.shape[1]
+    rm, rv, factor, weight, bias = _training_bn(x, bn)
     with torch.no_grad():
         mean, var = _OPS[which].stats(x)
         if rm is not None:
-            _update_running_stats(rm, rv, mean, var, x.numel() // c, float(factor))
+            _update_running_stats(rm, rv, mean, var, x.numel() // x.shape[1], float(factor))
         invstd = torch.rsqrt(var + bn.eps)
-    weight = x.new_ones(c, dtype=pdtype) if bn.weight is None else _as_dtype(bn.weight, pdtype)
-    bias = x.new_zeros(c, dtype=pdtype) if bn.bias is None else _as_dtype(bn.bias, pdtype)
     return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, conv.weight, conv.bias, training=True)
                  for conv in convs)
 

@@ -368,11 +368,12 @@ class Trainer:
             # theirs at the checks only. Stop only between optimizer steps: a resumed run
             # cannot rebuild half-accumulated grads.
             check = (step + 1) % period == 0 or step == last or (self.world == 1 and self._stop and boundary)
+            if check:
+                values, stop = self._check(losses, step + 1 - len(losses))
+            now = time.perf_counter()
+            step_s, mark = step_s + now - mark, now
             if not check:
-                step_s, mark = step_s + time.perf_counter() - mark, time.perf_counter()
                 continue
-            values, stop = self._check(losses, step + 1 - len(losses))
-            step_s, mark = step_s + time.perf_counter() - mark, time.perf_counter()
             losses = []
             loss_sum, n = sum(values, loss_sum), n + len(values)
             wall = time.time() - t0
