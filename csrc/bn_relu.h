@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
@@ -98,6 +99,17 @@ inline void check_same_as_x(const char* op, const char* name, const at::Tensor& 
                   t.device() == x.device(),
               op, ": `", name, "` must match `x` (", x.sizes(), ", ", x.scalar_type(), ", ",
               x.device(), "), got ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
+}
+
+// An output the caller gives (bn_relu_forward_into): like x, dense in x's memory format (the
+// layout the kernels write), and not overlapping x (the kernels' pointers are __restrict__).
+inline void check_bn_relu_out(const char* op, const at::Tensor& out, const at::Tensor& x) {
+  check_same_as_x(op, "out", out, x);
+  TORCH_CHECK(out.is_contiguous(x.suggest_memory_format()), op, ": `out` must be dense in `x`'s memory format (",
+              x.suggest_memory_format(), "), got strides ", out.strides());
+  const auto overlap = at::get_overlap_status(out, x);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Partial && overlap != at::MemOverlapStatus::Full, op,
+              ": `out` must not overlap `x` in memory");
 }
 
 // The backward passes take grad_out like x, and the elementwise pass the two channel means.

@@ -14,12 +14,17 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("upsample_add(Tensor low, Tensor skip) -> Tensor");
   // grad_low[..., i, j] = sum of grad_out over the outputs that read low[..., i, j]
   m.def("upsample_add_backward(Tensor grad_out, SymInt low_h, SymInt low_w) -> Tensor");
+  // skip += nearest_upsample(low), in place (inference: no autograd)
+  m.def("upsample_add_inplace(Tensor low, Tensor(a!) skip) -> ()");
 
   // Fused BatchNorm(+ReLU) over the channels of x [N, C, H, W]; statistics and parameters
   // are float32 whatever x's dtype. Per-channel mean and biased variance of x:
   m.def("bn_relu_stats(Tensor x) -> (Tensor mean, Tensor var)");
   // y = max(0, (x - mean) * invstd * weight + bias)
   m.def("bn_relu_forward(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> Tensor");
+  // the same, written into `out` (x's sizes and dtype, dense in x's memory format, apart from x;
+  // inference: no autograd)
+  m.def("bn_relu_forward_into(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, Tensor(a!) out) -> ()");
   // sums over N, H, W of g and g * xhat, g = grad_out where the forward output was > 0
   m.def("bn_relu_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias) -> (Tensor sum_g, Tensor sum_g_xhat)");

@@ -3,6 +3,7 @@
 // F.interpolate(mode="nearest", size=...) bit for bit) and the argument checks.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
@@ -52,6 +53,17 @@ inline void check_upsample_add_args(const at::Tensor& low, const at::Tensor& ski
   TORCH_CHECK(low.numel() > 0 && skip.numel() > 0,
               "upsample_add: empty tensors are not supported, got `low` ", low.sizes(),
               " and `skip` ", skip.sizes());
+}
+
+// In place, skip is the output: it must be dense in its own memory format (the layout the
+// kernels walk) and apart from low.
+inline void check_upsample_add_inplace_args(const at::Tensor& low, const at::Tensor& skip) {
+  check_upsample_add_args(low, skip);
+  TORCH_CHECK(skip.is_contiguous(skip.suggest_memory_format()),
+              "upsample_add_inplace: `skip` must be dense (NCHW or channels_last), got strides ", skip.strides());
+  const auto overlap = at::get_overlap_status(low, skip);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Partial && overlap != at::MemOverlapStatus::Full,
+              "upsample_add_inplace: `low` must not overlap `skip` in memory (skip is written)");
 }
 
 inline void check_upsample_add_backward_args(const at::Tensor& grad_out, int64_t low_h,

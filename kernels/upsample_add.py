@@ -103,12 +103,16 @@ def _backward_kernel(grad_ptr, grad_low_ptr, begin_h_ptr, begin_w_ptr, total, C,
     tl.store(grad_low_ptr + offs, acc.to(grad_low_ptr.dtype.element_ty), mask=mask)
 
 
-def upsample_add(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """skip + nearest_upsample(low); the output has skip's memory format."""
+def upsample_add(low: torch.Tensor, skip: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """skip + nearest_upsample(low); the output has skip's memory format. inplace: written into
+    skip, which must then be dense (each element is loaded before it is stored, by one program)."""
     fmt = memory_format_of(skip)
+    if inplace and not skip.is_contiguous(memory_format=fmt):
+        raise ValueError(f"upsample_add: in place, `skip` must be dense (NCHW or channels_last), got strides "
+                         f"{skip.stride()}")
     skip = skip.contiguous(memory_format=fmt)
     low = low.contiguous(memory_format=fmt)
-    out = torch.empty_like(skip, memory_format=fmt)
+    out = skip if inplace else torch.empty_like(skip, memory_format=fmt)
     _, C, Ho, Wo = skip.shape
     Hi, Wi = low.shape[-2:]
     twice = Ho == 2 * Hi and Wo == 2 * Wi

@@ -349,3 +349,65 @@ def test_cuda_hourglass_sizes(backend, dtype, shape):
         (gx,) = torch.autograd.grad(y, x, gy.to(dtype))
         (rx,) = torch.autograd.grad(ref, x64, gy.to(dtype).double())
         assert rel_err(gx, rx) < max(TOL[dtype], 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(op="bn_relu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_eval_into_out(device, backend, dtype, layout, shape):
+    """out=: the eval result written into a given tensor (NaN-filled first, so an element never
+    written shows), returned, equal to the float64 reference; x untouched."""
+    skip_unsupported(device, backend, dtype)
+    x64, x = make_x(shape, dtype, device, layout)
+    c = shape[1]
+    g = torch.Generator().manual_seed(1)
+    w64, b64, rm64 = (torch.randn(c, generator=g, dtype=torch.float64) for _ in range(3))
+    rv64 = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    w, b, rm, rv = (t.float().to(device) for t in (w64, b64, rm64, rv64))
+    out = torch.full_like(x, float("nan"), memory_format=layout)
+    before = x.clone()
+    with torch.no_grad():
+        y = ops.bn_relu(x, w, b, rm, rv, training=False, backend=backend, out=out)
+    assert y is out and torch.equal(x, before)
+    assert rel_err(out, reference(x64, w64, b64, rm64, rv64, False)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_into(device, backend, layout):
+    op = torch.ops.fasthg.bn_relu_forward_into if backend == "native" else torch.ops.fasthg.bn_relu_forward_into_triton
+    x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=layout)
+    v = [torch.rand(3, device=device) + 0.5 for _ in range(4)]
+    torch.library.opcheck(op, (x, *v, torch.empty_like(x)))
+
+
+OUT_BAD = [
+    ("training", {"training": True}, lambda x: torch.empty_like(x), "for inference"),
+    ("shape", {}, lambda x: torch.empty(2, 3, 4, 5), "must match `x`"),
+    ("dtype", {}, lambda x: torch.empty_like(x, dtype=torch.float64), "must match `x`"),
+    ("layout", {}, lambda x: torch.empty_like(x, memory_format=torch.channels_last), "must be dense"),
+    ("aliases-x", {}, lambda x: x, "must not share memory"),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton", "auto"])
+@pytest.mark.parametrize("what,kw,make_out,message", OUT_BAD, ids=[b[0] for b in OUT_BAD])
+def test_bad_out_is_a_clear_error(backend, what, kw, make_out, message):
+    x = torch.randn(2, 3, 4, 4)
+    args = dict(weight=torch.ones(3), bias=torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3),
+                training=False, backend=backend)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        ops.bn_relu(x, **{**args, **kw}, out=make_out(x))
+    with pytest.raises(ValueError, match="no autograd"):
+        ops.bn_relu(x.requires_grad_(), **args, out=torch.empty_like(x))
+
+
+def test_native_into_checks_its_arguments():
+    x, p = torch.randn(2, 3, 4, 4), [torch.ones(3)] * 4
+    with pytest.raises(RuntimeError, match="`out` must match `x`"):
+        torch.ops.fasthg.bn_relu_forward_into(x, *p, torch.empty(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="`out` must be dense"):
+        torch.ops.fasthg.bn_relu_forward_into(x, *p, torch.empty_like(x, memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="overlap"):
+        torch.ops.fasthg.bn_relu_forward_into(x, *p, x)

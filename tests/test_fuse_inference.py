@@ -13,7 +13,7 @@ from fasthg.cli import main
 from fasthg.fuse import for_inference
 from fasthg.fuse.inference import FoldedConvReLU
 from fasthg.models import PRESETS, StackedHourglass
-from fasthg.models.hourglass import Residual
+from fasthg.models.hourglass import Hourglass, Residual
 from fasthg.nn import BNReLU
 
 from conftest import rel_err
@@ -111,8 +111,71 @@ def test_sums_go_in_place_only_into_tensors_nothing_reads_after(monkeypatch):
     kept = sorted(owner.get(conv, conv) for conv, ok in inplace.items() if not ok)
     # the stem's 64->128 and 128->16 residuals have conv skips: fresh tensors, in place too
     assert kept == ["hourglasses.0.up1", "hourglasses.1.up1"]
-    assert sum(inplace.values()) == len(owner) - 2 + 1  # and the sum into stack 2's input
-    assert inplace[folded.remap_heatmaps[0]]
+    # and the two remap convolutions' sums into stack 2's input
+    assert sum(inplace.values()) == len(owner) - 2 + 2
+    assert inplace[folded.remap_features[0]] and inplace[folded.remap_heatmaps[0]]
+
+
+def test_merges_go_into_up1_and_first_bn_relus_into_one_scratch_per_shape(monkeypatch):
+    """Every hourglass merge is written into its up branch, every residual's first BN-ReLU
+    into the call's scratch tensor of its shape (one per shape, reused by every residual of
+    the call, gone after it), and the result is still eager's."""
+    from fasthg import ops
+    from fasthg.fuse import inference
+
+    eager, folded = twins("hg2", torch.channels_last)
+    merges, outs = [], []
+    real_merge, real_bn_relu = ops.upsample_add_, ops.bn_relu
+
+    def merge_spy(low, skip, backend="auto"):
+        merges.append(skip)
+        return real_merge(low, skip, backend)
+
+    def bn_relu_spy(*args, out=None, **kw):
+        if out is not None:
+            outs.append(out)
+        return real_bn_relu(*args, out=out, **kw)
+
+    monkeypatch.setattr(ops, "upsample_add_", merge_spy)
+    monkeypatch.setattr(ops, "bn_relu", bn_relu_spy)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = eager(x)
+        out = folded(x)
+    assert rel_err(out, ref) < 1e-4
+    assert len(merges) == sum(isinstance(m, Hourglass) for m in folded.modules()) > 0
+    residuals = [m for m in folded.modules() if isinstance(m, Residual)]
+    assert len(outs) == len(residuals)
+    shapes = {(tuple(t.shape), t.stride()) for t in outs}
+    assert len({t.data_ptr() for t in outs}) == len(shapes)  # one tensor per shape
+    assert inference._scratch.get() == ()
+    with torch.no_grad():  # a failing call closes its scratch too
+        with pytest.raises(ValueError, match="must be multiples"):
+            folded(torch.randn(2, 3, 60, 64))
+    assert inference._scratch.get() == ()
+
+
+def test_threads_share_a_folded_model():
+    """Each thread's call has its own scratch tensors: concurrent calls give each its own answer."""
+    import threading
+
+    eager, folded = twins("hg1", torch.channels_last)
+    inputs = [torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    results = [None] * len(inputs)
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = folded(inputs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with torch.no_grad():
+        for x, out in zip(inputs, results):
+            assert rel_err(out, eager(x)) < 1e-4
 
 
 def test_a_residual_after_a_pass_through_module_keeps_its_input():

@@ -231,3 +231,56 @@ def test_cuda_hourglass_sizes(backend, dtype):
     for fmt in LAYOUTS:
         low, skip = low.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt)
         assert rel_err(ops.upsample_add(low, skip, backend=backend), reference.upsample_add(low.double(), skip.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(op="upsample_add"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("low_shape,hw", CASES, ids=CASE_IDS)
+def test_inplace_matches_float64_reference(device, backend, dtype, layout, low_shape, hw):
+    """upsample_add_ writes the sum into skip (returned), as the float64 reference; low untouched."""
+    skip_unsupported(device, backend, dtype)
+    low64, skip64, low, skip = make(low_shape, hw, dtype, device, layout)
+    before, ptr = low.clone(), skip.data_ptr()
+    with torch.no_grad():
+        out = ops.upsample_add_(low, skip, backend=backend)
+    assert out is skip and skip.data_ptr() == ptr and skip.is_contiguous(memory_format=layout)
+    assert torch.equal(low, before)
+    assert rel_err(skip, reference.upsample_add(low64, skip64)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(op="upsample_add"))
+def test_inplace_into_a_strided_view(device, backend):
+    """A skip that is not dense (a view with a step) is written through a copy: the view's
+    elements hold the sum, the others are untouched."""
+    base = torch.randn(2, 3, 8, 20, device=device)
+    low = torch.randn(2, 3, 4, 5, device=device)
+    original = base.clone()
+    view = base[..., ::2]
+    with torch.no_grad():
+        ops.upsample_add_(low, view, backend=backend)
+    assert rel_err(base[..., ::2], reference.upsample_add(low.double(), original[..., ::2].double())) < 1e-6
+    assert torch.equal(base[..., 1::2], original[..., 1::2])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="upsample_add"))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_inplace(device, backend, layout):
+    op = torch.ops.fasthg.upsample_add_inplace if backend == "native" else torch.ops.fasthg.upsample_add_inplace_triton
+    _, _, low, skip = make(*CASES[0], torch.float32, device, layout)
+    torch.library.opcheck(op, (low, skip))
+
+
+def test_inplace_bad_input_is_a_clear_error():
+    low, skip = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="no autograd"):
+        ops.upsample_add_(low.requires_grad_(), skip)
+    shared = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="share memory"):
+        ops.upsample_add_(shared[..., :4, :4], shared)
+    with pytest.raises(ValueError, match="same batch and channel"):
+        ops.upsample_add_(torch.randn(1, 2, 4, 4), skip)
+    with pytest.raises(RuntimeError, match="must be dense"):
+        torch.ops.fasthg.upsample_add_inplace(torch.randn(1, 3, 4, 4), skip[..., ::2])
+    with pytest.raises(RuntimeError, match="overlap"):  # a dense low inside skip (a strided one is copied first)
+        torch.ops.fasthg.upsample_add_inplace(shared.view(-1)[:48].view(1, 3, 4, 4), shared)

@@ -524,16 +524,27 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x) {
   return {mean, var};
 }
 
-at::Tensor bn_relu_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-                               const at::Tensor& weight, const at::Tensor& bias) {
-  const auto a = prepare("bn_relu_forward", x, {.mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
-  auto y = a.like_x();
+void forward_into(const Args& a, const at::Tensor& y) {
   FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel(in<scalar_t>(a.x), out<scalar_t>(y), a.v, in<acc_t>(a.mean), in<acc_t>(a.invstd),
                    in<acc_t>(a.weight), in<acc_t>(a.bias));
   });
+}
+
+at::Tensor bn_relu_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                               const at::Tensor& weight, const at::Tensor& bias) {
+  const auto a = prepare("bn_relu_forward", x, {.mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  auto y = a.like_x();
+  forward_into(a, y);
   return y;
+}
+
+void bn_relu_forward_into_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                              const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y) {
+  const auto a = prepare("bn_relu_forward_into", x, {.mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  check_bn_relu_out("bn_relu_forward_into", y, x);
+  forward_into(a, y);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
@@ -607,6 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tenso
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("bn_relu_stats", &bn_relu_stats_cpu);
   m.impl("bn_relu_forward", &bn_relu_forward_cpu);
+  m.impl("bn_relu_forward_into", &bn_relu_forward_into_cpu);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cpu);
   m.impl("bn_relu_train_forward", &bn_relu_train_forward_cpu);

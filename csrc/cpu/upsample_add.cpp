@@ -210,13 +210,9 @@ void backward_nhwc(const scalar_t* g, scalar_t* gl, int64_t N, int64_t C, int64_
   });
 }
 
-at::Tensor upsample_add_cpu(const at::Tensor& low_in, const at::Tensor& skip_in) {
-  check_upsample_add_args(low_in, skip_in);
-  TORCH_CHECK(skip_in.device().is_cpu(), "upsample_add: expected CPU tensors");
-  const auto fmt = skip_in.suggest_memory_format();
-  const auto skip = skip_in.contiguous(fmt);
-  const auto low = low_in.contiguous(fmt);
-  auto out = at::empty(skip.sizes(), skip.options().memory_format(fmt));
+// out = skip + nearest_upsample(low), skip and low dense in fmt; out may be skip itself (each
+// element is read before it is written, by the same thread).
+void forward(const at::Tensor& low, const at::Tensor& skip, const at::Tensor& out, at::MemoryFormat fmt) {
   const int64_t N = skip.size(0), C = skip.size(1), Ho = skip.size(2), Wo = skip.size(3);
   const int64_t Hi = low.size(2), Wi = low.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, skip.scalar_type(), "upsample_add_cpu", [&] {
@@ -228,7 +224,23 @@ at::Tensor upsample_add_cpu(const at::Tensor& low_in, const at::Tensor& skip_in)
                    out.mutable_data_ptr<scalar_t>(), N * C, Hi, Wi, Ho, Wo);
     }
   });
+}
+
+at::Tensor upsample_add_cpu(const at::Tensor& low_in, const at::Tensor& skip_in) {
+  check_upsample_add_args(low_in, skip_in);
+  TORCH_CHECK(skip_in.device().is_cpu(), "upsample_add: expected CPU tensors");
+  const auto fmt = skip_in.suggest_memory_format();
+  const auto skip = skip_in.contiguous(fmt);
+  auto out = at::empty(skip.sizes(), skip.options().memory_format(fmt));
+  forward(low_in.contiguous(fmt), skip, out, fmt);
   return out;
+}
+
+void upsample_add_inplace_cpu(const at::Tensor& low, const at::Tensor& skip) {
+  check_upsample_add_inplace_args(low, skip);
+  TORCH_CHECK(skip.device().is_cpu(), "upsample_add_inplace: expected CPU tensors");
+  const auto fmt = skip.suggest_memory_format();
+  forward(low.contiguous(fmt), skip, skip, fmt);
 }
 
 at::Tensor upsample_add_backward_cpu(const at::Tensor& grad_in, int64_t low_h, int64_t low_w) {
@@ -257,6 +269,7 @@ at::Tensor upsample_add_backward_cpu(const at::Tensor& grad_in, int64_t low_h, i
 
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("upsample_add", &upsample_add_cpu);
+  m.impl("upsample_add_inplace", &upsample_add_inplace_cpu);
   m.impl("upsample_add_backward", &upsample_add_backward_cpu);
 }
 

@@ -351,13 +351,8 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cuda(const at::Tensor& x_in) {
   return {mean, var};
 }
 
-at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
-                                const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_params("bn_relu_forward", x_in, mean, invstd, weight, bias);
-  TORCH_CHECK(x_in.is_cuda(), "bn_relu_forward: expected a CUDA `x`");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto d = dense(x_in);
-  auto y = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
+void launch_forward(const Dense& d, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                    const at::Tensor& bias, const at::Tensor& y) {
   const int64_t total = d.t.numel();
   FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -371,7 +366,26 @@ at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+at::Tensor bn_relu_forward_cuda(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+                                const at::Tensor& weight, const at::Tensor& bias) {
+  check_bn_relu_params("bn_relu_forward", x_in, mean, invstd, weight, bias);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_forward: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto d = dense(x_in);
+  auto y = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
+  launch_forward(d, mean, invstd, weight, bias, y);
   return y;
+}
+
+void bn_relu_forward_into_cuda(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+                               const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y) {
+  check_bn_relu_params("bn_relu_forward_into", x_in, mean, invstd, weight, bias);
+  check_bn_relu_out("bn_relu_forward_into", y, x_in);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_forward_into: expected a CUDA `x`");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  launch_forward(dense(x_in), mean, invstd, weight, bias, y);
 }
 
 // sum(g) and sum(g * xhat) per channel of d (dy laid out as d), and their means over the
@@ -497,6 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cuda(const at::Tens
 TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
   m.impl("bn_relu_stats", &bn_relu_stats_cuda);
   m.impl("bn_relu_forward", &bn_relu_forward_cuda);
+  m.impl("bn_relu_forward_into", &bn_relu_forward_into_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cuda);
   m.impl("bn_relu_train_forward", &bn_relu_train_forward_cuda);

@@ -23,7 +23,15 @@ packing fails once and that dtype takes the plain path from then on.
 
 A BN-ReLU that cannot fold (the residual's first one: its input is also the skip) stays one
 fused eval pass (fasthg.nn.BNReLU in eval mode).
+
+Fewer fresh tensors: on the CPU a new activation of 32 MiB or more (hg8's 64x64 maps at batch
+8) is a fresh mapping whose pages fault in as it is written, which costs about as much as the
+pass that writes it. So the folded model writes where it can into memory it already holds:
+a residual's sum into its skip or dying input, an hourglass's merge into its up branch, the
+inter-stack sum into the stack's input, and each residual's first BN-ReLU, which its first
+convolution reads at once, into one scratch tensor per shape that lives for one forward call.
 """
+import contextvars
 import copy
 import warnings
 from typing import List, Optional, Tuple
@@ -32,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasthg import ops
 from fasthg.models.hourglass import Hourglass, Residual, StackedHourglass
+from fasthg.nn import BNReLU
+from fasthg.ops.layout import memory_format_of
 
 # Packed weights kept per module, one per (dtype, input shape); a few shapes cover a run
 # (the eval loop's last, smaller batch included).
@@ -41,6 +52,35 @@ _PACK_CACHE_SIZE = 4
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+# The scratch tensors of the forward calls running in this thread (contextvars are per
+# thread), innermost last, each by (shape, memory format, dtype, device): pushed and popped by
+# hooks on for_inference's root. Not while tracing: the traced graph allocates as it likes.
+_scratch: contextvars.ContextVar[tuple] = contextvars.ContextVar("fasthg_fold_scratch", default=())
+
+
+def _open_scratch(module, args):
+    if not _tracing():
+        _scratch.set(_scratch.get() + ({},))
+
+
+def _close_scratch(module, args, output):
+    if not _tracing():
+        _scratch.set(_scratch.get()[:-1])
+
+
+def _scratch_like(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """This call's scratch tensor shaped and laid out like x (made on first use), or None
+    outside a folded model's forward."""
+    calls = _scratch.get()
+    if not calls:
+        return None
+    fmt = memory_format_of(x)
+    key = (tuple(x.shape), fmt, x.dtype, x.device)
+    if key not in calls[-1]:
+        calls[-1][key] = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return calls[-1][key]
 
 
 class FoldedConvReLU(nn.Module):
@@ -154,7 +194,6 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, tor
 
 def _why_not(conv: nn.Conv2d, bn: nn.BatchNorm2d, after: Optional[nn.Module]) -> Optional[str]:
     """Why this conv -> BN pair cannot fold (None when it can)."""
-    from fasthg.nn import BNReLU
 
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return "its BatchNorm has no running statistics (it normalises by each batch's own)"
@@ -220,11 +259,26 @@ class FoldedResidual(Residual):
     input_dies = False
 
     def forward(self, x):
-        h = x
-        for layer in list(self.body)[:-1]:
+        body = list(self.body)
+        h = self._first_bn_relu(body, x)
+        for layer in body[1:-1]:
             h = layer(h)
         skip = self.skip(x)
-        return self.body[-1](h, add=skip, inplace=skip is not x or self.input_dies)
+        return body[-1](h, add=skip, inplace=skip is not x or self.input_dies)
+
+    @staticmethod
+    def _first_bn_relu(body, x):
+        """body[0](x), written into the call's scratch tensor where body[1], a folded conv
+        (whose output is its own), reads it and nothing else does."""
+        bn = body[0]
+        if (type(bn) is BNReLU and not bn.training and bn.running_mean is not None and len(body) > 2
+                and isinstance(body[1], FoldedConvReLU) and not _tracing() and not x.requires_grad
+                and x.is_contiguous(memory_format=memory_format_of(x))):
+            out = _scratch_like(x)
+            if out is not None and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                return ops.bn_relu(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps,
+                                   backend=bn.backend, out=out)
+        return bn(x)
 
 
 class FoldedHourglass(Hourglass):
@@ -233,19 +287,24 @@ class FoldedHourglass(Hourglass):
 
     def forward(self, x):
         low = self.low3(self.low2(self.low1(self.pool(x))))
-        return self._merge(low, self.up1(x))
+        up1 = self.up1(x)
+        # up1 is a folded residual's own tensor (a fresh one, or its dying input): the sum goes into it
+        if (isinstance(self.up1, FoldedResidual) and not _tracing() and not up1.requires_grad
+                and torch.promote_types(low.dtype, up1.dtype) == up1.dtype):
+            return ops.upsample_add_(low.to(up1.dtype), up1, backend=self.backend)
+        return self._merge(low, up1)
 
 
 class FoldedStackedHourglass(StackedHourglass):
     """fasthg's StackedHourglass whose sum of a stack's input and its remapped features and
-    heatmaps runs in the remap convolutions' post-ops, in place (the remapped features are a
-    fresh tensor, and nothing reads the stack's input after it)."""
+    heatmaps runs in the remap convolutions' post-ops, written into the stack's input (made by
+    the stem or the previous sum, and read by nothing after it)."""
 
-    def _next_input(self, i, x, remapped, hm):
-        conv = self.remap_heatmaps[i]
-        if not isinstance(conv, FoldedConvReLU) or remapped.dtype != x.dtype:
-            return super()._next_input(i, x, remapped, hm)
-        return conv(hm, add=remapped.add_(x), inplace=True)
+    def _next_input(self, i, x, feat, hm):
+        features, heatmaps = self.remap_features[i], self.remap_heatmaps[i]
+        if not (isinstance(features, FoldedConvReLU) and isinstance(heatmaps, FoldedConvReLU)):
+            return super()._next_input(i, x, feat, hm)
+        return heatmaps(hm, add=features(feat, add=x, inplace=True), inplace=True)
 
 
 # Modules whose output is a tensor of their own (not their input, nor a view of it).
@@ -319,7 +378,12 @@ def for_inference(model: nn.Module) -> nn.Module:
         if type(module) is Residual and isinstance(module.body[-1], FoldedConvReLU):
             module.__class__ = FoldedResidual
     _mark_dying_inputs(out)
+    for module in out.modules():
+        if getattr(module, "memory", None) == "recompute":  # a training-memory mode: nothing to save here
+            module.memory = "default"
     for p in out.parameters():
         p.requires_grad_(False)
+    out.register_forward_pre_hook(_open_scratch)
+    out.register_forward_hook(_close_scratch, always_call=True)
     out.folded_convs = folded  # what was folded, for a report or a test
     return out.eval()

@@ -169,23 +169,25 @@ class StackedHourglass(nn.Module):
         x = self.stem(images)
         heatmaps: List[torch.Tensor] = []
         for i in range(self.num_stacks):
+            last = i == self.num_stacks - 1
             if self.memory == "recompute":  # the features' BN-ReLU output is not stored either
                 res, conv, bn_relu = self.features[i]
-                convs = (self.heads[i],) + ((self.remap_features[i],) if i < self.num_stacks - 1 else ())
+                convs = (self.heads[i],) + (() if last else (self.remap_features[i],))
                 hm, *remapped = ops.bn_relu_convs(conv(res(self.hourglasses[i](x))), bn_relu, convs,
                                                   backend=self.backend)
+                if not last:
+                    x = x + remapped[0] + self.remap_heatmaps[i](hm)
             else:
                 feat = self.features[i](self.hourglasses[i](x))
                 hm = self.heads[i](feat)
-                remapped = [self.remap_features[i](feat)] if i < self.num_stacks - 1 else []
+                if not last:
+                    x = self._next_input(i, x, feat, hm)
             heatmaps.append(hm)
-            if i < self.num_stacks - 1:
-                x = self._next_input(i, x, remapped[0], hm)
         return torch.stack(heatmaps, dim=1)
 
-    def _next_input(self, i: int, x: torch.Tensor, remapped: torch.Tensor, hm: torch.Tensor) -> torch.Tensor:
+    def _next_input(self, i: int, x: torch.Tensor, feat: torch.Tensor, hm: torch.Tensor) -> torch.Tensor:
         """Stack i+1's input: stack i's input, its remapped features and remapped heatmaps."""
-        return x + remapped + self.remap_heatmaps[i](hm)
+        return x + self.remap_features[i](feat) + self.remap_heatmaps[i](hm)
 
 
 def hg1(**kw) -> StackedHourglass:

@@ -2,8 +2,8 @@
 fasthg.ops.registry (by its own module, on import)."""
 from fasthg.ops import registry
 from fasthg.ops._backend import BACKENDS, available
-from fasthg.ops.upsample_add import upsample_add  # (registered first: fasthg bench's order)
+from fasthg.ops.upsample_add import upsample_add, upsample_add_  # (registered first: fasthg bench's order)
 from fasthg.ops.bn_relu import bn_relu  # noqa: E402,I001
 from fasthg.ops.bn_relu_conv import bn_relu_conv, bn_relu_convs  # noqa: E402 (composes bn_relu's kernels: not registered)
 
-__all__ = ["BACKENDS", "available", "bn_relu", "bn_relu_conv", "bn_relu_convs", "registry", "upsample_add"]
+__all__ = ["BACKENDS", "available", "bn_relu", "bn_relu_conv", "bn_relu_convs", "registry", "upsample_add", "upsample_add_"]

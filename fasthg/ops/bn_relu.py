@@ -67,6 +67,10 @@ def _fake_forward(x, mean, invstd, weight, bias):
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
+def _fake_forward_into(x, mean, invstd, weight, bias, out):
+    return None
+
+
 def _fake_reduce(grad_out, x, mean, invstd, weight, bias):
     return _fake_stats(x)
 
@@ -91,6 +95,7 @@ _OPS = {"eager": SimpleNamespace(stats=reference.bn_relu_stats, forward=referenc
 if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_stats")(_fake_stats)
     torch.library.register_fake("fasthg::bn_relu_forward")(_fake_forward)
+    torch.library.register_fake("fasthg::bn_relu_forward_into")(_fake_forward_into)
     torch.library.register_fake("fasthg::bn_relu_backward_reduce")(_fake_reduce)
     torch.library.register_fake("fasthg::bn_relu_backward_elemt")(_fake_like_x)
     torch.library.register_fake("fasthg::bn_relu_train_forward")(_fake_train_forward)
@@ -98,6 +103,7 @@ if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_train")(_fake_train)
     _OPS["native"] = SimpleNamespace(
         stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
+        forward_into=torch.ops.fasthg.bn_relu_forward_into,
         backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce,
         backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt,
         train=torch.ops.fasthg.bn_relu_train, train_devices=("cpu", "cuda"))
@@ -125,12 +131,19 @@ if _backend.triton_available():
                       mean_g_xhat: torch.Tensor) -> torch.Tensor:
         return _tk.backward_elemt(grad_out, x, mean, invstd, weight, bias, mean_g, mean_g_xhat)
 
+    @torch.library.custom_op("fasthg::bn_relu_forward_into_triton", mutates_args=("out",))
+    def _forward_into_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, out: torch.Tensor) -> None:
+        _tk.forward(x, mean, invstd, weight, bias, out=out)
+
+    _forward_into_triton.register_fake(_fake_forward_into)
     _stats_triton.register_fake(_fake_stats)
     _forward_triton.register_fake(_fake_forward)
     _reduce_triton.register_fake(_fake_reduce)
     _elemt_triton.register_fake(_fake_like_x)
     _OPS["triton"] = SimpleNamespace(stats=torch.ops.fasthg.bn_relu_stats_triton,
                                      forward=torch.ops.fasthg.bn_relu_forward_triton,
+                                     forward_into=torch.ops.fasthg.bn_relu_forward_into_triton,
                                      backward_reduce=torch.ops.fasthg.bn_relu_backward_reduce_triton,
                                      backward_elemt=torch.ops.fasthg.bn_relu_backward_elemt_triton,
                                      train_devices=())
@@ -206,6 +219,21 @@ class _BNReLU(torch.autograd.Function):
         return grad_x, sum_gx, sum_g, None, None, None, None, None, None, None
 
 
+def _check_out(out, x, weight, bias, training):
+    if training:
+        raise ValueError("bn_relu: `out` is for inference (training=False)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, out)):
+        raise ValueError("bn_relu: `out` has no autograd; with tensors that require grad, leave out=None")
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        got = f"{tuple(out.shape)}, {out.dtype}, {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"bn_relu: `out` must match `x` ({tuple(x.shape)}, {x.dtype}, {x.device}), got {got}")
+    fmt = memory_format_of(x)
+    if not out.is_contiguous(memory_format=fmt):
+        raise ValueError(f"bn_relu: `out` must be dense in `x`'s memory format ({fmt}), got strides {out.stride()}")
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("bn_relu: `out` must not share memory with `x`")
+
+
 def _sync_group(sync, process_group):
     """The process group to merge statistics over, or None when there is nothing to merge."""
     if not sync:
@@ -231,17 +259,22 @@ def batch_norm_args(bn):
 
 
 def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
-            momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None):
+            momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None, out=None):
     """relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),
     fused. weight/bias None mean affine=False; running stats None mean batch statistics only.
     `momentum` is the weight of the new batch in the running average (as in F.batch_norm).
     sync=True (training only) merges the statistics over `process_group` (default: all
-    processes) so that every process normalises with those of the whole global batch."""
+    processes) so that every process normalises with those of the whole global batch.
+    out (inference only: eval mode, no gradient): a tensor like x, dense in x's memory format
+    and apart from x, that the result is written into (and returned) instead of a new one."""
     check_args(x, weight, bias, running_mean, running_var, training)
+    if out is not None:
+        _check_out(out, x, weight, bias, training)
     which = _backend.resolve(backend, "bn_relu", x)
     group = _sync_group(sync, process_group) if training else None
     if which == "eager" and group is None:
-        return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        y = reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        return y if out is None else out.copy_(y)
     pdtype = _param_dtype(x)
     c = x.shape[1]
     weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
@@ -254,7 +287,11 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
         return y
     if not training and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
         # inference: one elementwise op, without an autograd Function around it
-        return ops.forward(x, *_running_invstd(running_mean, running_var, eps, pdtype), weight, bias)
+        stats = _running_invstd(running_mean, running_var, eps, pdtype)
+        if out is None:
+            return ops.forward(x, *stats, weight, bias)
+        ops.forward_into(x, *stats, weight, bias, out)
+        return out
     return _BNReLU.apply(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
                          ops, group)
 
@@ -264,8 +301,8 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
 # eval reads x and writes y.
 OP = registry.register(registry.FusedOp(
     name="bn_relu", kernel="bn_relu_forward",
-    schemas=("bn_relu_stats", "bn_relu_forward", "bn_relu_backward_reduce", "bn_relu_backward_elemt",
-             "bn_relu_train_forward", "bn_relu_train_backward", "bn_relu_train"),
+    schemas=("bn_relu_stats", "bn_relu_forward", "bn_relu_forward_into", "bn_relu_backward_reduce",
+             "bn_relu_backward_elemt", "bn_relu_train_forward", "bn_relu_train_backward", "bn_relu_train"),
     reference=reference.bn_relu, fn=bn_relu,
     traffic={"train forward": 3.0, "eval forward": 2.0, "train forward+backward": 8.0},
     bars={"train forward+backward": 1.6}))

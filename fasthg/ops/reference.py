@@ -9,6 +9,11 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return skip + F.interpolate(low, size=skip.shape[-2:], mode="nearest")
 
 
+def upsample_add_(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """upsample_add written into skip."""
+    return skip.add_(F.interpolate(low, size=skip.shape[-2:], mode="nearest"))
+
+
 def bn_relu(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
     """relu(batch_norm(x)): updates the running statistics in place when training."""
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))

@@ -57,9 +57,14 @@ def _make_backward(backward_op):
     return backward
 
 
+def _fake_inplace(low, skip):
+    return None
+
+
 if _ext._C is not None:  # (its autograd kernel is C++: csrc/autograd/upsample_add.cpp)
     torch.library.register_fake("fasthg::upsample_add")(_fake_forward)
     torch.library.register_fake("fasthg::upsample_add_backward")(_fake_backward)
+    torch.library.register_fake("fasthg::upsample_add_inplace")(_fake_inplace)
 
 if _backend.triton_available():
     from fasthg.kernels import upsample_add as _tk
@@ -72,7 +77,12 @@ if _backend.triton_available():
     def _upsample_add_backward_triton(grad_out: torch.Tensor, low_h: int, low_w: int) -> torch.Tensor:
         return _tk.upsample_add_backward(grad_out, low_h, low_w)
 
+    @torch.library.custom_op("fasthg::upsample_add_inplace_triton", mutates_args=("skip",))
+    def _upsample_add_inplace_triton(low: torch.Tensor, skip: torch.Tensor) -> None:
+        _tk.upsample_add(low, skip, inplace=True)
+
     _upsample_add_triton.register_fake(_fake_forward)
+    _upsample_add_inplace_triton.register_fake(_fake_inplace)
     _upsample_add_backward_triton.register_fake(_fake_backward)
     _upsample_add_triton.register_autograd(
         _make_backward(torch.ops.fasthg.upsample_add_backward_triton), setup_context=_setup_context)
@@ -93,9 +103,31 @@ def upsample_add(low: torch.Tensor, skip: torch.Tensor, backend: str = "auto") -
     return reference.upsample_add(low, skip)
 
 
+def upsample_add_(low: torch.Tensor, skip: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """upsample_add written into `skip` (returned): for inference, where nothing reads skip
+    afterwards; it saves the output's allocation. No autograd: raises where a gradient would be
+    needed. A skip that is not dense (NCHW or channels_last) is written through a copy."""
+    check_args(low, skip)
+    if torch.is_grad_enabled() and (low.requires_grad or skip.requires_grad):
+        raise ValueError("upsample_add_: writes `skip` in place and has no autograd; with tensors that require "
+                         "grad use upsample_add")
+    if low.untyped_storage().data_ptr() == skip.untyped_storage().data_ptr():
+        raise ValueError("upsample_add_: `low` and `skip` share memory; the in-place write would change `low`")
+    which = _backend.resolve(backend, "upsample_add", skip)
+    if which == "eager":
+        return reference.upsample_add_(low, skip)
+    if not skip.is_contiguous(memory_format=memory_format_of(skip)):
+        return skip.copy_(upsample_add(low, skip, backend=which))
+    if which == "native":
+        torch.ops.fasthg.upsample_add_inplace(low, skip)
+    else:
+        torch.ops.fasthg.upsample_add_inplace_triton(low, skip)
+    return skip
+
+
 # Bytes moved, in full tensors: the forward reads low (1/4) and skip and writes out; the
 # backward reads grad and writes grad_low (1/4; grad_skip is grad itself).
 OP = registry.register(registry.FusedOp(
-    name="upsample_add", kernel="upsample_add", schemas=("upsample_add", "upsample_add_backward"),
+    name="upsample_add", kernel="upsample_add", schemas=("upsample_add", "upsample_add_backward", "upsample_add_inplace"),
     reference=reference.upsample_add, fn=upsample_add,
     traffic={"forward": 2.25, "forward+backward": 3.5}, bars={"forward+backward": 2.0}, shape_arg=1))

@@ -1,4 +1,4 @@
-// csrc/cuda/upsample_add.cu's kernels on the CPU (cuda_shim.h), in float32 and bfloat16, with
+// csrc/cuda/upsample_add.cu's kernels (forward, in place, backward) on the CPU (cuda_shim.h), in float32 and bfloat16, with
 // both index types and layouts, exact 2x and other ratios, against double references.
 #include "cuda_shim.h"
 #include "../../csrc/cuda/upsample_add.cu"
@@ -26,6 +26,10 @@ void check_upsample_add(int64_t N, int64_t C, int64_t Hi, int64_t Wi, int64_t Ho
   launch(std::min(most_blocks, unrolled_blocks(n_out, kThreads)), kThreads, [&] {
     forward_kernel<scalar_t, kChannelsLast, index_t>(low.data(), skip.data(), out.data(), lo, hi, index_t(n_out));
   });
+  std::vector<scalar_t> inplace(skip);
+  launch(std::min(most_blocks, unrolled_blocks(n_out, kThreads)), kThreads, [&] {
+    inplace_kernel<scalar_t, kChannelsLast, index_t>(low.data(), inplace.data(), lo, hi, index_t(n_out));
+  });
   launch(std::min(most_blocks, unrolled_blocks(n_low, kThreads)), kThreads, [&] {
     backward_kernel<scalar_t, kChannelsLast, index_t>(grad.data(), grad_low.data(), lo, hi, index_t(n_low));
   });
@@ -39,6 +43,7 @@ void check_upsample_add(int64_t N, int64_t C, int64_t Hi, int64_t Wi, int64_t Ho
           rgrad_low[src] += double(grad[at(n, c, h, w, Ho, Wo)]);
         }
   emu::expect_close("forward", rout, out, tol, shape);
+  emu::expect_close("in place", rout, inplace, tol, shape);
   emu::expect_close("backward", rgrad_low, grad_low, std::max(tol, 1e-6), shape);
 }
 
