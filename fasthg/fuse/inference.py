@@ -360,8 +360,12 @@ def for_inference(model: nn.Module) -> nn.Module:
     may have its own forward.
 
     In fasthg's models, a residual's sum is written into its skip tensor where nothing in
-    the model reads that tensor afterwards (the caller's images never): a forward hook
-    that keeps a residual's input sees it overwritten.
+    the model reads that tensor afterwards (the caller's images never), an hourglass's merge
+    into its up branch, and the inter-stack sum into the stack's input; each residual's
+    first BN-ReLU is written into a scratch tensor that the copy's forward call holds (hooks
+    on the returned root open and close it; each thread's call has its own). So a forward
+    hook that keeps such an intermediate tensor sees it overwritten; outputs are never
+    reused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"for_inference: model must be a torch.nn.Module, got {type(model).__name__}")
