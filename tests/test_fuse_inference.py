@@ -383,3 +383,21 @@ def test_bench_inference_rows_and_bars():
     assert "1.33x eager (bar 1.25x: met)" in text and "compile wait" in text and "60.0 s" in text
     rows[1]["median_ms"], rows[1]["speedup"] = 90, 100 / 90
     assert "NOT met" in "\n".join(fold_lines(rows))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_folded_equals_eager(layout):
+    """On a GPU: cuDNN's conv+bias+ReLU, the in-place merges and sums and the scratch BN-ReLU
+    give eager's outputs, float32 and under bf16 autocast."""
+    fmt = LAYOUTS[layout]
+    eager, folded = twins("hg2", fmt)
+    eager, folded = eager.cuda(), folded.cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda").contiguous(memory_format=fmt)
+    before = x.clone()
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # float32 convolutions
+        ref, out = eager(x), folded(x)
+        assert torch.equal(x, before) and rel_err(out, ref) < 1e-4
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out16 = folded(x)
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref) < 3e-2
