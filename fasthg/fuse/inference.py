@@ -289,7 +289,7 @@ class FoldedHourglass(Hourglass):
         low = self.low3(self.low2(self.low1(self.pool(x))))
         up1 = self.up1(x)
         # up1 is a folded residual's own tensor (a fresh one, or its dying input): the sum goes into it
-        if (isinstance(self.up1, FoldedResidual) and not _tracing() and not up1.requires_grad
+        if (isinstance(self.up1, FoldedResidual) and not _tracing() and not (up1.requires_grad or low.requires_grad)
                 and torch.promote_types(low.dtype, up1.dtype) == up1.dtype):
             return ops.upsample_add_(low.to(up1.dtype), up1, backend=self.backend)
         return self._merge(low, up1)
