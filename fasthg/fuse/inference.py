@@ -274,10 +274,7 @@ class FoldedResidual(Residual):
         if (type(bn) is BNReLU and not bn.training and bn.running_mean is not None and len(body) > 2
                 and isinstance(body[1], FoldedConvReLU) and not _tracing() and not x.requires_grad
                 and x.is_contiguous(memory_format=memory_format_of(x))):
-            out = _scratch_like(x)
-            if out is not None and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
-                return ops.bn_relu(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps,
-                                   backend=bn.backend, out=out)
+            return bn(x, out=_scratch_like(x))
         return bn(x)
 
 

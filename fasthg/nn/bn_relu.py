@@ -20,14 +20,16 @@ class BNReLU(nn.BatchNorm2d):
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.backend, self.sync, self.process_group = backend, sync, process_group
 
-    def forward(self, x):
+    def forward(self, x, out=None):
+        """out: for inference (eval mode, running statistics, no gradient), a tensor like x
+        that the result is written into (fasthg.ops.bn_relu's `out`)."""
         if x.dim() != 4:
             raise ValueError(f"BNReLU: expected a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"BNReLU: expected {self.num_features} channels, got input of shape {tuple(x.shape)}")
         rm, rv, use_batch_stats, factor = batch_norm_args(self)  # exactly as nn.BatchNorm2d
         return ops.bn_relu(x, self.weight, self.bias, rm, rv, use_batch_stats, factor, self.eps,
-                           backend=self.backend, sync=self.sync, process_group=self.process_group)
+                           backend=self.backend, sync=self.sync, process_group=self.process_group, out=out)
 
     def extra_repr(self):
         return super().extra_repr() + f", backend={self.backend!r}" + (", sync=True" if self.sync else "")
