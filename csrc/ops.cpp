@@ -17,6 +17,12 @@ TORCH_LIBRARY(fasthg, m) {
   // skip += nearest_upsample(low), in place (inference: no autograd)
   m.def("upsample_add_inplace(Tensor low, Tensor(a!) skip) -> ()");
 
+  // y = max over each 2x2 window of x (stride 2, floor mode: nn.MaxPool2d(2, 2)); ties and NaN
+  // as ATen picks them (csrc/max_pool2x2.h)
+  m.def("max_pool2x2(Tensor x) -> Tensor");
+  // grad_x: grad_out at each window's maximum (recomputed from x: no indices are kept), 0 elsewhere
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor x) -> Tensor");
+
   // Fused BatchNorm(+ReLU) over the channels of x [N, C, H, W]; statistics and parameters
   // are float32 whatever x's dtype. Per-channel mean and biased variance of x:
   m.def("bn_relu_stats(Tensor x) -> (Tensor mean, Tensor var)");

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from fasthg.ops.layout import memory_format_of
-from fasthg.kernels._index import needs_int64, program_index
+from fasthg.kernels._index import coords, needs_int64, offset, program_index
 
 BLOCK = 1024
 
@@ -31,37 +31,11 @@ def nearest_dst_begin(n_in: int, n_out: int, device) -> torch.Tensor:
 
 
 @triton.jit
-def _coords(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
-    if CHANNELS_LAST:
-        c = offs % C
-        t = offs // C
-        w = t % W
-        t = t // W
-        h = t % H
-        n = t // H
-    else:
-        w = offs % W
-        t = offs // W
-        h = t % H
-        t = t // H
-        c = t % C
-        n = t // C
-    return n, c, h, w
-
-
-@triton.jit
-def _offset(n, c, h, w, C, H, W, CHANNELS_LAST: tl.constexpr):
-    if CHANNELS_LAST:
-        return ((n * H + h) * W + w) * C + c
-    return ((n * C + c) * H + h) * W + w
-
-
-@triton.jit
 def _forward_kernel(low_ptr, skip_ptr, out_ptr, src_h_ptr, src_w_ptr, total, C, Hi, Wi, Ho, Wo,
                     CHANNELS_LAST: tl.constexpr, TWICE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    n, c, h, w = _coords(offs, C, Ho, Wo, CHANNELS_LAST)
+    n, c, h, w = coords(offs, C, Ho, Wo, CHANNELS_LAST)
     if TWICE:
         sh = h // 2
         sw = w // 2
@@ -69,7 +43,7 @@ def _forward_kernel(low_ptr, skip_ptr, out_ptr, src_h_ptr, src_w_ptr, total, C, 
         sh = tl.load(src_h_ptr + h, mask=mask, other=0)
         sw = tl.load(src_w_ptr + w, mask=mask, other=0)
     skip = tl.load(skip_ptr + offs, mask=mask)
-    low = tl.load(low_ptr + _offset(n, c, sh, sw, C, Hi, Wi, CHANNELS_LAST), mask=mask)
+    low = tl.load(low_ptr + offset(n, c, sh, sw, C, Hi, Wi, CHANNELS_LAST), mask=mask)
     # Add in float32 and round once, as eager does.
     out = skip.to(tl.float32) + low.to(tl.float32) if skip.dtype != tl.float64 else skip + low
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -81,7 +55,7 @@ def _backward_kernel(grad_ptr, grad_low_ptr, begin_h_ptr, begin_w_ptr, total, C,
                      TWICE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = program_index(0, INT64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    n, c, i, j = _coords(offs, C, Hi, Wi, CHANNELS_LAST)
+    n, c, i, j = coords(offs, C, Hi, Wi, CHANNELS_LAST)
     if TWICE:
         h0 = 2 * i
         h1 = h0 + 2
@@ -98,7 +72,7 @@ def _backward_kernel(grad_ptr, grad_low_ptr, begin_h_ptr, begin_w_ptr, total, C,
             y = h0 + dh
             x = w0 + dw
             m = mask & (y < h1) & (x < w1)
-            g = tl.load(grad_ptr + _offset(n, c, y, x, C, Ho, Wo, CHANNELS_LAST), mask=m, other=0.0)
+            g = tl.load(grad_ptr + offset(n, c, y, x, C, Ho, Wo, CHANNELS_LAST), mask=m, other=0.0)
             acc += g.to(ACC)
     tl.store(grad_low_ptr + offs, acc.to(grad_low_ptr.dtype.element_ty), mask=mask)
 

@@ -275,24 +275,6 @@ def test_triton_unit_on_cuda_matches_the_float64_composition(dtype, tol):
     assert rel_err(bn.running_var, bn64.running_var) < 1e-5
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("shape,pool", [((2, 3, 8, 6), nn.MaxPool2d(2, 2)), ((1, 4, 7, 9), nn.MaxPool2d(3, 2, 1)),
-                                        ((2, 2, 5, 5), nn.MaxPool2d(2, ceil_mode=True))], ids=str)
-def test_max_pool_recomputing_its_indices_equals_nn_max_pool(layout, shape, pool):
-    from fasthg.ops.max_pool import max_pool2d
-
-    fmt = LAYOUTS[layout]
-    # ties included: small integers, so several maxima share a window
-    x = torch.randint(0, 4, shape).float().contiguous(memory_format=fmt).requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y, y2 = max_pool2d(x, pool), pool(x2)
-    assert torch.equal(y, y2) and y.is_contiguous(memory_format=fmt)
-    g = torch.randn_like(y2)
-    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y2, x2, g)[0])
-    assert saved_activation_bytes(lambda: max_pool2d(x, pool)) == x.numel() * 4  # x only, no int64 indices
-    assert saved_activation_bytes(lambda: pool(x)) > x.numel() * 4
-
-
 @pytest.mark.parametrize("conv,message", [
     (nn.Conv2d(4, 4, 3, groups=2), "groups=2"),
     (nn.Conv2d(4, 4, 3, padding="same"), "padding='same'"),
@@ -380,7 +362,8 @@ def test_recompute_model_compiles_fullgraph():
 
 def test_recompute_model_saves_less_for_backward():
     """The BN-ReLU-conv units keep 2C instead of 4C per pixel: the whole forward at least a
-    third less here. The eager backend stores the units (only the pools' indices go)."""
+    third less here. The eager backend stores everything in either mode; the native pools keep
+    no indices in either (fasthg.ops.max_pool2x2)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     saved = {}
@@ -389,7 +372,8 @@ def test_recompute_model_saves_less_for_backward():
         m = small(backend=backend, memory=memory, num_features=32)
         saved[backend, memory] = saved_activation_bytes(lambda: m(x), m.parameters())
     assert saved["native", "recompute"] < 0.67 * saved["native", "default"]
-    assert saved["native", "recompute"] < saved["eager", "recompute"] < saved["eager", "default"]
+    assert saved["eager", "recompute"] == saved["eager", "default"]
+    assert saved["native", "default"] < saved["eager", "default"]
 
 
 def test_checkpoint_of_a_default_model_loads_into_a_recompute_model(tmp_path):

@@ -76,3 +76,19 @@ def test_upsample_add_triton_same_with_int64_offsets(device, layout, low_hw, hw,
 
     for narrow, wide in zip(*both_widths(run, monkeypatch)):
         assert torch.equal(narrow, wide)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_max_pool2x2_triton_same_with_int64_offsets(device, layout, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (2, 3, 7, 6), generator=g).float().to(device).contiguous(memory_format=layout)
+    grad = torch.randn(2, 3, 3, 3, generator=g).to(device).contiguous(memory_format=layout)
+
+    def run():
+        xs = x.clone().requires_grad_(True)
+        y = ops.max_pool2x2(xs, backend="triton")
+        return y, *torch.autograd.grad(y, xs, grad)
+
+    for narrow, wide in zip(*both_widths(run, monkeypatch)):
+        assert torch.equal(narrow, wide)

@@ -103,8 +103,39 @@ def bn_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, 
     return calls
 
 
+def max_pool2x2_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, Callable]]:
+    """forward (without grad), and forward+backward (the grad of x)."""
+    n, c, hw, _ = case["shape"]
+
+    def one_set():  # x, the grad of the pooled output, and a leaf copy of x for the backward
+        x = torch.randn(n, c, hw, hw, device=device, dtype=case["_dtype"]).contiguous(memory_format=case["_layout"])
+        grad = torch.randn(n, c, hw // 2, hw // 2, device=device, dtype=case["_dtype"])
+        return x, grad.contiguous(memory_format=case["_layout"]), x.clone().requires_grad_(True)
+
+    sets = Rotation(one_set, cache_bytes)
+
+    def fwd_of(f):
+        def run():
+            with torch.no_grad():
+                return f(sets.next()[0])
+        return run
+
+    def fb_of(f):
+        def run():
+            _, grad, xg = sets.next()
+            return torch.autograd.grad(f(xg), xg, grad)
+        return run
+
+    calls = {"forward": {}, "forward+backward": {}}
+    for b in backends:
+        f = compiled(reference.max_pool2x2, device) if b == "compile" else (
+            lambda x, b=b: ops.max_pool2x2(x, backend=b))
+        calls["forward"][b], calls["forward+backward"][b] = fwd_of(f), fb_of(f)
+    return calls
+
+
 # The call builders of every registered op (tests/test_registry.py checks that none is missing).
-CALLS = {"upsample_add": upsample_add_calls, "bn_relu": bn_relu_calls}
+CALLS = {"upsample_add": upsample_add_calls, "bn_relu": bn_relu_calls, "max_pool2x2": max_pool2x2_calls}
 
 
 def op_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, Callable]]:

@@ -283,7 +283,7 @@ class FoldedHourglass(Hourglass):
     into it, where the hourglass's own input dies with it: the nested ones)."""
 
     def forward(self, x):
-        low = self.low3(self.low2(self.low1(self.pool(x))))
+        low = self.low3(self.low2(self.low1(ops.max_pool2x2(x, backend=self.backend))))
         up1 = self.up1(x)
         # up1 is a folded residual's own tensor (a fresh one, or its dying input): the sum goes into it
         if (isinstance(self.up1, FoldedResidual) and not _tracing() and not (up1.requires_grad or low.requires_grad)

@@ -8,7 +8,6 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.nn import BNReLU
-from fasthg.ops.max_pool import max_pool2d
 
 
 MEMORY = ("default", "recompute")
@@ -41,14 +40,14 @@ class Residual(nn.Module):
 
 
 class Hourglass(nn.Module):
-    """up1 = res(x); low = res(maxpool(x)) -> hourglass(depth-1) or res -> res;
-    out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add."""
+    """up1 = res(x); low = res(maxpool2x2(x)) -> hourglass(depth-1) or res -> res;
+    out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add, the pool
+    ops.max_pool2x2."""
 
     def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
         self.backend, self.memory = backend, memory
         self.up1 = Residual(channels, channels, backend, memory)
-        self.pool = nn.MaxPool2d(2, 2)
         self.low1 = Residual(channels, channels, backend, memory)
         self.low2 = (Hourglass(depth - 1, channels, backend, memory) if depth > 1
                      else Residual(channels, channels, backend, memory))
@@ -56,8 +55,8 @@ class Hourglass(nn.Module):
 
     def forward(self, x):
         up1 = self.up1(x)
-        # recompute: the pool keeps no indices (its input x is saved by up1 anyway)
-        pooled = max_pool2d(x, self.pool) if self.memory == "recompute" else self.pool(x)
+        # the native and triton pools keep no indices (their input x is saved by up1 anyway)
+        pooled = ops.max_pool2x2(x, backend=self.backend)
         return self._merge(self.low3(self.low2(self.low1(pooled))), up1)
 
     def _merge(self, low, up1):
@@ -106,9 +105,9 @@ class StackedHourglass(nn.Module):
 
     memory="recompute": the BN-ReLU-conv units (the residual modules' three, and the
     features' BN-ReLU before the heatmap and remap convolutions) save only their input and
-    the BN statistics for backward (fasthg.ops.bn_relu_conv), and the hourglasses' max-pools
-    recompute their argmax (fasthg.ops.max_pool), about half the activations, with the native
-    or triton backend; the same numerics up to rounding and the same
+    the BN statistics for backward (fasthg.ops.bn_relu_conv), about half the activations, with
+    the native or triton backend (whose hourglass max-pools, fasthg.ops.max_pool2x2, keep no
+    indices in either mode); the same numerics up to rounding and the same
     state_dict as "default". Like the backend, it is not part of `config` (a checkpoint
     loads into either)."""
 

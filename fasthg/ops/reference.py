@@ -14,6 +14,11 @@ def upsample_add_(low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return skip.add_(F.interpolate(low, size=skip.shape[-2:], mode="nearest"))
 
 
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """nn.MaxPool2d(2, 2): the maximum of each 2x2 window, stride 2, floor mode."""
+    return F.max_pool2d(x, 2, 2)
+
+
 def bn_relu(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
     """relu(batch_norm(x)): updates the running statistics in place when training."""
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
