@@ -8,6 +8,7 @@
 
 #include <c10/macros/Macros.h>  // IntegerDivider.cuh uses C10_HOST_DEVICE without including it
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <algorithm>
@@ -66,6 +67,53 @@ __device__ __forceinline__ void unrolled_grid_loop(index_t total, Load load, Sto
 inline unsigned int unrolled_blocks(int64_t total, int threads) {
   const int64_t per_block = int64_t(threads) * kUnroll;
   return static_cast<unsigned int>(std::min<int64_t>((total + per_block - 1) / per_block, int64_t(1) << 20));
+}
+
+// Sizes [N, C, H, W] of a dense tensor in NCHW or NHWC order, with the dividers that turn a
+// linear index in that order into coordinates (n, c, h, w); `offset` maps them back.
+template <typename index_t>
+struct Dims {
+  index_t N;
+  IntDivider<index_t> C, H, W;
+};
+
+template <typename index_t>
+Dims<index_t> dims(int64_t N, int64_t C, int64_t H, int64_t W) {
+  return {static_cast<index_t>(N), IntDivider<index_t>(C), IntDivider<index_t>(H), IntDivider<index_t>(W)};
+}
+
+template <typename index_t>
+Dims<index_t> dims_of(const at::Tensor& t) {
+  return dims<index_t>(t.size(0), t.size(1), t.size(2), t.size(3));
+}
+
+// i = ((n * D2 + a2) * D1 + a1) * D0 + a0 into its digits, innermost first.
+template <typename index_t>
+__device__ __forceinline__ void digits(index_t i, const IntDivider<index_t>& d0, const IntDivider<index_t>& d1,
+                                       const IntDivider<index_t>& d2, index_t& a0, index_t& a1, index_t& a2,
+                                       index_t& n) {
+  auto q = d0.divmod(i);
+  a0 = q.mod;
+  q = d1.divmod(q.div);
+  a1 = q.mod;
+  q = d2.divmod(q.div);
+  a2 = q.mod;
+  n = q.div;
+}
+
+template <bool kChannelsLast, typename index_t>
+__device__ __forceinline__ void unravel(index_t i, const Dims<index_t>& d, index_t& n, index_t& c,
+                                        index_t& h, index_t& w) {
+  if (kChannelsLast)
+    digits(i, d.C, d.W, d.H, c, w, h, n);
+  else
+    digits(i, d.W, d.H, d.C, w, h, c, n);
+}
+
+template <bool kChannelsLast, typename index_t>
+__device__ __forceinline__ index_t offset(const Dims<index_t>& d, index_t n, index_t c, index_t h, index_t w) {
+  const index_t C = d.C.divisor, H = d.H.divisor, W = d.W.divisor;
+  return kChannelsLast ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
 }
 
 }  // namespace fasthg

@@ -21,43 +21,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Sizes [N, C, H, W] of a dense tensor in NCHW or NHWC order, with the dividers that turn a
-// linear index in that order into coordinates (n, c, h, w); `offset` maps them back.
-template <typename index_t>
-struct Dims {
-  index_t N;
-  IntDivider<index_t> C, H, W;
-};
-
-// i = ((n * D2 + a2) * D1 + a1) * D0 + a0 into its digits, innermost first.
-template <typename index_t>
-__device__ __forceinline__ void digits(index_t i, const IntDivider<index_t>& d0, const IntDivider<index_t>& d1,
-                                       const IntDivider<index_t>& d2, index_t& a0, index_t& a1, index_t& a2,
-                                       index_t& n) {
-  auto q = d0.divmod(i);
-  a0 = q.mod;
-  q = d1.divmod(q.div);
-  a1 = q.mod;
-  q = d2.divmod(q.div);
-  a2 = q.mod;
-  n = q.div;
-}
-
-template <bool kChannelsLast, typename index_t>
-__device__ __forceinline__ void unravel(index_t i, const Dims<index_t>& d, index_t& n, index_t& c,
-                                        index_t& h, index_t& w) {
-  if (kChannelsLast)
-    digits(i, d.C, d.W, d.H, c, w, h, n);
-  else
-    digits(i, d.W, d.H, d.C, w, h, c, n);
-}
-
-template <bool kChannelsLast, typename index_t>
-__device__ __forceinline__ index_t offset(const Dims<index_t>& d, index_t n, index_t c, index_t h, index_t w) {
-  const index_t C = d.C.divisor, H = d.H.divisor, W = d.W.divisor;
-  return kChannelsLast ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
-}
-
 // skip[i] + the low element nearest_upsample puts at output i.
 template <typename scalar_t, bool kChannelsLast, typename index_t>
 __device__ __forceinline__ scalar_t merged(const scalar_t* low, const scalar_t* skip, const Dims<index_t>& lo,
@@ -104,18 +67,8 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __r
   }, [&](index_t i, scalar_t v) { grad_low[i] = v; });
 }
 
-template <typename index_t>
-Dims<index_t> dims(int64_t N, int64_t C, int64_t H, int64_t W) {
-  return {static_cast<index_t>(N), IntDivider<index_t>(C), IntDivider<index_t>(H), IntDivider<index_t>(W)};
-}
-
 // Above: what tests/cuda_emulation runs on the CPU (the kernels). Below: the ops, which need a GPU.
 #ifndef FASTHG_HOST_EMULATION
-
-template <typename index_t>
-Dims<index_t> dims_of(const at::Tensor& t) {
-  return dims<index_t>(t.size(0), t.size(1), t.size(2), t.size(3));
-}
 
 // out = skip + nearest_upsample(low), skip and low dense in fmt; out is skip where in place.
 void launch_forward(const at::Tensor& low, const at::Tensor& skip, const at::Tensor& out, at::MemoryFormat fmt) {
