@@ -159,6 +159,8 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t 
       scalar_t* o = y + p * C;
       run8(C, o, false, [&](int64_t c) { o[c] = pick(r0, r1, c, C + c); }, [&](auto c) {
 #ifdef __AVX2__
+        prefetch_ahead(r0 + c);
+        prefetch_ahead(r1 + c);
         store8(o + c, max8(load8(r0 + c), load8(r0 + C + c), load8(r1 + c), load8(r1 + C + c)), false);
 #endif
       });
@@ -179,6 +181,8 @@ void backward_nhwc(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t 
       run8(C, g0, stream, [&](int64_t c) { route(r0, r1, c, C + c, g[c], g0, g1); }, [&](auto c) {
 #ifdef __AVX2__
         __m256 out[4];
+        prefetch_ahead(r0 + c);
+        prefetch_ahead(r1 + c);
         route8(load8(r0 + c), load8(r0 + C + c), load8(r1 + c), load8(r1 + C + c), load8(g + c), out);
         store8(g0 + c, out[0], stream);
         store8(g0 + C + c, out[1], stream);
