@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import fasthg
 from fasthg import checkpoint
 from fasthg.cli import main
 from fasthg.fuse import for_inference
@@ -297,6 +298,25 @@ def test_plain_batchnorm_and_relu_modules_fold():
         x = torch.randn(2, 3, 9, 7).contiguous(memory_format=fmt)
         with torch.no_grad():
             assert rel_err(folded(x), seq(x)) < 1e-5
+
+
+def test_2x2_max_pools_run_the_fused_op_and_others_stay(monkeypatch):
+    from fasthg.fuse.inference import FusedMaxPool2x2
+
+    seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(2), nn.MaxPool2d((2, 2), 2, 0), nn.MaxPool2d(3, 2),
+                        nn.MaxPool2d(2, ceil_mode=True)).eval()
+    folded = for_inference(seq)
+    assert [type(m) is FusedMaxPool2x2 for m in folded[1:]] == [True, True, False, False]
+    assert all(type(m) is FusedMaxPool2x2 for m in for_inference(PRESETS["hg1"]()).modules()
+               if isinstance(m, nn.MaxPool2d))  # the stem's
+    calls = []
+    real = fasthg.ops.max_pool2x2
+    monkeypatch.setattr(fasthg.ops, "max_pool2x2", lambda x, backend: calls.append(backend) or real(x, backend))
+    for fmt in LAYOUTS.values():
+        x = torch.randn(2, 3, 23, 21).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            assert torch.equal(folded(x), seq(x))
+    assert calls == ["auto"] * 4
 
 
 def _bad(kind):

@@ -304,6 +304,32 @@ class FoldedStackedHourglass(StackedHourglass):
         return heatmaps(hm, add=features(feat, add=x, inplace=True), inplace=True)
 
 
+class FusedMaxPool2x2(nn.MaxPool2d):
+    """An nn.MaxPool2d(2, 2) run by fasthg.ops.max_pool2x2 (the stem's pool; the hourglasses
+    call the op themselves). Only in inference, where nothing is saved for backward: in
+    training the op keeps its input, which costs more than ATen's indices where nothing else
+    keeps it."""
+
+    backend = "auto"
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2:
+            return super().forward(x)
+        return ops.max_pool2x2(x, backend=self.backend)
+
+
+def _both(v, n: int) -> bool:
+    """Whether an int-or-pair module argument is (n, n)."""
+    return v == n if isinstance(v, int) else tuple(v) == (n, n)
+
+
+def _is_max_pool2x2(module: nn.Module) -> bool:
+    return (type(module) is nn.MaxPool2d and _both(module.kernel_size, 2)
+            and _both(module.stride if module.stride else module.kernel_size, 2)
+            and _both(module.padding, 0) and _both(module.dilation, 1) and not module.ceil_mode
+            and not module.return_indices)
+
+
 # Modules whose output is a tensor of their own (not their input, nor a view of it).
 _FRESH = (FoldedConvReLU, FoldedResidual, nn.MaxPool2d, Hourglass)
 
@@ -346,7 +372,8 @@ def for_inference(model: nn.Module) -> nn.Module:
     BN3 (after conv1 and conv2), and each stack's features conv + BN. Every other BN
     (the residual's first, whose input is also the skip) stays, in eval mode: one fused
     pass. Every other convolution (groups=1, no dilation) runs on the same kernels without a
-    ReLU, and fasthg's Residual adds its skip in its last convolution's post-op.
+    ReLU, and fasthg's Residual adds its skip in its last convolution's post-op. Every
+    nn.MaxPool2d(2, 2) runs fasthg.ops.max_pool2x2.
 
     The original model is untouched. A model in training mode is accepted: the copy is put
     in eval mode (the original stays in training mode), and the copy cannot go back to
@@ -378,6 +405,9 @@ def for_inference(model: nn.Module) -> nn.Module:
     for module in out.modules():
         if type(module) is Residual and isinstance(module.body[-1], FoldedConvReLU):
             module.__class__ = FoldedResidual
+        if _is_max_pool2x2(module):
+            module.__class__ = FusedMaxPool2x2
+            module.backend = getattr(out, "backend", "auto")
     _mark_dying_inputs(out)
     for module in out.modules():
         if getattr(module, "memory", None) == "recompute":  # a training-memory mode: nothing to save here
