@@ -62,6 +62,22 @@ def upsample_add_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[
     return calls
 
 
+def _x_forward(sets, f):
+    """f(x) without grad, over Rotation sets of (x, grad, leaf copy of x)."""
+    def run():
+        with torch.no_grad():
+            return f(sets.next()[0])
+    return run
+
+
+def _x_forward_backward(sets, f, params=()):
+    """The grads of f(x) for x's leaf copy and `params`, over the same sets."""
+    def run():
+        _, grad, xg = sets.next()
+        return torch.autograd.grad(f(xg), (xg, *params), grad)
+    return run
+
+
 def bn_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, Callable]]:
     """Training forward, eval forward (both without grad) and training forward+backward (the
     grads of x, weight and bias); compile: relu(batch_norm(x)), the running statistics' update
@@ -82,24 +98,12 @@ def bn_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, 
             return compiled(lambda inp: reference.bn_relu(inp, w, b, rm, rv, training, 0.1, 1e-5), device)
         return lambda inp: ops.bn_relu(inp, w, b, rm, rv, training, 0.1, 1e-5, backend=backend)
 
-    def forward_of(f):
-        def run():
-            with torch.no_grad():
-                return f(sets.next()[0])
-        return run
-
-    def fb_of(f):
-        def run():
-            _, grad, xg = sets.next()
-            return torch.autograd.grad(f(xg), (xg, w, b), grad)
-        return run
-
     calls = {"train forward": {}, "eval forward": {}, "train forward+backward": {}}
     for be in backends:
         train = op_of(be, True)
-        calls["train forward"][be] = forward_of(train)
-        calls["eval forward"][be] = forward_of(op_of(be, False))
-        calls["train forward+backward"][be] = fb_of(train)
+        calls["train forward"][be] = _x_forward(sets, train)
+        calls["eval forward"][be] = _x_forward(sets, op_of(be, False))
+        calls["train forward+backward"][be] = _x_forward_backward(sets, train, (w, b))
     return calls
 
 
@@ -113,24 +117,11 @@ def max_pool2x2_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[s
         return x, grad.contiguous(memory_format=case["_layout"]), x.clone().requires_grad_(True)
 
     sets = Rotation(one_set, cache_bytes)
-
-    def fwd_of(f):
-        def run():
-            with torch.no_grad():
-                return f(sets.next()[0])
-        return run
-
-    def fb_of(f):
-        def run():
-            _, grad, xg = sets.next()
-            return torch.autograd.grad(f(xg), xg, grad)
-        return run
-
     calls = {"forward": {}, "forward+backward": {}}
     for b in backends:
         f = compiled(reference.max_pool2x2, device) if b == "compile" else (
             lambda x, b=b: ops.max_pool2x2(x, backend=b))
-        calls["forward"][b], calls["forward+backward"][b] = fwd_of(f), fb_of(f)
+        calls["forward"][b], calls["forward+backward"][b] = _x_forward(sets, f), _x_forward_backward(sets, f)
     return calls
 
 
