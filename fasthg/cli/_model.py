@@ -30,6 +30,7 @@ def add_arguments(parser):
     parser.add_argument("--input-mean", type=input_mean, default=None, metavar="R,G,B|FILE",
                         help="for a pytorch-pose checkpoint: the mean colour (of pixel/255) its training subtracted, "
                              "or its data/<set>/mean.pth.tar (default: fasthg's 0.5, with a warning)")
+    types.add_trust(parser, "the checkpoint (and --input-mean's file)")
     types.add_backend(parser)
     types.add_device(parser)
     parser.add_argument("--input-size", type=types.positive_int, default=None,
@@ -54,7 +55,7 @@ def load(args):
     from fasthg.bench import malloc
     from fasthg.train.config import device_defaults
 
-    ckpt = convert.read_checkpoint(args.checkpoint, input_mean=args.input_mean)
+    ckpt = convert.read_checkpoint(args.checkpoint, input_mean=args.input_mean, trust=args.trust_checkpoint)
     device = resolve_device(args.device)
     model = convert.build(ckpt, backend=args.backend).to(device)
     if device_defaults(device.type)["channels_last"]:

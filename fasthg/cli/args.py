@@ -109,6 +109,14 @@ def add_backend(parser, default="auto", help=" (default: auto)"):
                              "device, else Triton on CUDA, else eager PyTorch" + help)
 
 
+def add_trust(parser, files):
+    """--trust-checkpoint: the opt-in to unpickling `files` fully (fasthg.safe_load)."""
+    parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                        help=f"UNSAFE: read {files} by full unpickling, which runs any code the file holds; only for "
+                             "a file you trust whose contents the safe loader refuses (by default fasthg builds "
+                             "tensors and plain data only, and names what it refused)")
+
+
 def device(text):
     """--device: auto, cpu, cuda or cuda:N (a GPU that is there), kept as the text."""
     import torch

@@ -20,14 +20,14 @@ def config_from_args(args, state=None) -> TrainConfig:
     if args.resume:
         from fasthg import checkpoint
 
-        state = checkpoint.read(args.resume) if state is None else state
+        state = checkpoint.read(args.resume, args.trust_checkpoint) if state is None else state
         values = dict(state["config"])
         values["lr_drops"] = tuple(values["lr_drops"])
         values.pop("minutes", None)  # a time budget is the invocation's, not the run's
     else:
         values = device_defaults("cuda" if gpu else "cpu")
         if getattr(args, "init", None):
-            values.update(init_shape(args.init))
+            values.update(init_shape(args.init, args.trust_checkpoint))
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -38,7 +38,7 @@ def config_from_args(args, state=None) -> TrainConfig:
     return cfg
 
 
-def init_shape(path: str) -> dict:
+def init_shape(path: str, trust: bool = False) -> dict:
     """The model shape settings (stacks, features, depth) of an --init checkpoint."""
     import warnings
 
@@ -47,7 +47,7 @@ def init_shape(path: str) -> dict:
 
     with warnings.catch_warnings():  # the Trainer's reading of it says the same again
         warnings.simplefilter("ignore")
-        config = read_checkpoint(path).config
+        config = read_checkpoint(path, trust=trust).config
     return {name: config[key] for name, key in SHAPE.items()}
 
 
@@ -56,7 +56,7 @@ def run_train(args) -> int:
     if args.resume and not getattr(args, "init", None):
         from fasthg import checkpoint
 
-        state = checkpoint.read(args.resume)
+        state = checkpoint.read(args.resume, args.trust_checkpoint)
     cfg = config_from_args(args, state)
     if args.keep_freed_memory and resolve_device(cfg.device).type == "cpu":
         # Fresh activations otherwise page-fault every step. The process is ours: its memory
@@ -64,10 +64,11 @@ def run_train(args) -> int:
         from fasthg.bench import malloc
 
         malloc.keep_freed_memory()
-    trainer = Trainer(cfg, model_config=state["model_config"] if state else None)
+    trainer = Trainer(cfg, model_config=state["model_config"] if state else None,
+                      trust_checkpoint=args.trust_checkpoint)
     try:
         if args.resume:
-            trainer.resume(args.resume)
+            trainer.resume(args.resume, args.trust_checkpoint)
         if trainer.is_main:
             print(f"training on {trainer.device} x {trainer.world} process(es): {dataclasses.asdict(trainer.cfg)}")
         trainer.fit()
@@ -136,6 +137,7 @@ def add_command(sub):
                    help="start a new run from this checkpoint's weights (fasthg's, or princeton-vl's "
                         "pytorch_stacked_hourglass or bearpaw's pytorch-pose hourglass): its model shape (stacks, "
                         "features, depth, stem) where not given; fresh optimizer, schedule and epochs")
+    types.add_trust(t, "--init's or --resume's checkpoint")
     # (None: "auto" for a new run, the checkpoint's device when resuming)
     types.add_device(t, help=" (default: auto, a GPU if there is one, which picks the defaults' column; when "
                              "resuming, the checkpoint's)", default=None)

@@ -36,8 +36,11 @@ per-channel mean (its data/<set>/mean.pth.tar; not in the checkpoint, so give it
 `input_mean`, else fasthg's 0.5 stands in, with a warning). The converted model records that
 preprocessing in its config (`input_norm`) and applies it to fasthg's input itself, so
 `fasthg eval`/`predict` and a model call with fasthg's [B, 3, H, W] images give the heatmaps
-the original network gives on its own input. Like torch.load, reading a file unpickles it:
-load only files you trust."""
+the original network gives on its own input.
+
+Files are read with PyTorch's safe unpickler (fasthg.safe_load): nothing in a file runs. A
+file that needs a class the safe loader refuses is refused naming it; `trust=True` unpickles
+it fully, which runs whatever code it holds (only for files you trust)."""
 import dataclasses
 import os
 import re
@@ -47,6 +50,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 
 from fasthg.models.hourglass import StackedHourglass
+from fasthg.safe_load import FORMAT, check_format, load_file
 
 EXPECTED = ("expected a checkpoint that fasthg train wrote (e.g. runs/train/best.pt), or one of "
             "princeton-vl's pytorch_stacked_hourglass or bearpaw's pytorch-pose hourglass")
@@ -79,36 +83,53 @@ class Checkpoint:
 
 
 def from_checkpoint(path: str, backend: str = "auto", map_location="cpu",
-                    input_mean: Union[None, str, Sequence[float]] = None) -> StackedHourglass:
+                    input_mean: Union[None, str, Sequence[float]] = None, trust: bool = False) -> StackedHourglass:
     """A fasthg StackedHourglass with the weights of the checkpoint at `path` (fasthg's,
     princeton-vl's pytorch_stacked_hourglass or bearpaw's pytorch-pose; see the module's
     docstring), in eval mode; every tensor of the file maps, except the authors' port's
     skip_layer where a residual keeps its width (built there, never used by its forward:
     dropped). `map_location`: torch.load's (a device also receives the model).
     `input_mean`: for pytorch-pose, the per-channel RGB mean its training subtracted from
-    pixel / 255 (3 floats, or the path of its mean.pth.tar)."""
-    return build(read_checkpoint(path, map_location, input_mean), backend, map_location)
+    pixel / 255 (3 floats, or the path of its mean.pth.tar). `trust=True`: unpickle the
+    file(s) fully instead of safely, running any code they hold (see the module's docstring)."""
+    return build(read_checkpoint(path, map_location, input_mean, trust), backend, map_location)
 
 
 def build(ckpt: Checkpoint, backend: str = "auto", map_location="cpu", memory: str = "default") -> StackedHourglass:
     """The StackedHourglass of a read_checkpoint() result, in eval mode."""
-    model = StackedHourglass(**ckpt.config, backend=backend, memory=memory)
+    model = StackedHourglass(**ckpt.config, backend=backend, memory=memory)  # _map built it on meta already
     model.load_state_dict(ckpt.state_dict)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model.eval()
 
 
-def read_checkpoint(path: str, map_location="cpu", input_mean: Union[None, str, Sequence[float]] = None) -> Checkpoint:
+def read_checkpoint(path: str, map_location="cpu", input_mean: Union[None, str, Sequence[float]] = None,
+                    trust: bool = False) -> Checkpoint:
     """The checkpoint at `path`, mapped onto fasthg's model (no model built yet)."""
-    from fasthg import checkpoint
+    contents = load_file(path, map_location=map_location, trust=trust)  # its errors name fasthg's own kind
+    return from_contents(path, contents, input_mean, trust)
 
-    contents = checkpoint.load_file(path, map_location=map_location)  # its errors name fasthg's own kind
+
+def from_contents(path: str, contents: Any, input_mean: Union[None, str, Sequence[float]] = None,
+                  trust: bool = False) -> Checkpoint:
+    """A file's contents (as load_file gave them) mapped onto fasthg's model; `path` names it
+    in errors. Every tensor is checked: names, shapes and dtypes (ValueError naming them),
+    finite values (a warning naming them)."""
     if isinstance(contents, dict) and "format" in contents:
-        checkpoint.check_format(path, contents)
+        check_format(path, contents)
         if input_mean is not None:
             raise ValueError(f"input_mean: {path} is a fasthg checkpoint, whose model takes fasthg's own input")
-        return Checkpoint(path, FASTHG, dict(contents["model_config"]), contents["model"], contents, [])
+        config = contents.get("model_config")
+        if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+            raise ValueError(f"{path}: a {FORMAT} checkpoint whose model_config is {type(config).__name__}, not a "
+                             f"dict of settings (a damaged or hand-edited file)")
+        if not isinstance(contents.get("model"), dict) or not contents["model"]:
+            raise ValueError(f"{path}: a {FORMAT} checkpoint without its model's weights (its 'model' is "
+                             f"{type(contents.get('model')).__name__}, not a state_dict; a damaged file)")
+        state = _state_dict(path, {"state_dict": contents["model"]})
+        mapped, _ = _map(state, None, dict(config), path, FASTHG, "")
+        return Checkpoint(path, FASTHG, dict(config), mapped, contents, [])
     state, prefix = _strip_wrappers(_state_dict(path, contents))
     roots = {k.split(".", 1)[0] for k in state}
     if roots & {"hgs", "pre"}:
@@ -126,7 +147,7 @@ def read_checkpoint(path: str, map_location="cpu", input_mean: Union[None, str, 
                           "fasthg's 0.5 stands in for it",
                           stacklevel=3)
         else:
-            config["input_norm"] = {"mean": _mean(input_mean), "std": [1.0] * 3}
+            config["input_norm"] = {"mean": _mean(input_mean, trust), "std": [1.0] * 3}
     elif {"stem", "hourglasses", "heads"} <= roots:  # fasthg's own model.state_dict(), without its config
         kind, config, pairs = FASTHG, _fasthg(state, path), None
         if input_mean is not None:
@@ -170,13 +191,11 @@ def _strip_wrappers(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in state.items()}, prefix
 
 
-def _mean(value: Union[str, Sequence[float]]) -> List[float]:
+def _mean(value: Union[str, Sequence[float]], trust: bool = False) -> List[float]:
     """input_mean as 3 floats: given so, or read from pytorch-pose's mean.pth.tar ({'mean', 'std'})."""
     if isinstance(value, (str, os.PathLike)):
-        from fasthg import checkpoint
-
         file = str(value)
-        stats = checkpoint.load_file(file, "expected pytorch-pose's mean.pth.tar, {'mean': 3 values, 'std': ...}")
+        stats = load_file(file, "expected pytorch-pose's mean.pth.tar, {'mean': 3 values, 'std': ...}", trust=trust)
         value = stats.get("mean") if isinstance(stats, dict) else None
         if value is None:
             raise ValueError(f"input_mean: {file} holds no 'mean' (expected pytorch-pose's mean.pth.tar)")
@@ -310,14 +329,17 @@ def _tensor_pairs(pairs, kind: str, skips: set):
 
 def _map(state, pairs, config, path, kind, prefix):
     """fasthg's state_dict from the peer's, every key accounted for, else a ValueError naming them."""
-    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
-        expected = StackedHourglass(**config, backend="eager").state_dict()
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+            expected = StackedHourglass(**config, backend="eager").state_dict()
+    except (TypeError, ValueError) as e:  # a config fasthg's model does not take
+        raise ValueError(f"{path}: its model settings {config} make no fasthg StackedHourglass ({e})") from None
     skips = {k[:-len(".skip.weight")] for k in expected if k.endswith(".skip.weight")}
     tensor_pairs, dropped = _tensor_pairs(pairs, kind, skips) if kind != FASTHG else ([(k, k) for k in expected], [])
     if {f for f, _ in tensor_pairs} != set(expected):  # the layouts above and fasthg's model disagree
         raise RuntimeError(f"fasthg's {kind} layout does not cover its own model: "
                            f"{_names(sorted(set(expected) ^ {f for f, _ in tensor_pairs}))}")
-    mapped, missing, shapes = {}, [], []
+    mapped, missing, shapes, dtypes = {}, [], [], []
     for fasthg_key, peer_key in tensor_pairs:
         if peer_key not in state:
             if peer_key.endswith("num_batches_tracked"):  # checkpoints of PyTorch before 0.4.1 lack it
@@ -328,14 +350,32 @@ def _map(state, pairs, config, path, kind, prefix):
         tensor = state[peer_key]
         if tensor.shape != expected[fasthg_key].shape:
             shapes.append(f"{prefix}{peer_key} {tuple(tensor.shape)} (expected {tuple(expected[fasthg_key].shape)})")
+        if _kind(tensor) != _kind(expected[fasthg_key]):  # load_state_dict would cast it silently
+            dtypes.append(f"{prefix}{peer_key} {tensor.dtype} (expected {expected[fasthg_key].dtype})")
         mapped[fasthg_key] = tensor
     used = {p for _, p in tensor_pairs} | set(dropped)
     unexpected = [prefix + k for k in state if k not in used]
-    if missing or unexpected or shapes:
+    if missing or unexpected or shapes or dtypes:
         shape = ", ".join(f"{k} {v}" for k, v in config.items())
         problems = [f"{what} ({len(keys)}): {_names(keys)}" for what, keys in
                     (("keys that map to nothing in it", unexpected), ("keys missing", missing),
-                     ("shapes that differ", shapes)) if keys]
+                     ("shapes that differ", shapes), ("dtypes that differ", dtypes)) if keys]
         raise ValueError(f"{path}: does not map onto a fasthg StackedHourglass as a {kind} checkpoint of {shape}: "
                          + "; ".join(problems) + " (another network, another task's head, or a truncated state_dict)")
+    _warn_non_finite(mapped, path)
     return mapped, [prefix + k for k in dropped if k in state]
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    """What a tensor must be to stand for another: real floating point, integer, bool, complex."""
+    if tensor.is_complex():
+        return "complex"
+    return "float" if tensor.is_floating_point() else ("bool" if tensor.dtype == torch.bool else "integer")
+
+
+def _warn_non_finite(state: Dict[str, torch.Tensor], path: str) -> None:
+    """A warning naming the weights that hold NaN or infinity (the model's outputs would too)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} tensors hold NaN or infinite values ({_names(bad)}); the model's "
+                      f"outputs will not be finite (a diverged run's checkpoint?)", stacklevel=4)

@@ -12,11 +12,12 @@ from fasthg.models.convert import Checkpoint, build, read_checkpoint
 SHAPE = {"stacks": "num_stacks", "features": "num_features", "depth": "depth"}
 
 
-def init_model(cfg, joints: int, ckpt: Optional[Checkpoint] = None) -> StackedHourglass:
+def init_model(cfg, joints: int, ckpt: Optional[Checkpoint] = None, trust: bool = False) -> StackedHourglass:
     """cfg.init's model with its weights, in training mode; ValueError naming the settings
     where cfg (a TrainConfig) or the data's `joints` ask for another shape. `ckpt`: the
-    checkpoint as read_checkpoint(cfg.init) gave it, for a caller that read it already."""
-    ckpt = read_checkpoint(cfg.init) if ckpt is None else ckpt
+    checkpoint as read_checkpoint(cfg.init) gave it, for a caller that read it already.
+    `trust`: read it by full unpickling instead of safely (only for a file you trust)."""
+    ckpt = read_checkpoint(cfg.init, trust=trust) if ckpt is None else ckpt
     differ = [f"--{name} {getattr(cfg, name)} (it has {ckpt.config[key]})"
               for name, key in SHAPE.items() if getattr(cfg, name) != ckpt.config[key]]
     if differ:

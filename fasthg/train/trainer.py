@@ -76,16 +76,41 @@ def time_split(row: Dict) -> str:
     return ", ".join(f"{name} {v:.1f} s ({100 * v / total:.0f}%)" for name, v in parts)
 
 
+def rng_state() -> Dict:
+    """The random streams' states as plain data (tensors, numbers, tuples), which the safe
+    loader reads: numpy's MT19937 state as a dict of its key tensor and counters."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"bit_generator": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: Dict) -> None:
+    """Restores rng_state()'s streams; numpy's also from the tuple of np.random.get_state()
+    that fasthg's checkpoints held before (read safely: fasthg.safe_load allows numpy arrays)."""
+    torch.set_rng_state(rng["torch"])
+    numpy_state = rng["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def _torchrun_env():
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain process."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_config: Optional[dict] = None):
+    def __init__(self, cfg: TrainConfig, model_config: Optional[dict] = None, trust_checkpoint: bool = False):
         """`model_config`: the model to build, a checkpoint's (resume's: what TrainConfig does
         not hold, a stem or input_norm, comes with it); default: cfg's shape, or with cfg.init
-        that checkpoint's model and weights (fasthg.train.init)."""
+        that checkpoint's model and weights (fasthg.train.init). `trust_checkpoint`: read
+        cfg.init by full unpickling instead of safely (fasthg.safe_load; only for a file you trust)."""
         if cfg.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
         if cfg.minutes is not None and not cfg.minutes > 0:
@@ -123,7 +148,7 @@ class Trainer:
         if model_config is not None:  # resuming: the checkpoint's model, whose weights resume() loads
             self.model = StackedHourglass(**model_config, backend=cfg.backend, memory=cfg.memory)
         elif cfg.init:
-            self.model = init_model(cfg, joints)
+            self.model = init_model(cfg, joints, trust=trust_checkpoint)
         else:
             self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend,
                                           memory=cfg.memory)
@@ -183,20 +208,19 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step_in_epoch": step_in_epoch,
                 "best": self.best, "history": self.history, "config": dataclasses.asdict(self.cfg),
                 "epoch_sums": self._epoch_sums, "elapsed": self._elapsed_now(),
-                "input_size": self.cfg.input_size,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                "input_size": self.cfg.input_size, "rng": rng_state()}
 
     def save(self, path: str, step_in_epoch: int = 0):
         checkpoint.save(path, self.model, **self._state(step_in_epoch))
 
-    def resume(self, path: str):
+    def resume(self, path: str, trust: bool = False):
         """Continues from a checkpoint of this trainer's run. The settings of self.cfg that
         differ from the checkpoint's take effect: the learning rate and its schedule (as a
         fresh run with them would have it at this epoch), epochs, batch size and accumulate
         (at an epoch's end only), and those that change no state (workers, progress, ...).
-        Raises ValueError for those a run cannot change (fasthg.train.config.check_resume_changes)."""
-        state = checkpoint.read(path)
+        Raises ValueError for those a run cannot change (fasthg.train.config.check_resume_changes).
+        `trust`: read the file by full unpickling instead of safely (only for a file you trust)."""
+        state = checkpoint.read(path, trust)
         changes = resume_changes(state.get("config", {}), self.cfg)
         check_resume_changes(changes, state["step_in_epoch"])
         checkpoint.load_model(path, model=self.model, state=state)
@@ -214,12 +238,7 @@ class Trainer:
         if changes and self.is_main:
             print(f"resuming from {path} with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
         self.sampler.start = state["step_in_epoch"] * self.cfg.batch_size
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(state["rng"])
 
     def _restart_schedule(self):
         """The learning rate a fresh run with this config has at self.epoch: its scheduler,
