@@ -15,7 +15,7 @@ from fasthg.models import StackedHourglass, convert
 from fasthg.models.hourglass import complete_config
 from fasthg.safe_load import EXPECTED, FORMAT, check_format, load_file
 
-__all__ = ["FORMAT", "EXPECTED", "save", "read", "load_model", "load_file", "check_format", "plain"]
+__all__ = ["FORMAT", "EXPECTED", "save", "read", "load_model", "load_file", "check_format", "plain", "check_writable"]
 
 
 def plain(value: Any) -> Any:
@@ -33,19 +33,32 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _temporary(folder: str):
+    """(fd, path) of a new temporary file in `folder` (made if missing); OSError naming the
+    folder and what to do where one cannot write there."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in this folder ({e.strerror or e}); choose a writable output "
+                               f"folder", folder) from None
+
+
+def check_writable(folder: str) -> None:
+    """OSError naming `folder` unless files can be written there: a run checks its output folder
+    before it trains, not when its first checkpoint is due."""
+    fd, tmp = _temporary(folder)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def save(path: str, model: StackedHourglass, **extra: Any) -> None:
     """Write model weights, the model's config and `extra` (optimizer state, epoch, ...).
     An error while writing (a full disk, a folder one cannot write) leaves the file that was
     at `path` as it was, and says so."""
     state = {"format": FORMAT, "model_config": plain(dict(model.config)), "model": model.state_dict(),
              **plain(extra)}
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write a checkpoint in {folder} ({e.strerror or e}); choose a writable "
-                               f"output folder", path) from None
+    fd, tmp = _temporary(os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)

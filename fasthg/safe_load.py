@@ -59,7 +59,7 @@ def _looks_like_text(path: str) -> bool:
 def _refused(path: str, error: Exception) -> List[str]:
     """The globals (classes, functions) a safe load of `path` refused, by name; [] where it
     stopped for another reason (an opcode it does not run, random bytes)."""
-    names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+    names = re.findall(r"\bGLOBAL ([A-Za-z_][\w.]*)", str(error))  # torch's words for each refusal
     if not names:
         try:  # zip files: torch lists the globals outside its own allowlist, unpickling nothing
             allowed = {n for g in _NUMPY for n in ([g[1]] if isinstance(g, tuple) else

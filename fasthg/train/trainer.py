@@ -289,7 +289,7 @@ class Trainer:
     def fit(self) -> List[Dict]:
         cfg = self.cfg
         if self.is_main:
-            os.makedirs(cfg.out, exist_ok=True)
+            checkpoint.check_writable(cfg.out)
         last = os.path.join(cfg.out, "last.pt")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         writer, start, self._stopped, self._out_of_time = None, time.time(), None, False
