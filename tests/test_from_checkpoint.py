@@ -254,7 +254,7 @@ def test_princeton_checkpoint_gives_the_same_heatmaps(tmp_path, stacks, features
     princeton_checkpoint(path, net)
     model = from_checkpoint(path, backend="eager").double()
     assert model.config == {"num_stacks": stacks, "num_features": features, "num_joints": joints, "depth": 4,
-                            "stem": "paper", "input_norm": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+                            "stem": "paper", "input_norm": {"mean": [0.0] * 3, "std": [1.0] * 3}, "num_blocks": 1}
     x01 = images01(2, *size)
     with torch.no_grad():
         ref = net(x01.permute(0, 2, 3, 1))  # NHWC, pixel / 255
@@ -283,17 +283,18 @@ def test_princeton_checkpoint_float32_on_the_default_backend(tmp_path):
     assert rel_err(out, ref) < 1e-5 and rel_err(out_cl, ref) < 1e-5
 
 
-@pytest.mark.parametrize("stacks,feats,joints,depth,size", [
-    (2, 8, 16, 4, (64, 64)), (3, 8, 17, 2, (32, 48)),
-    pytest.param(1, 128, 16, 4, (64, 64), marks=pytest.mark.slow)])  # the published widths: 256 channels
-def test_pytorch_pose_checkpoint_gives_the_same_heatmaps(tmp_path, stacks, feats, joints, depth, size):
-    net = randomise(HourglassNet(stacks, 1, joints, num_feats=feats, depth=depth), seed=stacks).double()
+@pytest.mark.parametrize("stacks,feats,joints,depth,size,blocks", [
+    (2, 8, 16, 4, (64, 64), 1), (3, 8, 17, 2, (32, 48), 1), (2, 8, 16, 2, (32, 32), 3),  # --blocks 3
+    pytest.param(1, 128, 16, 4, (64, 64), 1, marks=pytest.mark.slow)])  # the published widths: 256 channels
+def test_pytorch_pose_checkpoint_gives_the_same_heatmaps(tmp_path, stacks, feats, joints, depth, size, blocks):
+    net = randomise(HourglassNet(stacks, blocks, joints, num_feats=feats, depth=depth), seed=stacks).double()
     path = str(tmp_path / "checkpoint.pth.tar")
     pytorch_pose_checkpoint(path, net)
     mean = [0.45, 0.43, 0.40]
     model = from_checkpoint(path, backend="eager", input_mean=mean).double()
     assert model.config == {"num_stacks": stacks, "num_features": 2 * feats, "num_joints": joints, "depth": depth,
-                            "stem": "pytorch-pose", "input_norm": {"mean": mean, "std": [1.0] * 3}}
+                            "stem": "pytorch-pose", "input_norm": {"mean": mean, "std": [1.0] * 3},
+                            "num_blocks": blocks}
     x01 = images01(2, *size)
     with torch.no_grad():
         ref = torch.stack(net(x01 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)), 1)
@@ -331,9 +332,9 @@ def test_wrappers_are_stripped_and_a_bare_state_dict_loads(tmp_path):
 
 # -- fasthg's own checkpoints ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("stem", ["paper", "pytorch-pose"])
-def test_a_bare_fasthg_state_dict_loads_with_its_shape_inferred(tmp_path, stem):
-    model = StackedHourglass(3, 32, 7, 3, backend="eager", stem=stem)
+@pytest.mark.parametrize("stem,blocks", [("paper", 1), ("pytorch-pose", 1), ("paper", 2)])
+def test_a_bare_fasthg_state_dict_loads_with_its_shape_inferred(tmp_path, stem, blocks):
+    model = StackedHourglass(3, 32, 7, 3, backend="eager", stem=stem, num_blocks=blocks)
     path = str(tmp_path / "weights.pt")
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     loaded = from_checkpoint(path)
@@ -436,9 +437,6 @@ def test_peer_options_without_a_fasthg_counterpart_are_refused(tmp_path):
     princeton_checkpoint(path, PoseNet(1, 16, 16, increase=8, depth=2))
     with pytest.raises(ValueError, match="increase=8"):
         from_checkpoint(path)
-    pytorch_pose_checkpoint(path, HourglassNet(1, 2, 16, num_feats=8, depth=2))
-    with pytest.raises(ValueError, match="2 residual modules at each place"):
-        from_checkpoint(path, input_mean=[0.5] * 3)
     with pytest.raises(ValueError, match="input_mean is for pytorch-pose"):
         princeton_checkpoint(path, PoseNet(1, 16, 16, depth=2))
         from_checkpoint(path, input_mean=[0.5] * 3)

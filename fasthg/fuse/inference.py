@@ -286,7 +286,8 @@ class FoldedHourglass(Hourglass):
         low = self.low3(self.low2(self.low1(ops.max_pool2x2(x, backend=self.backend))))
         up1 = self.up1(x)
         # up1 is a folded residual's own tensor (a fresh one, or its dying input): the sum goes into it
-        if (isinstance(self.up1, FoldedResidual) and not _tracing() and not (up1.requires_grad or low.requires_grad)
+        if (isinstance(_last(self.up1), FoldedResidual) and not _tracing()
+                and not (up1.requires_grad or low.requires_grad)
                 and torch.promote_types(low.dtype, up1.dtype) == up1.dtype):
             return ops.upsample_add_(low.to(up1.dtype), up1, backend=self.backend)
         return self._merge(low, up1)
@@ -318,6 +319,11 @@ class FusedMaxPool2x2(nn.MaxPool2d):
         return ops.max_pool2x2(x, backend=self.backend)
 
 
+def _last(module: nn.Module) -> nn.Module:
+    """The module that makes `module`'s output: the last of a row of residuals (num_blocks > 1)."""
+    return module[-1] if type(module) is nn.Sequential and len(module) else module
+
+
 def _both(v, n: int) -> bool:
     """Whether an int-or-pair module argument is (n, n)."""
     return v == n if isinstance(v, int) else tuple(v) == (n, n)
@@ -339,10 +345,12 @@ def _mark_dying_inputs(model: nn.Module) -> None:
     nn.Sequential (which hands each output to the next module only), those whose input a
     module of _FRESH made (nn.Identity passing it on); an Hourglass's down-branch ones, a
     nested Hourglass's up1, and StackedHourglass's features residual (the hourglass output
-    feeds only it)."""
+    feeds only it). In a row of residuals (num_blocks > 1) the first reads the row's input."""
     def dies(module):
         if isinstance(module, FoldedResidual):
             module.input_dies = True
+        elif type(module) is nn.Sequential and len(module):
+            dies(module[0])
 
     for module in model.modules():
         if type(module) is nn.Sequential:

@@ -18,9 +18,9 @@ Reads, and tells apart by their contents:
   fasthg's stem="pytorch-pose";
   hourglass `hg.i.hg[n]` per level n (n = depth-1 outermost), [0] up1, [1] low1, [2] low3,
   [3] (innermost level only) low2; `res.i` and `fc.i` (1x1 conv, BN, ReLU) the features,
-  `score.i` the heatmaps, `fc_.i` / `score_.i` the convs into the next stack. Only its
-  default one residual module per place (--blocks 1, the published models) has a fasthg
-  counterpart: more are refused.
+  `score.i` the heatmaps, `fc_.i` / `score_.i` the convs into the next stack. Its residual
+  modules per place (--blocks N: `[j]` is a row of N, `.0` to `.N-1`, in every hourglass place
+  and `res.i`) become fasthg's num_blocks.
 A bare state_dict of either (no wrapper dict) loads too, as does a fasthg model's (its config
 then inferred like theirs, with no input_norm); wrapper prefixes "module.",
 "model." and torch.compile's "_orig_mod." are stripped wherever all keys share them.
@@ -244,8 +244,9 @@ def _fasthg(state, path):
     joints, features = _shape(state, "heads.0.weight", path, FASTHG)[:2]
     depth = max(1, max(k.count("low2.") for k in state if k.startswith("hourglasses.0.")))
     stem = "pytorch-pose" if _shape(state, "stem.4.body.5.weight", path, FASTHG)[0] == 256 else "paper"
+    blocks = len(_indices(state, r"features\.0\.0\.(\d+)\.body\.")) or 1  # numbered only when more than one
     return {"num_stacks": stacks, "num_features": int(features), "num_joints": int(joints), "depth": depth,
-            "stem": stem}
+            "stem": stem, "num_blocks": blocks}
 
 
 def _princeton(state, path):
@@ -284,24 +285,27 @@ def _pytorch_pose(state, path, contents):
     joints, features = _shape(state, "score.0.weight", path, kind)[:2]
     depth = len(_indices(state, r"hg\.0\.hg\.(\d+)\."))
     blocks = len(_indices(state, r"res\.0\.(\d+)\."))
-    if blocks != 1:
-        raise ValueError(f"{path}: a {kind} hourglass with {blocks} residual modules at each place (its --blocks "
-                         f"{blocks}); fasthg's hourglass has one (--blocks 1, pytorch-pose's default)")
+    if blocks < 1:
+        raise ValueError(f"{path}: a {kind} checkpoint without res.0.0, whose residual modules give the model's shape "
+                         f"(a truncated network or another one)")
+
+    def places(fasthg_name, peer):  # a row of `blocks` residuals in both, fasthg's unnumbered when one
+        return [(fasthg_name if blocks == 1 else f"{fasthg_name}.{b}", f"{peer}.{b}", "res") for b in range(blocks)]
     pairs = [("stem.0", "conv1", "conv"), ("stem.1", "bn1", "bn"), ("stem.2", "layer1.0", "res"),
              ("stem.4", "layer2.0", "res"), ("stem.5", "layer3.0", "res")]
     for i in range(stacks):
         fp = f"hourglasses.{i}"
         for level in range(depth):
             pp = f"hg.{i}.hg.{depth - 1 - level}"
-            pairs += [(f"{fp}.up1", f"{pp}.0.0", "res"), (f"{fp}.low1", f"{pp}.1.0", "res"),
-                      (f"{fp}.low3", f"{pp}.2.0", "res")]
+            pairs += places(f"{fp}.up1", f"{pp}.0") + places(f"{fp}.low1", f"{pp}.1") + places(f"{fp}.low3", f"{pp}.2")
             fp = fp + ".low2"
-        pairs += [(fp, f"hg.{i}.hg.0.3.0", "res"),
-                  (f"features.{i}.0", f"res.{i}.0", "res"), (f"features.{i}.1", f"fc.{i}.0", "conv"),
+        pairs += places(fp, f"hg.{i}.hg.0.3") + places(f"features.{i}.0", f"res.{i}")
+        pairs += [(f"features.{i}.1", f"fc.{i}.0", "conv"),
                   (f"features.{i}.2", f"fc.{i}.1", "bn"), (f"heads.{i}", f"score.{i}", "conv")]
         if i < stacks - 1:
             pairs += [(f"remap_features.{i}", f"fc_.{i}", "conv"), (f"remap_heatmaps.{i}", f"score_.{i}", "conv")]
-    config = {"num_stacks": stacks, "num_features": int(features), "num_joints": int(joints), "depth": depth}
+    config = {"num_stacks": stacks, "num_features": int(features), "num_joints": int(joints), "depth": depth,
+              "num_blocks": blocks}
     return config, pairs
 
 

@@ -39,19 +39,28 @@ class Residual(nn.Module):
         return self.body(x) + self.skip(x)
 
 
+def residuals(channels: int, blocks: int, backend: str = "auto", memory: str = "default") -> nn.Module:
+    """What sits at one place of the network: a Residual (the paper's main network), or `blocks`
+    of them in a row (the paper's equal-parameter variants, Fig. 9; pytorch-pose's num_blocks),
+    as an nn.Sequential whose state_dict keys are pytorch-pose's (place.0, place.1, ...)."""
+    if blocks == 1:
+        return Residual(channels, channels, backend, memory)
+    return nn.Sequential(*(Residual(channels, channels, backend, memory) for _ in range(blocks)))
+
+
 class Hourglass(nn.Module):
     """up1 = res(x); low = res(maxpool2x2(x)) -> hourglass(depth-1) or res -> res;
     out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add, the pool
-    ops.max_pool2x2."""
+    ops.max_pool2x2. Each res is `blocks` residual modules (residuals())."""
 
-    def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default"):
+    def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default", blocks: int = 1):
         super().__init__()
         self.backend, self.memory = backend, memory
-        self.up1 = Residual(channels, channels, backend, memory)
-        self.low1 = Residual(channels, channels, backend, memory)
-        self.low2 = (Hourglass(depth - 1, channels, backend, memory) if depth > 1
-                     else Residual(channels, channels, backend, memory))
-        self.low3 = Residual(channels, channels, backend, memory)
+        self.up1 = residuals(channels, blocks, backend, memory)
+        self.low1 = residuals(channels, blocks, backend, memory)
+        self.low2 = (Hourglass(depth - 1, channels, backend, memory, blocks) if depth > 1
+                     else residuals(channels, blocks, backend, memory))
+        self.low3 = residuals(channels, blocks, backend, memory)
 
     def forward(self, x):
         up1 = self.up1(x)
@@ -71,12 +80,13 @@ class Hourglass(nn.Module):
 # pytorch-pose's (bearpaw's HourglassNet) 64->128, pool, 128->256, 256->F.
 STEMS = ("paper", "pytorch-pose")
 # Config keys later than the first checkpoints, with the value a config without them means.
-CONFIG_DEFAULTS = {"stem": "paper", "input_norm": None}
+CONFIG_DEFAULTS = {"stem": "paper", "input_norm": None, "num_blocks": 1}
 
 
 def complete_config(config: dict) -> dict:
     """A model config with the keys an older checkpoint's lacks filled in (stem "paper", no
-    input_norm), so that configs compare equal whatever fasthg wrote them."""
+    input_norm, one residual module per place), so that configs compare equal whatever fasthg
+    wrote them."""
     return {**CONFIG_DEFAULTS, **config}
 
 
@@ -102,6 +112,8 @@ class StackedHourglass(nn.Module):
     (a converted checkpoint, fasthg.models.from_checkpoint): the network then feeds its stem
     (pixel / 255 - mean) / std, computed from the images it is given, so fasthg's data,
     eval and predict run such a model unchanged. `stem`: "paper" or "pytorch-pose" (STEMS).
+    `num_blocks`: residual modules at each place of the hourglasses and of the features (1, the
+    paper's main network; its equal-parameter study has 2 stacks of 4, 4 of 2 and 8 of 1).
 
     memory="recompute": the BN-ReLU-conv units (the residual modules' three, and the
     features' BN-ReLU before the heatmap and remap convolutions) save only their input and
@@ -113,7 +125,7 @@ class StackedHourglass(nn.Module):
 
     def __init__(self, num_stacks: int = 8, num_features: int = 256, num_joints: int = 16,
                  depth: int = 4, backend: str = "auto", stem: str = "paper", input_norm: Optional[dict] = None,
-                 memory: str = "default"):
+                 memory: str = "default", num_blocks: int = 1):
         super().__init__()
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
@@ -123,7 +135,7 @@ class StackedHourglass(nn.Module):
             raise ValueError(f"memory must be one of {MEMORY}, got {memory!r}")
         input_norm = _input_norm(input_norm)
         for name, v in (("num_stacks", num_stacks), ("num_features", num_features),
-                        ("num_joints", num_joints), ("depth", depth)):
+                        ("num_joints", num_joints), ("depth", depth), ("num_blocks", num_blocks)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if num_features % 2:
@@ -132,7 +144,7 @@ class StackedHourglass(nn.Module):
         self.memory = memory
         # What rebuilds this network from a checkpoint (the backend is the loader's choice).
         self.config = {"num_stacks": num_stacks, "num_features": num_features, "num_joints": num_joints,
-                       "depth": depth, "stem": stem, "input_norm": input_norm}
+                       "depth": depth, "stem": stem, "input_norm": input_norm, "num_blocks": num_blocks}
         f = num_features
         mid = 128 if stem == "paper" else 256
         self.stem = nn.Sequential(
@@ -147,9 +159,9 @@ class StackedHourglass(nn.Module):
             mean = torch.tensor(input_norm["mean"], dtype=torch.float64).view(1, 3, 1, 1)
             self.register_buffer("input_scale", 1 / std, persistent=False)
             self.register_buffer("input_shift", (0.5 - mean) / std, persistent=False)
-        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend, memory) for _ in range(num_stacks))
+        self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend, memory, num_blocks) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(Residual(f, f, backend, memory), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
+            nn.Sequential(residuals(f, num_blocks, backend, memory), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
             for _ in range(num_stacks))
         self.heads = nn.ModuleList(nn.Conv2d(f, num_joints, 1) for _ in range(num_stacks))
         # Intermediate supervision: each stack's features and heatmaps re-enter the next.
