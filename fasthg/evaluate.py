@@ -48,15 +48,32 @@ def flip_back(heatmaps: torch.Tensor, flip_pairs: Sequence[Tuple[int, int]]) -> 
     return out[..., perm, :, :]
 
 
+def _first_unscorable(visible: np.ndarray, norm: np.ndarray, records, what: str, fix: str) -> None:
+    """ValueError naming the first person with annotated joints whose normaliser `norm` is not
+    positive (a division by zero, or a negative distance scale, otherwise)."""
+    bad = visible.any(1) & ~(norm > 0)
+    if bad.any():
+        i, count = int(np.argmax(bad)), int(bad.sum())
+        who = f"person {i}" + (f" (record {records[i]})" if records is not None else "")
+        raise ValueError(f"{who} has annotated joints ({int(visible[i].sum())}) but {what} {norm[i]:g}: "
+                         f"{fix} ({count} {'person' if count == 1 else 'people'} like this)")
+
+
 def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.ndarray,
-         threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+         threshold: float = 0.5, records=None) -> Tuple[np.ndarray, np.ndarray]:
     """Per-joint fraction of annotated joints predicted within threshold x head size.
-    pred, gt: (N, J, 2) image pixels; visible: (N, J), 1 where annotated; head_size: (N,).
-    Returns (accuracy (J,), count (J,)); a joint never annotated has accuracy nan."""
+    pred, gt: (N, J, 2) image pixels; visible: (N, J), 1 where annotated; head_size: (N,);
+    records: (N,) each person's record index, for messages.
+    Returns (accuracy (J,), count (J,)); a joint never annotated has accuracy nan.
+    A person with annotated joints and a head size of 0 (a zero-size head box, or a file
+    without head boxes) is an error naming that person, not left out: leaving people out
+    silently would score a different set than the benchmark's. People with no annotated joint
+    (including those SkipBadImages blanked) count for nothing, whatever their head size."""
     pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
     visible, head_size = np.asarray(visible) > 0, np.asarray(head_size, np.float64)
-    if (visible.any(1) & ~(head_size > 0)).any():
-        raise ValueError("pckh: every person with annotated joints needs a positive head size")
+    _first_unscorable(visible, head_size, records, "head size",
+                      "PCKh needs a positive head size for every person it scores (MPII's: the HDF5 files' "
+                      "normalize, from the head boxes)")
     dist = np.linalg.norm(pred - gt, axis=-1) / np.where(head_size > 0, head_size, 1.0)[:, None]
     hit = (dist <= threshold) & visible
     count = visible.sum(0)
@@ -79,14 +96,15 @@ def pckh_table(accuracy: np.ndarray, count: np.ndarray,
 
 
 def oks(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, area: np.ndarray,
-        sigmas: Sequence[float] = COCO_SIGMAS) -> np.ndarray:
+        sigmas: Sequence[float] = COCO_SIGMAS, records=None) -> np.ndarray:
     """COCO's object keypoint similarity of each person: the mean over annotated joints of
     exp(-d^2 / (2 area (2 sigma)^2)), d in image pixels, area the person's segment area.
-    pred, gt: (N, J, 2); visible: (N, J); area: (N,). nan for a person with no annotated joint."""
+    pred, gt: (N, J, 2); visible: (N, J); area: (N,); records: (N,) record indices, for messages.
+    nan for a person with no annotated joint. A person with annotated joints and no positive
+    area is an error naming that person."""
     pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
     visible, area = np.asarray(visible) > 0, np.asarray(area, np.float64)
-    if (visible.any(1) & ~(area > 0)).any():
-        raise ValueError("oks: every person with annotated joints needs a positive area")
+    _first_unscorable(visible, area, records, "area", "OKS needs a positive area for every person it scores")
     k2 = (2 * np.asarray(sigmas, np.float64)) ** 2
     e = ((pred - gt) ** 2).sum(-1) / (2 * k2 * np.where(area > 0, area, 1.0)[:, None])
     count = visible.sum(1)
@@ -120,22 +138,31 @@ def format_table(table: Dict[str, float]) -> str:
     return " | ".join(f"{n:>8}" for n in names) + "\n" + " | ".join(f"{table[n]:8.2f}" for n in names)
 
 
+# The items' entries predict_dataset returns as they are.
+_COLLECTED = ("joints", "visible", "head_size", "area", "index", "record", "skipped")
+
+
 @torch.no_grad()
 def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = False, device=None,
                     num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
     """Run the model (last stack's heatmaps) over an evaluation PoseDataset and map each
     prediction back to its source image. Flip test: average with the heatmaps of the
     mirrored input, turned back. Returns pred (N, J, 2), peak (N, J), joints, visible,
-    head_size, area and index, in dataset order."""
+    head_size, area, index, record (each person's record index) and skipped (1 where
+    SkipBadImages blanked a person whose image is bad), in dataset order. Raises ValueError for
+    an empty dataset, and BadImageError (one line naming the record and file) for a bad image,
+    from DataLoader workers too."""
     from tqdm import tqdm
 
     if dataset.train:
         raise ValueError("predict_dataset: pass an evaluation dataset (PoseDataset(..., train=False))")
+    if len(dataset) == 0:
+        raise ValueError("predict_dataset: no people to evaluate (the evaluation set is empty)")
     device = torch.device(device or next(model.parameters()).device)
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    out = {k: [] for k in ("pred", "peak", "joints", "visible", "head_size", "area", "index")}
+    out = {k: [] for k in ("pred", "peak") + _COLLECTED}
     try:
         for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
             images = batch["image"].to(device)
@@ -146,7 +173,7 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
             pos, peak = decode_heatmaps(heatmaps)
             out["pred"].append(to_image_coords(pos, batch["matrix"].numpy(), dataset.stride))
             out["peak"].append(peak)
-            for k in ("joints", "visible", "head_size", "area", "index"):
+            for k in _COLLECTED:
                 out[k].append(np.asarray(batch[k]))
     finally:
         model.train(was_training)
@@ -166,8 +193,9 @@ def evaluate(model, dataset, threshold: float = 0.5, metric: str = "pckh",
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     res = predict_dataset(model, dataset, **kw)
     if metric == "oks":
-        return oks_table(oks(res["pred"], res["joints"], res["visible"], res["area"]), res["peak"].mean(1)), res
-    acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold)
+        similarity = oks(res["pred"], res["joints"], res["visible"], res["area"], records=res["record"])
+        return oks_table(similarity, res["peak"].mean(1)), res
+    acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold, records=res["record"])
     res["pckh_accuracy"], res["pckh_count"] = acc, count
     return pckh_table(acc, count), res
 

@@ -165,6 +165,11 @@ def add_command(sub):
     t.add_argument("--images", help="image folder of the training file (MPII: of both files)")
     t.add_argument("--valid-images", dest="valid_images",
                    help="image folder of the validation file, if not --images (COCO's val2017)")
+    t.add_argument("--bad-images", dest="bad_images", choices=["stop", "skip"],
+                   help="an MPII/COCO person whose image file is bad (unreadable, truncated, not an image, over "
+                        "fasthg.data.images.MAX_IMAGE_PIXELS): stop with an error naming it, or skip the person "
+                        "(training: the next person of the file takes its place, so batches stay full and a "
+                        f"resumed run sees the same data; validation: not scored) ({default('bad_images')})")
     for name, text in _SWITCHES.items():
         t.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
                        help=f"{text} ({default(name)})")

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
-from fasthg.data.mpii import _load_json, check_images, require_images
+from fasthg.data.mpii import _load_json, _shown, check_images, numbers, require_images
 from fasthg.data.records import COCO_JOINTS, PoseRecord
 
 __all__ = ["load_coco_keypoints", "check_images", "require_images"]
@@ -27,10 +27,9 @@ def _error(path: str, index: int, ann: Any, what: str) -> ValueError:
 
 def _array(path: str, index: int, ann: Dict[str, Any], key: str, shape: Tuple[int, ...]) -> np.ndarray:
     """ann[key] as a finite float64 array of exactly `shape`."""
-    try:
-        a = np.asarray(ann[key], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _error(path, index, ann, f"{key} is not an array of numbers") from None
+    a = numbers(ann[key])
+    if a is None:
+        raise _error(path, index, ann, f"{key} is not an array of numbers, got {_shown(ann[key])}")
     if a.shape != shape:
         raise _error(path, index, ann, f"{key} must have {shape[0]} values, got shape {a.shape}")
     if not np.isfinite(a).all():
@@ -38,14 +37,38 @@ def _array(path: str, index: int, ann: Dict[str, Any], key: str, shape: Tuple[in
     return a
 
 
+def is_id(value: Any) -> bool:
+    """Whether a value can be a COCO id: an integer (COCO's) or a string, not a bool."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unique_id(path: str, what: str, index: int, value: Any, seen: Dict[Any, int]) -> None:
+    """Records `value`, the id of entry `index` of `what`, in `seen` (id -> position); ValueError
+    naming the id and both positions if an earlier entry has it."""
+    if not is_id(value):
+        raise ValueError(f"{path}: {what} {index}: id must be an integer, got {_shown(value)}")
+    if value in seen:
+        raise ValueError(f"{path}: {what} {seen[value]} and {what} {index} have the same id {value!r} "
+                         f"(expected each {what} once)")
+    seen[value] = index
+
+
 def _image_names(path: str, images: Any) -> Dict[Any, str]:
     """image id -> file name."""
     if not isinstance(images, list):
-        raise ValueError(f"{path}: 'images' must be a list")
-    names = {}
+        raise ValueError(f"{path}: 'images' must be a list, got {type(images).__name__}")
+    names, seen = {}, {}
     for index, image in enumerate(images):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise ValueError(f"{path}: image {index}: needs keys 'id' and 'file_name'")
+        _unique_id(path, "image", index, image["id"], seen)
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise ValueError(f"{path}: image {index} (id {image['id']}): file_name must be a non-empty file name, "
+                             f"got {_shown(image['file_name'])}")
         names[image["id"]] = image["file_name"]
     return names
 
@@ -55,7 +78,7 @@ def _person_categories(categories: Any) -> Optional[Set[Any]]:
     declares none, in which case every annotation is taken as a person."""
     if not isinstance(categories, list):
         return None
-    ids = {c["id"] for c in categories if isinstance(c, dict) and "id" in c and "keypoints" in c}
+    ids = {c["id"] for c in categories if isinstance(c, dict) and "keypoints" in c and is_id(c.get("id"))}
     return ids or None
 
 
@@ -74,9 +97,12 @@ def load_coco_keypoints(path: str, image_dir: str, min_keypoints: int = 1, inclu
     vis_flag (raw v), num_keypoints (labelled count), iscrowd, area (the segment area OKS
     scales by; the box's w * h where the annotation has no positive area).
     Raises ValueError naming the file and the annotation (position and id) for missing keys,
-    an image_id not in `images`, keypoints that are not 17 x 3 finite numbers, and (for kept
+    an image_id not in `images`, keypoints that are not 17 x 3 finite numbers (numbers, not
+    strings), an iscrowd other than 0/1, an area that is not a number, and (for kept
     annotations only: COCO has degenerate boxes on annotations nobody trains on) a bbox with
-    w or h <= 0.
+    w or h <= 0; naming the id and both positions for two images or two annotations with the
+    same id; naming the image for a file_name that is not a non-empty string. A file with no
+    person to keep gives no records (a training run refuses it, naming the file).
     """
     if not padding > 0:
         raise ValueError(f"padding must be positive, got {padding}")
@@ -86,10 +112,12 @@ def load_coco_keypoints(path: str, image_dir: str, min_keypoints: int = 1, inclu
     names = _image_names(path, data["images"])
     persons = _person_categories(data.get("categories"))
     if not isinstance(data["annotations"], list):
-        raise ValueError(f"{path}: 'annotations' must be a list")
+        raise ValueError(f"{path}: 'annotations' must be a list, got {type(data['annotations']).__name__}")
     records, skipped = [], {"crowd": 0, "too_few_keypoints": 0, "not_person": 0}
+    seen: Dict[Any, int] = {}
     for index, ann in enumerate(data["annotations"]):
         reason = _skip_reason(path, index, ann, names, persons, min_keypoints, include_crowd)
+        _unique_id(path, "annotation", index, ann["id"], seen)
         if reason:
             skipped[reason] += 1
         else:
@@ -106,14 +134,20 @@ def _skip_reason(path: str, index: int, ann: Any, names: Dict[Any, str], persons
     missing = [k for k in ("id", "image_id") if k not in ann]
     if missing:
         raise _error(path, index, ann, f"missing keys {missing}")
-    if ann["image_id"] not in names:
-        raise _error(path, index, ann, f"image_id {ann['image_id']!r} is not in images")
+    if not is_id(ann["image_id"]) or ann["image_id"] not in names:
+        raise _error(path, index, ann, f"image_id {_shown(ann['image_id'])} is not in images")
+    if "category_id" in ann and not is_id(ann["category_id"]):
+        raise _error(path, index, ann, f"category_id must be an integer, got {_shown(ann['category_id'])}")
     if persons is not None and "category_id" in ann and ann["category_id"] not in persons:
         return "not_person"  # other categories carry no keypoints to check
     missing = [k for k in ANNOTATION_KEYS if k not in ann]
     if missing:
         raise _error(path, index, ann, f"missing keys {missing}")
     keypoints = _array(path, index, ann, "keypoints", (NUM_KEYPOINTS * 3,))
+    if ann.get("iscrowd", 0) not in (0, 1):  # also False and True
+        raise _error(path, index, ann, f"iscrowd must be 0 or 1, got {_shown(ann['iscrowd'])}")
+    if "area" in ann and not (is_number(ann["area"]) and np.isfinite(ann["area"])):
+        raise _error(path, index, ann, f"area must be a finite number, got {_shown(ann['area'])}")
     if ann.get("iscrowd", 0) and not include_crowd:
         return "crowd"
     if int((keypoints[2::3] > 0).sum()) < min_keypoints:
@@ -128,7 +162,7 @@ def _record(path: str, index: int, ann: Dict[str, Any], image: str, padding: flo
     if w <= 0 or h <= 0:
         raise _error(path, index, ann, f"bbox width and height must be positive, got w={w}, h={h}")
     flags = keypoints[:, 2]
-    area = float(ann["area"]) if isinstance(ann.get("area"), (int, float)) and ann["area"] > 0 else float(w * h)
+    area = float(ann["area"]) if ann.get("area", 0) > 0 else float(w * h)
     extra = {"annotation_id": ann["id"], "image_id": ann["image_id"], "bbox": bbox, "vis_flag": flags.copy(),
              "num_keypoints": int((flags > 0).sum()), "iscrowd": bool(ann.get("iscrowd", 0)), "area": area}
     return PoseRecord(center=(x + w / 2, y + h / 2), scale=max(w, h) / 200 * padding, joints=keypoints[:, :2],

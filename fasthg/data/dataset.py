@@ -1,25 +1,75 @@
-"""PoseDataset: records (from any source) to network inputs and heatmap targets."""
+"""PoseDataset: records (from any source) to network inputs and heatmap targets; SkipBadImages:
+records whose bad image files are skipped instead of stopping a run."""
+import dataclasses
 from typing import Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 
+from fasthg.data.images import BadImageError, read_rgb
 from fasthg.data.records import MPII_FLIP_PAIRS, PoseRecord
 from fasthg.data.transforms import (affine_matrix, color_jitter, gaussian_heatmaps, swap_pairs, to_heatmap_coords,
                                     transform_points, warp)
 
 
 def load_image(record: PoseRecord) -> np.ndarray:
-    """The record's image as RGB uint8: generated pixels, or the file (clear error if bad)."""
+    """The record's image as RGB uint8: generated pixels, or the file (fasthg.data.images.read_rgb).
+    A bad file is a BadImageError (ValueError) naming the record and the file, one line also
+    where a DataLoader worker raised it."""
     if "pixels" in record.extra:
         return record.extra["pixels"]
     if record.image is None:
         raise ValueError(f"record {record.index}: it has neither an image file nor generated pixels")
-    img = cv2.imread(record.image, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"record {record.index}: cannot read image file {record.image!r} (missing or corrupt)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:
+        return read_rgb(record.image)
+    except BadImageError as e:
+        raise BadImageError(f"record {record.index}: {e}") from None
+
+
+BAD_IMAGES = ("stop", "skip")
+
+
+class SkipBadImages:
+    """A sequence of records (`records[i]`, len) whose people with a bad image file are skipped
+    rather than stopping a run (load_image's BadImageError). Each item comes with its image
+    loaded (extra["pixels"]); a skipped one has extra["skipped_image"], the error's message,
+    and PoseDataset marks its item skipped = 1.
+
+    substitute=True (training): the next person of the list whose image reads (wrapping round)
+    takes the skipped one's place, so batches stay full and what position i yields depends on
+    the files alone: a resumed run sees what the uninterrupted one saw.
+    substitute=False (evaluation): the person stays, with a blank image and no annotated joint,
+    so no score counts it (PCKh and OKS leave such people out)."""
+
+    def __init__(self, records: Sequence[PoseRecord], substitute: bool):
+        self.records, self.substitute = records, substitute
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> PoseRecord:
+        record = self.records[index]
+        try:
+            return _with_extra(record, pixels=load_image(record))
+        except BadImageError as e:
+            skipped = str(e)
+        if not self.substitute:
+            return dataclasses.replace(record, visible=np.zeros_like(record.visible),
+                                       extra={**record.extra, "pixels": np.zeros((1, 1, 3), np.uint8),
+                                              "skipped_image": skipped})
+        n = len(self.records)
+        for k in range(1, n):
+            other = self.records[(index + k) % n]
+            try:
+                return _with_extra(other, pixels=load_image(other), skipped_image=skipped)
+            except BadImageError:
+                continue
+        raise BadImageError(f"no image of the {n} people can be read, e.g. {skipped}")
+
+
+def _with_extra(record: PoseRecord, **extra) -> PoseRecord:
+    """A copy of the record with more extra entries (the original may be shared, e.g. cached)."""
+    return dataclasses.replace(record, extra={**record.extra, **extra})
 
 
 class PoseDataset(torch.utils.data.Dataset):
@@ -32,8 +82,10 @@ class PoseDataset(torch.utils.data.Dataset):
     resumable; call set_epoch each epoch.
 
     Items are dicts: image (3, H, W) float32 in [-0.5, 0.5], heatmaps (J, h, w), weights (J,),
-    and for evaluation index, matrix (the 2x3 crop matrix), joints, visible, head_size, area
-    (COCO's person area for OKS; 0 for other sources)."""
+    skipped (1 where SkipBadImages put another person, or none, in place of one whose image is
+    bad), and for evaluation index, record (the record's own index, its position in its file),
+    matrix (the 2x3 crop matrix), joints, visible, head_size, area (COCO's person area for OKS;
+    0 for other sources)."""
 
     def __init__(self, source: Sequence[PoseRecord], input_size: int = 256, output_size: Optional[int] = None,
                  train: bool = True, flip_pairs: Sequence[Tuple[int, int]] = MPII_FLIP_PAIRS, rotation: float = 30.0,
@@ -85,7 +137,9 @@ class PoseDataset(torch.utils.data.Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))).float().div_(255).sub_(0.5),
             "heatmaps": torch.from_numpy(heatmaps),
             "weights": torch.from_numpy(weights),
+            "skipped": int("skipped_image" in record.extra),
             "index": index,
+            "record": record.index,
             "matrix": torch.from_numpy(matrix.astype(np.float64)),
             "joints": torch.tensor(record.joints),  # copies: the record's arrays may be a cache's, read-only
             "visible": torch.tensor(record.visible),

@@ -71,17 +71,33 @@ def _require(path: str, index: int, entry: Any, keys: Sequence[str]) -> None:
         raise _error(path, index, f"missing keys {missing}")
 
 
+def numbers(value: Any) -> Optional[np.ndarray]:
+    """A JSON value as a float64 array if it is a number or a (nested) list of numbers; None
+    otherwise. Strings are not numbers here, "2.5" neither: a file that quotes its numbers is
+    not the format it claims to be."""
+    try:
+        a = np.asarray(value)
+    except ValueError:  # ragged lists
+        return None
+    return a.astype(np.float64) if a.dtype.kind in "biuf" else None
+
+
 def _array(path: str, index: int, name: str, value: Any, shape: Tuple[int, ...]) -> np.ndarray:
     """`value` as a finite float64 array of exactly `shape`."""
-    try:
-        a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _error(path, index, f"{name} is not an array of numbers") from None
+    a = numbers(value)
+    if a is None:
+        raise _error(path, index, f"{name} is not an array of numbers, got {_shown(value)}")
     if a.shape != shape:
         raise _error(path, index, f"{name} must have shape {shape}, got {a.shape}")
     if not np.isfinite(a).all():
         raise _error(path, index, f"{name} has non-finite values")
     return a
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value as a message shows it, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _scalar(path: str, index: int, name: str, value: Any) -> float:
@@ -216,6 +232,34 @@ def _first_bad(path: str, bad: np.ndarray, what: str) -> None:
         raise _error(path, int(np.argmax(bad)), what)
 
 
+def _h5_dataset(path: str, f: h5py.File, key: str) -> np.ndarray:
+    if not isinstance(f[key], h5py.Dataset):
+        raise ValueError(f"{path}: {key} must be a dataset, got a {type(f[key]).__name__.lower()}")
+    return np.asarray(f[key][()])
+
+
+def _h5_ids(path: str, ids: Dict[str, np.ndarray], n: int) -> Dict[str, np.ndarray]:
+    """The `index` / `person` datasets as integers, checked: one per record, whole numbers,
+    and no (index, person) pair twice (the same person would be trained or scored twice)."""
+    for key, value in ids.items():
+        if value.shape != (n,):
+            raise ValueError(f"{path}: dataset {key} must have shape {(n,)} (one per record), got {value.shape}")
+        if value.dtype.kind not in "iuf":
+            raise ValueError(f"{path}: dataset {key} must be numeric, got dtype {value.dtype}")
+        _first_bad(path, ~(np.isfinite(value) & (value == np.round(value))), f"{key} must be a whole number")
+        ids[key] = value.astype(np.int64)
+    if len(ids) == len(H5_IDS) and n:
+        pairs = np.stack([ids["index"], ids["person"]], 1)
+        _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+        repeated = np.flatnonzero(first[inverse.reshape(-1)] != np.arange(n))
+        if repeated.size:
+            i = int(repeated[0])
+            j = int(first[inverse.reshape(-1)[i]])
+            raise ValueError(f"{path}: records {j} and {i} are the same person: index {pairs[i, 0]}, person "
+                             f"{pairs[i, 1]} ({repeated.size} repeated records in all)")
+    return ids
+
+
 def load_mpii_h5(path: str, image_dir: str) -> List[PoseRecord]:
     """The people of an original-hourglass MPII HDF5 file (annot/train.h5, annot/valid.h5).
 
@@ -224,8 +268,9 @@ def load_mpii_h5(path: str, image_dir: str) -> List[PoseRecord]:
     coordinates <= 0 are not annotated. extra: vis_flag (the raw `visible` row), and
     annolist_index / person_index from the `index` / `person` datasets where present.
     Raises ValueError naming the file (and the record, for per-record faults) for missing
-    datasets, wrong shapes or joint count, non-finite values, a non-positive scale or a
-    negative normalize.
+    datasets (or groups in their place), wrong shapes or joint count, non-finite values, a
+    non-positive scale, a negative normalize, `index` / `person` values that are not integers,
+    and two records with the same (index, person): one person twice.
     """
     expected = "MPII annotations in HDF5, e.g. annot/valid.h5"
     require_file(path, expected)
@@ -237,8 +282,8 @@ def load_mpii_h5(path: str, image_dir: str) -> List[PoseRecord]:
         missing = [k for k in H5_KEYS if k not in f]
         if missing:
             raise ValueError(f"{path}: missing datasets {missing} (has {sorted(f.keys())})")
-        data = {k: np.asarray(f[k][()]) for k in H5_KEYS}
-        ids = {k: np.asarray(f[k][()]) for k in H5_IDS if k in f}
+        data = {k: _h5_dataset(path, f, k) for k in H5_KEYS}
+        ids = {k: _h5_dataset(path, f, k) for k in H5_IDS if k in f}
     n = data["imgname"].shape[0] if data["imgname"].ndim else 0
     shapes = {"center": (n, 2), "scale": (n,), "part": (n, NUM_JOINTS, 2), "visible": (n, NUM_JOINTS),
               "normalize": (n,)}
@@ -249,18 +294,31 @@ def load_mpii_h5(path: str, image_dir: str) -> List[PoseRecord]:
         if data[key].dtype.kind not in "iuf":
             raise ValueError(f"{path}: dataset {key} must be numeric, got dtype {data[key].dtype}")
         data[key] = data[key].astype(np.float64)
-        rows = data[key].reshape(n, -1)
+        rows = data[key].reshape(n, int(np.prod(shape[1:])))  # not -1: a file may hold no records
         _first_bad(path, ~np.isfinite(rows).all(axis=1), f"{key} has non-finite values")
     _first_bad(path, data["scale"] <= 0, "scale must be positive")
     _first_bad(path, data["normalize"] < 0, "normalize (head size) must not be negative")
     names = _decode_names(path, data["imgname"])
+    ids = _h5_ids(path, ids, n)
     records = []
     for i in range(n):
         extra = {"vis_flag": data["visible"][i].copy()}
-        extra.update({H5_IDS[k]: int(v[i]) for k, v in ids.items() if v.shape == (n,)})
+        extra.update({H5_IDS[k]: int(v[i]) for k, v in ids.items()})
         records.append(_record(path, i, data["center"][i], float(data["scale"][i]), data["part"][i],
                                float(data["normalize"][i]), os.path.join(image_dir, names[i]), extra))
     return records
+
+
+def require_head_sizes(records: Sequence[PoseRecord], annotation: str) -> None:
+    """ValueError naming the file and the first record with annotated joints but no positive
+    head size, which PCKh cannot score (a zero-size head box, or a file without head boxes)."""
+    for record in records:
+        if record.visible.any() and not record.head_size > 0:
+            count = sum(1 for r in records if r.visible.any() and not r.head_size > 0)
+            raise ValueError(f"{annotation}: record {record.index}: annotated joints ({int(record.visible.sum())}) "
+                             f"but head size {record.head_size:g}: PCKh cannot score this person ({count} "
+                             f"{'person' if count == 1 else 'people'} like this; expected an MPII HDF5 file whose "
+                             f"normalize is positive for every annotated person)")
 
 
 def check_images(records: Sequence[PoseRecord]) -> List[PoseRecord]:

@@ -84,6 +84,9 @@ class TrainConfig:
     coco_valid: Optional[str] = None
     images: Optional[str] = None
     valid_images: Optional[str] = None     # the validation file's image folder, if not `images` (COCO's val2017)
+    bad_images: str = "stop"               # a bad image file of MPII/COCO people: stop (an error naming it) or skip
+                                           # the person (training: the next person takes its place; validation:
+                                           # unscored); fasthg.data.dataset.SkipBadImages
     workers: int = _GPU["workers"]
     seed: int = 0
     device: str = "auto"
