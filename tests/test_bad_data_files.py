@@ -5,6 +5,7 @@ wrong number; or, where a file is merely odd (grey, CMYK, 16-bit, joints off the
 loads right."""
 import builtins
 import copy
+import json
 import os
 import struct
 import zlib
@@ -514,6 +515,10 @@ def test_train_command_on_a_bad_image(tmp_path, image_dir, capsys, monkeypatch, 
                         f"{os.path.join(image_dir, 'b.png')!r}: truncated PNG (no IEND chunk at its end)")
     status, lines, out = cli(capsys, monkeypatch, argv + ["--out", str(tmp_path / "skip"), "--bad-images", "skip"])
     assert status == 0 and not lines and "epoch 1: loss" in out
+    # the epoch line and the log count the skipped (record 1 of the training file, once an epoch)
+    assert "skipped for bad images: 1" in out
+    rows = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
+    assert [r["skipped_images"] for r in rows] == [1]
 
 
 def test_eval_command_on_a_bad_image(tmp_path, image_dir, capsys, monkeypatch):
@@ -523,3 +528,33 @@ def test_eval_command_on_a_bad_image(tmp_path, image_dir, capsys, monkeypatch):
                                                  image_dir, "--device", "cpu"])
     assert status == 1 and lines == [f"fasthg eval: error: record 1: cannot read image file "
                                      f"{os.path.join(image_dir, 'b.png')!r}: an empty file"]
+
+
+def test_eval_command_skips_bad_images_when_asked(tmp_path, image_dir, capsys, monkeypatch):
+    _truncate(os.path.join(image_dir, "b.png"))
+    h5 = _write_h5(tmp_path / "v.h5", _h5_arrays())
+    argv = ["eval", _tiny_checkpoint(tmp_path), "--mpii-h5", h5, "--images", image_dir, "--device", "cpu"]
+    status, lines, out = cli(capsys, monkeypatch, argv + ["--bad-images", "skip"])
+    n = len(_h5_arrays()["scale"])
+    assert status == 0 and not lines and f"on {n - 1} people, 1 skipped for bad images" in out, out
+    status, lines, _ = cli(capsys, monkeypatch, argv)
+    assert status == 1 and "record 1: cannot read image file" in lines[0]
+
+
+def test_predict_command_on_a_huge_or_truncated_image(tmp_path, capsys, monkeypatch):
+    huge, cut = tmp_path / "huge.png", tmp_path / "cut.png"
+    huge.write_bytes(_png_declaring(100_000, 100_000))
+    cv2.imwrite(str(cut), np.full((40, 30, 3), 90, np.uint8))
+    _truncate(str(cut))
+    ckpt = _tiny_checkpoint(tmp_path)
+    for path, why in ((huge, "100000 x 100000"), (cut, "truncated PNG")):
+        status, lines, _ = cli(capsys, monkeypatch, ["predict", ckpt, str(path), "--out", str(tmp_path / "p"),
+                                                     "--device", "cpu"])
+        assert status == 1 and len(lines) == 1 and str(path) in lines[0] and why in lines[0], lines
+
+
+def test_eval_command_on_a_file_without_people_names_it(tmp_path, image_dir, capsys, monkeypatch):
+    empty = _write_json(tmp_path / "empty.json", [])
+    status, lines, _ = cli(capsys, monkeypatch, ["eval", _tiny_checkpoint(tmp_path), "--mpii-json", empty,
+                                                 "--images", image_dir, "--device", "cpu", "--split", "all"])
+    assert status == 1 and lines == [f"fasthg eval: error: {empty}: no people to evaluate (expected annotated people)"]

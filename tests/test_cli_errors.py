@@ -110,7 +110,7 @@ def test_predict_non_image(tmp_path, capsys, monkeypatch, ckpt):
     fake.write_text("not a picture")
     out = tmp_path / "out"
     fails(capsys, monkeypatch, ["predict", ckpt, str(fake), "--out", str(out), "--device", "cpu"], 1,
-          "cannot read image", "photo.jpg: not a picture", "expected a JPEG, PNG")
+          "cannot read image file", "photo.jpg", "not an image OpenCV can decode", "expected a JPEG, PNG")
     fails(capsys, monkeypatch, ["predict", ckpt, str(tmp_path / "gone.png"), "--device", "cpu"], 1,
           "gone.png: no such file")
 

@@ -236,7 +236,7 @@ def test_resume_takes_the_settings_given_and_refuses_those_a_run_cannot_change(t
     t = Trainer(tiny(tmp_path, epochs=2, amp="bf16", workers=1, check_every=3))
     t.resume(str(tmp_path / "mid.pt"))
     assert t._epoch_sums == {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "data_seconds": 0.0,
-                             "step_seconds": 0.0}
+                             "step_seconds": 0.0, "skipped": 0}
     # at an epoch's end: a new batch size, accumulate, learning rate and schedule take effect
     t = Trainer(tiny(tmp_path, epochs=2, batch_size=8, accumulate=2, lr=2e-3, lr_drops=(1,), lr_gamma=0.5))
     t.resume(last)

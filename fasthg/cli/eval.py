@@ -38,6 +38,9 @@ def eval_source(args, input_size):
     else:
         from fasthg.data.synthetic import SyntheticPoses
         source = SyntheticPoses(args.n, input_size, seed=args.seed)
+    if annotation and not len(source):
+        split = f" in its {args.split} split" if args.mpii_json and args.split != "all" else ""
+        raise ValueError(f"{annotation}: no people to evaluate{split} (expected annotated people)")
     if args.limit and args.limit < len(source):
         source = torch.utils.data.Subset(source, range(args.limit))
     if annotation:  # the people evaluated, each with its image file
@@ -141,12 +144,18 @@ def run(args) -> int:
         raise ValueError(f"{args.checkpoint}: a model of {model.num_joints} joints cannot be scored on "
                          f"{'COCO' if args.coco else 'MPII-style'} people ({joints} joints)")
     flip_pairs, skeleton = joint_conventions(joints)
+    if args.bad_images == "skip":  # the person stays, unscored (blank image, nothing annotated)
+        from fasthg.data.dataset import SkipBadImages
+
+        source = SkipBadImages(source, substitute=False)
     ds = PoseDataset(source, input_size=size, train=False, flip_pairs=flip_pairs)
     metric = "oks" if args.coco else "pckh"
     table, res = evaluate(model, ds, threshold=args.threshold, metric=metric, batch_size=args.batch_size,
                           flip_test=args.flip_test)
     name = "OKS AP (ground-truth boxes)" if args.coco else f"PCKh@{args.threshold}"
-    print(f"{name} on {len(ds)} people ({'flip test' if args.flip_test else 'no flip test'}):")
+    skipped = int(res["skipped"].sum())
+    scored = f"{len(ds) - skipped} people, {skipped} skipped for bad images" if skipped else f"{len(ds)} people"
+    print(f"{name} on {scored} ({'flip test' if args.flip_test else 'no flip test'}):")
     print(format_table(table))
     if metric == "pckh":
         print(f"\nper joint:\n{per_joint_table(res['pckh_accuracy'], res['pckh_count'], MPII_JOINTS)}")
@@ -186,6 +195,9 @@ def add_command(sub):
     e.add_argument("--threshold", type=types.positive_float, default=0.5,
                    help="PCKh threshold, a fraction of the head size (default: 0.5)")
     e.add_argument("--batch-size", type=types.positive_int, default=16, help="people per batch (default: 16)")
+    e.add_argument("--bad-images", dest="bad_images", choices=["stop", "skip"], default="stop",
+                   help="a person whose image file is bad (truncated, unreadable, too large): stop with an error "
+                        "naming it, or skip it, unscored, and say how many were skipped (default: stop)")
     e.add_argument("--grid", help="write a PNG grid of predicted vs true skeletons here")
     e.add_argument("--save-predictions", type=_prediction_file, metavar="FILE",
                    help="write the predicted joints in image pixels, in the MPII evaluation toolkit's layout: "

@@ -1,11 +1,11 @@
 """`fasthg predict`: pictures of a checkpoint's poses on image files."""
 import os
 
-import cv2
 import numpy as np
 
 from fasthg.cli import _model
 from fasthg.data.dataset import PoseDataset, load_image
+from fasthg.data.images import read_rgb
 from fasthg.data.records import PoseRecord, joint_conventions
 from fasthg.draw import draw_skeleton, write_png
 from fasthg.evaluate import predict_dataset
@@ -18,13 +18,10 @@ def _require_file(path: str) -> None:
 
 
 def read_image(path: str) -> np.ndarray:
-    """The image file as BGR uint8; an error that says what is wrong with it."""
+    """The image file as RGB uint8; an error that says what is wrong with it (truncated, too
+    many pixels, not a picture: fasthg.data.images.read_rgb, as training reads its images)."""
     _require_file(path)
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot read image {path}: not a picture OpenCV can decode (expected a JPEG, PNG, BMP, "
-                         "TIFF or WebP file)")
-    return img
+    return read_rgb(path)
 
 
 def run(args) -> int:

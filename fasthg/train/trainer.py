@@ -57,7 +57,9 @@ from fasthg.train.init import init_model
 _SCHEDULE = ("lr", "lr_drops", "lr_gamma")
 # An epoch's running sums over all processes, carried in a checkpoint written within it.
 # data_seconds and step_seconds: this process's wait for the loader and time in the steps.
-_NO_SUMS = {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "data_seconds": 0.0, "step_seconds": 0.0}
+# skipped: people whose bad image SkipBadImages (bad_images "skip") passed over.
+_NO_SUMS = {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "data_seconds": 0.0, "step_seconds": 0.0,
+            "skipped": 0}
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -358,7 +360,7 @@ class Trainer:
         # them, to be summed with the other processes' at the end), and from its time so far.
         carried, self._epoch_sums = self._epoch_sums if first else dict(_NO_SUMS), dict(_NO_SUMS)
         t0 = time.time() - carried["seconds"]
-        seen, loss_sum, n = 0, carried["loss_sum"] if self.is_main else 0.0, 0
+        seen, loss_sum, n, skipped = 0, carried["loss_sum"] if self.is_main else 0.0, 0, 0
         # Checks fall on optimizer steps (every check_every batches, rounded up to whole
         # accumulations), at the same steps in every process, and at the epoch's last step.
         period = -(-cfg.check_every // cfg.accumulate) * cfg.accumulate
@@ -383,6 +385,7 @@ class Trainer:
             else:
                 losses.append(self._step(images, batch["heatmaps"], batch["weights"], amp_dtype, boundary))
             seen += len(images)
+            skipped += int(batch["skipped"].sum())
             # One process reads its own stop flag at every step (no wait); several agree on
             # theirs at the checks only. Stop only between optimizer steps: a resumed run
             # cannot rebuild half-accumulated grads.
@@ -399,10 +402,10 @@ class Trainer:
             bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{(carried['images'] + seen * self.world) / wall:.1f}",
                             data=f"{100 * data_s / wall:.0f}%", step=f"{100 * step_s / wall:.0f}%")
             if stop and boundary:
-                self._epoch_sums = self._sums(loss_sum, n, seen, carried, t0, data_s, step_s)
+                self._epoch_sums = self._sums(loss_sum, n, seen, skipped, carried, t0, data_s, step_s)
                 self._last_epoch = self._epoch_row(self._epoch_sums)
                 return False, step + 1
-        sums = self._sums(loss_sum, n, seen, carried, t0, data_s, step_s)
+        sums = self._sums(loss_sum, n, seen, skipped, carried, t0, data_s, step_s)
         self._last_epoch = self._epoch_row(sums)
         return True, step + 1
 
@@ -412,7 +415,7 @@ class Trainer:
         images/s, the training loop's seconds, and its seconds waiting for data and in the steps."""
         return {"loss": sums["loss_sum"] / sums["steps"] if sums["steps"] else math.nan,
                 "images_per_s": sums["images"] / max(sums["seconds"], 1e-9), "train_s": sums["seconds"],
-                "data_s": sums["data_seconds"], "step_s": sums["step_seconds"]}
+                "data_s": sums["data_seconds"], "step_s": sums["step_seconds"], "skipped_images": sums["skipped"]}
 
     def _validate(self) -> Dict[str, float]:
         """The validation table (rank 0), its seconds kept for the epoch's log row."""
@@ -437,17 +440,18 @@ class Trainer:
         fit() of it, resumed ones too."""
         return self._elapsed + (time.time() - self._fit_start if self._fit_start else 0.0)
 
-    def _sums(self, loss_sum: float, n: int, seen: int, carried: Dict, t0: float, data_s: float,
+    def _sums(self, loss_sum: float, n: int, seen: int, skipped: int, carried: Dict, t0: float, data_s: float,
               step_s: float) -> Dict:
         """The epoch's sums so far over all processes (a collective): this process's loss sum
         (on rank 0 it includes the carried one), steps and images, plus the carried steps and
         images; the seconds since t0. Adds the images and seconds of this fit() to self._run."""
-        totals = torch.tensor([loss_sum, n, seen], dtype=torch.float64)
+        totals = torch.tensor([loss_sum, n, seen, skipped], dtype=torch.float64)
         if self.world > 1:
             totals = totals.to(self.device)
             dist.all_reduce(totals)
-        loss_sum, n, seen = totals.tolist()
+        loss_sum, n, seen, skipped = totals.tolist()
         sums = {"loss_sum": loss_sum, "steps": int(n) + carried["steps"], "images": int(seen) + carried["images"],
+                "skipped": int(skipped) + carried.get("skipped", 0),
                 "seconds": time.time() - t0, "data_seconds": data_s, "step_seconds": step_s}
         self._run["images"] += int(seen)
         self._run["seconds"] += sums["seconds"] - carried["seconds"]
@@ -540,7 +544,8 @@ class Trainer:
                 if k != "epoch":
                     writer.add_scalar(k, v, math.ceil(row["epoch"]))
         print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_s']:.1f} img/s, "
-              f"{self._metric_label()} {self._score(table):.1f}%; {time_split(row)}")
+              f"{self._metric_label()} {self._score(table):.1f}%; {time_split(row)}"
+              + (f"; skipped for bad images: {row['skipped_images']}" if row["skipped_images"] else ""))
 
     def _score(self, table: Dict[str, float]) -> float:
         """The entry of a validation table that ranks checkpoints (PCKh mean, OKS AP)."""
