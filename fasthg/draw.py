@@ -1,7 +1,7 @@
 """Pictures: skeletons drawn on images, grids of predicted vs true, training curves. (The
 benchmark chart is fasthg.bench.chart.)"""
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -74,9 +74,11 @@ def write_png(path: str, image: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def plot_training_curves(history: Sequence[dict], score_key: str, score_label: str, path: str) -> None:
+def plot_training_curves(history: Sequence[dict], score_key: str, score_label: str, path: str,
+                         more: Optional[Dict[str, str]] = None) -> None:
     """A PNG of a run's training loss and validation score per epoch (rows of fasthg train's
-    log.jsonl), written atomically; nothing without history or matplotlib."""
+    log.jsonl), written atomically; nothing without history or matplotlib. `more`: {label: key}
+    of further scores drawn beside it (each stack's, the harder joints')."""
     if not history:
         return
     try:
@@ -89,7 +91,13 @@ def plot_training_curves(history: Sequence[dict], score_key: str, score_label: s
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [r["loss"] for r in history], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    b.plot(ep, [r[score_key] for r in history], marker="o", color="tab:green")
+    b.plot(ep, [r[score_key] for r in history], marker="o", color="tab:green", label="mean (last stack)")
+    for label, key in (more or {}).items():
+        rows = [r for r in history if key in r]  # a resumed run's older rows may lack it
+        b.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=".", linewidth=1,
+               linestyle="--" if "harder" in label else "-", label=label)
+    if more:
+        b.legend(fontsize=7)
     b.set(xlabel="epoch", ylabel=score_label, ylim=(0, 100))
     fig.tight_layout()
     tmp = path + ".tmp.png"

@@ -7,6 +7,9 @@ import numpy as np
 import torch
 
 from fasthg.data.records import COCO_SIGMAS, MPII_GROUPS
+
+# The paper's "harder joints" (Fig. 8: wrists, elbows, knees, ankles), MPII_GROUPS' names.
+HARDER = ("Elbow", "Wrist", "Knee", "Ankle")
 from fasthg.data.transforms import from_heatmap_coords, invert, transform_points
 
 
@@ -84,14 +87,18 @@ def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.nd
 def pckh_table(accuracy: np.ndarray, count: np.ndarray,
                groups=MPII_GROUPS) -> Dict[str, float]:
     """The usual table: each group's accuracy over its joints' annotations, and Mean over
-    the joints of every group (for MPII: all but pelvis and thorax), in percent."""
-    out = {}
-    all_joints = []
-    for name, joints in groups:
-        j = list(joints)
-        all_joints += j
-        out[name] = 100.0 * float(np.nansum(accuracy[j] * count[j]) / max(count[j].sum(), 1))
-    out["Mean"] = 100.0 * float(np.nansum(accuracy[all_joints] * count[all_joints]) / max(count[all_joints].sum(), 1))
+    the joints of every group (for MPII: all but pelvis and thorax), in percent; and Hard,
+    over the harder joints' annotations (HARDER: elbows, wrists, knees, ankles; the paper's
+    Fig. 8), where the groups hold them."""
+    def over(j):
+        return 100.0 * float(np.nansum(accuracy[j] * count[j]) / max(count[j].sum(), 1))
+
+    out, by_name = {}, {name: list(joints) for name, joints in groups}
+    for name, joints in by_name.items():
+        out[name] = over(joints)
+    out["Mean"] = over(sum(by_name.values(), []))
+    if all(name in by_name for name in HARDER):
+        out["Hard"] = over(sum((by_name[name] for name in HARDER), []))
     return out
 
 
@@ -145,9 +152,10 @@ _COLLECTED = ("joints", "visible", "head_size", "area", "index", "record", "skip
 @torch.no_grad()
 def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = False, device=None,
                     num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
-    """Run the model (last stack's heatmaps) over an evaluation PoseDataset and map each
-    prediction back to its source image. Flip test: average with the heatmaps of the
-    mirrored input, turned back. Returns pred (N, J, 2), peak (N, J), joints, visible,
+    """Run the model over an evaluation PoseDataset and map each prediction back to its source
+    image. Flip test: average with the heatmaps of the mirrored input, turned back. Returns
+    pred (N, J, 2) and peak (N, J) of the last stack, pred_stacks (N, S, J, 2) and peak_stacks
+    (N, S, J) of every stack (the last one's are pred and peak), joints, visible,
     head_size, area, index, record (each person's record index) and skipped (1 where
     SkipBadImages blanked a person whose image is bad), in dataset order. Raises ValueError for
     an empty dataset, and BadImageError (one line naming the record and file) for a bad image,
@@ -162,22 +170,26 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    out = {k: [] for k in ("pred", "peak") + _COLLECTED}
+    out = {k: [] for k in ("pred_stacks", "peak_stacks") + _COLLECTED}
     try:
         for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
             images = batch["image"].to(device)
-            heatmaps = model(images)[:, -1].float()
+            heatmaps = model(images).float()  # [B, stacks, J, h, w]
             if flip_test:
-                mirrored = model(images.flip(-1))[:, -1].float()
+                mirrored = model(images.flip(-1)).float()
                 heatmaps = (heatmaps + flip_back(mirrored, dataset.flip_pairs)) / 2
             pos, peak = decode_heatmaps(heatmaps)
-            out["pred"].append(to_image_coords(pos, batch["matrix"].numpy(), dataset.stride))
-            out["peak"].append(peak)
+            matrices = batch["matrix"].numpy()
+            out["pred_stacks"].append(np.stack([to_image_coords(pos[:, s], matrices, dataset.stride)
+                                                for s in range(pos.shape[1])], 1))
+            out["peak_stacks"].append(peak)
             for k in _COLLECTED:
                 out[k].append(np.asarray(batch[k]))
     finally:
         model.train(was_training)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    res = {k: np.concatenate(v) for k, v in out.items()}
+    res["pred"], res["peak"] = res["pred_stacks"][:, -1], res["peak_stacks"][:, -1]
+    return res
 
 
 METRICS = {"pckh": "Mean", "oks": "AP"}  # metric -> the entry of its table that ranks models
@@ -188,16 +200,24 @@ def evaluate(model, dataset, threshold: float = 0.5, metric: str = "pckh",
     """The model's score table (percent) on an evaluation PoseDataset, and the predictions it
     was computed from: PCKh@threshold (metric "pckh", with the per-joint accuracy and count of
     pckh() in the results as "pckh_accuracy" and "pckh_count"), or OKS AP ("oks": COCO; each
-    person scored by its mean heatmap peak)."""
+    person scored by its mean heatmap peak). The table is the last stack's; the results hold
+    every stack's as "stack_tables" (the paper's accuracy at each intermediate stack) and,
+    for PCKh, their per-joint accuracies as "pckh_accuracy_stacks" (S, J)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     res = predict_dataset(model, dataset, **kw)
+    stacks = range(res["pred_stacks"].shape[1])
     if metric == "oks":
-        similarity = oks(res["pred"], res["joints"], res["visible"], res["area"], records=res["record"])
-        return oks_table(similarity, res["peak"].mean(1)), res
-    acc, count = pckh(res["pred"], res["joints"], res["visible"], res["head_size"], threshold, records=res["record"])
-    res["pckh_accuracy"], res["pckh_count"] = acc, count
-    return pckh_table(acc, count), res
+        tables = [oks_table(oks(res["pred_stacks"][:, s], res["joints"], res["visible"], res["area"],
+                                records=res["record"]), res["peak_stacks"][:, s].mean(1)) for s in stacks]
+    else:
+        scored = [pckh(res["pred_stacks"][:, s], res["joints"], res["visible"], res["head_size"], threshold,
+                       records=res["record"]) for s in stacks]
+        res["pckh_accuracy_stacks"] = np.stack([acc for acc, _ in scored])
+        res["pckh_accuracy"], res["pckh_count"] = scored[-1]
+        tables = [pckh_table(acc, count) for acc, count in scored]
+    res["stack_tables"] = tables
+    return tables[-1], res
 
 
 def per_joint_table(accuracy: np.ndarray, count: np.ndarray, names: Sequence[str]) -> str:

@@ -137,7 +137,12 @@ def _write(args, source, res):
 
 
 def run(args) -> int:
+    if args.grid_stack is not None and not args.grid:
+        raise types.UsageError("--grid-stack K picks the stack drawn in --grid's picture: give --grid too")
     model, size = _model.load(args)
+    if args.grid_stack is not None and args.grid_stack > model.num_stacks:
+        raise types.UsageError(f"--grid-stack: {args.checkpoint} has stacks 1 to {model.num_stacks}, "
+                               f"got {args.grid_stack}")
     source = eval_source(args, size)
     joints = len(COCO_JOINTS) if args.coco else len(MPII_JOINTS)
     if model.num_joints != joints:
@@ -159,20 +164,40 @@ def run(args) -> int:
     print(format_table(table))
     if metric == "pckh":
         print(f"\nper joint:\n{per_joint_table(res['pckh_accuracy'], res['pckh_count'], MPII_JOINTS)}")
+    if args.per_stack:
+        print(f"\n{name} of each stack's heatmaps:\n{stack_table(res['stack_tables'])}")
     if args.save_predictions:
         _write(args, source, res)
     if args.grid:
-        tiles = []
-        for k in range(min(16, len(ds))):
-            item = ds[k]
-            crop = ((item["image"].numpy().transpose(1, 2, 0) + 0.5) * 255).clip(0, 255).astype(np.uint8)
-            m = item["matrix"].numpy()
-            truth = draw_skeleton(crop, transform_points(res["joints"][k], m), res["visible"][k], skeleton,
-                                  colour=(255, 255, 255), thickness=1)
-            tiles.append(draw_skeleton(truth, transform_points(res["pred"][k], m), skeleton=skeleton, thickness=2))
-        write_png(args.grid, grid(tiles))
-        print(f"wrote {args.grid} (predicted: coloured, true: white)")
+        _write_grid(args, ds, res, skeleton, model.num_stacks)
     return 0
+
+
+def stack_table(tables) -> str:
+    """Each stack's score table (evaluate()'s stack_tables) as rows of text, stack 1 first."""
+    names = list(tables[0])
+    lines = ["stack | " + " | ".join(f"{n:>8}" for n in names)]
+    lines += [f"{k:>5} | " + " | ".join(f"{t[n]:8.2f}" for n in names) for k, t in enumerate(tables, 1)]
+    return "\n".join(lines)
+
+
+def _write_grid(args, ds, res, skeleton, stacks: int) -> None:
+    """The first 16 people, predicted (coloured) over true (white) skeletons; with --grid-stack
+    K, stack K's prediction beside the last stack's for each person."""
+    early = args.grid_stack
+    tiles = []
+    for k in range(min(16 if early is None else 8, len(ds))):
+        item = ds[k]
+        crop = ((item["image"].numpy().transpose(1, 2, 0) + 0.5) * 255).clip(0, 255).astype(np.uint8)
+        m = item["matrix"].numpy()
+        truth = draw_skeleton(crop, transform_points(res["joints"][k], m), res["visible"][k], skeleton,
+                              colour=(255, 255, 255), thickness=1)
+        shown = [res["pred_stacks"][k, early - 1]] if early is not None else []
+        for pred in shown + [res["pred"][k]]:
+            tiles.append(draw_skeleton(truth, transform_points(pred, m), skeleton=skeleton, thickness=2))
+    write_png(args.grid, grid(tiles))
+    pairs = f"; each pair: stack {early}, then stack {stacks}" if early is not None else ""
+    print(f"wrote {args.grid} (predicted: coloured, true: white{pairs})")
 
 
 def add_command(sub):
@@ -199,6 +224,12 @@ def add_command(sub):
                    help="a person whose image file is bad (truncated, unreadable, too large): stop with an error "
                         "naming it, or skip it, unscored, and say how many were skipped (default: stop)")
     e.add_argument("--grid", help="write a PNG grid of predicted vs true skeletons here")
+    e.add_argument("--grid-stack", dest="grid_stack", type=types.positive_int, default=None, metavar="K",
+                   help="in --grid, show stack K's prediction beside the last stack's for each person (the "
+                        "paper's Fig. 9, left)")
+    e.add_argument("--per-stack", dest="per_stack", action="store_true",
+                   help="also print the score table of every stack's heatmaps (intermediate supervision's "
+                        "predictions; the paper's Fig. 9, right)")
     e.add_argument("--save-predictions", type=_prediction_file, metavar="FILE",
                    help="write the predicted joints in image pixels, in the MPII evaluation toolkit's layout: "
                         "pos_pred_src (2, joints, people), x/y by joint by person, 1-based like the toolkit "

@@ -43,12 +43,13 @@ def init_shape(path: str, trust: bool = False) -> dict:
     import warnings
 
     from fasthg.models.convert import read_checkpoint
+    from fasthg.models.hourglass import complete_config
     from fasthg.train.init import SHAPE
 
     with warnings.catch_warnings():  # the Trainer's reading of it says the same again
         warnings.simplefilter("ignore")
         config = read_checkpoint(path, trust=trust).config
-    return {name: config[key] for name, key in SHAPE.items()}
+    return {name: complete_config(config)[key] for name, key in SHAPE.items()}
 
 
 def run_train(args) -> int:
@@ -101,6 +102,8 @@ _SETTINGS = {
     "stacks": (types.positive_int, "hourglasses stacked"),
     "features": (types.positive_int, "channels inside the hourglasses"),
     "depth": (types.positive_int, "downsamplings per hourglass"),
+    "blocks": (types.positive_int, "residual modules at each place of the hourglasses and features (the paper's "
+                                   "equal-parameter study: 2 stacks of 4, 4 of 2, 8 of 1)"),
     "sigma": (types.positive_float, "heatmap Gaussian std in heatmap pixels"),
     "epochs": (types.positive_int, "epochs to train (when resuming: the total, counting those done)"),
     "batch_size": (types.positive_int, "images per batch and process (the global batch is this x processes)"),
@@ -146,6 +149,9 @@ def add_command(sub):
     types.add_backend(t, default=None, help=f" ({default('backend')})")
     t.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"],
                    help=f"rmsprop (the paper's), adam, or sgd with momentum 0.9 ({default('optimizer')})")
+    t.add_argument("--supervision", choices=["all", "last"],
+                   help="the loss on every stack's heatmaps (intermediate supervision, the paper's) or on the last "
+                        f"stack's only (its Fig. 8 ablation) ({default('supervision')})")
     t.add_argument("--memory", choices=["default", "recompute"],
                    help="recompute: the residual modules' BN-ReLU-conv units keep only their input and the BN "
                         "statistics for backward and recompute the rest there (about half the activations, a few "

@@ -61,9 +61,11 @@ class TrainConfig:
     stacks: int = _GPU["stacks"]
     features: int = _GPU["features"]
     depth: int = _GPU["depth"]
+    blocks: int = 1                      # residual modules at each place (the paper's equal-parameter variants)
     input_size: int = _GPU["input_size"]
     sigma: Optional[float] = _GPU["sigma"]  # heatmap Gaussian std in output pixels (None: output/64)
     backend: str = "auto"
+    supervision: str = "all"             # the loss on every stack's heatmaps (the paper's), or on the last only
     memory: str = "default"              # recompute: BN-ReLU-conv units save half the activations (StackedHourglass);
                                          # same numerics up to rounding, so a resumed run may change it
     epochs: int = _GPU["epochs"]
@@ -109,7 +111,7 @@ class TrainConfig:
 # Settings a resumed run cannot change, and why: its weights, optimizer state, data order and
 # best score all belong to the checkpoint's values.
 _FIXED_ON_RESUME = {
-    **dict.fromkeys(("stacks", "features", "depth"), "the checkpoint's weights have the model shape it names"),
+    **dict.fromkeys(("stacks", "features", "depth", "blocks"), "the checkpoint's weights have the model shape it names"),
     **dict.fromkeys(("input_size", "sigma"), "the network learned heatmaps of that size and width"),
     "seed": "the data order, augmentation and random streams of the run follow it",
     **dict.fromkeys(("train_size", "mpii_h5_train", "mpii_json_train", "coco_train", "images"),

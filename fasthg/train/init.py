@@ -7,9 +7,10 @@ from typing import Optional
 
 from fasthg.models import StackedHourglass
 from fasthg.models.convert import Checkpoint, build, read_checkpoint
+from fasthg.models.hourglass import complete_config
 
 # TrainConfig's settings of the model's shape, and the model config's names for them.
-SHAPE = {"stacks": "num_stacks", "features": "num_features", "depth": "depth"}
+SHAPE = {"stacks": "num_stacks", "features": "num_features", "depth": "depth", "blocks": "num_blocks"}
 
 
 def init_model(cfg, joints: int, ckpt: Optional[Checkpoint] = None, trust: bool = False) -> StackedHourglass:
@@ -18,8 +19,9 @@ def init_model(cfg, joints: int, ckpt: Optional[Checkpoint] = None, trust: bool 
     checkpoint as read_checkpoint(cfg.init) gave it, for a caller that read it already.
     `trust`: read it by full unpickling instead of safely (only for a file you trust)."""
     ckpt = read_checkpoint(cfg.init, trust=trust) if ckpt is None else ckpt
-    differ = [f"--{name} {getattr(cfg, name)} (it has {ckpt.config[key]})"
-              for name, key in SHAPE.items() if getattr(cfg, name) != ckpt.config[key]]
+    config = complete_config(ckpt.config)
+    differ = [f"--{name} {getattr(cfg, name)} (it has {config[key]})"
+              for name, key in SHAPE.items() if getattr(cfg, name) != config[key]]
     if differ:
         raise ValueError(f"--init {cfg.init}: the run asks for another model than the checkpoint's: "
                          f"{', '.join(differ)}; leave those out to take the checkpoint's")

@@ -62,6 +62,10 @@ _NO_SUMS = {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "data_seco
             "skipped": 0}
 
 
+# Where the loss applies: every stack's heatmaps (intermediate supervision), or the last one's.
+SUPERVISION = ("all", "last")
+
+
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum over stacks of the masked squared error, 0.5 * sum over each heatmap's pixels,
     averaged over people and joints. (A mean over pixels makes gradients so small that
@@ -117,6 +121,8 @@ class Trainer:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
         if cfg.minutes is not None and not cfg.minutes > 0:
             raise ValueError(f"minutes must be positive, got {cfg.minutes!r}")
+        if cfg.supervision not in SUPERVISION:
+            raise ValueError(f"supervision must be one of {', '.join(SUPERVISION)}, got {cfg.supervision!r}")
         if cfg.optimizer not in ("rmsprop", "adam", "sgd"):
             raise ValueError(f"optimizer must be rmsprop, adam or sgd, got {cfg.optimizer!r}")
         if min(cfg.accumulate, cfg.batch_size, cfg.epochs, cfg.check_every) < 1:
@@ -153,7 +159,7 @@ class Trainer:
             self.model = init_model(cfg, joints, trust=trust_checkpoint)
         else:
             self.model = StackedHourglass(cfg.stacks, cfg.features, joints, cfg.depth, backend=cfg.backend,
-                                          memory=cfg.memory)
+                                          memory=cfg.memory, num_blocks=cfg.blocks)
         self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -418,11 +424,16 @@ class Trainer:
                 "data_s": sums["data_seconds"], "step_s": sums["step_seconds"], "skipped_images": sums["skipped"]}
 
     def _validate(self) -> Dict[str, float]:
-        """The validation table (rank 0), its seconds kept for the epoch's log row."""
+        """The validation table (rank 0; the last stack's), its seconds and every stack's score
+        (and harder-joint mean, for PCKh) kept for the epoch's log row: {metric}_{entry}_stack{k}."""
         t = time.perf_counter()
-        table, _ = evaluate(self.model, self.val_set, batch_size=self.cfg.batch_size, metric=self.metric,
-                            flip_test=self.cfg.flip_test, progress=False)
+        table, res = evaluate(self.model, self.val_set, batch_size=self.cfg.batch_size, metric=self.metric,
+                              flip_test=self.cfg.flip_test, progress=False)
         self._last_epoch["val_s"] = time.perf_counter() - t
+        for k, stack_table in enumerate(res["stack_tables"], 1):
+            for entry in (METRICS[self.metric], "Hard"):
+                if entry in stack_table:
+                    self._last_epoch[f"{self.metric}_{entry.lower()}_stack{k}"] = stack_table[entry]
         return table
 
     def _end_of_budget(self, step: int, writer):
@@ -460,6 +471,8 @@ class Trainer:
     def _loss(self, images, heatmaps, weights, amp_dtype):
         with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             pred = self.step_model(images)
+        if self.cfg.supervision == "last":  # the earlier stacks learn only through the last one
+            pred = pred[:, -1:]
         return heatmap_loss(pred, heatmaps.to(self.device), weights.to(self.device))
 
     def _check(self, losses: List[torch.Tensor], first_step: int):
@@ -543,13 +556,23 @@ class Trainer:
             for k, v in row.items():
                 if k != "epoch":
                     writer.add_scalar(k, v, math.ceil(row["epoch"]))
+        stacks = [row[k] for k in self._stack_keys(row)]
         print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_s']:.1f} img/s, "
-              f"{self._metric_label()} {self._score(table):.1f}%; {time_split(row)}"
+              f"{self._metric_label()} {self._score(table):.1f}%"
+              + (f" (harder joints {table['Hard']:.1f}%)" if "Hard" in table else "")
+              + (f", by stack {' / '.join(f'{v:.1f}' for v in stacks)}" if len(stacks) > 1 else "")
+              + f"; {time_split(row)}"
               + (f"; skipped for bad images: {row['skipped_images']}" if row["skipped_images"] else ""))
 
     def _score(self, table: Dict[str, float]) -> float:
         """The entry of a validation table that ranks checkpoints (PCKh mean, OKS AP)."""
         return table[METRICS[self.metric]]
+
+    def _stack_keys(self, row: Dict, entry: Optional[str] = None) -> List[str]:
+        """The log row's keys of each stack's score (`entry`: another entry of the table, e.g.
+        "Hard"), in stack order."""
+        prefix = f"{self.metric}_{(entry or METRICS[self.metric]).lower()}_stack"
+        return sorted((k for k in row if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
 
     def _score_key(self) -> str:
         """The log's (history's) key of the score that ranks checkpoints."""
@@ -559,9 +582,16 @@ class Trainer:
         return {"pckh": "PCKh@0.5 mean", "oks": "OKS AP"}[self.metric]
 
     def plot(self):
-        """curves.png in the output folder: the loss and validation-score curves (needs matplotlib)."""
-        plot_training_curves(self.history, self._score_key(),
-                             f"validation {self._metric_label()} (%)", os.path.join(self.cfg.out, "curves.png"))
+        """curves.png in the output folder: the loss and validation-score curves, each stack's and
+        the harder joints' beside the last stack's (needs matplotlib)."""
+        last = self.history[-1] if self.history else {}
+        stacks = self._stack_keys(last)
+        more = {f"stack {k}": key for k, key in enumerate(stacks, 1)} if len(stacks) > 1 else {}
+        hard = self._stack_keys(last, "Hard")
+        if hard:
+            more["harder joints (last stack)"] = hard[-1]
+        plot_training_curves(self.history, self._score_key(), f"validation {self._metric_label()} (%)",
+                             os.path.join(self.cfg.out, "curves.png"), more)
 
     def _stopped_text(self) -> str:
         epoch, step = self._stopped
