@@ -1,5 +1,5 @@
 """The `fasthg` command (also `python -m fasthg`): a module per subcommand (fasthg.cli.info,
-.bench, .eval, .predict, .train), each adding itself with add_command; fasthg.cli.args holds
+.bench, .eval, .predict, .train, .ablate), each adding itself with add_command; fasthg.cli.args holds
 the argument types they share.
 
 Errors end as one short line on stderr, `fasthg CMD: error: MESSAGE`, without a traceback:
@@ -14,7 +14,7 @@ import traceback
 
 from fasthg.cli.args import UsageError
 
-COMMANDS = ("info", "bench", "eval", "predict", "train")
+COMMANDS = ("info", "bench", "eval", "predict", "train", "ablate")
 # What a command's failure may raise: reported as one line, exit status 1.
 # (Other exceptions are fasthg's bugs: they keep their traceback.)
 FAILURES = (ValueError, OSError, RuntimeError, FloatingPointError, LookupError, ImportError, MemoryError)
@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     prog = f"fasthg {args.cmd}"
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except UsageError as e:
         if debug:

@@ -58,15 +58,24 @@ def natural_int(text):
     return _int(text, 0, "an integer >= 0")
 
 
-def positive_float(text):
-    """One finite number > 0 (--lr, --sigma)."""
+def _float(text, ok, expected):
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float(text):
+    """One finite number > 0 (--lr, --sigma)."""
+    return _float(text, lambda v: v > 0, "a positive number")
+
+
+def natural_float(text):
+    """One finite number >= 0 (ablate's --minutes, where 0 means none)."""
+    return _float(text, lambda v: v >= 0, "a number >= 0")
 
 
 def _names(text, known, what, none=False, shown=None):
