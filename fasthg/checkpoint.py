@@ -21,8 +21,11 @@ __all__ = ["FORMAT", "EXPECTED", "save", "read", "load_model", "load_file", "che
 def plain(value: Any) -> Any:
     """`value` with numpy arrays as tensors and numpy scalars as Python numbers, through dicts,
     lists and tuples: what the safe loader builds without numpy."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a copy keeps a subclass (the scheduler's Counter of milestones)
+        out = value.copy()
+        for k, v in value.items():
+            out[k] = plain(v)
+        return out
     if isinstance(value, (list, tuple)):
         out = [plain(v) for v in value]
         return out if isinstance(value, list) else tuple(out)

@@ -234,6 +234,7 @@ def test_fasthgs_checkpoints_hold_plain_data_only(trained, name):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
     contents = torch.load(path, weights_only=True)  # torch's own allowlist, no numpy
     assert _not_plain(contents) == []
+    assert type(contents["scheduler"]["milestones"]) is Counter  # as the scheduler keeps it
 
 
 def test_a_checkpoint_of_an_earlier_fasthg_resumes_with_its_random_streams(trained, tmp_path):
