@@ -152,7 +152,8 @@ _COLLECTED = ("joints", "visible", "head_size", "area", "index", "record", "skip
 @torch.no_grad()
 def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = False, device=None,
                     num_workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
-    """Run the model over an evaluation PoseDataset and map each prediction back to its source
+    """Run the model (an nn.Module, or a runtime of fasthg.deploy.runtimes: a callable with a
+    .device) over an evaluation PoseDataset and map each prediction back to its source
     image. Flip test: average with the heatmaps of the mirrored input, turned back. Returns
     pred (N, J, 2) and peak (N, J) of the last stack, pred_stacks (N, S, J, 2) and peak_stacks
     (N, S, J) of every stack (the last one's are pred and peak), joints, visible,
@@ -166,9 +167,11 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
         raise ValueError("predict_dataset: pass an evaluation dataset (PoseDataset(..., train=False))")
     if len(dataset) == 0:
         raise ValueError("predict_dataset: no people to evaluate (the evaluation set is empty)")
-    device = torch.device(device or next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
+    module = isinstance(model, torch.nn.Module)  # else a runtime of fasthg.deploy.runtimes
+    device = torch.device(device or (next(model.parameters()).device if module else model.device))
+    was_training = module and model.training
+    if module:
+        model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     out = {k: [] for k in ("pred_stacks", "peak_stacks") + _COLLECTED}
     try:
@@ -186,7 +189,8 @@ def predict_dataset(model, dataset, batch_size: int = 16, flip_test: bool = Fals
             for k in _COLLECTED:
                 out[k].append(np.asarray(batch[k]))
     finally:
-        model.train(was_training)
+        if module:
+            model.train(was_training)
     res = {k: np.concatenate(v) for k, v in out.items()}
     res["pred"], res["peak"] = res["pred_stacks"][:, -1], res["peak_stacks"][:, -1]
     return res

@@ -7,6 +7,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# fasthg.deploy's ONNX exports and runtime choices go to a folder of this session, not ~/.cache.
+if "FASTHG_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FASTHG_CACHE"] = tempfile.mkdtemp(prefix="fasthg-test-cache-")
+
 import pytest  # noqa: E402
 
 import fasthg  # noqa: E402,F401

@@ -1,5 +1,5 @@
 """The `fasthg` command (also `python -m fasthg`): a module per subcommand (fasthg.cli.info,
-.bench, .eval, .predict, .train, .ablate), each adding itself with add_command; fasthg.cli.args holds
+.bench, .eval, .predict, .train, .ablate, .export), each adding itself with add_command; fasthg.cli.args holds
 the argument types they share.
 
 Errors end as one short line on stderr, `fasthg CMD: error: MESSAGE`, without a traceback:
@@ -14,7 +14,7 @@ import traceback
 
 from fasthg.cli.args import UsageError
 
-COMMANDS = ("info", "bench", "eval", "predict", "train", "ablate")
+COMMANDS = ("info", "bench", "eval", "predict", "train", "ablate", "export")
 # What a command's failure may raise: reported as one line, exit status 1.
 # (Other exceptions are fasthg's bugs: they keep their traceback.)
 FAILURES = (ValueError, OSError, RuntimeError, FloatingPointError, LookupError, ImportError, MemoryError)

@@ -5,6 +5,7 @@ import os
 import torch
 
 from fasthg.cli import args as types
+from fasthg.deploy.runtimes import PRECISIONS, RUNTIMES
 from fasthg.device import resolve as resolve_device
 from fasthg.models import convert
 
@@ -42,10 +43,19 @@ def add_arguments(parser):
                         help="run the model as trained instead of folded for inference (by default each "
                              "BatchNorm after a conv is folded into it, its ReLU run by the conv: "
                              "fasthg.fuse.for_inference; same outputs within float rounding, faster)")
+    parser.add_argument("--runtime", choices=("auto",) + RUNTIMES, default="auto",
+                        help="what runs the network: torch (fasthg's folded model), onnxruntime or openvino (its "
+                             "ONNX export; pip install 'fasthg[deploy]'), or auto: the fastest of those installed "
+                             "for the device and precision, timed once per model and cached (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="float32, or bf16 (torch: autocast; openvino: its bf16 inference precision; fastest "
+                             "on CPUs with AMX or AVX512_BF16) (default: float32)")
 
 
-def load(args):
-    """(model on args.device, input size), set up to run as `fasthg train` runs it on that
+def load(args, batch: int = 1):
+    """(runner, model, input size): the checkpoint's StackedHourglass on args.device, and the
+    runtime that runs its forward (fasthg.deploy.runtimes; args.runtime, args.precision;
+    `batch`: the batch size auto times them at). The model is set up to run as `fasthg train` runs it on that
     device (fasthg.cli.train, fasthg.train.config.DEVICE_DEFAULTS): the layout the trainer
     uses there (on the CPU channels_last, the faster format for its convolutions) and, on the
     CPU, glibc keeping freed memory (fasthg.bench.malloc), else every fresh activation
@@ -60,10 +70,27 @@ def load(args):
     model = convert.build(ckpt, backend=args.backend).to(device)
     if device_defaults(device.type)["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    folded = model
     if getattr(args, "fold", True):
         from fasthg.fuse import for_inference
 
-        model = for_inference(model)
+        folded = for_inference(model)
     if device.type == "cpu":
         malloc.keep_freed_memory()  # process-wide: this process only evaluates (or predicts) and exits
-    return model, args.input_size or ckpt.input_size
+    size = args.input_size or ckpt.input_size
+    return runner(args, model, folded, size, device, batch), model, size
+
+
+def runner(args, model, folded, size: int, device, batch: int):
+    """args.runtime for the model (auto: the fastest, timed or cached), saying which it is."""
+    from fasthg.deploy import runtimes
+
+    if args.runtime != "auto":
+        run = runtimes.make(args.runtime, model, folded, size, device, args.precision)
+        print(f"runtime: {run.name} ({args.precision})")
+        return run
+    run, ms, cached = runtimes.choose(model, folded, size, batch, device, args.precision)
+    timed = ", ".join(f"{name} {v:.0f} ms" for name, v in ms.items())
+    how = f"{'cached ' if cached else ''}forward of {batch} images: {timed}" if ms else "the only one installed"
+    print(f"runtime: {run.name} ({args.precision}; auto, {how})")
+    return run

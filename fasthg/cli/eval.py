@@ -139,7 +139,7 @@ def _write(args, source, res):
 def run(args) -> int:
     if args.grid_stack is not None and not args.grid:
         raise types.UsageError("--grid-stack K picks the stack drawn in --grid's picture: give --grid too")
-    model, size = _model.load(args)
+    run, model, size = _model.load(args, args.batch_size)
     if args.grid_stack is not None and args.grid_stack > model.num_stacks:
         raise types.UsageError(f"--grid-stack: {args.checkpoint} has stacks 1 to {model.num_stacks}, "
                                f"got {args.grid_stack}")
@@ -155,7 +155,7 @@ def run(args) -> int:
         source = SkipBadImages(source, substitute=False)
     ds = PoseDataset(source, input_size=size, train=False, flip_pairs=flip_pairs)
     metric = "oks" if args.coco else "pckh"
-    table, res = evaluate(model, ds, threshold=args.threshold, metric=metric, batch_size=args.batch_size,
+    table, res = evaluate(run, ds, threshold=args.threshold, metric=metric, batch_size=args.batch_size,
                           flip_test=args.flip_test)
     name = "OKS AP (ground-truth boxes)" if args.coco else f"PCKh@{args.threshold}"
     skipped = int(res["skipped"].sum())

@@ -27,7 +27,7 @@ def read_image(path: str) -> np.ndarray:
 def run(args) -> int:
     for path in args.images_in:  # before the model loads and the first picture is written
         _require_file(path)
-    model, size = _model.load(args)
+    run, model, size = _model.load(args)
     flip_pairs, skeleton = joint_conventions(model.num_joints)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images_in:
@@ -37,7 +37,7 @@ def run(args) -> int:
         record = PoseRecord(center=((w - 1) / 2, (h - 1) / 2), scale=max(h, w) / 200 / 1.25, joints=np.zeros((1, 2)),
                             visible=np.zeros(1), image=path)
         ds = PoseDataset([record], input_size=size, train=False, flip_pairs=flip_pairs)
-        res = predict_dataset(model, ds, batch_size=1, flip_test=args.flip_test, progress=False)
+        res = predict_dataset(run, ds, batch_size=1, flip_test=args.flip_test, progress=False)
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_pose.png")
         write_png(out, draw_skeleton(load_image(record), res["pred"][0], skeleton=skeleton,
                                      thickness=max(2, max(h, w) // 150)))

@@ -1,0 +1,204 @@
+"""Deployment: `fasthg export` writes ONNX and torch.export files that reproduce the PyTorch
+model (ONNX Runtime and OpenVINO run the ONNX file, float32 relative error <= 1e-5, any batch);
+`fasthg eval`/`predict --runtime` run in torch, ONNX Runtime or OpenVINO with the same scores,
+and auto takes the fastest installed (timed once, cached, said); without the extras nothing
+changes."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_cli_errors import fails
+from test_fuse_inference import randomise_bn
+
+from fasthg import checkpoint
+from fasthg.cli import main
+from fasthg.deploy import export_file, export_onnx, runtimes
+from fasthg.models import StackedHourglass
+
+from conftest import rel_err
+
+HAS_ORT = runtimes.installed("onnxruntime")
+HAS_OV = runtimes.installed("openvino")
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed (pip install 'fasthg[deploy]')")
+needs_ov = pytest.mark.skipif(not HAS_OV, reason="openvino is not installed (pip install 'fasthg[deploy]')")
+CPU = torch.device("cpu")
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    model = StackedHourglass(**{"num_stacks": 2, "num_features": 16, "num_joints": 5, "depth": 2, "backend": "eager",
+                                **kw})
+    return randomise_bn(model).eval()
+
+
+def reference(model, images):
+    with torch.no_grad():
+        return model.double()(images.double())
+
+
+@pytest.fixture
+def onnx_path(tmp_path):
+    model = small()
+    return model, export_onnx(model, str(tmp_path / "m.onnx"), input_size=32)
+
+
+@needs_ort
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_runs_in_onnx_runtime_like_pytorch(onnx_path, batch):
+    model, path = onnx_path
+    images = torch.randn(batch, 3, 32, 32)
+    out = runtimes.OnnxRuntime(path, CPU)(images)
+    assert out.shape == (batch, 2, 5, 8, 8) and out.dtype == torch.float32
+    assert rel_err(out, reference(model, images)) <= 1e-5
+
+
+@needs_ov
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_runs_in_openvino_like_pytorch(onnx_path, batch):
+    model, path = onnx_path
+    images = torch.randn(batch, 3, 32, 32)
+    out = runtimes.OpenVinoRuntime(path, "float32")(images)
+    assert out.shape == (batch, 2, 5, 8, 8)
+    assert rel_err(out, reference(model, images)) <= 1e-5
+
+
+@needs_ort
+def test_a_converted_models_input_norm_and_num_blocks_are_in_the_graph(tmp_path):
+    model = small(num_blocks=2, input_norm={"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]}, stem="pytorch-pose")
+    path = export_onnx(model, str(tmp_path / "m.onnx"), input_size=32)
+    images = torch.randn(2, 3, 32, 32)
+    assert rel_err(runtimes.OnnxRuntime(path, CPU)(images), reference(model, images)) <= 1e-5
+
+
+def test_torch_export_program_round_trips(tmp_path):
+    model = small()
+    path = export_file(model, str(tmp_path / "m.pt2"), input_size=32)
+    program = torch.export.load(path).module()
+    for batch in (1, 4):
+        images = torch.randn(batch, 3, 32, 32)
+        assert rel_err(program(images), reference(model, images)) <= 1e-5
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(ValueError, match="give a format"):
+        export_file(small(), str(tmp_path / "m.bin"))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        export_onnx(small(), str(tmp_path / "m.onnx"), input_size=40)
+    with pytest.raises(TypeError, match="expected a fasthg StackedHourglass"):
+        export_onnx(torch.nn.Conv2d(3, 3, 1), str(tmp_path / "m.onnx"))
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = str(tmp_path / "m.pt")
+    checkpoint.save(path, small(num_joints=16), input_size=32)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_the_export_command(ckpt, tmp_path, capsys, fmt):
+    out = str(tmp_path / f"hg.{fmt}")
+    assert main(["export", ckpt, out]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "[batch, 3, 32, 32] -> [batch, 2, 16, 8, 8]" in printed
+    if fmt == "pt2" or HAS_ORT:
+        error = float(printed.split("relative error ")[1].split()[0])
+        assert error <= 1e-5, printed
+    else:
+        assert "not checked: onnxruntime is not installed" in printed
+
+
+def _scores(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    runtime = next(line for line in out.splitlines() if line.startswith("runtime: "))
+    lines = out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("PCKh@0.5"))) + 2]
+    return runtime, [float(v) for v in table.split("|")]
+
+
+@needs_ort
+@needs_ov
+def test_eval_gives_the_same_scores_in_every_runtime(ckpt, capsys):
+    argv = ["eval", ckpt, "--n", "12", "--device", "cpu", "--batch-size", "4"]
+    scores = {}
+    for runtime in runtimes.RUNTIMES:
+        said, scores[runtime] = _scores(capsys, argv + ["--runtime", runtime])
+        assert said == f"runtime: {runtime} (float32)"
+    assert scores["onnxruntime"] == pytest.approx(scores["torch"], abs=1e-6)
+    assert scores["openvino"] == pytest.approx(scores["torch"], abs=1e-6)
+
+
+@needs_ort
+def test_auto_times_the_runtimes_once_and_takes_the_fastest(ckpt, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTHG_CACHE", str(tmp_path / "cache"))
+    fake = {"torch": 30.0, "onnxruntime": 10.0, "openvino": 20.0}
+    timed = []
+
+    def time_runtime(run, images, repeats=3):
+        timed.append(run.name)
+        return fake[run.name] / 1e3
+
+    monkeypatch.setattr(runtimes, "time_runtime", time_runtime)
+    argv = ["eval", ckpt, "--n", "8", "--device", "cpu", "--batch-size", "4"]
+    said, first = _scores(capsys, argv)
+    candidates = [n for n in runtimes.RUNTIMES if runtimes.why_not(n, CPU, "float32") is None]
+    assert sorted(timed) == sorted(candidates)
+    assert said.startswith("runtime: onnxruntime (float32; auto, forward of 4 images: torch 30 ms, onnxruntime 10 ms")
+    said, again = _scores(capsys, argv)
+    assert len(timed) == len(candidates) and again == first  # cached: not timed again
+    assert said.startswith("runtime: onnxruntime (float32; auto, cached forward of 4 images")
+    choices = json.load(open(tmp_path / "cache" / "runtimes.json"))
+    assert [c["runtime"] for c in choices.values()] == ["onnxruntime"]
+    _scores(capsys, argv[:-1] + ["8"])  # another batch size: timed anew
+    assert len(timed) == 2 * len(candidates)
+
+
+def test_without_the_extras_auto_is_torch_and_the_others_say_how_to_install(ckpt, capsys, monkeypatch):
+    real = runtimes.installed
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    said, _ = _scores(capsys, ["eval", ckpt, "--n", "4", "--device", "cpu"])
+    assert said == "runtime: torch (float32; auto, the only one installed)"
+    for name in ("onnxruntime", "openvino"):
+        fails(capsys, monkeypatch, ["eval", ckpt, "--n", "4", "--device", "cpu", "--runtime", name], 1,
+              f"--runtime {name}: {name} is not installed (pip install 'fasthg[deploy]'")
+    monkeypatch.setattr(runtimes, "installed", real)
+
+
+def test_runtimes_refuse_what_they_cannot_run(ckpt, capsys, monkeypatch):
+    if HAS_ORT:
+        fails(capsys, monkeypatch, ["eval", ckpt, "--n", "4", "--device", "cpu", "--runtime", "onnxruntime",
+                                    "--precision", "bf16"], 1, "ONNX Runtime has no bfloat16 convolutions")
+    on_cuda = runtimes.why_not("openvino", torch.device("cuda"), "float32")
+    assert on_cuda == ("OpenVINO runs here on the CPU only (give --device cpu)" if HAS_OV else
+                       "openvino is not installed (pip install 'fasthg[deploy]' (or: pip install onnx onnxruntime "
+                       "openvino))")
+    fails(capsys, monkeypatch, ["eval", ckpt, "--runtime", "tensorrt"], 2, "--runtime")
+
+
+@needs_ov
+def test_bf16_runs_in_torch_and_openvino_close_to_float32(ckpt, capsys):
+    argv = ["eval", ckpt, "--n", "8", "--device", "cpu", "--batch-size", "4", "--precision", "bf16"]
+    for runtime in ("torch", "openvino"):
+        said, scores = _scores(capsys, argv + ["--runtime", runtime])
+        assert said == f"runtime: {runtime} (bf16)" and all(0 <= v <= 100 for v in scores)
+    model = small(num_joints=16)
+    path = runtimes.onnx_file(model, 32)
+    images = torch.randn(2, 3, 32, 32)
+    out = runtimes.OpenVinoRuntime(path, "bf16")(images)
+    assert rel_err(out, reference(model, images)) < 5e-2
+
+
+@needs_ort
+def test_predict_runs_in_onnx_runtime(ckpt, tmp_path, capsys):
+    import cv2
+
+    img = str(tmp_path / "person.png")
+    cv2.imwrite(img, np.full((40, 30, 3), 90, np.uint8))
+    assert main(["predict", ckpt, img, "--out", str(tmp_path / "p"), "--device", "cpu", "--runtime",
+                 "onnxruntime"]) == 0
+    assert "runtime: onnxruntime (float32)" in capsys.readouterr().out
+    assert cv2.imread(str(tmp_path / "p" / "person_pose.png")).shape == (40, 30, 3)
