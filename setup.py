@@ -113,6 +113,8 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "triton; platform_system == 'Linux'"],
         "plot": ["matplotlib"],
+        # fasthg export, and eval/predict --runtime onnxruntime|openvino (auto picks the fastest)
+        "deploy": ["onnx", "onnxruntime", "openvino"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},

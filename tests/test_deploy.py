@@ -202,3 +202,28 @@ def test_predict_runs_in_onnx_runtime(ckpt, tmp_path, capsys):
                  "onnxruntime"]) == 0
     assert "runtime: onnxruntime (float32)" in capsys.readouterr().out
     assert cv2.imread(str(tmp_path / "p" / "person_pose.png")).shape == (40, 30, 3)
+
+
+def test_bench_inference_rows_for_the_runtimes_and_the_comparison_line():
+    from fasthg.bench.inference import RUNTIME_VARIANTS, bench_inference, fold_checks, fold_lines, runtime_variants
+
+    installed = [n for n in RUNTIME_VARIANTS if runtimes.why_not(n, CPU, "float32") is None]
+    assert runtime_variants(CPU, torch.float32) == installed  # bench_inference's default adds them
+    rows = bench_inference("hg1", "cpu", 1, 64, repeats=1, variants=("eager", "folded", *RUNTIME_VARIANTS))
+    assert [r["backend"] for r in rows] == ["eager", "folded"] + installed
+    assert all(r["images_per_s"] > 0 for r in rows)
+    bf16 = bench_inference("hg1", "cpu", 1, 64, repeats=1, dtype=torch.bfloat16,
+                           variants=("eager", "folded", *RUNTIME_VARIANTS))
+    assert [r["backend"] for r in bf16] == ["eager", "folded"] + (["openvino"] if HAS_OV else [])
+
+    def row(backend, ms):
+        return {"op": "hg2 inference", "shape": [8, 3, 256, 256], "dtype": "float32", "layout": "nhwc",
+                "backend": backend, "median_ms": ms, "speedup": 100 / ms, "images_per_s": 8e3 / ms}
+
+    rows = [row("eager", 100), row("folded", 75), row("onnxruntime", 60), row("openvino", 65)]
+    (check,) = fold_checks(rows)
+    assert check["fastest_runtime"] == "onnxruntime" and check["folded_of_runtime"] == pytest.approx(0.8)
+    assert "folded runs at 0.80x the speed of the fastest runtime (onnxruntime), and --runtime auto picks " \
+           "onnxruntime" in "\n".join(fold_lines(rows))
+    rows[1]["median_ms"] = 50
+    assert fold_checks(rows)[0]["auto_pick"] == "torch"

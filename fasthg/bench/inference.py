@@ -6,7 +6,10 @@ a preset's eval forward (no grad), timed round-robin, per variant:
 - folded: fasthg.fuse.for_inference of the auto model;
 - compile-freezing: torch.compile of the eager model with inductor's freezing on (which
   folds BN into the conv and packs oneDNN weights too), its first call (the compile wait)
-  timed apart from the rest.
+  timed apart from the rest;
+- onnxruntime, openvino: the ONNX export of the eager model in ONNX Runtime (float32 only) and
+  OpenVINO (f32, or its bf16 precision for bfloat16), where installed (fasthg.deploy.runtimes):
+  the runtimes people deploy to, and what `fasthg eval --runtime auto` chooses among.
 
 Bars (issue 22, CPU): at batch 8 folded >= 1.25x eager, and within 10% of compile-freezing
 or faster."""
@@ -20,6 +23,16 @@ from fasthg.bench.harness import (SPREAD_LIMIT, compiled, dtype_name, interleave
 from fasthg.models import PRESETS
 
 VARIANTS = ("eager", "auto", "folded", "compile-freezing")
+RUNTIME_VARIANTS = ("onnxruntime", "openvino")
+
+
+def runtime_variants(device, dtype) -> List[str]:
+    """The deployment runtimes installed that run this device and dtype."""
+    from fasthg.deploy import runtimes
+
+    precision = {torch.float32: "float32", torch.bfloat16: "bf16"}.get(dtype)
+    return [n for n in RUNTIME_VARIANTS
+            if precision and runtimes.why_not(n, torch.device(device), precision) is None]
 BAR_OVER_EAGER, BAR_OF_COMPILED, BAR_BATCH = 1.25, 0.9, 8
 
 
@@ -41,8 +54,17 @@ class InferenceCase:
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
         self.images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
-        models = {}
+        models, runs = {}, {}
         for v in variants:
+            if v in RUNTIME_VARIANTS:
+                from fasthg.deploy import runtimes
+
+                if v not in runtime_variants(device, dtype):  # not installed, or not for this dtype
+                    continue
+
+                precision = "bf16" if dtype == torch.bfloat16 else "float32"
+                runs[v] = runtimes.make(v, base.eval(), None, image_size, device, precision)
+                continue
             m = PRESETS[preset](backend="eager" if v in ("eager", "compile-freezing") else "auto")
             m.load_state_dict(base.state_dict())
             models[v] = m.to(device).eval().to(memory_format=layout)
@@ -53,6 +75,7 @@ class InferenceCase:
         if "compile-freezing" in models:
             forwards["compile-freezing"] = compiled(models["compile-freezing"], device)
         self.calls = {v: (lambda f=f, v=v: self._forward(f, v)) for v, f in forwards.items()}
+        self.calls.update({v: (lambda r=r: r(self.images)) for v, r in runs.items()})
         if "compile-freezing" in self.calls:
             t0 = time.perf_counter()
             self.calls["compile-freezing"]()
@@ -68,10 +91,12 @@ class InferenceCase:
 
 
 def bench_inference(preset: str, device, batch: int, image_size: int, repeats: int,
-                    layout=torch.channels_last, dtype=torch.float32, variants=VARIANTS,
+                    layout=torch.channels_last, dtype=torch.float32, variants=None,
                     warmup: int = 1) -> List[dict]:
-    """One row per variant: median ms, speedup over eager, images/s, and compile-freezing's
-    compile wait (compile_s)."""
+    """One row per variant (default: VARIANTS and the deployment runtimes installed): median
+    ms, speedup over eager, images/s, and compile-freezing's compile wait (compile_s)."""
+    if variants is None:
+        variants = VARIANTS + tuple(runtime_variants(device, dtype))
     case = InferenceCase(preset, device, batch, image_size, layout, dtype, variants)
     med, spreads = medians_and_spreads(interleaved_samples(case.calls, torch.device(device), warmup, repeats))
     return [{"op": f"{preset} inference", "level": image_size, "shape": [batch, 3, image_size, image_size],
@@ -97,6 +122,12 @@ def fold_checks(rows) -> List[Dict]:
         if "compile-freezing" in g:
             check["of_compiled"] = g["compile-freezing"]["median_ms"] / g["folded"]["median_ms"]
             check["met_compiled"] = check["of_compiled"] >= BAR_OF_COMPILED
+        deployed = {v: g[v] for v in RUNTIME_VARIANTS if v in g}
+        if deployed:  # fasthg's own path against the fastest runtime people deploy to, and auto's pick
+            fastest = min(deployed, key=lambda v: deployed[v]["median_ms"])
+            check["fastest_runtime"] = fastest
+            check["folded_of_runtime"] = deployed[fastest]["median_ms"] / g["folded"]["median_ms"]
+            check["auto_pick"] = fastest if check["folded_of_runtime"] < 1 else "torch"
         out.append(check)
     return out
 
@@ -111,5 +142,8 @@ def fold_lines(rows) -> List[str]:
         if "of_compiled" in c:
             line += (f", {c['of_compiled']:.2f}x compile-freezing's speed (bar {BAR_OF_COMPILED}: "
                      f"{'met' if c['met_compiled'] else 'NOT met'})")
+        if "fastest_runtime" in c:
+            line += (f"; folded runs at {c['folded_of_runtime']:.2f}x the speed of the fastest runtime "
+                     f"({c['fastest_runtime']}), and --runtime auto picks {c['auto_pick']}")
         lines.append(line)
     return (["", "Folded inference (fasthg.fuse.for_inference), same run:"] + lines) if lines else []
