@@ -17,6 +17,9 @@
 #    --levels 64,32 --model hg2` gives those, and `--model-layouts nhwc` the models in
 #    channels_last); the table and JSON are rewritten after every case, so a bench cut
 #    short by the budget still leaves what it measured,
+# 6. exports hg2 to ONNX (`fasthg export`, checked against PyTorch) and times hg2's inference
+#    at batch 1 and 8: eager, folded, compile-freezing and, where onnxruntime-gpu is installed,
+#    ONNX Runtime's CUDA provider (`fasthg bench --inference-fold`; its table goes into the summary),
 # writing every log, JSON, table and chart into OUT_DIR (at most 8 files) and printing a
 # short summary last. A failed build stops it at once; a failed later step is reported (its
 # log's tail, and FAILED in the summary) and the steps after it still run, since GPU time is
@@ -74,6 +77,18 @@ step "Triton bn_relu_conv1x1 vs BN-ReLU + cuDNN conv" "$conv_log" \
   "$PY" -m fasthg.bench.conv1x1 --device cuda --levels 64,32,16 --batch 16 || true
 step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --levels 128,64,32,16,8,4 \
   --channels 128,256 --model hg2,hg8 --model-layouts nchw --out "$out/bench" || true
+# Deployment: the ONNX export, and inference against the runtimes installed (not in OUT_DIR: 8 files there)
+deploy_dir=$(mktemp -d)
+deploy_check() {  # hg2 (fresh weights) exported to ONNX and checked; its inference in every runtime here
+  "$PY" -c "import sys; from fasthg import checkpoint; from fasthg.models import hg2; checkpoint.save(sys.argv[1], hg2())" \
+    "$deploy_dir/hg2.pt" &&
+  "$PY" -m fasthg export "$deploy_dir/hg2.pt" "$deploy_dir/hg2.onnx" &&
+  "$PY" -m fasthg bench --device cuda --inference-fold --model hg2 --model-layouts nhwc --model-repeats 5 \
+    --out "$deploy_dir/bench"
+}
+export -f deploy_check
+export PY deploy_dir
+step "fasthg export + inference runtimes on the GPU" "$deploy_dir/deploy.log" bash -c deploy_check || true
 
 {  # (|| true: under pipefail a grep that matches nothing would end the script here)
   echo
@@ -85,6 +100,9 @@ step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device c
     grep -v "| eager |" | cut -d"|" -f2-10 || true
   echo
   grep -E "^bn_relu_conv1x1:|^\|" "$conv_log" || true
+  echo
+  grep -E "^wrote .*onnx|checked" "$deploy_dir/deploy.log" || true
+  grep -E "inference" "$deploy_dir/bench/bench.md" | cut -d"|" -f2-10 || true
   if ((${#failed[@]})); then
     echo
     echo "FAILED steps: ${failed[*]}"
