@@ -42,18 +42,24 @@ def speedup_chart(result, path: str, bars: Dict[Tuple[str, str], float], bar_lev
         return 0
     cols = min(3, len(panels))
     rows_of_panels = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.5 * cols, 3.8 * rows_of_panels), squeeze=False)
+    # a panel wide enough for its groups' labels (the models' panel of --inference-fold has 8)
+    model_groups = len({(r["op"], r["layout"], r["dtype"], r["shape"][0]) for r in panels.get(("models", ""), [])})
+    panel_width = max(5.5, 1.0 * model_groups)
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(panel_width * cols, 3.8 * rows_of_panels), squeeze=False)
     for ax, ((op, mode), rows) in zip(axes.flat, panels.items()):
         series: Dict[str, Dict[str, float]] = {}
         if op == "models":
-            def group(r):  # "hg2 step\nnhwc float32"
-                return f"{r['op'].replace('train step', 'step').replace('inference', 'infer')}\n{r['layout']} {r['dtype']}"
+            batches = sorted({r["shape"][0] for r in rows})
+
+            def group(r):  # "hg2 step\nnhwc float32" (and " b8" where the run has several batch sizes)
+                name = f"{r['op'].replace('train step', 'step').replace('inference', 'infer')}\n{r['layout']} {r['dtype']}"
+                return name + (f"\nbatch {r['shape'][0]}" if len(batches) > 1 else "")
 
             groups = list(dict.fromkeys(group(r) for r in rows))
             for r in rows:
                 series.setdefault(r["backend"], {})[group(r)] = r["speedup"]
-            ax.set_title("models (batch %d, %dx%d)" % (rows[0]["shape"][0], rows[0]["shape"][2], rows[0]["shape"][3]),
-                         fontsize=9)
+            ax.set_title("models (batch %s, %dx%d)" % (", ".join(map(str, batches)), rows[0]["shape"][2],
+                                                       rows[0]["shape"][3]), fontsize=9)
         else:
             groups = [f"{level}x{level}" for level in sorted({r["level"] for r in rows}, reverse=True)]
             several_channels = len({r["shape"][1] for r in rows}) > 1
