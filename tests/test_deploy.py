@@ -113,8 +113,8 @@ def test_the_export_command(ckpt, tmp_path, capsys, fmt):
 
 def _scores(capsys, argv):
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    runtime = next(line for line in out.splitlines() if line.startswith("runtime: "))
+    out, err = capsys.readouterr()
+    runtime = next(line for line in err.splitlines() if line.startswith("runtime: "))
     lines = out.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("PCKh@0.5"))) + 2]
     return runtime, [float(v) for v in table.split("|")]
@@ -200,7 +200,7 @@ def test_predict_runs_in_onnx_runtime(ckpt, tmp_path, capsys):
     cv2.imwrite(img, np.full((40, 30, 3), 90, np.uint8))
     assert main(["predict", ckpt, img, "--out", str(tmp_path / "p"), "--device", "cpu", "--runtime",
                  "onnxruntime"]) == 0
-    assert "runtime: onnxruntime (float32)" in capsys.readouterr().out
+    assert "runtime: onnxruntime (float32)" in capsys.readouterr().err
     assert cv2.imread(str(tmp_path / "p" / "person_pose.png")).shape == (40, 30, 3)
 
 

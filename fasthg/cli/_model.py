@@ -1,6 +1,7 @@
 """What `fasthg eval` and `fasthg predict` share: the checkpoint's flags and loading its model."""
 import argparse
 import os
+import sys
 
 import torch
 
@@ -82,15 +83,16 @@ def load(args, batch: int = 1):
 
 
 def runner(args, model, folded, size: int, device, batch: int):
-    """args.runtime for the model (auto: the fastest, timed or cached), saying which it is."""
+    """args.runtime for the model (auto: the fastest, timed or cached), saying which it is on
+    stderr (stdout keeps the command's own output: tables, written files)."""
     from fasthg.deploy import runtimes
 
     if args.runtime != "auto":
         run = runtimes.make(args.runtime, model, folded, size, device, args.precision)
-        print(f"runtime: {run.name} ({args.precision})")
+        print(f"runtime: {run.name} ({args.precision})", file=sys.stderr)
         return run
     run, ms, cached = runtimes.choose(model, folded, size, batch, device, args.precision)
     timed = ", ".join(f"{name} {v:.0f} ms" for name, v in ms.items())
     how = f"{'cached ' if cached else ''}forward of {batch} images: {timed}" if ms else "the only one installed"
-    print(f"runtime: {run.name} ({args.precision}; auto, {how})")
+    print(f"runtime: {run.name} ({args.precision}; auto, {how})", file=sys.stderr)
     return run
