@@ -179,17 +179,37 @@ def test_runtimes_refuse_what_they_cannot_run(ckpt, capsys, monkeypatch):
     fails(capsys, monkeypatch, ["eval", ckpt, "--runtime", "tensorrt"], 2, "--runtime")
 
 
+# OpenVINO's bf16 runs in a process of its own: after it had run in the test process, a later
+# subprocess spawn crashed that process (SIGSEGV, 3 of 3 full runs; not without these calls).
+BF16_CHILD = r"""
+import sys, torch
+from fasthg.deploy import runtimes
+from fasthg.models import StackedHourglass
+torch.manual_seed(0)
+model = StackedHourglass(2, 16, 16, 2, backend="eager").eval()
+path = runtimes.onnx_file(model, 32)
+images = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    ref = model.double()(images.double())
+out = runtimes.OpenVinoRuntime(path, "bf16")(images)
+print(((out.double() - ref).norm() / ref.norm()).item())
+"""
+
+
 @needs_ov
 def test_bf16_runs_in_torch_and_openvino_close_to_float32(ckpt, capsys):
-    argv = ["eval", ckpt, "--n", "8", "--device", "cpu", "--batch-size", "4", "--precision", "bf16"]
+    import subprocess
+    import sys
+
     for runtime in ("torch", "openvino"):
-        said, scores = _scores(capsys, argv + ["--runtime", runtime])
-        assert said == f"runtime: {runtime} (bf16)" and all(0 <= v <= 100 for v in scores)
-    model = small(num_joints=16)
-    path = runtimes.onnx_file(model, 32)
-    images = torch.randn(2, 3, 32, 32)
-    out = runtimes.OpenVinoRuntime(path, "bf16")(images)
-    assert rel_err(out, reference(model, images)) < 5e-2
+        run = subprocess.run([sys.executable, "-m", "fasthg", "eval", ckpt, "--n", "8", "--device", "cpu",
+                              "--batch-size", "4", "--precision", "bf16", "--runtime", runtime],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        assert f"runtime: {runtime} (bf16)" in run.stderr and "PCKh@0.5 on 8 people" in run.stdout
+    run = subprocess.run([sys.executable, "-c", BF16_CHILD], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout.split()[-1]) < 5e-2
 
 
 @needs_ort
@@ -212,9 +232,10 @@ def test_bench_inference_rows_for_the_runtimes_and_the_comparison_line():
     rows = bench_inference("hg1", "cpu", 1, 64, repeats=1, variants=("eager", "folded", *RUNTIME_VARIANTS))
     assert [r["backend"] for r in rows] == ["eager", "folded"] + installed
     assert all(r["images_per_s"] > 0 for r in rows)
-    bf16 = bench_inference("hg1", "cpu", 1, 64, repeats=1, dtype=torch.bfloat16,
-                           variants=("eager", "folded", *RUNTIME_VARIANTS))
-    assert [r["backend"] for r in bf16] == ["eager", "folded"] + (["openvino"] if HAS_OV else [])
+    # bf16: ONNX Runtime is no candidate; OpenVINO is (its bf16 runs in test_bf16_runs_..., in a process apart)
+    assert runtime_variants(CPU, torch.bfloat16) == (["openvino"] if HAS_OV else [])
+    bf16 = bench_inference("hg1", "cpu", 1, 64, repeats=1, dtype=torch.bfloat16, variants=("eager", "folded"))
+    assert [r["backend"] for r in bf16] == ["eager", "folded"]
 
     def row(backend, ms):
         return {"op": "hg2 inference", "shape": [8, 3, 256, 256], "dtype": "float32", "layout": "nhwc",

@@ -20,12 +20,14 @@ def test_eval_runs_the_model_in_the_trainers_layout_with_freed_memory_kept(tmp_p
     monkeypatch.setattr(malloc, "keep_freed_memory", lambda: kept.append(True) or True)
     real_evaluate = eval_cli.evaluate
 
-    def spy(model, dataset, **kw):
-        seen["weights"] = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # (1x1: both layouts)
-        return real_evaluate(model, dataset, **kw)
+    def spy(run, dataset, **kw):
+        module = run.model  # the torch runtime's (fasthg.deploy.runtimes.TorchRuntime)
+        seen["weights"] = [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # (1x1: both layouts)
+        return real_evaluate(run, dataset, **kw)
 
     monkeypatch.setattr(eval_cli, "evaluate", spy)
-    assert main(["eval", path, "--n", "2", "--device", "cpu", "--backend", "eager", "--no-fold"]) == 0
+    assert main(["eval", path, "--n", "2", "--device", "cpu", "--backend", "eager", "--no-fold", "--runtime",
+                 "torch"]) == 0
     # The trainer's CPU default (TrainConfig.for_device("cpu")): channels_last weights.
     assert TrainConfig.for_device("cpu").channels_last
     assert seen["weights"] and all(w.is_contiguous(memory_format=torch.channels_last) and

@@ -29,6 +29,10 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    from fasthg.deploy import runtimes
+
+    info["runtimes"] = {name: runtimes.version(name) if runtimes.installed(name) else None
+                        for name in runtimes.RUNTIMES if name != "torch"}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -50,6 +54,8 @@ def render(info: dict) -> str:
         ("built against torch", info["built_against_torch"]),
         ("CPU threads", info["cpu_threads"]),
         ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
+        ("inference runtimes", ", ".join(f"{n} {v or 'not installed'}" for n, v in info.get("runtimes", {}).items())
+         + " (fasthg eval/predict --runtime; pip install 'fasthg[deploy]')"),
     ]
     rows += [(f"backends on {dev}", ", ".join(b)) for dev, b in info["backends"].items()]
     rows += [(f"  {name} on {dev}", ", ".join(b)) for name, per_device in info.get("ops", {}).items()

@@ -161,7 +161,7 @@ def time_runtime(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
 
 def _choice_key(model, input_size: int, batch: int, device: torch.device, precision: str,
                 candidates: List[str]) -> str:
-    versions = {n: _version(n) for n in candidates}
+    versions = {n: version(n) for n in candidates}
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -172,7 +172,8 @@ def _choice_key(model, input_size: int, batch: int, device: torch.device, precis
             f"{json.dumps(versions, sort_keys=True)}")
 
 
-def _version(name: str) -> str:
+def version(name: str) -> str:
+    """The installed version of runtime `name`."""
     if name == "torch":
         return torch.__version__
     module = __import__(MODULES[name])
