@@ -184,7 +184,8 @@ def test_trust_loads_a_file_that_needs_a_class_and_names_it_otherwise(tmp_path, 
     assert model.config["num_stacks"] == 1
     fails(capsys, monkeypatch, ["eval", path, "--n", "2", "--device", "cpu"], 1, "argparse.Namespace",
           "--trust-checkpoint")
-    assert _main(["eval", path, "--n", "2", "--device", "cpu", "--input-size", "64", "--trust-checkpoint"]) == 0
+    with pytest.warns(UserWarning, match="loaded with trust"):
+        assert _main(["eval", path, "--n", "2", "--device", "cpu", "--input-size", "64", "--trust-checkpoint"]) == 0
 
 
 def test_trust_is_full_unpickling(planted):
