@@ -99,6 +99,13 @@ def plot_training_curves(history: Sequence[dict], score_key: str, score_label: s
     if more:
         b.legend(fontsize=7)
     b.set(xlabel="epoch", ylabel=score_label, ylim=(0, 100))
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure as a PNG at `path`, written atomically, and closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

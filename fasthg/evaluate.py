@@ -7,10 +7,10 @@ import numpy as np
 import torch
 
 from fasthg.data.records import COCO_SIGMAS, MPII_GROUPS
+from fasthg.data.transforms import from_heatmap_coords, invert, transform_points
 
 # The paper's "harder joints" (Fig. 8: wrists, elbows, knees, ankles), MPII_GROUPS' names.
 HARDER = ("Elbow", "Wrist", "Knee", "Ankle")
-from fasthg.data.transforms import from_heatmap_coords, invert, transform_points
 
 
 def decode_heatmaps(heatmaps) -> Tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,11 @@ def _reason(error: Exception) -> str:
     return detail or type(error).__name__
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def check_exists(path: str, expected: str = EXPECTED) -> None:
     """FileNotFoundError / IsADirectoryError / ValueError naming the file unless it is a file
     that could be a checkpoint: present, not a folder, not empty, not text."""
@@ -106,8 +111,8 @@ def load_file(path: str, expected: str = EXPECTED, map_location="cpu", trust: bo
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {first}; {expected})") from None
+            raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {_first_line(e)}; "
+                             f"{expected})") from None
     try:
         with torch.serialization.safe_globals(_NUMPY):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -122,8 +127,8 @@ def load_file(path: str, expected: str = EXPECTED, map_location="cpu", trust: bo
             raise UnsafeCheckpointError(
                 f"{path}: not a readable fasthg checkpoint (the safe loader stopped at: {_reason(e)}; {expected}; "
                 f"a torch file you trust that only full unpickling reads: trust=True, --trust-checkpoint)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a readable fasthg checkpoint ({type(e).__name__}: {first}; {expected})") from None
+        raise ValueError(f"{path}: not a readable fasthg checkpoint ({type(e).__name__}: {_first_line(e)}; "
+                         f"{expected})") from None
 
 
 def check_format(path: str, state: Any) -> None:

@@ -26,11 +26,15 @@ VARIANTS = ("eager", "auto", "folded", "compile-freezing")
 RUNTIME_VARIANTS = ("onnxruntime", "openvino")
 
 
+# A dtype's precision in fasthg.deploy.runtimes (which has no float16).
+PRECISION = {torch.float32: "float32", torch.bfloat16: "bf16"}
+
+
 def runtime_variants(device, dtype) -> List[str]:
     """The deployment runtimes installed that run this device and dtype."""
     from fasthg.deploy import runtimes
 
-    precision = {torch.float32: "float32", torch.bfloat16: "bf16"}.get(dtype)
+    precision = PRECISION.get(dtype)
     return [n for n in RUNTIME_VARIANTS
             if precision and runtimes.why_not(n, torch.device(device), precision) is None]
 BAR_OVER_EAGER, BAR_OF_COMPILED, BAR_BATCH = 1.25, 0.9, 8
@@ -55,15 +59,13 @@ class InferenceCase:
                 m.running_var.uniform_(0.5, 2.0)
         self.images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
         models, runs = {}, {}
+        runnable = runtime_variants(device, dtype) if set(variants) & set(RUNTIME_VARIANTS) else []
         for v in variants:
             if v in RUNTIME_VARIANTS:
-                from fasthg.deploy import runtimes
+                if v in runnable:  # (else not installed, or not for this dtype)
+                    from fasthg.deploy import runtimes
 
-                if v not in runtime_variants(device, dtype):  # not installed, or not for this dtype
-                    continue
-
-                precision = "bf16" if dtype == torch.bfloat16 else "float32"
-                runs[v] = runtimes.make(v, base.eval(), None, image_size, device, precision)
+                    runs[v] = runtimes.make(v, base.eval(), None, image_size, device, PRECISION[dtype])
                 continue
             m = PRESETS[preset](backend="eager" if v in ("eager", "compile-freezing") else "auto")
             m.load_state_dict(base.state_dict())

@@ -45,6 +45,7 @@ def run(args) -> int:
 
 def add_command(sub):
     from fasthg.cli.train import _SETTINGS, default
+    from fasthg.data.dataset import BAD_IMAGES
 
     a = sub.add_parser("ablate", help="the paper's ablations: intermediate supervision on/off and 2x4, 4x2, 8x1 "
                                       "stacks at equal parameters, trained alike; a table and two figures",
@@ -72,7 +73,7 @@ def add_command(sub):
                    help=f"as fasthg train's ({default('amp')})")
     for name in DATA:
         a.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help="as fasthg train's")
-    a.add_argument("--bad-images", dest="bad_images", choices=["stop", "skip"], default="stop",
+    a.add_argument("--bad-images", dest="bad_images", choices=BAD_IMAGES, default="stop",
                    help="as fasthg train's (default: stop)")
     a.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a.set_defaults(fn=run)

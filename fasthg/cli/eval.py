@@ -9,7 +9,7 @@ import torch
 
 from fasthg.cli import _model
 from fasthg.cli import args as types
-from fasthg.data.dataset import PoseDataset
+from fasthg.data.dataset import BAD_IMAGES, PoseDataset
 from fasthg.data.records import COCO_JOINTS, MPII_JOINTS, joint_conventions
 from fasthg.data.transforms import transform_points
 from fasthg.draw import draw_skeleton, grid, write_png
@@ -220,7 +220,7 @@ def add_command(sub):
     e.add_argument("--threshold", type=types.positive_float, default=0.5,
                    help="PCKh threshold, a fraction of the head size (default: 0.5)")
     e.add_argument("--batch-size", type=types.positive_int, default=16, help="people per batch (default: 16)")
-    e.add_argument("--bad-images", dest="bad_images", choices=["stop", "skip"], default="stop",
+    e.add_argument("--bad-images", dest="bad_images", choices=BAD_IMAGES, default="stop",
                    help="a person whose image file is bad (truncated, unreadable, too large): stop with an error "
                         "naming it, or skip it, unscored, and say how many were skipped (default: stop)")
     e.add_argument("--grid", help="write a PNG grid of predicted vs true skeletons here")

@@ -2,6 +2,7 @@
 import dataclasses
 
 from fasthg.cli import args as types
+from fasthg.data.dataset import BAD_IMAGES
 from fasthg.device import resolve as resolve_device
 from fasthg.train import DEVICE_DEFAULTS, TrainConfig, Trainer, device_defaults
 from fasthg.train.config import check_resume_changes, resume_changes
@@ -171,7 +172,7 @@ def add_command(sub):
     t.add_argument("--images", help="image folder of the training file (MPII: of both files)")
     t.add_argument("--valid-images", dest="valid_images",
                    help="image folder of the validation file, if not --images (COCO's val2017)")
-    t.add_argument("--bad-images", dest="bad_images", choices=["stop", "skip"],
+    t.add_argument("--bad-images", dest="bad_images", choices=BAD_IMAGES,
                    help="an MPII/COCO person whose image file is bad (unreadable, truncated, not an image, over "
                         "fasthg.data.images.MAX_IMAGE_PIXELS): stop with an error naming it, or skip the person "
                         "(training: the next person of the file takes its place, so batches stay full and a "

@@ -25,7 +25,9 @@ def eager_twin(model: StackedHourglass) -> StackedHourglass:
     return twin.eval()
 
 
-def _atomic(path: str, write) -> str:
+def write_atomically(path: str, write) -> str:
+    """write(tmp) into a temporary file beside `path`, then one rename onto it: a failed or
+    interrupted write leaves what was at `path` (and no temporary file). Returns `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
@@ -61,7 +63,7 @@ def export_onnx(model: StackedHourglass, path: str, input_size: int = 256, opset
                               dynamic_axes={"images": {0: "batch"}, "heatmaps": {0: "batch"}},
                               opset_version=opset, dynamo=False)
 
-    return _atomic(path, write)
+    return write_atomically(path, write)
 
 
 def export_program(model: StackedHourglass, path: str, input_size: int = 256) -> str:
@@ -70,7 +72,7 @@ def export_program(model: StackedHourglass, path: str, input_size: int = 256) ->
     twin = eager_twin(model)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(twin, (_example(model, input_size),), dynamic_shapes=({0: batch},))
-    return _atomic(path, lambda tmp: torch.export.save(program, tmp))
+    return write_atomically(path, lambda tmp: torch.export.save(program, tmp))
 
 
 def export_file(model: StackedHourglass, path: str, fmt: Optional[str] = None, input_size: int = 256) -> str:

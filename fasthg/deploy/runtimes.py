@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import platform
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -87,8 +86,7 @@ class OnnxRuntime:
         self.device = device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().float().cpu().contiguous().numpy()
-        return torch.from_numpy(self.session.run(["heatmaps"], {"images": x})[0])
+        return torch.from_numpy(self.session.run(["heatmaps"], {"images": _numpy(images)})[0])
 
 
 class OpenVinoRuntime:
@@ -107,42 +105,48 @@ class OpenVinoRuntime:
         self.device = torch.device("cpu")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().float().cpu().contiguous().numpy()
-        result = self.request.infer({0: x})
+        result = self.request.infer({0: _numpy(images)})
         return torch.from_numpy(result[self.compiled.output(0)].copy())
 
 
-def model_key(model, input_size: int, extra: str = "") -> str:
-    """A digest of the model's weights and config, the input size and the versions that turn it
-    into a runtime's program (the ONNX file's and the choice's cache key)."""
+def _numpy(images: torch.Tensor):
+    """The ONNX graph's input: float32 NCHW on the CPU, as numpy."""
+    return images.detach().float().cpu().contiguous().numpy()
+
+
+def model_key(model, input_size: int) -> str:
+    """A digest of the model's weights and config, the input size and the torch version that
+    turns it into a runtime's program (the ONNX file's and the choice's cache key)."""
     h = hashlib.sha256()
-    h.update(json.dumps([model.config, input_size, torch.__version__, extra], sort_keys=True, default=str).encode())
+    h.update(json.dumps([model.config, input_size, torch.__version__], sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
 
 
-def onnx_file(model, input_size: int) -> str:
-    """The ONNX export of `model` at `input_size` in the cache folder, written once."""
+def onnx_file(model, input_size: int, key: Optional[str] = None) -> str:
+    """The ONNX export of `model` at `input_size` in the cache folder, written once. `key`:
+    model_key(model, input_size), for a caller that has it (hashing hg8's weights takes ~0.2 s)."""
     from fasthg.deploy.export import export_onnx
 
-    path = os.path.join(cache_dir(), "onnx", f"{model_key(model, input_size)}.onnx")
+    path = os.path.join(cache_dir(), "onnx", f"{key or model_key(model, input_size)}.onnx")
     if not os.path.exists(path):
         export_onnx(model, path, input_size)
     return path
 
 
 def make(name: str, model, folded: torch.nn.Module, input_size: int, device: torch.device,
-         precision: str = "float32") -> Callable[[torch.Tensor], torch.Tensor]:
+         precision: str = "float32", key: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Runtime `name` for the model: `folded` (the torch runtime's module) or the ONNX export of
-    `model` (its StackedHourglass) for the others. ValueError saying why where it cannot run."""
+    `model` (its StackedHourglass) for the others; `key` as onnx_file's. ValueError saying why
+    where it cannot run."""
     reason = why_not(name, device, precision)
     if reason:
         raise ValueError(f"--runtime {name}: {reason}")
     if name == "torch":
         return TorchRuntime(folded, device, precision)
-    path = onnx_file(model, input_size)
+    path = onnx_file(model, input_size, key)
     return OnnxRuntime(path, device) if name == "onnxruntime" else OpenVinoRuntime(path, precision)
 
 
@@ -159,8 +163,7 @@ def time_runtime(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     return sorted(times)[len(times) // 2]
 
 
-def _choice_key(model, input_size: int, batch: int, device: torch.device, precision: str,
-                candidates: List[str]) -> str:
+def _choice_key(model_digest: str, batch: int, device: torch.device, precision: str, candidates: List[str]) -> str:
     versions = {n: version(n) for n in candidates}
     cpu = platform.processor() or platform.machine()
     try:
@@ -168,7 +171,7 @@ def _choice_key(model, input_size: int, batch: int, device: torch.device, precis
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{model_key(model, input_size)}|{batch}|{device}|{precision}|{cpu}|{torch.get_num_threads()}|"
+    return (f"{model_digest}|{batch}|{device}|{precision}|{cpu}|{torch.get_num_threads()}|"
             f"{json.dumps(versions, sort_keys=True)}")
 
 
@@ -189,11 +192,13 @@ def _read_choices(path: str) -> Dict:
 
 
 def _write_choices(path: str, choices: Dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(choices, f, indent=1)
-    os.replace(tmp, path)
+    from fasthg.deploy.export import write_atomically
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(choices, f, indent=1)
+
+    write_atomically(path, write)
 
 
 def choose(model, folded: torch.nn.Module, input_size: int, batch: int, device: torch.device,
@@ -205,12 +210,13 @@ def choose(model, folded: torch.nn.Module, input_size: int, batch: int, device: 
     if candidates == ["torch"]:
         return make("torch", model, folded, input_size, device, precision), {}, False
     path = os.path.join(cache_dir(), "runtimes.json")
-    key = _choice_key(model, input_size, batch, device, precision, candidates)
+    digest = model_key(model, input_size)
+    key = _choice_key(digest, batch, device, precision, candidates)
     cached = _read_choices(path).get(key)
     if cached and cached.get("runtime") in candidates:
-        return make(cached["runtime"], model, folded, input_size, device, precision), cached["ms"], True
+        return make(cached["runtime"], model, folded, input_size, device, precision, digest), cached["ms"], True
     images = torch.randn(batch, 3, input_size, input_size, device=device)
-    runs = {n: make(n, model, folded, input_size, device, precision) for n in candidates}
+    runs = {n: make(n, model, folded, input_size, device, precision, digest) for n in candidates}
     ms = {n: 1e3 * time_runtime(run, images) for n, run in runs.items()}
     best = min(ms, key=ms.get)
     choices = _read_choices(path)

@@ -97,7 +97,7 @@ def from_checkpoint(path: str, backend: str = "auto", map_location="cpu",
 
 def build(ckpt: Checkpoint, backend: str = "auto", map_location="cpu", memory: str = "default") -> StackedHourglass:
     """The StackedHourglass of a read_checkpoint() result, in eval mode."""
-    model = StackedHourglass(**ckpt.config, backend=backend, memory=memory)  # _map built it on meta already
+    model = StackedHourglass(**ckpt.config, backend=backend, memory=memory)
     model.load_state_dict(ckpt.state_dict)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)

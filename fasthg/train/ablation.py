@@ -18,7 +18,9 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from fasthg import checkpoint
-from fasthg.train.config import TrainConfig
+from fasthg.draw import save_figure
+from fasthg.evaluate import METRICS
+from fasthg.train.config import TrainConfig, metric_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,7 @@ def parameters(cfg: TrainConfig, variant: Variant, joints: int = 16) -> int:
 def _result(variant: Variant, history: List[Dict], params: int, metric: str) -> Dict:
     """A variant's row of the table: its final scores, each stack's, and its history."""
     last = history[-1] if history else {}
-    key = "mean" if metric == "pckh" else "ap"
+    key = METRICS[metric].lower()
     return {"variant": variant.name, "label": variant.label, **dataclasses.asdict(variant), "params": params,
             "epochs": last.get("epoch", 0), "score": last.get(f"{metric}_{key}"),
             "hard": last.get(f"{metric}_hard"),
@@ -94,7 +96,7 @@ def run_variant(base: TrainConfig, variant: Variant, out: str, minutes: Optional
     if state is not None:
         spent = state.get("elapsed", 0.0) / 60  # the budget is the variant's, over all its runs
         if (state["epoch"] >= cfg.epochs and not state["step_in_epoch"]) or (minutes is not None and spent >= minutes):
-            return _result(variant, state["history"], parameters(cfg, variant), _metric(cfg))
+            return _result(variant, state["history"], parameters(cfg, variant), metric_of(cfg))
         if minutes is not None:
             cfg = dataclasses.replace(cfg, minutes=minutes - spent)
     trainer = Trainer(cfg, model_config=state["model_config"] if state else None)
@@ -107,11 +109,7 @@ def run_variant(base: TrainConfig, variant: Variant, out: str, minutes: Optional
     if trainer._stopped and not trainer._out_of_time:
         raise KeyboardInterrupt(f"{variant.name} stopped by a signal; run the same command again to resume it")
     params = sum(p.numel() for p in trainer.model.parameters())
-    return _result(variant, trainer.history, params, _metric(cfg))
-
-
-def _metric(cfg: TrainConfig) -> str:
-    return "oks" if (cfg.coco_train or cfg.coco_valid) else "pckh"
+    return _result(variant, trainer.history, params, metric_of(cfg))
 
 
 def run(base: TrainConfig, studies: Sequence[str], out: str, minutes: Optional[float] = None,
@@ -132,7 +130,7 @@ def run(base: TrainConfig, studies: Sequence[str], out: str, minutes: Optional[f
         bar.set_postfix_str(variant.name)
         print(f"\n== {variant.label} ({variant.name}) ==")
         rows.append(run_variant(base, variant, out, minutes))
-    result = {"studies": list(studies), "metric": _metric(base), "config": dataclasses.asdict(base),
+    result = {"studies": list(studies), "metric": metric_of(base), "config": dataclasses.asdict(base),
               "minutes_per_variant": minutes, "param_spread": spread, "variants": rows}
     write(result, out)
     return result
@@ -176,14 +174,14 @@ def plot(result: Dict, out: str) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for i, v in enumerate(STUDIES["supervision"]):
             history = rows[v.name]["history"]
-            key = f"{metric}_hard" if metric == "pckh" else f"{metric}_ap"
+            key = f"{metric}_{'hard' if metric == 'pckh' else METRICS[metric].lower()}"
             ax.plot([h["epoch"] for h in history], [h.get(key) for h in history], marker="o", markersize=3,
                     color=f"C{i // 2}", linestyle="-" if v.supervision == "all" else "--", label=v.label)
         what = "harder joints" if metric == "pckh" else "all joints"
         ax.set(xlabel="epoch", ylabel=f"validation {label}, {what} (%)", ylim=(0, 100),
                title="intermediate supervision (Fig. 8)")
         ax.legend(fontsize=7)
-        _save(fig, os.path.join(out, "supervision.png"), plt)
+        save_figure(fig, os.path.join(out, "supervision.png"))
     if "stacking" in result["studies"]:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for v in STUDIES["stacking"]:
@@ -192,12 +190,5 @@ def plot(result: Dict, out: str) -> None:
                     label=f"{v.stacks} stacks x {v.blocks} ({r['params'] / 1e6:.2f}M)")
         ax.set(xlabel="stack", ylabel=f"validation {label} (%)", title="accuracy at each stack (Fig. 9)")
         ax.legend(fontsize=7)
-        _save(fig, os.path.join(out, "stacking.png"), plt)
+        save_figure(fig, os.path.join(out, "stacking.png"))
 
-
-def _save(fig, path: str, plt) -> None:
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)

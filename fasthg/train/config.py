@@ -43,6 +43,12 @@ def resolve_amp(amp: str, device) -> str:
     return "bf16" if device.type == "cpu" and cpu_computes_bf16() else "none"
 
 
+def metric_of(cfg) -> str:
+    """The validation metric of a TrainConfig's data: OKS AP for COCO's 17 joints (no head
+    boxes), PCKh otherwise (fasthg.evaluate.METRICS)."""
+    return "oks" if (cfg.coco_train or cfg.coco_valid) else "pckh"
+
+
 def device_defaults(device_type: str) -> dict:
     """The DEVICE_DEFAULTS column of a device type ("cuda": the GPU's, anything else: the CPU's)."""
     col = 0 if device_type == "cuda" else 1

@@ -50,7 +50,7 @@ from fasthg.device import resolve as resolve_device
 from fasthg.evaluate import METRICS, evaluate
 from fasthg.draw import plot_training_curves
 from fasthg.models import StackedHourglass
-from fasthg.train.config import AMP_MODES, TrainConfig, check_resume_changes, resolve_amp, resume_changes
+from fasthg.train.config import AMP_MODES, TrainConfig, check_resume_changes, metric_of, resolve_amp, resume_changes
 from fasthg.train.init import init_model
 
 # The settings that make the learning-rate schedule.
@@ -149,9 +149,8 @@ class Trainer:
             raise ValueError("amp=fp16 needs a CUDA device (on the CPU use bf16)")
         self._seed_everything(cfg.seed)
         # COCO: 17 joints, and no head boxes, so OKS AP instead of PCKh (fasthg.evaluate.METRICS).
-        coco = bool(cfg.coco_train or cfg.coco_valid)
-        self.metric = "oks" if coco else "pckh"
-        joints = len(COCO_JOINTS) if coco else len(MPII_JOINTS)
+        self.metric = metric_of(cfg)
+        joints = len(COCO_JOINTS) if self.metric == "oks" else len(MPII_JOINTS)
         self.flip_pairs, _ = joint_conventions(joints)
         if model_config is not None:  # resuming: the checkpoint's model, whose weights resume() loads
             self.model = StackedHourglass(**model_config, backend=cfg.backend, memory=cfg.memory)
