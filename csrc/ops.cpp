@@ -46,4 +46,15 @@ TORCH_LIBRARY(fasthg, m) {
   // Training with autograd (CPU and CUDA): y, mean and (biased) var of bn_relu_train_forward, its
   // backward bn_relu_train_backward (csrc/autograd/bn_relu.cpp)
   m.def("bn_relu_train(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor var)");
+
+  // Fused BatchNorm+add+ReLU, a residual block's end; statistics from bn_relu_stats.
+  // y = max(0, (x - mean) * invstd * weight + bias + residual), residual like x
+  m.def("bn_add_relu_forward(Tensor x, Tensor residual, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor bias) -> Tensor");
+  // g = grad_out where y > 0 (grad_residual), and the sums over N, H, W of g and g * xhat
+  m.def("bn_add_relu_backward_reduce(Tensor grad_out, Tensor y, Tensor x, Tensor mean, Tensor invstd) -> "
+        "(Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
+  // grad_x = weight * invstd * (g - mean_g - xhat * mean_g_xhat); the means are 0 in eval
+  m.def("bn_add_relu_backward_elemt(Tensor g, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor mean_g, Tensor mean_g_xhat) -> Tensor");
 }

@@ -7,6 +7,11 @@ and once in eval mode, since forwards may read self.training):
   output has no other user, at every call of that BN: the BN module becomes a
   fasthg.nn.BNReLU in place (the same object, hence the very same parameters and buffers) and
   the ReLU is dropped from the traced forward. A ReLU after a BNReLU is dropped too (exact).
+- BatchNorm2d -> addition of a residual (+, torch.add, .add, +=, either order) -> ReLU, where
+  the BN output and the sum have no other user (a residual block's end): the BN module
+  becomes a fasthg.nn.BNAddReLU in place and is called with (x, residual) in place of the
+  three nodes. When both addends are such BNs (a downsampling block), the left one is fused
+  and the other stays a BatchNorm2d, its output the residual.
 - nearest 2x upsampling (nn.Upsample, nn.UpsamplingNearest2d, F.interpolate with
   scale_factor=2 or a size) whose only user is an addition (+, torch.add, .add, +=, either
   order) -> fasthg.ops.upsample_add, behind a run-time check (upsample_add_2x): shapes that
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasthg import ops
-from fasthg.nn import BNReLU
+from fasthg.nn import BNAddReLU, BNReLU
 from fasthg.ops.bn_relu_conv import check_modules
 
 MEMORY_MODES = ("default", "recompute")
@@ -48,7 +53,7 @@ MEMORY_MODES = ("default", "recompute")
 # ----------------------------------------------------------------------------- the report
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """One line of the report: `kind` of pattern ("bn_relu", "upsample_add", "trace"), `where`
+    """One line of the report: `kind` of pattern ("bn_relu", "bn_add_relu", "upsample_add", "trace"), `where`
     (a module path, or module path:node name), `action` ("fused", "already fused", "left
     alone", "traced submodules") and `reason`."""
     kind: str
@@ -138,7 +143,7 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def is_leaf_module(self, m, qualname):
-        if isinstance(m, BNReLU) or super().is_leaf_module(m, qualname):
+        if isinstance(m, (BNReLU, BNAddReLU)) or super().is_leaf_module(m, qualname):
             return True
         if _has_hooks(m):
             self.hooked.add(qualname)
@@ -258,12 +263,14 @@ def _is_relu_of(node: fx.Node, x: fx.Node, root: nn.Module) -> Optional[str]:
     return f"followed by {_describe(node, root)}, not a ReLU"
 
 
-def _bn_sites(root: nn.Module, graphs: Dict[bool, fx.Graph]):
-    """{BN target: [(graph mode, bn node, relu node or None, reason or None)]} over all graphs."""
+def _bn_sites(root: nn.Module, graphs: Dict[bool, fx.Graph], skip: Set[str]):
+    """{BN target: [(graph mode, bn node, relu node or None, reason or None)]} over all graphs,
+    but the BNs in `skip` (those the BN-add-ReLU pass reported)."""
     sites: Dict[str, list] = {}
     for mode, g in graphs.items():
         for node in g.nodes:
-            if node.op != "call_module" or not isinstance(root.get_submodule(node.target), nn.BatchNorm2d):
+            if (node.op != "call_module" or node.target in skip
+                    or not isinstance(root.get_submodule(node.target), nn.BatchNorm2d)):
                 continue
             users = list(node.users)
             if len(users) != 1:
@@ -275,22 +282,28 @@ def _bn_sites(root: nn.Module, graphs: Dict[bool, fx.Graph]):
     return sites
 
 
-def _rewrite_bn_relu(root, graphs, path, options, report, names, process_group):
-    for target, sites in _bn_sites(root, graphs).items():
+def _module_guard(m: nn.Module, names, sites, pattern: str) -> Optional[str]:
+    """Why a BatchNorm2d cannot become a fused module (None if it can), `sites` its calls
+    as (graph mode, ..., reason the call does not fit or None)."""
+    why = next((s[-1] for s in sites if s[-1]), None)
+    if type(m) is not nn.BatchNorm2d:
+        return f"{type(m).__name__} is a subclass of BatchNorm2d (its forward may differ)"
+    if _has_hooks(m):
+        return "the BatchNorm2d has hooks"
+    if len(names.get(id(m), ())) > 1:
+        return f"the module is shared under several names: {', '.join(names[id(m)])}"
+    calls = sum(s[0] for s in sites)
+    if why and calls > 1:
+        return f"called {calls} times, not every call followed only by {pattern}: " + why
+    return why
+
+
+def _rewrite_bn_relu(root, graphs, path, options, report, names, process_group, skip):
+    for target, sites in _bn_sites(root, graphs, skip).items():
         m = root.get_submodule(target)
         where = _join(path, target)
         already = isinstance(m, BNReLU)
-        why = next((w for _, _, _, w in sites if w), None)
-        if not already:
-            if type(m) is not nn.BatchNorm2d:
-                why = f"{type(m).__name__} is a subclass of BatchNorm2d (its forward may differ)"
-            elif _has_hooks(m):
-                why = "the BatchNorm2d has hooks"
-            elif len(names.get(id(m), ())) > 1:
-                why = f"the module is shared under several names: {', '.join(names[id(m)])}"
-            elif why and sum(mode for mode, *_ in sites) > 1:
-                calls = sum(mode for mode, *_ in sites)
-                why = f"called {calls} times, not every call followed only by a ReLU: " + why
+        why = None if already else _module_guard(m, names, sites, "a ReLU")
         if why and not already:
             report.append(Change("bn_relu", where, "left alone", why))
             continue
@@ -304,6 +317,75 @@ def _rewrite_bn_relu(root, graphs, path, options, report, names, process_group):
                 relu_node.graph.erase_node(relu_node)
         report.append(Change("bn_relu", where, "already fused" if already else "fused",
                              "already a fasthg BNReLU" if already else "BatchNorm2d + ReLU -> BNReLU (same tensors)"))
+
+
+def _bn_add_relu_site(node: fx.Node, root: nn.Module):
+    """For a BatchNorm2d call whose only user is an addition: (add node, residual node, relu
+    node, reason or None); None when the BN's output is not (only) added to something."""
+    users = list(node.users)
+    add = _add_operands(users[0]) if len(users) == 1 else None
+    if add is None:
+        return None
+    a, b, in_place = add
+    add_node = users[0]
+    residual = b if a is node else a
+    if a is b:
+        return add_node, residual, None, "added to itself"
+    if a is not node and _is_bn_add_candidate(a, add_node, root):
+        return add_node, residual, None, f"the other addend ({a.target}) is fused with the addition"
+    if in_place and a is residual and not (_is_fresh(residual, root) and _only_read_before(residual, add_node)):
+        return add_node, residual, None, "+= onto a residual that may be an input, a view or used elsewhere"
+    sum_users = list(add_node.users)
+    if len(sum_users) != 1:
+        return add_node, residual, None, f"the sum has {len(sum_users)} users, not only a ReLU"
+    why = _is_relu_of(sum_users[0], add_node, root)
+    return add_node, residual, None if why else sum_users[0], why and f"the sum is {why}"
+
+
+def _is_bn_add_candidate(node, add_node: fx.Node, root: nn.Module) -> bool:
+    """Whether `node` is a BatchNorm2d (or BNAddReLU) call whose only user is `add_node`."""
+    return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1
+            and type(root.get_submodule(node.target)) in (nn.BatchNorm2d, BNAddReLU) and list(node.users) == [add_node])
+
+
+def _rewrite_bn_add_relu(root, graphs, path, options, report, names, process_group) -> Set[str]:
+    """BatchNorm2d -> add -> ReLU -> a BNAddReLU call (x, residual). Returns the BN targets it
+    reported (fused or left alone), which the BN-ReLU pass then skips."""
+    sites: Dict[str, list] = {}  # BN target: [(graph mode, graph, bn node, add, residual, relu, reason)]
+    for mode, g in graphs.items():
+        for node in g.nodes:
+            if node.op != "call_module" or not isinstance(root.get_submodule(node.target), nn.BatchNorm2d):
+                continue
+            if isinstance(root.get_submodule(node.target), BNReLU) or len(node.args) != 1 or node.kwargs:
+                continue
+            found = _bn_add_relu_site(node, root)
+            if found is not None:
+                sites.setdefault(node.target, []).append((mode, g, node) + found)
+    for target, calls in sites.items():
+        m = root.get_submodule(target)
+        where = _join(path, target)
+        already = isinstance(m, BNAddReLU)
+        why = None if already else _module_guard(m, names, calls, "an addition and a ReLU")
+        if why:
+            report.append(Change("bn_add_relu", where, "left alone", why))
+            continue
+        if not already:
+            m.__class__ = BNAddReLU
+        if process_group is not _KEEP:
+            m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+        for _, g, bn_node, add_node, _, relu_node, _ in calls:
+            a, b, _ = _add_operands(add_node)  # read now: an earlier rewrite may have replaced the residual
+            residual = b if a is bn_node else a
+            # at the addition: the residual may be computed after the BN (torchvision's downsample)
+            with g.inserting_before(add_node):
+                fused = g.call_module(target, (bn_node.args[0], residual))
+            relu_node.replace_all_uses_with(fused)
+            for done in (relu_node, add_node, bn_node):
+                g.erase_node(done)
+        report.append(Change("bn_add_relu", where, "already fused" if already else "fused",
+                             "already a fasthg BNAddReLU" if already else
+                             "BatchNorm2d + add + ReLU -> BNAddReLU (same tensors)"))
+    return set(sites)
 
 
 def _interpolate_args(node: fx.Node) -> dict:
@@ -499,7 +581,8 @@ def _accelerate_traceable(module, graphs, path, options, report, before, process
     for name, m in module.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
     snapshot = {mode: g.python_code("self").src for mode, g in graphs.items()}
-    _rewrite_bn_relu(module, graphs, path, options, report, names, process_group)
+    done = _rewrite_bn_add_relu(module, graphs, path, options, report, names, process_group)
+    _rewrite_bn_relu(module, graphs, path, options, report, names, process_group, done)
     _rewrite_upsample_add(module, graphs, path, options, report, before)
     if options.memory == "recompute":
         _rewrite_bn_relu_conv(module, graphs, path, options, report, before)

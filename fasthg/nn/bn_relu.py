@@ -2,6 +2,7 @@
 from torch import nn
 
 from fasthg import ops
+from fasthg.nn.bn_add_relu import BNAddReLU
 from fasthg.ops.bn_relu import batch_norm_args
 
 
@@ -36,10 +37,10 @@ class BNReLU(nn.BatchNorm2d):
 
 
 def convert_sync_bn_relu(module: nn.Module, process_group=None) -> nn.Module:
-    """Switches every BNReLU in `module` to cross-process statistics over `process_group`
+    """Switches every BNReLU (and BNAddReLU) in `module` to cross-process statistics over `process_group`
     (default: all processes), in place, and returns `module` (cf. nn.SyncBatchNorm's
     convert_sync_batchnorm)."""
     for m in module.modules():
-        if isinstance(m, BNReLU):
+        if isinstance(m, (BNReLU, BNAddReLU)):
             m.sync, m.process_group = True, process_group
     return module

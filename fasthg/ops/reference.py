@@ -82,3 +82,29 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
         return y
     yd = y.detach().to(p)
     return y, yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3))
+
+
+def bn_add_relu(x, residual, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
+    """relu(batch_norm(x) + residual), a residual block's end: updates the running statistics
+    in place when training."""
+    return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
+
+
+# Its three passes (the statistics are bn_relu_stats'), for the eager backend with statistics
+# synchronised across processes; math in the parameters' dtype, as the kernels do.
+def bn_add_relu_forward(x, residual, mean, invstd, weight, bias):
+    return torch.relu(_pre_activation(x, mean, invstd, weight, bias) + residual.to(mean.dtype)).to(x.dtype)
+
+
+def bn_add_relu_backward_reduce(grad_out, y, x, mean, invstd):
+    """g = grad_out where y > 0 (a NaN y passes, as relu's backward), and the sums of g and g * xhat."""
+    g = torch.where(y <= 0, 0, grad_out)
+    gp = g.to(mean.dtype)
+    xhat = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    return g, gp.sum((0, 2, 3)), (gp * xhat).sum((0, 2, 3))
+
+
+def bn_add_relu_backward_elemt(g, x, mean, invstd, weight, mean_g, mean_g_xhat):
+    xhat = (x.to(mean.dtype) - _per_channel(mean)) * _per_channel(invstd)
+    dx = _per_channel(weight * invstd) * (g.to(mean.dtype) - _per_channel(mean_g) - xhat * _per_channel(mean_g_xhat))
+    return dx.to(x.dtype)
