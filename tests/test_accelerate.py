@@ -14,7 +14,7 @@ from torch import nn
 
 import fasthg
 from fasthg.fuse.accelerate import Report, upsample_add_2x
-from fasthg.nn import BNReLU
+from fasthg.nn import BNAddReLU, BNReLU
 
 
 # ----------------------------------------------------------------------------- the models
@@ -174,6 +174,53 @@ def seq_untraceable(c=8):
                          nn.BatchNorm2d(c), nn.ReLU(inplace=True))
 
 
+class BasicBlock(nn.Module):
+    """torchvision's post-activation block: the BN before the addition, += identity, ReLU."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNetBasic(nn.Module):
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        self.layers = nn.Sequential(BasicBlock(c, c), BasicBlock(c, 2 * c, 2))
+        self.fc = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        out = self.layers(self.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class ResidualSpellings(nn.Module):
+    """The addition as people write it: residual first, torch.add, .add, F.relu."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.bn_a, self.bn_b, self.bn_c = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(x + self.bn_a(self.conv(x)))
+        b = F.relu(torch.add(self.bn_b(self.conv(a)), a))
+        return self.bn_c(self.conv(b)).add(b).relu()
+
+
 # name: (builder, input channels, size, fused BN-ReLUs, fused upsample-adds)
 MODELS = {
     "seq_hourglass": (SeqHourglass, 8, 16, 14, 2),
@@ -184,7 +231,11 @@ MODELS = {
     "training_branch": (TrainingBranch, 8, 8, 1, 0),
     "seq_untraceable": (seq_untraceable, 8, 8, 2, 0),
     "not_to_rewrite": (NotToRewrite, 8, 12, 0, 0),
+    "resnet_basic": (ResNetBasic, 3, 16, 3, 0),
+    "residual_spellings": (ResidualSpellings, 8, 8, 0, 0),
 }
+# fused BN-add-ReLUs, where a model has them
+BN_ADD_RELUS = {"resnet_basic": 2, "residual_spellings": 3}
 
 
 def build(name, seed=0):
@@ -226,6 +277,76 @@ def test_fuses_the_patterns_and_reports_them(name):
     fused = report.fused()
     assert sum(c.kind == "bn_relu" for c in fused) == n_bn, str(report)
     assert sum(c.kind == "upsample_add" for c in fused) == n_up, str(report)
+    assert sum(c.kind == "bn_add_relu" for c in fused) == BN_ADD_RELUS.get(name, 0), str(report)
+
+
+def test_the_residual_blocks_downsampling_bn_stays_a_batchnorm_with_its_reason():
+    _, accelerated, _, report = pair("resnet_basic")
+    reasons = {c.where: (c.kind, c.reason) for c in report.left_alone()}
+    assert reasons == {"layers.1.downsample.1": ("bn_add_relu", "the other addend (layers.1.bn2) is fused with the "
+                                                                "addition")}, str(report)
+    assert type(accelerated.layers[1].downsample[1]) is nn.BatchNorm2d
+    assert all(isinstance(accelerated.layers[i].bn2, BNAddReLU) for i in (0, 1))
+
+
+class ResidualNearMisses(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.bn_sum, self.bn_into_input, self.bn_self = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.bn_sum(x) + x)  # the sum is not clamped
+        v = x[:, :]
+        v += self.bn_into_input(s)  # mutates the caller's x: cannot become out of place
+        t = self.bn_self(s)
+        return torch.relu(v) + torch.relu(t + t)
+
+
+def test_residual_near_misses_are_left_alone_with_their_reason():
+    torch.manual_seed(0)
+    model = ResidualNearMisses().eval()
+    x = torch.randn(2, 8, 4, 4)
+    want = model(x.clone())
+    _, report = fasthg.accelerate(model, return_report=True)
+    reasons = {c.where: c.reason for c in report.left_alone()}
+    assert "sigmoid" in reasons["bn_sum"], str(report)
+    assert "+= onto a residual" in reasons["bn_into_input"], str(report)
+    assert "added to itself" in reasons["bn_self"], str(report)
+    assert not report.fused() and not any(isinstance(m, BNAddReLU) for m in model.modules())
+    close(model(x.clone()), want)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_resnets_fuse_every_bn_and_train_as_the_original(arch):
+    """Every BN of torchvision's ResNets fused (BN-ReLU or BN-add-ReLU) but the downsampling
+    BNs, whose output is the residual of a fused one; float64 steps as the original's."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    original = getattr(models, arch)(num_classes=10).double()
+    accelerated, report = fasthg.accelerate(copy.deepcopy(original), return_report=True)
+    bns = [n for n, m in original.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    downsampling = {n for n in bns if "downsample" in n}
+    assert {c.where for c in report.fused()} == set(bns) - downsampling, str(report)
+    assert {c.where for c in report.left_alone()} == downsampling
+    assert all("is fused with the addition" in c.reason for c in report.left_alone())
+    assert not any("not a ReLU" in c.reason for c in report)
+    assert list(accelerated.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ref_outs, ref_grads, ref_buffers = run_steps(original, x)
+    outs, grads, buffers = run_steps(accelerated, x)
+    for a, b in zip(outs, ref_outs):
+        close(a, b, tol=1e-10)
+    for gs, rgs in zip(grads, ref_grads):
+        scale = max(float(rg.abs().max()) for rg in rgs)
+        for g, rg in zip(gs, rgs):
+            close(g, rg, tol=1e-10, scale=scale)
+    for a, b in zip(buffers, ref_buffers):
+        close(a, b, tol=1e-10)
+    clone = pickle.loads(pickle.dumps(accelerated))
+    assert sum(isinstance(m, BNAddReLU) for m in clone.modules()) == len(report.fused()) - sum(
+        c.kind == "bn_relu" for c in report.fused())
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), accelerated(x))
 
 
 def test_the_untraceable_model_says_it_fell_back_to_submodules():
@@ -347,7 +468,7 @@ def test_functional_size_merge_on_odd_sizes_matches():
     close(accelerated(x), original(x))
 
 
-@pytest.mark.parametrize("name", ["seq_hourglass", "preact_resnet"])
+@pytest.mark.parametrize("name", ["seq_hourglass", "preact_resnet", "resnet_basic"])
 def test_autocast(name):
     original, accelerated, x, _ = pair(name, torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -24,7 +24,7 @@ def _schemas_in_ops_cpp():
 
 
 def test_the_hourglass_ops_are_registered():
-    assert set(OPS) == {"bn_relu", "max_pool2x2", "upsample_add"}
+    assert set(OPS) == {"bn_add_relu", "bn_relu", "max_pool2x2", "upsample_add"}
     assert fasthg.ops.registry is registry
 
 
