@@ -6,7 +6,7 @@ import torch
 
 import fasthg
 import fasthg.bench.malloc
-from fasthg.bench import hourglass_shapes, last_level_cache_bytes, speedup
+from fasthg.bench import benchmark_shapes, last_level_cache_bytes, speedup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":  # time the kernels, not the page faults of fresh outputs (see fasthg.bench.malloc)
@@ -15,8 +15,9 @@ CACHE_BYTES = last_level_cache_bytes(torch.device(DEVICE))
 BATCH = 16 if DEVICE == "cuda" else 4
 # Half precision where the device computes it: bf16 on CPUs, bf16 and fp16 on GPUs.
 DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
-# (channels, height, width) of every fused op call in hg2 at 256x256, from the model itself.
-SHAPES = hourglass_shapes("hg2", 256)
+# (channels, height, width) of every fused op call in hg2 at 256x256, from the model itself
+# (bn_add_relu, which the hourglass has not: ResNet-50's block outputs).
+SHAPES = benchmark_shapes("hg2", 256)
 
 
 def backends_for(op: str = None):

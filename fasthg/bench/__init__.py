@@ -4,7 +4,7 @@ suite (fasthg.bench.cases), the report with its table, JSON and chart (fasthg.be
 fasthg.bench.chart), the memory counters (fasthg.bench.memory) and the allocator switch
 (fasthg.bench.malloc)."""
 from fasthg import device as device_info  # noqa: F401  (the tests patch its bf16 probe)
-from fasthg.bench.cases import ModelCase, hourglass_shapes, op_calls, op_case, op_cases
+from fasthg.bench.cases import ModelCase, benchmark_shapes, hourglass_shapes, op_calls, op_case, op_cases
 from fasthg.bench.harness import (LAYOUTS, SPREAD_LIMIT, Rotation, compiled, copy_bandwidth, default_dtypes,
                                   dtype_name, interleaved_medians, interleaved_samples, last_level_cache_bytes,
                                   layout_name, speedup, spread)
@@ -12,6 +12,7 @@ from fasthg.bench.report import (BAR_LEVELS, BARS, TRAFFIC, bar_checks, bench_mo
                                  table, write_outputs)
 
 __all__ = ["BARS", "BAR_LEVELS", "LAYOUTS", "SPREAD_LIMIT", "TRAFFIC", "ModelCase", "Rotation", "bar_checks",
-           "bench_model", "bench_op", "compiled", "copy_bandwidth", "default_dtypes", "dtype_name", "hourglass_shapes",
+           "bench_model", "bench_op", "benchmark_shapes", "compiled", "copy_bandwidth", "default_dtypes", "dtype_name",
+           "hourglass_shapes",
            "interleaved_medians", "interleaved_samples", "last_level_cache_bytes", "layout_name", "op_calls",
            "op_case", "op_cases", "run", "speedup", "spread", "spread_warning", "table", "write_outputs"]

@@ -125,8 +125,51 @@ def max_pool2x2_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[s
     return calls
 
 
+def bn_add_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, Callable]]:
+    """As bn_relu's, with a residual: training forward, eval forward and training
+    forward+backward (the grads of x, the residual, weight and bias)."""
+    n, c, hw, _ = case["shape"]
+    make = lambda: torch.randn(n, c, hw, hw, device=device, dtype=case["_dtype"]).contiguous(  # noqa: E731
+        memory_format=case["_layout"])
+
+    def one_set():  # x, residual, grad, and leaf copies of x and the residual
+        x, r = make(), make()
+        return x, r, make(), x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+
+    sets = Rotation(one_set, cache_bytes)
+    w = torch.rand(c, device=device, requires_grad=True)
+    b = torch.randn(c, device=device, requires_grad=True)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+
+    def op_of(backend, training):
+        if backend == "compile":
+            return compiled(lambda x, r: reference.bn_add_relu(x, r, w, b, rm, rv, training, 0.1, 1e-5), device)
+        return lambda x, r: ops.bn_add_relu(x, r, w, b, rm, rv, training, 0.1, 1e-5, backend=backend)
+
+    def fwd_of(f):
+        def run():
+            x, r = sets.next()[:2]
+            with torch.no_grad():
+                return f(x, r)
+        return run
+
+    def fb_of(f):
+        def run():
+            _, _, grad, xg, rg = sets.next()
+            return torch.autograd.grad(f(xg, rg), (xg, rg, w, b), grad)
+        return run
+
+    calls = {"train forward": {}, "eval forward": {}, "train forward+backward": {}}
+    for be in backends:
+        train = op_of(be, True)
+        calls["train forward"][be], calls["train forward+backward"][be] = fwd_of(train), fb_of(train)
+        calls["eval forward"][be] = fwd_of(op_of(be, False))
+    return calls
+
+
 # The call builders of every registered op (tests/test_registry.py checks that none is missing).
-CALLS = {"upsample_add": upsample_add_calls, "bn_relu": bn_relu_calls, "max_pool2x2": max_pool2x2_calls}
+CALLS = {"upsample_add": upsample_add_calls, "bn_relu": bn_relu_calls, "max_pool2x2": max_pool2x2_calls,
+         "bn_add_relu": bn_add_relu_calls}
 
 
 def op_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, Callable]]:
@@ -159,6 +202,13 @@ def hourglass_shapes(preset: str = "hg2", image_size: int = 256) -> Dict[str, Li
         for name, fn in originals.items():
             setattr(ops, name, fn)
     return {op: sorted(shapes, key=lambda s: (-s[1] * s[2], -s[0])) for op, shapes in seen.items()}
+
+
+def benchmark_shapes(preset: str = "hg2", image_size: int = 256) -> Dict[str, List[tuple]]:
+    """The (channels, height, width) each registered op is benchmarked at: where the model runs
+    it (hourglass_shapes), else the shapes its registry entry names."""
+    shapes = hourglass_shapes(preset, image_size)
+    return {op.name: shapes[op.name] or list(op.shapes) for op in registry.ops()}
 
 
 class ModelCase:

@@ -154,4 +154,6 @@ OP = registry.register(registry.FusedOp(
     name="bn_add_relu", kernel="bn_add_relu_forward",
     schemas=("bn_add_relu_forward", "bn_add_relu_backward_reduce", "bn_add_relu_backward_elemt"),
     reference=reference.bn_add_relu, fn=bn_add_relu,
-    traffic={"train forward": 4.0, "eval forward": 3.0, "train forward+backward": 11.0}))
+    traffic={"train forward": 4.0, "eval forward": 3.0, "train forward+backward": 11.0},
+    # ResNet-50's block outputs at 224x224, its four stages: the hourglass has no BN-add-ReLU
+    shapes=((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))))

@@ -43,6 +43,9 @@ class FusedOp:
     # `traffic` counts in (the benchmarks find the model's shapes through it).
     shape_arg: int = 0
     backends: Tuple[str, ...] = BACKENDS
+    # (channels, height, width) the benchmarks time it at when the hourglass does not run it
+    # (fasthg.bench.cases.benchmark_shapes); the hourglass's ops are timed at the model's own.
+    shapes: Tuple[Tuple[int, int, int], ...] = ()
 
     @property
     def test_file(self) -> str:
