@@ -57,4 +57,9 @@ TORCH_LIBRARY(fasthg, m) {
   // grad_x = weight * invstd * (g - mean_g - xhat * mean_g_xhat); the means are 0 in eval
   m.def("bn_add_relu_backward_elemt(Tensor g, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor mean_g, Tensor mean_g_xhat) -> Tensor");
+  // Training with autograd, each direction one call on the device's kernels: bn_relu_stats,
+  // invstd = rsqrt(var + eps), bn_add_relu_forward; backward the two passes above
+  // (csrc/autograd/bn_add_relu.cpp)
+  m.def("bn_add_relu_train(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> "
+        "(Tensor y, Tensor mean, Tensor var)");
 }

@@ -342,6 +342,13 @@ def test_torchvision_resnets_fuse_every_bn_and_train_as_the_original(arch):
             close(g, rg, tol=1e-10, scale=scale)
     for a, b in zip(buffers, ref_buffers):
         close(a, b, tol=1e-10)
+    if arch == "resnet18":  # float32 errs no more than eager float32 does against float64
+        errs = {}
+        for name, model in (("eager", copy.deepcopy(original)), ("accelerated", copy.deepcopy(accelerated))):
+            outs, grads, _ = run_steps(model.float(), x.float(), steps=1)
+            pairs = [(outs[0], ref_outs[0])] + list(zip(grads[0], ref_grads[0]))  # the first step's
+            errs[name] = [float((a.double() - b).norm() / b.norm()) for a, b in pairs]
+        assert all(a <= 2 * e + 1e-6 for a, e in zip(errs["accelerated"], errs["eager"])), errs
     clone = pickle.loads(pickle.dumps(accelerated))
     assert sum(isinstance(m, BNAddReLU) for m in clone.modules()) == len(report.fused()) - sum(
         c.kind == "bn_relu" for c in report.fused())

@@ -142,6 +142,11 @@ def test_opcheck(device, backend, layout):
     torch.library.opcheck(fwd, (x, r, v[0], v[1], v[2], v[3]))
     torch.library.opcheck(red, (gy, y, x, v[0], v[1]))
     torch.library.opcheck(elemt, (gy, x, v[0], v[1], v[2], v[4], v[5]))
+    if backend == "native":  # the one-call training op, with and without gradients to compute
+        w, b = v[2].clone().requires_grad_(), v[3].clone().requires_grad_()
+        train = torch.ops.fasthg.bn_add_relu_train
+        torch.library.opcheck(train, (x.clone().requires_grad_(), r.clone().requires_grad_(), w, b, 1e-5))
+        torch.library.opcheck(train, (x, r, w, b, 1e-5))
 
 
 @pytest.mark.parametrize("device,backend", params())
@@ -251,6 +256,21 @@ def test_native_ops_check_their_arguments():
         red(x, x.double(), x, v, v)
     with pytest.raises(RuntimeError, match="`mean_g_xhat` must be Float"):
         elemt(x, x, v, v, v, v, v.double())
+
+
+def test_native_training_under_inference_mode_and_without_grads():
+    """The one-call training op runs its forward alone where autograd is off, with the same
+    values and running statistics."""
+    if "native" not in fasthg.ops.available("cpu", "bn_add_relu"):
+        pytest.skip("native unavailable")
+    _, got = make((2, 12, 5, 3), torch.float32, "cpu", torch.channels_last)
+    y = ops.bn_add_relu(*[t.clone() for t in got], training=True, backend="native")
+    for ctx in (torch.inference_mode, torch.no_grad):
+        rm, rv = got[4].clone(), got[5].clone()
+        with ctx():
+            y2 = ops.bn_add_relu(*got[:4], rm, rv, training=True, backend="native")
+        assert torch.equal(y2, y) and not y2.requires_grad
+        assert not torch.equal(rm, got[4])  # the running statistics were updated
 
 
 @pytest.mark.cuda

@@ -9,7 +9,9 @@ backward is two passes: one reads grad_out, y and x, writes g = grad_out where y
 grad_residual) and sums g and g * xhat; one reads g and x and writes grad_x. Backends: eager
 (fasthg.ops.reference), native (fasthg::bn_add_relu_* from csrc/, CPU and CUDA), triton
 (kernels/bn_add_relu.py as fasthg::bn_add_relu_*_triton); each takes its statistics from the
-same backend's bn_relu_stats. Statistics and parameters are float32 (float64 for float64 x).
+same backend's bn_relu_stats. Native training without sync is one op, fasthg::bn_add_relu_train,
+whose autograd kernel is C++ (csrc/autograd/bn_add_relu.cpp): the same passes, without the
+Python between them. Statistics and parameters are float32 (float64 for float64 x).
 sync=True merges the statistics across processes as fasthg.ops.bn_relu does (nn.SyncBatchNorm).
 """
 from types import SimpleNamespace
@@ -46,18 +48,27 @@ def _fake_elemt(g, x, mean, invstd, weight, mean_g, mean_g_xhat):
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
-# Per backend: its statistics (bn_relu's) and its three passes.
+def _fake_train(x, residual, weight, bias, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty(c, dtype=_param_dtype(x)),
+            x.new_empty(c, dtype=_param_dtype(x)))
+
+
+# Per backend: its statistics (bn_relu's) and its three passes; on `train_devices`, training
+# without sync is `train` instead (one C++ autograd op, csrc/autograd/bn_add_relu.cpp).
 _OPS = {"eager": SimpleNamespace(stats=reference.bn_relu_stats, forward=reference.bn_add_relu_forward,
                                  backward_reduce=reference.bn_add_relu_backward_reduce,
-                                 backward_elemt=reference.bn_add_relu_backward_elemt)}
+                                 backward_elemt=reference.bn_add_relu_backward_elemt, train_devices=())}
 if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_add_relu_forward")(_fake_forward)
     torch.library.register_fake("fasthg::bn_add_relu_backward_reduce")(_fake_reduce)
     torch.library.register_fake("fasthg::bn_add_relu_backward_elemt")(_fake_elemt)
+    torch.library.register_fake("fasthg::bn_add_relu_train")(_fake_train)
     _OPS["native"] = SimpleNamespace(stats=_BN_RELU_OPS["native"].stats,
                                      forward=torch.ops.fasthg.bn_add_relu_forward,
                                      backward_reduce=torch.ops.fasthg.bn_add_relu_backward_reduce,
-                                     backward_elemt=torch.ops.fasthg.bn_add_relu_backward_elemt)
+                                     backward_elemt=torch.ops.fasthg.bn_add_relu_backward_elemt,
+                                     train=torch.ops.fasthg.bn_add_relu_train, train_devices=("cpu", "cuda"))
 
 if _backend.triton_available():
     from fasthg.kernels import bn_add_relu as _tk
@@ -84,7 +95,8 @@ if _backend.triton_available():
         _OPS["triton"] = SimpleNamespace(stats=_BN_RELU_OPS["triton"].stats,
                                          forward=torch.ops.fasthg.bn_add_relu_forward_triton,
                                          backward_reduce=torch.ops.fasthg.bn_add_relu_backward_reduce_triton,
-                                         backward_elemt=torch.ops.fasthg.bn_add_relu_backward_elemt_triton)
+                                         backward_elemt=torch.ops.fasthg.bn_add_relu_backward_elemt_triton,
+                                         train_devices=())
 
 
 class _BNAddReLU(torch.autograd.Function):
@@ -140,6 +152,11 @@ def bn_add_relu(x, residual, weight=None, bias=None, running_mean=None, running_
     weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
     bias = x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype)
     ops = _OPS[which]
+    if training and group is None and x.device.type in ops.train_devices:
+        y, mean, var = ops.train(x, residual, weight, bias, float(eps))
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
+        return y
     if not training and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight, bias))):
         # inference: one elementwise op, without an autograd Function around it
         return ops.forward(x, residual, *_running_invstd(running_mean, running_var, eps, pdtype), weight, bias)
@@ -152,7 +169,7 @@ def bn_add_relu(x, residual, weight=None, bias=None, running_mean=None, running_
 # to write grad_x; eval reads x and the residual and writes y.
 OP = registry.register(registry.FusedOp(
     name="bn_add_relu", kernel="bn_add_relu_forward",
-    schemas=("bn_add_relu_forward", "bn_add_relu_backward_reduce", "bn_add_relu_backward_elemt"),
+    schemas=("bn_add_relu_forward", "bn_add_relu_backward_reduce", "bn_add_relu_backward_elemt", "bn_add_relu_train"),
     reference=reference.bn_add_relu, fn=bn_add_relu,
     traffic={"train forward": 4.0, "eval forward": 3.0, "train forward+backward": 11.0},
     # ResNet-50's block outputs at 224x224, its four stages: the hourglass has no BN-add-ReLU
