@@ -111,7 +111,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "opencv-python-headless", "h5py"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "triton; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-benchmark", "torchvision", "triton; platform_system == 'Linux'"],
         "plot": ["matplotlib"],
         # fasthg export, and eval/predict --runtime onnxruntime|openvino (auto picks the fastest)
         "deploy": ["onnx", "onnxruntime", "openvino"],

@@ -20,6 +20,10 @@
 # 6. exports hg2 to ONNX (`fasthg export`, checked against PyTorch) and times hg2's inference
 #    at batch 1 and 8: eager, folded, compile-freezing and, where onnxruntime-gpu is installed,
 #    ONNX Runtime's CUDA provider (`fasthg bench --inference-fold`; its table goes into the summary),
+# 7. times torchvision's ResNet-18 and ResNet-50 training steps (batch 32, channels_last,
+#    float32 and bf16): eager, fasthg.accelerate (BN-ReLU and BN-add-ReLU fused) and the
+#    no-BN/ReLU ceiling, and bn_add_relu at ResNet-50's block outputs, native and Triton against
+#    eager (benchmarks/test_bench_resnet.py; skipped where torchvision is not installed),
 # writing every log, JSON, table and chart into OUT_DIR (at most 8 files) and printing a
 # short summary last. A failed build stops it at once; a failed later step is reported (its
 # log's tail, and FAILED in the summary) and the steps after it still run, since GPU time is
@@ -90,6 +94,14 @@ export -f deploy_check
 export PY deploy_dir
 step "fasthg export + inference runtimes on the GPU" "$deploy_dir/deploy.log" bash -c deploy_check || true
 
+resnet_dir=$(mktemp -d)
+if "$PY" -c "import torchvision" 2>/dev/null; then
+  step "torchvision ResNets accelerated, and bn_add_relu at their shapes" "$resnet_dir/resnet.log" \
+    "$PY" benchmarks/test_bench_resnet.py --device cuda --no-compile --repeats 5 --out "$resnet_dir" || true
+else
+  echo "skipped: torchvision ResNets (torchvision is not installed)" >> "$summary"
+fi
+
 {  # (|| true: under pipefail a grep that matches nothing would end the script here)
   echo
   grep -E "passed|failed" "$out/tests.log" | tail -n 1 | sed 's/^/tests marked cuda: /' || true
@@ -103,6 +115,8 @@ step "fasthg export + inference runtimes on the GPU" "$deploy_dir/deploy.log" ba
   echo
   grep -E "^wrote .*onnx|checked" "$deploy_dir/deploy.log" || true
   grep -E "inference" "$deploy_dir/bench/bench.md" | cut -d"|" -f2-10 || true
+  echo
+  cat "$resnet_dir/resnet.md" 2>/dev/null || true
   if ((${#failed[@]})); then
     echo
     echo "FAILED steps: ${failed[*]}"
