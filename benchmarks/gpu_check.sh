@@ -29,6 +29,12 @@
 # log's tail, and FAILED in the summary) and the steps after it still run, since GPU time is
 # scarce and each step tells something on its own; the exit is non-zero if any step failed
 # or ran past the budget of 9 minutes in all (GPU_CHECK_SECONDS=540).
+#
+# GPU_CHECK_DRY=1 runs it on the CPU, as CI does (tests/test_gpu_check.py): no build (the
+# installed extension), no nvidia-smi, no sanitizer, the tests collected only, every
+# benchmark with --device cpu and tiny sizes (Triton in its interpreter); every step's command
+# line runs and the summary is written, so that a script error shows up before a lent GPU's
+# minutes are spent on it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
@@ -41,6 +47,21 @@ summary="$out/summary.txt"
 
 budget=${GPU_CHECK_SECONDS:-540}
 failed=()
+dry=${GPU_CHECK_DRY:-0}
+if ((dry)); then  # the sizes of each step, and what a dry run leaves out
+  dev=cpu collect=(--collect-only) sanitize=()
+  conv_sizes=(--levels 4 --batch 1 --repeats 1)
+  bench_sizes=(--levels 8,4 --channels 16 --model hg1 --repeats 2 --model-repeats 1 --image-size 64)
+  deploy_sizes=(--model-repeats 1 --image-size 64 --dtypes float32)
+  resnet_sizes=(--archs resnet18 --dtypes float32 --batch 1 --repeats 1)
+  export TRITON_INTERPRET=1
+else
+  dev=cuda collect=() sanitize=()
+  conv_sizes=(--levels 64,32,16 --batch 16)
+  bench_sizes=(--levels 128,64,32,16,8,4 --channels 128,256 --model hg2,hg8)
+  deploy_sizes=(--model-repeats 5)
+  resnet_sizes=(--repeats 5)
+fi
 
 step() {  # step NAME LOG COMMAND...: run and time it; on failure, say so with the log's tail
   local name=$1 log=$2; shift 2
@@ -63,41 +84,52 @@ step() {  # step NAME LOG COMMAND...: run and time it; on failure, say so with t
   echo "ok   $name ($((SECONDS - t0)) s)" >> "$summary"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary"
-step "build for the local GPU" "$out/build.log" \
-  env FASTHG_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ||
-  { cat "$summary"; exit 1; }  # nothing after it can run
+if ((dry)); then
+  echo "dry run on the CPU (GPU_CHECK_DRY=1): no build, tests collected only, tiny benchmarks" >> "$summary"
+  step "the installed extension (dry run: no build)" "$out/build.log" \
+    "$PY" -c "from fasthg.ops import _ext; assert _ext._C is not None, _ext.LOAD_ERROR" || { cat "$summary"; exit 1; }
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary"
+  step "build for the local GPU" "$out/build.log" \
+    env FASTHG_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ||
+    { cat "$summary"; exit 1; }  # nothing after it can run
+fi
 "$PY" -m fasthg info >> "$summary"
-step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --durations=15 || true
+step "tests marked cuda" "$out/tests.log" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --durations=15 \
+  "${collect[@]}" || true
 # Without PyTorch's caching allocator, so that an access past a tensor leaves its allocation.
-sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if ((!dry)); then
+  sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  sanitize=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20)
+fi
 step "compute-sanitizer memcheck (op tests, small shapes)" "$out/memcheck.log" \
-  env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 \
-  "$PY" -m pytest $("$PY" -m fasthg.ops --test-files) tests/test_conv1x1.py -m cuda -q -p no:cacheprovider \
-  -k "not hourglass_sizes and not compile and not opcheck and not gradcheck" || true
+  "${sanitize[@]}" "$PY" -m pytest $("$PY" -m fasthg.ops --test-files) tests/test_conv1x1.py -m cuda -q \
+  -p no:cacheprovider -k "not resnet50_sizes and not hourglass_sizes and not compile and not opcheck and not gradcheck" \
+  "${collect[@]}" || true
 # (its log, the table, goes into the summary: OUT_DIR holds 8 files already)
 conv_log=$(mktemp)
 step "Triton bn_relu_conv1x1 vs BN-ReLU + cuDNN conv" "$conv_log" \
-  "$PY" -m fasthg.bench.conv1x1 --device cuda --levels 64,32,16 --batch 16 || true
-step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device cuda --levels 128,64,32,16,8,4 \
-  --channels 128,256 --model hg2,hg8 --model-layouts nchw --out "$out/bench" || true
+  "$PY" -m fasthg.bench.conv1x1 --device "$dev" "${conv_sizes[@]}" || true
+step "fasthg bench on the GPU" "$out/bench.log" "$PY" -m fasthg bench --device "$dev" "${bench_sizes[@]}" \
+  --model-layouts nchw --out "$out/bench" || true
 # Deployment: the ONNX export, and inference against the runtimes installed (not in OUT_DIR: 8 files there)
 deploy_dir=$(mktemp -d)
 deploy_check() {  # hg2 (fresh weights) exported to ONNX and checked; its inference in every runtime here
   "$PY" -c "import sys; from fasthg import checkpoint; from fasthg.models import hg2; checkpoint.save(sys.argv[1], hg2())" \
     "$deploy_dir/hg2.pt" &&
   "$PY" -m fasthg export "$deploy_dir/hg2.pt" "$deploy_dir/hg2.onnx" &&
-  "$PY" -m fasthg bench --device cuda --inference-fold --model hg2 --model-layouts nhwc --model-repeats 5 \
+  "$PY" -m fasthg bench --device "$dev" --inference-fold --model hg2 --model-layouts nhwc $deploy_args \
     --out "$deploy_dir/bench"
 }
 export -f deploy_check
-export PY deploy_dir
+deploy_args=${deploy_sizes[*]}  # (bash exports strings, not arrays)
+export PY deploy_dir dev deploy_args
 step "fasthg export + inference runtimes on the GPU" "$deploy_dir/deploy.log" bash -c deploy_check || true
 
 resnet_dir=$(mktemp -d)
 if "$PY" -c "import torchvision" 2>/dev/null; then
   step "torchvision ResNets accelerated, and bn_add_relu at their shapes" "$resnet_dir/resnet.log" \
-    "$PY" benchmarks/test_bench_resnet.py --device cuda --no-compile --repeats 5 --out "$resnet_dir" || true
+    "$PY" benchmarks/test_bench_resnet.py --device "$dev" --no-compile "${resnet_sizes[@]}" --out "$resnet_dir" || true
 else
   echo "skipped: torchvision ResNets (torchvision is not installed)" >> "$summary"
 fi

@@ -298,6 +298,15 @@ def _module_guard(m: nn.Module, names, sites, pattern: str) -> Optional[str]:
     return why
 
 
+def _make_fused(m: nn.BatchNorm2d, cls, options, process_group) -> None:
+    """m becomes a `cls` in place (the same object, hence the same parameters and buffers),
+    with accelerate's backend and sync settings (kept as they are when rebuilding)."""
+    if not isinstance(m, cls):
+        m.__class__ = cls
+    if process_group is not _KEEP:
+        m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+
+
 def _rewrite_bn_relu(root, graphs, path, options, report, names, process_group, skip):
     for target, sites in _bn_sites(root, graphs, skip).items():
         m = root.get_submodule(target)
@@ -307,10 +316,7 @@ def _rewrite_bn_relu(root, graphs, path, options, report, names, process_group, 
         if why and not already:
             report.append(Change("bn_relu", where, "left alone", why))
             continue
-        if not already:
-            m.__class__ = BNReLU
-        if process_group is not _KEEP:
-            m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+        _make_fused(m, BNReLU, options, process_group)
         for _, bn_node, relu_node, _ in sites:
             if relu_node is not None:  # relu(relu(y)) == relu(y): after a BNReLU the ReLU goes
                 relu_node.replace_all_uses_with(bn_node)
@@ -369,10 +375,7 @@ def _rewrite_bn_add_relu(root, graphs, path, options, report, names, process_gro
         if why:
             report.append(Change("bn_add_relu", where, "left alone", why))
             continue
-        if not already:
-            m.__class__ = BNAddReLU
-        if process_group is not _KEEP:
-            m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+        _make_fused(m, BNAddReLU, options, process_group)
         for _, g, bn_node, add_node, _, relu_node, _ in calls:
             a, b, _ = _add_operands(add_node)  # read now: an earlier rewrite may have replaced the residual
             residual = b if a is bn_node else a
@@ -598,18 +601,17 @@ def _accelerate_sequential(seq: nn.Sequential, path, options, report, process_gr
     for (name, m), (rname, r) in zip(children, children[1:]):
         if isinstance(m, BNReLU) and type(r) is nn.Identity:  # fused by an earlier call
             report.append(Change("bn_relu", _join(path, name), "already fused", "already a fasthg BNReLU"))
-            m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+            _make_fused(m, BNReLU, options, process_group)
             continue
         if not isinstance(r, nn.ReLU) or _has_hooks(r) or not isinstance(m, nn.BatchNorm2d):
             continue
         if type(m) is nn.BatchNorm2d and not _has_hooks(m):
-            m.__class__ = BNReLU
             report.append(Change("bn_relu", _join(path, name), "fused", "BatchNorm2d + ReLU in an nn.Sequential"))
         elif isinstance(m, BNReLU):
             report.append(Change("bn_relu", _join(path, name), "already fused", "already a fasthg BNReLU"))
         else:
             continue
-        m.backend, m.sync, m.process_group = options.backend, options.sync_bn, process_group
+        _make_fused(m, BNReLU, options, process_group)
         setattr(seq, rname, nn.Identity())
 
 

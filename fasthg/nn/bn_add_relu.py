@@ -2,33 +2,22 @@
 fasthg.accelerate puts in place of a residual block's `relu(bn(x) + identity)`."""
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fasthg import ops
+from fasthg.nn.fused_bn import FusedBatchNorm2d
 from fasthg.ops.bn_relu import batch_norm_args
 
 
-class BNAddReLU(nn.BatchNorm2d):
+class BNAddReLU(FusedBatchNorm2d):
     """nn.BatchNorm2d whose forward(x, residual) is relu(bn(x) + residual), fused
-    (fasthg.ops.bn_add_relu). A subclass of nn.BatchNorm2d with its arguments, parameters and
-    buffers, so state_dicts load unchanged; plus `backend`, and `sync`/`process_group` as
-    fasthg.nn.BNReLU has them. Called with x alone it is the plain BatchNorm2d it was (as
-    fasthg.accelerate's untouched call sites and re-traces call it)."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, backend="auto", sync=False, process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.backend, self.sync, self.process_group = backend, sync, process_group
+    (fasthg.ops.bn_add_relu): nn.BatchNorm2d's arguments, parameters and buffers, plus
+    `backend`, `sync` and `process_group` (fasthg.nn.fused_bn). Called with x alone it is the
+    plain BatchNorm2d it was (as fasthg.accelerate's re-traces call it)."""
 
     def forward(self, x, residual=None):
         if residual is None:
             return super().forward(x)
-        if x.dim() != 4:
-            raise ValueError(f"BNAddReLU: expected a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"BNAddReLU: expected {self.num_features} channels, got input of shape {tuple(x.shape)}")
+        self.check_input(x)
         fits = (isinstance(residual, torch.Tensor) and residual.shape == x.shape and residual.dtype == x.dtype
                 and residual.device == x.device)
         if not fits and self.sync:
@@ -39,6 +28,3 @@ class BNAddReLU(nn.BatchNorm2d):
             return F.relu(F.batch_norm(x, rm, rv, self.weight, self.bias, use_batch_stats, factor, self.eps) + residual)
         return ops.bn_add_relu(x, residual, self.weight, self.bias, rm, rv, use_batch_stats, factor, self.eps,
                                backend=self.backend, sync=self.sync, process_group=self.process_group)
-
-    def extra_repr(self):
-        return super().extra_repr() + f", backend={self.backend!r}" + (", sync=True" if self.sync else "")
