@@ -1,7 +1,8 @@
 """Every fused op of the registry at every shape hg2 runs it at 256x256 (conftest.SHAPES;
-batch 16 on GPU, 4 on CPU), NCHW and channels_last, float32 and half precision, in each of
-its modes (upsample_add and max_pool2x2: forward, forward+backward; bn_relu: train forward, eval forward,
-train forward+backward): eager against every backend and torch.compile of the eager
+bn_add_relu, which the hourglass has not, at ResNet-50's block outputs; batch 16 on GPU, 4 on
+CPU), NCHW and channels_last, float32 and half precision, in each of its modes (upsample_add
+and max_pool2x2: forward, forward+backward; bn_relu and bn_add_relu: train forward, eval
+forward, train forward+backward): eager against every backend and torch.compile of the eager
 composition. The calls are fasthg.bench.cases', the same `fasthg bench` times, over inputs
 that rotate through twice the last-level cache.
 
