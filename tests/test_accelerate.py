@@ -293,13 +293,14 @@ class ResidualNearMisses(nn.Module):
     def __init__(self, c=8):
         super().__init__()
         self.bn_sum, self.bn_into_input, self.bn_self = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.bn_const = nn.BatchNorm2d(c)
 
     def forward(self, x):
         s = torch.sigmoid(self.bn_sum(x) + x)  # the sum is not clamped
         v = x[:, :]
         v += self.bn_into_input(s)  # mutates the caller's x: cannot become out of place
         t = self.bn_self(s)
-        return torch.relu(v) + torch.relu(t + t)
+        return torch.relu(v) + torch.relu(t + t) + torch.relu(self.bn_const(s) + 0.5)
 
 
 def test_residual_near_misses_are_left_alone_with_their_reason():
@@ -312,6 +313,7 @@ def test_residual_near_misses_are_left_alone_with_their_reason():
     assert "sigmoid" in reasons["bn_sum"], str(report)
     assert "+= onto a residual" in reasons["bn_into_input"], str(report)
     assert "added to itself" in reasons["bn_self"], str(report)
+    assert "added to a constant (0.5)" in reasons["bn_const"], str(report)
     assert not report.fused() and not any(isinstance(m, BNAddReLU) for m in model.modules())
     close(model(x.clone()), want)
 

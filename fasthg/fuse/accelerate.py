@@ -337,6 +337,8 @@ def _bn_add_relu_site(node: fx.Node, root: nn.Module):
     residual = b if a is node else a
     if a is b:
         return add_node, residual, None, "added to itself"
+    if not isinstance(residual, fx.Node):
+        return add_node, residual, None, f"added to a constant ({residual!r}), not a residual tensor"
     if a is not node and _is_bn_add_candidate(a, add_node, root):
         return add_node, residual, None, f"the other addend ({a.target}) is fused with the addition"
     if in_place and a is residual and not (_is_fresh(residual, root) and _only_read_before(residual, add_node)):
