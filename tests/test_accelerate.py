@@ -486,8 +486,9 @@ def test_autocast(name):
 
 
 @pytest.mark.slow
-def test_torch_compile():
-    original, accelerated, x, _ = pair("seq_hourglass", torch.channels_last)
+@pytest.mark.parametrize("name", ["seq_hourglass", "resnet_basic"])
+def test_torch_compile(name):
+    original, accelerated, x, _ = pair(name, torch.channels_last)
     torch._dynamo.reset()
     compiled = torch.compile(accelerated)
     ref_outs, ref_grads, _ = run_steps(original, x)
