@@ -123,13 +123,7 @@ def test_accelerated_resnet_train_step(benchmark, arch, dtype):
 def _machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{fasthg.device.cpu_name(platform.processor() or platform.machine())}, {torch.get_num_threads()} threads"
 
 
 def markdown(results, op_rows, machine):

@@ -27,17 +27,21 @@ def cpu_computes_bf16() -> bool:
     return any(_cpu_has(probe) for probe in _BF16_PROBES.values())
 
 
+def cpu_name(default: str = "unknown CPU") -> str:
+    """This CPU's model name (/proc/cpuinfo's), or `default` where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), default)
+    except OSError:
+        return default
+
+
 def cpu_description() -> str:
     """This CPU for a person reading a measurement: its model name, core count and the widest
     vector/matrix instructions torch's kernels use here, e.g. "AMD EPYC, 2 cores, AVX512 + bf16"."""
     import os
 
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpu_name()
     isa = torch.backends.cpu.get_cpu_capability()
     extras = [what for what, probe in _BF16_PROBES.items() if _cpu_has(probe)]
     return f"{name}, {os.cpu_count()} cores, {' + '.join([isa] + extras)}"

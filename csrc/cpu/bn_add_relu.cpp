@@ -252,16 +252,6 @@ void backward_elemt_kernel(const scalar_t* g, const scalar_t* x, scalar_t* dx, c
 }
 
 // ---------------------------------------------------------------- the ops
-template <typename T>
-const T* in(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
-}
-
-template <typename T>
-T* out(const at::Tensor& t) {
-  return t.mutable_data_ptr<T>();
-}
-
 at::Tensor like(const at::Tensor& x, at::MemoryFormat fmt) {
   return at::empty(x.sizes(), x.options().memory_format(fmt));
 }

@@ -504,16 +504,6 @@ Args prepare(const char* op, const at::Tensor& x_in, const Takes& t) {
   return a;
 }
 
-template <typename T>
-const T* in(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
-}
-
-template <typename T>
-T* out(const at::Tensor& t) {
-  return t.mutable_data_ptr<T>();
-}
-
 std::tuple<at::Tensor, at::Tensor> bn_relu_stats_cpu(const at::Tensor& x) {
   const auto a = prepare("bn_relu_stats", x, {});
   auto mean = a.per_channel(), var = a.per_channel();

@@ -27,6 +27,17 @@ namespace fasthg {
 // Elements per task: below this, threading costs more than it saves (ATen's value).
 constexpr int64_t kGrain = 32768;
 
+// A tensor's data as the kernels take it: read-only, or written.
+template <typename T>
+const T* in(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+template <typename T>
+T* out(const at::Tensor& t) {
+  return t.mutable_data_ptr<T>();
+}
+
 // A dense tensor seen as [outer, C, inner]: NCHW is [N, C, H*W], NHWC is [N*H*W, C, 1].
 struct View {
   int64_t outer, C, inner;

@@ -78,6 +78,12 @@ def _x_forward_backward(sets, f, params=()):
     return run
 
 
+def _bn_parameters(c, device):
+    """A BN's weight and bias (requiring grad) and running statistics, for the BN ops' calls."""
+    return (torch.rand(c, device=device, requires_grad=True), torch.randn(c, device=device, requires_grad=True),
+            torch.zeros(c, device=device), torch.ones(c, device=device))
+
+
 def bn_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, Callable]]:
     """Training forward, eval forward (both without grad) and training forward+backward (the
     grads of x, weight and bias); compile: relu(batch_norm(x)), the running statistics' update
@@ -89,9 +95,7 @@ def bn_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[str, 
         return x, torch.randn_like(x), x.clone().requires_grad_(True)
 
     sets = Rotation(one_set, cache_bytes)
-    w = torch.rand(c, device=device, requires_grad=True)
-    b = torch.randn(c, device=device, requires_grad=True)
-    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    w, b, rm, rv = _bn_parameters(c, device)
 
     def op_of(backend, training):
         if backend == "compile":
@@ -137,9 +141,7 @@ def bn_add_relu_calls(case, device, backends, cache_bytes=0) -> Dict[str, Dict[s
         return x, r, make(), x.clone().requires_grad_(True), r.clone().requires_grad_(True)
 
     sets = Rotation(one_set, cache_bytes)
-    w = torch.rand(c, device=device, requires_grad=True)
-    b = torch.randn(c, device=device, requires_grad=True)
-    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    w, b, rm, rv = _bn_parameters(c, device)
 
     def op_of(backend, training):
         if backend == "compile":

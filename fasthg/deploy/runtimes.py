@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from fasthg.device import cpu_name
+
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("float32", "bf16")
 MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
@@ -165,12 +167,7 @@ def time_runtime(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
 
 def _choice_key(model_digest: str, batch: int, device: torch.device, precision: str, candidates: List[str]) -> str:
     versions = {n: version(n) for n in candidates}
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name(platform.processor() or platform.machine())
     return (f"{model_digest}|{batch}|{device}|{precision}|{cpu}|{torch.get_num_threads()}|"
             f"{json.dumps(versions, sort_keys=True)}")
 

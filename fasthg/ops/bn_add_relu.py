@@ -17,11 +17,10 @@ sync=True merges the statistics across processes as fasthg.ops.bn_relu does (nn.
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 
 from fasthg.ops import _backend, _ext, reference, registry
-from fasthg.ops.bn_relu import (_OPS as _BN_RELU_OPS, _as_dtype, _merge_across_processes, _param_dtype, _running_invstd, _sync_group,
-                                _update_running_stats, check_args as _check_bn_args)
+from fasthg.ops.bn_relu import (_OPS as _BN_RELU_OPS, _as_dtype, _batch_statistics, _grad_means, _param_dtype,
+                                _running_invstd, _sync_group, _update_running_stats, check_args as _check_bn_args)
 from fasthg.ops.layout import memory_format_of
 
 
@@ -102,12 +101,9 @@ if _backend.triton_available():
 class _BNAddReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps, ops, group):
-        count = x.numel() // x.shape[1]
+        count = None
         if training:
-            mean, var = ops.stats(x)
-            if group is not None:
-                mean, var, count = _merge_across_processes(mean, var, count, group)
-            invstd = torch.rsqrt(var + eps)
+            mean, var, invstd, count = _batch_statistics(ops, x, eps, group)
             if running_mean is not None:
                 _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
@@ -121,17 +117,12 @@ class _BNAddReLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, weight, mean, invstd = ctx.saved_tensors
         g, sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, y, x, mean, invstd)
+        if ctx.training:
+            mean_g, mean_gx = _grad_means(sum_g, sum_gx, ctx.count, ctx.group)
+        else:  # the statistics are constants
+            mean_g = mean_gx = torch.zeros_like(sum_g)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if ctx.training:
-                total_g, total_gx = sum_g, sum_gx
-                if ctx.group is not None:  # the statistics were global: so are their gradients
-                    both = torch.cat([sum_g, sum_gx])
-                    dist.all_reduce(both, group=ctx.group)
-                    total_g, total_gx = both.chunk(2)
-                mean_g, mean_gx = total_g / ctx.count, total_gx / ctx.count
-            else:  # the statistics are constants
-                mean_g = mean_gx = torch.zeros_like(sum_g)
             grad_x = ctx.ops.backward_elemt(g, x, mean, invstd, weight, mean_g, mean_gx)
         return grad_x, g, sum_gx, sum_g, None, None, None, None, None, None, None
 

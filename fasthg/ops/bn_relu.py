@@ -163,6 +163,26 @@ def _merge_across_processes(mean, var, count, group):
     return gmean.to(mean.dtype), (m2 / total).to(var.dtype), int(total.item())
 
 
+def _batch_statistics(ops, x, eps, group):
+    """Training statistics of x with a backend's `ops`: (mean, biased var, invstd, count),
+    merged over the processes of `group` when it is not None."""
+    count = x.numel() // x.shape[1]
+    mean, var = ops.stats(x)
+    if group is not None:
+        mean, var, count = _merge_across_processes(mean, var, count, group)
+    return mean, var, torch.rsqrt(var + eps), count
+
+
+def _grad_means(sum_g, sum_gx, count, group):
+    """The channel means of g and g * xhat that a training BN's grad_x needs, from this
+    process's sums: over the global batch (all-reduced) when the statistics were."""
+    if group is not None:
+        both = torch.cat([sum_g, sum_gx])
+        dist.all_reduce(both, group=group)
+        sum_g, sum_gx = both.chunk(2)
+    return sum_g / count, sum_gx / count
+
+
 def _as_dtype(t, dtype):
     """t.to(dtype) without the dispatch when t already is (the dispatch is a measurable share of a
     4x4 BN-ReLU)."""
@@ -186,16 +206,13 @@ def _running_invstd(running_mean, running_var, eps, dtype):
 class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, ops, group):
-        count = x.numel() // x.shape[1]
+        count = None
         if training:
-            mean, var = ops.stats(x)
-            if group is not None:
-                mean, var, count = _merge_across_processes(mean, var, count, group)
-            invstd = torch.rsqrt(var + eps)
+            mean, var, invstd, count = _batch_statistics(ops, x, eps, group)
+            if running_mean is not None:
+                _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
             mean, invstd = _running_invstd(running_mean, running_var, eps, weight.dtype)
-        if training and running_mean is not None:
-            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.training, ctx.count, ctx.ops, ctx.group = training, count, ops, group
         return ops.forward(x, mean, invstd, weight, bias)
@@ -205,12 +222,7 @@ class _BNReLU(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, x, mean, invstd, weight, bias)
         if ctx.training:
-            total_g, total_gx = sum_g, sum_gx
-            if ctx.group is not None:  # the statistics were global: so are their gradients
-                both = torch.cat([sum_g, sum_gx])
-                dist.all_reduce(both, group=ctx.group)
-                total_g, total_gx = both.chunk(2)
-            mean_g, mean_gx = total_g / ctx.count, total_gx / ctx.count
+            mean_g, mean_gx = _grad_means(sum_g, sum_gx, ctx.count, ctx.group)
         else:  # the statistics are constants
             mean_g = mean_gx = torch.zeros_like(sum_g)
         grad_x = None

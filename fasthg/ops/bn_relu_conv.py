@@ -20,13 +20,12 @@ dtype, as fasthg.ops.bn_relu does), so results match the storing model's. Sync B
 sums all-reduced, with fasthg.ops.bn_relu's helpers.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fasthg.ops import _backend
 from fasthg.ops.conv1x1 import bn_relu_conv1x1
-from fasthg.ops.bn_relu import (_OPS, _as_dtype, _merge_across_processes, _param_dtype, _sync_group,
+from fasthg.ops.bn_relu import (_OPS, _as_dtype, _batch_statistics, _grad_means, _param_dtype, _sync_group,
                                  _update_running_stats, batch_norm_args, bn_relu, check_args)
 
 _FP_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
@@ -68,14 +67,11 @@ class _BNReLUConvRecompute(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry,
                 *conv_params):
         ops = _OPS[which]
-        count = x.numel() // x.shape[1]
         if group is None and x.device.type in ops.train_devices:
             y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward(x, weight, bias, eps)
+            count = x.numel() // x.shape[1]
         else:
-            mean, var = ops.stats(x)
-            if group is not None:
-                mean, var, count = _merge_across_processes(mean, var, count, group)
-            invstd = torch.rsqrt(var + eps)
+            mean, var, invstd, count = _batch_statistics(ops, x, eps, group)
             y = ops.forward(x, mean, invstd, weight, bias)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -117,14 +113,9 @@ class _BNReLUConvRecompute(torch.autograd.Function):
                                                                                  bias)
             else:
                 grad_b, grad_w = ops.backward_reduce(grad_y, x, mean, invstd, weight, bias)
-                total_g, total_gx = grad_b, grad_w
-                if ctx.group is not None:  # the statistics were global: so are their gradients
-                    both = torch.cat([grad_b, grad_w])
-                    dist.all_reduce(both, group=ctx.group)
-                    total_g, total_gx = both.chunk(2)
+                mean_g, mean_gx = _grad_means(grad_b, grad_w, ctx.count, ctx.group)
                 if need[0]:
-                    grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, total_g / ctx.count,
-                                                total_gx / ctx.count)
+                    grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, mean_g, mean_gx)
         return (grad_x, grad_w, grad_b) + (None,) * 7 + tuple(grad_params)
 
 
