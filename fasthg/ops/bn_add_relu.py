@@ -117,12 +117,12 @@ class _BNAddReLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, weight, mean, invstd = ctx.saved_tensors
         g, sum_g, sum_gx = ctx.ops.backward_reduce(grad_out, y, x, mean, invstd)
-        if ctx.training:
-            mean_g, mean_gx = _grad_means(sum_g, sum_gx, ctx.count, ctx.group)
-        else:  # the statistics are constants
-            mean_g = mean_gx = torch.zeros_like(sum_g)
         grad_x = None
         if ctx.needs_input_grad[0]:
+            if ctx.training:
+                mean_g, mean_gx = _grad_means(sum_g, sum_gx, ctx.count, ctx.group)
+            else:  # the statistics are constants
+                mean_g = mean_gx = torch.zeros_like(sum_g)
             grad_x = ctx.ops.backward_elemt(g, x, mean, invstd, weight, mean_g, mean_gx)
         return grad_x, g, sum_gx, sum_g, None, None, None, None, None, None, None
 
