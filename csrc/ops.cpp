@@ -62,4 +62,19 @@ TORCH_LIBRARY(fasthg, m) {
   // (csrc/autograd/bn_add_relu.cpp)
   m.def("bn_add_relu_train(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> "
         "(Tensor y, Tensor mean, Tensor var)");
+
+  // The BN-ReLU-conv1x1 unit (CPU; its GPU twin is Triton's, fasthg/ops/conv1x1.py): y =
+  // conv1x1(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight) + conv_bias, the
+  // activation never stored; with out_stats, y's per-channel sum and sum of squares (else empty).
+  // `training` is for autograd (the backward's BN terms), as in Triton's twin.
+  // conv_weight [Cout, C, 1, 1] in x's dtype; statistics, BN parameters and conv_bias float32.
+  m.def("bn_relu_conv1x1_forward(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor conv_weight, Tensor conv_bias, bool training, bool out_stats) -> (Tensor y, Tensor sum, Tensor sum_sq)");
+  // Its backward from x (the activation recomputed): BatchNorm's training backward (the batch
+  // statistics' gradient terms) when training, else the eval one.
+  m.def("bn_relu_conv1x1_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
+        "Tensor bn_bias, Tensor conv_weight, bool training) -> (Tensor grad_x, Tensor grad_bn_weight, "
+        "Tensor grad_bn_bias, Tensor grad_conv_weight, Tensor grad_conv_bias)");
+  // Which of the CPU GEMM's kernels runs here: avx512, avx2 or plain (csrc/cpu/gemm_panels.h)
+  m.def("cpu_gemm_kernel() -> str");
 }

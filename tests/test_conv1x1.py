@@ -1,15 +1,26 @@
-"""fasthg.ops.conv1x1.bn_relu_conv1x1 (Triton: kernels/conv1x1.py) against the float64 eager
-reference conv1x1(relu(bn(x))) (fasthg.ops.reference.bn_relu_conv1x1), on the CPU under the
-Triton interpreter and, marked cuda, on a GPU."""
+"""fasthg.ops.conv1x1.bn_relu_conv1x1 against the float64 eager reference
+conv1x1(relu(bn(x))) (fasthg.ops.reference.bn_relu_conv1x1): the native CPU unit
+(csrc/cpu/conv1x1.cpp) with each of its GEMM kernels, and Triton's (kernels/conv1x1.py) on the
+CPU under the Triton interpreter and, marked cuda, on a GPU."""
+import functools
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA, TOL, rel_err
-from fasthg.kernels import _index
-from fasthg.ops import reference
-from fasthg.ops.conv1x1 import _backward_op, _forward_op, bn_relu_conv1x1
+from conftest import HAS_CUDA, TOL, rel_err
+from fasthg.ops import _backend, conv1x1, reference
+from fasthg.ops.conv1x1 import bn_relu_conv1x1
 
-pytest.importorskip("triton")
+HAS_TRITON = _backend.triton_available()
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_native = pytest.mark.skipif(not conv1x1.native_available(), reason="the extension is not built")
+# (device, backend) pairs: the native unit is the CPU's; Triton runs interpreted on the CPU.
+TARGETS = [pytest.param(("cpu", "native"), marks=needs_native, id="cpu-native"),
+           pytest.param(("cpu", "triton"), marks=needs_triton, id="cpu-triton"),
+           pytest.param(("cuda", "triton"), marks=[pytest.mark.cuda, needs_triton], id="cuda-triton")]
 
 # (N, C, H, W, Cout): odd channel counts; N*H*W = 70 and 144 are not multiples of the 64-row
 # tile; 70 input and 65 output channels span two 64-channel tiles, each with a partial one.
@@ -18,8 +29,13 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 EPS = 1e-5
 
 
-def dtypes(device):
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+def dtypes(device, backend):
+    """bfloat16 everywhere but in the Triton interpreter (it has none)."""
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" or backend == "native" else [])
+
+
+def op_of(backend):
+    return functools.partial(bn_relu_conv1x1, backend=backend)
 
 
 def make_inputs(shape, dtype, device, layout, seed=0):
@@ -62,16 +78,17 @@ def run(t, training, out_stats=True, fn=bn_relu_conv1x1):
     return (out if out_stats else (y,)), dict(zip(LEAVES, grads))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_outputs_statistics_and_every_gradient_match_float64(device, training, layout, shape, poison):
-    if shape == SHAPES[-1] and device == "cpu" and layout != torch.channels_last:
+def test_outputs_statistics_and_every_gradient_match_float64(target, training, layout, shape, poison):
+    device, backend = target
+    if shape == SHAPES[-1] and device == "cpu" and backend == "triton" and layout != torch.channels_last:
         pytest.skip("the two-tile shape runs channels_last only in the interpreter: it is slow there")
-    for dtype in dtypes(device):
+    for dtype in dtypes(device, backend):
         ref, t = make_inputs(shape, dtype, device, layout)
-        (y, s, s2), grads = run(t, training)
+        (y, s, s2), grads = run(t, training, fn=op_of(backend))
         (ry, rs, rs2), rgrads = run(ref, training, fn=reference.bn_relu_conv1x1)
         tol = TOL[dtype]
         assert y.dtype == dtype and y.shape == ry.shape and y.is_contiguous(memory_format=layout)
@@ -85,82 +102,98 @@ def test_outputs_statistics_and_every_gradient_match_float64(device, training, l
         assert torch.isfinite(grads["x"]).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_without_stats_or_bias(device, poison):
+@pytest.mark.parametrize("target", TARGETS)
+def test_without_stats_or_bias(target, poison):
+    device, backend = target
     ref, t = make_inputs(SHAPES[2], torch.float32, device, torch.channels_last)
-    y = bn_relu_conv1x1(t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], None, training=False)
+    y = bn_relu_conv1x1(t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], None, training=False,
+                        backend=backend)
     want = reference.bn_relu_conv1x1(ref["x"], ref["mean"], ref["invstd"], ref["bn_w"], ref["bn_b"], ref["conv_w"],
                                      None, training=False)
     assert isinstance(y, torch.Tensor) and rel_err(y, want) < TOL[torch.float32]
     w = t["conv_w"].clone().requires_grad_(True)
-    out = bn_relu_conv1x1(t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], w, None)
+    out = bn_relu_conv1x1(t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], w, None, backend=backend)
     assert torch.autograd.grad(out, w, t["gy"])[0].shape == w.shape
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_float64_runs_at_float64_precision(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_float64_runs_at_float64_precision(target):
+    device, backend = target
     ref, t = make_inputs(SHAPES[1], torch.float64, device, torch.channels_last)
-    (y, s, s2), grads = run(t, True)
+    (y, s, s2), grads = run(t, True, fn=op_of(backend))
     (ry, rs, rs2), rgrads = run(ref, True, fn=reference.bn_relu_conv1x1)
     assert s.dtype == torch.float64
     for out, want in [(y, ry), (s, rs), (s2, rs2)] + [(grads[k], rgrads[k]) for k in LEAVES]:
         assert rel_err(out, want) < 1e-12
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native),
+                                     pytest.param("triton", marks=[needs_triton, pytest.mark.slow])])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_float64(training):
+def test_gradcheck_float64(training, backend):
     """Numerical against analytic gradients; in training the statistics are x's, recomputed
     from every perturbed x (the op treats them as such, without a gradient of their own)."""
-    device = "cuda" if HAS_CUDA else "cpu"
+    device = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
     _, t = make_inputs((2, 3, 2, 3, 5), torch.float64, device, torch.channels_last)
 
     def f(x, bn_w, bn_b, conv_w, conv_b):
         xd = x.detach()
         mean = xd.mean((0, 2, 3)) if training else t["mean"]
         invstd = torch.rsqrt(xd.var((0, 2, 3), unbiased=False) + EPS) if training else t["invstd"]
-        return bn_relu_conv1x1(x, mean, invstd, bn_w, bn_b, conv_w, conv_b, training)
+        return bn_relu_conv1x1(x, mean, invstd, bn_w, bn_b, conv_w, conv_b, training, backend=backend)
 
     leaves = [t[k].clone().requires_grad_(True) for k in LEAVES]
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@needs_triton
 def test_int64_offsets_give_the_same_results(monkeypatch):
     """No tensor here is 2^30 elements: lower the limit so that every launch takes int64
     offsets, and compare bit for bit."""
+    from fasthg.kernels import _index
+
     _, t = make_inputs(SHAPES[2], torch.float32, "cpu", torch.channels_last)
-    narrow = run(t, True)
+    fn = op_of("triton")
+    narrow = run(t, True, fn=fn)
     with monkeypatch.context() as m:
         m.setattr(_index, "INT32_LIMIT", 1)
-        wide = run(t, True)
+        wide = run(t, True, fn=fn)
     for a, b in zip(narrow[0], wide[0]):
         assert torch.equal(a, b)
     for k in LEAVES:
         assert torch.equal(narrow[1][k], wide[1][k])
 
 
-def test_deterministic():
+@pytest.mark.parametrize("target", TARGETS[:2])
+def test_deterministic(target):
     """Partials are summed in a fixed order: two runs agree bit for bit."""
-    _, t = make_inputs(SHAPES[2], torch.float32, "cpu", torch.channels_last)
-    first, again = run(t, True), run(t, True)
+    _, t = make_inputs(SHAPES[3], torch.float32, "cpu", torch.channels_last)
+    fn = op_of(target[1])
+    first, again = run(t, True, fn=fn), run(t, True, fn=fn)
     assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))
     assert all(torch.equal(first[1][k], again[1][k]) for k in LEAVES)
 
 
-def test_nan_in_x_reaches_y_as_relu_lets_it():
+@pytest.mark.parametrize("target", TARGETS[:2])
+def test_nan_in_x_reaches_y_as_relu_lets_it(target):
     _, t = make_inputs(SHAPES[0], torch.float32, "cpu", torch.channels_last)
     x = t["x"].clone()
     x[0, 2, 1, 1] = float("nan")
-    y = bn_relu_conv1x1(x, t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], t["conv_b"], False)
+    y = bn_relu_conv1x1(x, t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], t["conv_b"], False,
+                        backend=target[1])
     assert torch.isnan(y[0, :, 1, 1]).all() and torch.isfinite(y[1]).all()
 
 
-def test_custom_ops_pass_opcheck():
-    _, t = make_inputs(SHAPES[0], torch.float32, "cpu", torch.channels_last)
+@pytest.mark.parametrize("target", TARGETS[:2])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_custom_ops_pass_opcheck(target, layout):
+    forward, backward = ((conv1x1._native_forward_op, conv1x1._native_backward_op) if target[1] == "native"
+                         else (conv1x1._forward_op, conv1x1._backward_op))
+    _, t = make_inputs(SHAPES[0], torch.float32, "cpu", layout)
     args = (t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], t["conv_b"])
     for training, out_stats in ((True, True), (False, False)):
-        torch.library.opcheck(_forward_op, (*args, training, out_stats))
-    torch.library.opcheck(_backward_op, (t["gy"], *args[:6], True))
+        torch.library.opcheck(forward, (*args, training, out_stats))
+    torch.library.opcheck(backward, (t["gy"], *args[:6], True))
 
 
 def test_bad_input_is_refused_naming_the_argument():
@@ -181,8 +214,59 @@ def test_bad_input_is_refused_naming_the_argument():
     for name, value, message in cases:
         with pytest.raises(ValueError, match=message):
             bn_relu_conv1x1(**{**good, name: value})
-    with pytest.raises(ValueError, match="bfloat16 `x` needs a CUDA device"):
-        bn_relu_conv1x1(**{**good, "x": t["x"].bfloat16()})
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="bfloat16 `x` needs a CUDA device"):
+            bn_relu_conv1x1(**{**good, "x": t["x"].bfloat16()}, backend="triton")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        bn_relu_conv1x1(**good, backend="eager")
+
+
+@needs_native
+def test_native_kernels_refuse_bad_input_naming_the_argument():
+    """The C++ ops' own checks (what a direct torch.ops call meets)."""
+    _, t = make_inputs(SHAPES[0], torch.float32, "cpu", torch.channels_last)
+    args = [t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], t["conv_b"], True, True]
+    cases = [(5, torch.randn(7, 4, 1, 1), "`conv_weight` must be"), (5, t["conv_w"].double(), "`conv_weight` must be"),
+             (6, torch.randn(6), "`conv_bias` must be"), (1, t["mean"].double(), "`mean` must be")]
+    for i, value, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fasthg.bn_relu_conv1x1_forward(*args[:i], value, *args[i + 1:])
+    with pytest.raises(RuntimeError, match="`grad_y` must be"):
+        torch.ops.fasthg.bn_relu_conv1x1_backward(t["gy"][:, :3], *args[:6], True)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_native_tiles_and_k_chunks(layout, poison):
+    """Two tiles of pixels (the second a partial row block), 260 input channels (three chunks of
+    the GEMM's k loop, the last of 4) and 33 output channels (a partial column panel)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        ref, t = make_inputs((1, 260, 5, 41, 33), dtype, "cpu", layout)
+        (y, s, s2), grads = run(t, True, fn=op_of("native"))
+        (ry, rs, rs2), rgrads = run(ref, True, fn=reference.bn_relu_conv1x1)
+        for name, out, want in [("y", y, ry), ("sum", s, rs), ("sum_sq", s2, rs2)] + [(k, grads[k], rgrads[k])
+                                                                                     for k in LEAVES]:
+            assert rel_err(out, want) < TOL[dtype], (dtype, name, rel_err(out, want))
+
+
+@needs_native
+def test_every_native_gemm_kernel_agrees():
+    """FASTHG_GEMM narrows the CPU's GEMM kernel (read once per process): avx2 and the plain
+    loops give what the widest one does, to float32 rounding, against the float64 reference."""
+    script = (
+        "import torch, sys; sys.path.insert(0, 'tests'); import test_conv1x1 as t; from conftest import rel_err\n"
+        "ref, op = t.make_inputs((2, 70, 9, 8, 65), torch.float32, 'cpu', torch.channels_last)\n"
+        "(y, s, s2), g = t.run(op, True, fn=t.op_of('native'))\n"
+        "(ry, rs, rs2), rg = t.run(ref, True, fn=t.reference.bn_relu_conv1x1)\n"
+        "errs = [rel_err(y, ry), rel_err(s, rs)] + [rel_err(g[k], rg[k]) for k in t.LEAVES]\n"
+        "print(torch.ops.fasthg.cpu_gemm_kernel(), max(errs))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for kernel in ("avx2", "plain"):
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "FASTHG_GEMM": kernel}, timeout=300)
+        assert out.returncode == 0, out.stderr
+        name, err = out.stdout.split()
+        assert name in (kernel, "plain") and float(err) < TOL[torch.float32], out.stdout
 
 
 def test_the_gpu_benchmark_case_runs(tmp_path):

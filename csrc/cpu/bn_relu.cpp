@@ -30,28 +30,12 @@
 #include "../bn_relu.h"
 #include "channel_passes.h"
 #include "vec8.h"
+#include "bn_relu_vec8.h"
 
 namespace fasthg {
 namespace {
 
 #ifdef __AVX2__
-// bn_relu_value for 8 floats, the same operations in the same order. max_ps returns its
-// second operand, y, for a NaN and for -0, as bn_relu_value's y < 0 ? 0 : y does.
-C10_ALWAYS_INLINE __m256 value8(__m256 x, __m256 m, __m256 s, __m256 w, __m256 b) {
-  const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, m), _mm256_mul_ps(s, w)), b);
-  return _mm256_max_ps(_mm256_setzero_ps(), y);
-}
-
-// bn_relu_masked_grad then bn_relu_grad_input for 8 floats, the same operations in order.
-C10_ALWAYS_INLINE __m256 grad8(__m256 dy, __m256 x, __m256 m, __m256 s, __m256 w, __m256 b, __m256 mg,
-                               __m256 mgx) {
-  const __m256 d = _mm256_sub_ps(x, m);
-  const __m256 pre = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(s, w)), b);
-  const __m256 g = _mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), dy);
-  const __m256 xhat = _mm256_mul_ps(d, s);
-  return _mm256_mul_ps(_mm256_mul_ps(w, s), _mm256_sub_ps(_mm256_sub_ps(g, mg), _mm256_mul_ps(xhat, mgx)));
-}
-
 // x and (x - K)^2 added in double: 8 floats as two halves of 4 (see stats_kernel).
 C10_ALWAYS_INLINE void add_moments(__m256 x, const __m256d (&k)[2], __m256d (&sx)[2], __m256d (&sq)[2]) {
   const __m256d xd[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))};

@@ -1,18 +1,21 @@
-"""bn_relu_conv1x1: a 1x1 convolution whose input is relu(batch_norm(x)), on Triton
-(kernels/conv1x1.py): the normalised activation is formed in the GEMM's prologue and never
-stored, and the output's per-channel sum and sum of squares (what the next BatchNorm needs)
-can come from its epilogue. Backward recomputes the activation from x and the statistics.
+"""bn_relu_conv1x1: a 1x1 convolution whose input is relu(batch_norm(x)), the normalised
+activation formed as the GEMM reads it and never stored, and the output's per-channel sum and
+sum of squares (what the next BatchNorm needs) taken in its epilogue. Backward recomputes the
+activation from x and the statistics.
 
-Triton only (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), and not a registry op:
-the registry's ops have native kernels too. Its ahead-of-time compile list is in
-registry.TRITON_ONLY_KERNELS. The ops are torch.library custom ops with autograd and fake
+Two backends: native (CPU, csrc/cpu/conv1x1.cpp: tiles of pixels normalised into an
+L2-sized buffer, its own register-tiled GEMM, csrc/cpu/gemm_panels.h) and triton
+(kernels/conv1x1.py: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). Not a registry
+op (the registry's ops have kernels on every backend); Triton's ahead-of-time compile list is
+in registry.TRITON_ONLY_KERNELS. The ops are torch.library custom ops with autograd and fake
 implementations, so they trace under torch.compile (torch.library.opcheck tests them).
 """
 import torch
 
-from fasthg.ops import _backend
+from fasthg.ops import _backend, _ext
 from fasthg.ops.layout import memory_format_of
 
+BACKENDS = ("auto", "native", "triton")
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -56,11 +59,31 @@ def check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias):
             fail(f"`{name}` must be floating point, got {t.dtype}")
         if t.device != x.device:
             fail(f"`{name}` must be on {x.device} like `x`, got {t.device}")
-    if not _backend.triton_usable(x.device.type):
-        fail(f"runs on Triton, which needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
-             f"`x` is on {x.device}" + ("" if _backend.triton_available() else " and triton is not installed"))
-    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
-        fail("bfloat16 `x` needs a CUDA device (the Triton interpreter has no bfloat16)")
+
+
+def native_available(device_type: str = "cpu") -> bool:
+    """Whether the native CPU unit is built (fasthg._C) for tensors on `device_type`."""
+    return device_type == "cpu" and _ext.LOAD_ERROR is None and hasattr(torch.ops.fasthg, "bn_relu_conv1x1_forward")
+
+
+def resolve(backend: str, x) -> str:
+    """The backend that runs the unit for x: native on the CPU where it is built, else Triton."""
+    if backend not in BACKENDS:
+        raise ValueError(f"bn_relu_conv1x1: `backend` must be one of {BACKENDS}, got {backend!r}")
+    dev = x.device.type
+    if backend == "auto":
+        backend = "native" if native_available(dev) else "triton"
+    if backend == "native" and not native_available(dev):
+        why = "the extension is not built" if dev == "cpu" else "its kernels are CPU kernels (Triton runs CUDA tensors)"
+        raise ValueError(f"bn_relu_conv1x1: backend='native' cannot run on {dev} tensors: {why}")
+    if backend == "triton":
+        if not _backend.triton_usable(dev):
+            raise ValueError(f"bn_relu_conv1x1: runs on Triton, which needs CUDA tensors (or CPU tensors under "
+                             f"TRITON_INTERPRET=1); `x` is on {x.device}"
+                             + ("" if _backend.triton_available() else " and triton is not installed"))
+        if x.dtype == torch.bfloat16 and dev != "cuda":
+            raise ValueError("bn_relu_conv1x1: bfloat16 `x` needs a CUDA device (the Triton interpreter has no bfloat16)")
+    return backend
 
 
 def _fake_forward(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats):
@@ -113,7 +136,33 @@ if _backend.triton_available():
     _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training=True, out_stats=False):
+_native_forward_op = _native_backward_op = None
+if native_available():
+    _native_forward_op = torch.ops.fasthg.bn_relu_conv1x1_forward.default
+    _native_backward_op = torch.ops.fasthg.bn_relu_conv1x1_backward.default
+    torch.library.register_fake("fasthg::bn_relu_conv1x1_forward", _fake_forward)
+    torch.library.register_fake("fasthg::bn_relu_conv1x1_backward", _fake_backward)
+
+    def _native_setup_context(ctx, inputs, output):
+        x, mean, invstd, bn_weight, bn_bias, conv_weight, _, training, _ = inputs
+        ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
+        ctx.training = training
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _native_backward(ctx, grad_y, _grad_sum, _grad_sumsq):
+        x, mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
+        dx, dbw, dbb, dw, db = _native_backward_op(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight,
+                                                   ctx.training)
+        return dx, None, None, dbw, dbb, dw, db, None, None
+
+    torch.library.register_autograd("fasthg::bn_relu_conv1x1_forward", _native_backward,
+                                    setup_context=_native_setup_context)
+
+_OPS = {"native": lambda: _native_forward_op, "triton": lambda: _forward_op}
+
+
+def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training=True, out_stats=False,
+                    backend="auto"):
     """y = conv2d(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight, conv_bias) for a 1x1
     conv_weight [Cout, C, 1, 1] (conv_bias None or [Cout]), in x's memory format and dtype.
 
@@ -127,11 +176,16 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     x: float32, float16, bfloat16 (CUDA only) or float64; the statistics and BN parameters are
     used in float32 (float64 for float64 x), and the convolution runs in x's dtype with float32
     accumulation (conv_weight is cast to x's dtype, as autocast does). NCHW x is copied to
-    channels_last for the kernels (and y back to NCHW)."""
+    channels_last for the kernels (and y back to NCHW).
+
+    backend: "native" (CPU tensors; float32, float16, bfloat16 and float64, computed in float32
+    or float64), "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto"
+    (native on the CPU where the extension is built, else Triton)."""
     check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias)
+    op = _OPS[resolve(backend, x)]()
     p = _param_dtype(x)
     cout = conv_weight.shape[0]
     bias = x.new_zeros(cout, dtype=p) if conv_bias is None else conv_bias.to(p)
-    y, s, s2 = _forward_op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), conv_weight.to(x.dtype),
+    y, s, s2 = op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), conv_weight.to(x.dtype),
                            bias, bool(training), bool(out_stats))
     return (y, s, s2) if out_stats else y

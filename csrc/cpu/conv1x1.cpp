@@ -1,0 +1,427 @@
+// CPU kernels of the fused 1x1-convolution unit, fasthg.ops.bn_relu_conv1x1 (the twin of
+// kernels/conv1x1.py): y = conv1x1(relu(bn(x))) with the normalised activation formed per
+// tile of pixels in an L2-sized buffer as the GEMM reads it (it never reaches memory), and y's
+// per-channel sums (the next BatchNorm's statistics) taken from the tile while it is in cache.
+// The backward walks the same tiles once: it reads the output gradient and x, and gives the
+// masked input gradient with the BN's two sums from the grad-activation GEMM's epilogue, and
+// the weight and bias gradients from a second GEMM on the recomputed activation tile; the
+// BN's elementwise backward is then bn_relu_backward_elemt's pass. Pixels are the GEMM's rows,
+// so the kernels work on channels_last tensors (NCHW ones are converted, at a pass each way).
+// Float32, float16 and bfloat16 compute in float32 (gemm_panels.h), float64 in double.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../bn_relu.h"
+#include "bn_relu_vec8.h"
+#include "channel_passes.h"
+#include "gemm_panels.h"
+
+namespace fasthg {
+namespace gemm {
+
+const Kernel<float>& best_float_kernel() {
+  static const Kernel<float> chosen = [] {
+    const char* env = std::getenv("FASTHG_GEMM");
+    const std::string want = env ? env : "";
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (want != "plain" && want != "avx2" && kAvx512.run && __builtin_cpu_supports("avx512f")) return kAvx512;
+    if (want != "plain" && kAvx2.run && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+    return plain_kernel<float>();
+  }();
+  return chosen;
+}
+
+}  // namespace gemm
+
+namespace {
+
+constexpr const char* kFwd = "bn_relu_conv1x1_forward";
+constexpr const char* kBwd = "bn_relu_conv1x1_backward";
+
+// Rows (pixels) per tile: the activation tile and the output tile (C channels and Cout
+// columns of floats each) stay in a core's L2 at the hourglass's widths (256).
+constexpr int64_t kTileRows = 192;
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+template <typename T>
+gemm::Kernel<T> kernel_for();
+template <>
+gemm::Kernel<float> kernel_for<float>() { return gemm::best_float_kernel(); }
+template <>
+gemm::Kernel<double> kernel_for<double>() { return gemm::plain_kernel<double>(); }
+
+// The BN's per-channel constants in the math type, once per call.
+template <typename T>
+struct BnParams {
+  std::vector<T> mean, invstd, weight, bias;
+  BnParams(const at::Tensor& m, const at::Tensor& s, const at::Tensor& w, const at::Tensor& b)
+      : mean(vec(m)), invstd(vec(s)), weight(vec(w)), bias(vec(b)) {}
+  static std::vector<T> vec(const at::Tensor& t) {
+    const T* p = in<T>(t);
+    return std::vector<T>(p, p + t.numel());
+  }
+};
+
+#ifdef __AVX2__
+// Eight floats added into double sums s[0..8) (and their squares, in double, into s2).
+C10_ALWAYS_INLINE void add8(double* s, __m256 v) {
+  _mm256_storeu_pd(s, _mm256_add_pd(_mm256_loadu_pd(s), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(s + 4, _mm256_add_pd(_mm256_loadu_pd(s + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+C10_ALWAYS_INLINE void add8_squares(double* s2, __m256 v) {
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+  _mm256_storeu_pd(s2, _mm256_add_pd(_mm256_loadu_pd(s2), _mm256_mul_pd(lo, lo)));
+  _mm256_storeu_pd(s2 + 4, _mm256_add_pd(_mm256_loadu_pd(s2 + 4), _mm256_mul_pd(hi, hi)));
+}
+#endif
+
+// Whether the 8-wide paths take this storage and math type (float math on a vec8.h type).
+template <typename scalar_t, typename T>
+constexpr bool kWide =
+#ifdef __AVX2__
+    std::is_same_v<T, float> && kVec8<scalar_t>;
+#else
+    false;
+#endif
+
+// relu(bn(x)) for n channels of one NHWC row (the BN's constants from channel k0 on) into dst.
+template <typename scalar_t, typename T>
+C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, const BnParams<T>& bn, int64_t k0,
+                                      T* __restrict dst) {
+  const T *__restrict mean = bn.mean.data() + k0, *__restrict invstd = bn.invstd.data() + k0,
+          *__restrict w = bn.weight.data() + k0, *__restrict b = bn.bias.data() + k0;
+  int64_t k = 0;
+#ifdef __AVX2__
+  if constexpr (kWide<scalar_t, T>)
+    for (; k + 8 <= n; k += 8)
+      _mm256_storeu_ps(dst + k, value8(load8(x + k), load8(mean + k), load8(invstd + k), load8(w + k), load8(b + k)));
+#endif
+  for (; k < n; ++k) dst[k] = bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k]);
+}
+
+// The activation of `rows` NHWC rows of c channels as the kernel's row-major A (stride c).
+template <typename scalar_t, typename T>
+void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<T>& bn, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) activation_row(x + r * c, c, bn, 0, dst + r * c);
+}
+
+// The same activation packed as a B operand: panels of nr channels, [rows][nr] each (zero
+// channels beyond c).
+template <typename scalar_t, typename T>
+void activation_panels(const scalar_t* x, int64_t rows, int64_t c, int64_t nr, const BnParams<T>& bn, T* dst) {
+  for (int64_t q = 0; q < round_up(c, nr) / nr; ++q) {
+    const int64_t k0 = q * nr, width = std::min(nr, c - k0);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* pr = dst + (q * rows + r) * nr;
+      activation_row(x + r * c + k0, width, bn, k0, pr);
+      std::fill(pr + width, pr + nr, T(0));
+    }
+  }
+}
+
+// One output row: C + bias rounded to the output dtype, and (s non-null) the stored values'
+// sum and sum of squares added into s and s2 in double.
+template <typename scalar_t, typename T>
+C10_ALWAYS_INLINE void store_row(const T* __restrict cr, const T* __restrict bias, scalar_t* __restrict yr,
+                                 int64_t n, double* __restrict s, double* __restrict s2) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  if constexpr (kWide<scalar_t, T>)
+    for (; j + 8 <= n; j += 8) {
+      store8(yr + j, _mm256_add_ps(_mm256_loadu_ps(cr + j), _mm256_loadu_ps(bias + j)), false);
+      if (s) {
+        const __m256 v = load8(yr + j);
+        add8(s + j, v);
+        add8_squares(s2 + j, v);
+      }
+    }
+#endif
+  for (; j < n; ++j) {
+    yr[j] = static_cast<scalar_t>(cr[j] + bias[j]);
+    if (s) {
+      const double v = static_cast<double>(static_cast<T>(yr[j]));
+      s[j] += v;
+      s2[j] += v * v;
+    }
+  }
+}
+
+// One row of the activation's gradient: dA masked by the recomputed ReLU, rounded to x's
+// dtype into g, and the stored values' sums (g and g * xhat) added into sg and sgx in double.
+template <typename scalar_t, typename T>
+C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* __restrict x, const BnParams<T>& bn,
+                                       int64_t n, scalar_t* __restrict g, double* __restrict sg,
+                                       double* __restrict sgx) {
+  const T *__restrict mean = bn.mean.data(), *__restrict invstd = bn.invstd.data(),
+          *__restrict w = bn.weight.data(), *__restrict b = bn.bias.data();
+  int64_t k = 0;
+#ifdef __AVX2__
+  if constexpr (kWide<scalar_t, T>)
+    for (; k + 8 <= n; k += 8) {
+      const __m256 d = _mm256_sub_ps(load8(x + k), load8(mean + k)), s = load8(invstd + k);
+      store8(g + k, masked8(_mm256_loadu_ps(da + k), d, s, load8(w + k), load8(b + k)), false);
+      const __m256 gv = load8(g + k);
+      add8(sg + k, gv);
+      add8(sgx + k, _mm256_mul_ps(gv, _mm256_mul_ps(d, s)));
+    }
+#endif
+  for (; k < n; ++k) {
+    const T xv = static_cast<T>(x[k]);
+    g[k] = static_cast<scalar_t>(bn_relu_masked_grad<T>(da[k], xv, mean[k], invstd[k], w[k], b[k]));
+    const T gv = static_cast<T>(g[k]);
+    sg[k] += static_cast<double>(gv);
+    sgx[k] += static_cast<double>(gv * ((xv - mean[k]) * invstd[k]));
+  }
+}
+
+// One row of the output gradient in the math type (zero-padded from n to n_pad), its values
+// added into sb in double (the conv bias's gradient).
+template <typename scalar_t, typename T>
+C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64_t n_pad, T* __restrict dst,
+                                double* __restrict sb) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  if constexpr (kWide<scalar_t, T>)
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = load8(src + j);
+      _mm256_storeu_ps(dst + j, v);
+      add8(sb + j, v);
+    }
+#endif
+  for (; j < n; ++j) {
+    dst[j] = static_cast<T>(src[j]);
+    sb[j] += static_cast<double>(dst[j]);
+  }
+  std::fill(dst + n, dst + n_pad, T(0));
+}
+
+// A row-major [k][n] matrix (element (p, j) at src[p * ld + j]) as B panels of nr columns.
+template <typename scalar_t, typename T>
+std::vector<T> panels_of_rows(const scalar_t* src, int64_t k, int64_t n, int64_t ld, int64_t nr) {
+  std::vector<T> dst(round_up(n, nr) * k, T(0));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < k; ++p) dst[(j / nr) * k * nr + p * nr + j % nr] = static_cast<T>(src[p * ld + j]);
+  return dst;
+}
+
+// Per-thread double sums over channels (`sets` rows of `width`), added up after the parallel
+// loop. The thread count is read before the loop: inside it, get_num_threads is the nested one.
+struct ThreadSums {
+  int64_t sets, width, threads;
+  std::vector<double> data;
+  ThreadSums(int64_t sets, int64_t width)
+      : sets(sets), width(width), threads(at::get_num_threads()), data(sets * width * threads, 0.0) {}
+  double* mine(int64_t set) { return data.data() + (at::get_thread_num() * sets + set) * width; }
+  void total(int64_t set, double* out) const {
+    std::fill(out, out + width, 0.0);
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t k = 0; k < width; ++k) out[k] += data[(t * sets + set) * width + k];
+  }
+};
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_w,
+                    const at::Tensor& bn_b, const at::Tensor& conv_w, const at::Tensor& conv_b, const at::Tensor& y,
+                    at::Tensor* sums) {
+  using T = at::opmath_type<scalar_t>;
+  const gemm::Kernel<T> kern = kernel_for<T>();
+  const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
+  const int64_t np = round_up(cout, kern.nr), tile = round_up(kTileRows, kern.mr);
+  const BnParams<T> bn(mean, invstd, bn_w, bn_b);
+  // W^T as B: element (p, j) = w[j][p].
+  std::vector<T> wp(np * c, T(0));
+  const scalar_t* w = in<scalar_t>(conv_w);
+  for (int64_t j = 0; j < cout; ++j)
+    for (int64_t p = 0; p < c; ++p) wp[(j / kern.nr) * c * kern.nr + p * kern.nr + j % kern.nr] = static_cast<T>(w[j * c + p]);
+  const T* bias = in<T>(conv_b);
+  const scalar_t* xp = in<scalar_t>(x);
+  scalar_t* yp = out<scalar_t>(y);
+  ThreadSums acc(2, sums ? cout : 0);
+  const int64_t tiles = (rows_total + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> a(tile * c), cbuf(tile * np);
+    double* s = sums ? acc.mine(0) : nullptr;
+    double* s2 = sums ? acc.mine(1) : nullptr;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
+      activation_rows(xp + m0 * c, rows, c, bn, a.data());
+      std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
+      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false);
+      for (int64_t r = 0; r < rows; ++r)
+        store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, s, s2);
+    }
+  });
+  if (sums) {
+    std::vector<double> total(cout);
+    for (int64_t set = 0; set < 2; ++set) {
+      acc.total(set, total.data());
+      T* o = out<T>(sums[set]);
+      for (int64_t j = 0; j < cout; ++j) o[j] = static_cast<T>(total[j]);
+    }
+  }
+}
+
+// Fills g (x's sizes, NHWC) with the ReLU-masked gradient of the activation and returns, in
+// the math type, the BN's sums of g and g * xhat and the convolution's weight and bias
+// gradients.
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                     const at::Tensor& bn_w, const at::Tensor& bn_b, const at::Tensor& conv_w, const at::Tensor& g,
+                     const at::Tensor& sum_g, const at::Tensor& sum_gx, const at::Tensor& grad_w,
+                     const at::Tensor& grad_b) {
+  using T = at::opmath_type<scalar_t>;
+  const gemm::Kernel<T> kern = kernel_for<T>();
+  const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
+  const int64_t tile = round_up(kTileRows, kern.mr);
+  const int64_t nc = round_up(c, kern.nr);        // grad-activation columns (and dW's)
+  const int64_t ga = round_up(cout, kern.mr);     // gradient tile's row stride: dW's A rows
+  const BnParams<T> bn(mean, invstd, bn_w, bn_b);
+  const std::vector<T> wp = panels_of_rows<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, kern.nr);  // W as B
+  const scalar_t* xp = in<scalar_t>(x);
+  const scalar_t* gyp = in<scalar_t>(grad_y);
+  scalar_t* gp = out<scalar_t>(g);
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<T>> dw(nthreads);  // dW [ga][nc] per thread, summed after
+  ThreadSums acc(3, std::max(c, cout));
+  const int64_t tiles = (rows_total + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T>& dwt = dw[at::get_thread_num()];
+    if (dwt.empty()) dwt.assign(ga * nc, T(0));
+    std::vector<T> gt(tile * ga), act(tile * nc), cbuf(tile * nc);
+    double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
+      // The gradient tile in the math type, zero-padded to ga columns and rows_p rows; the
+      // conv bias's gradient summed on the way.
+      for (int64_t r = 0; r < rows; ++r) grad_row(gyp + (m0 + r) * cout, cout, ga, gt.data() + r * ga, sb);
+      std::fill(gt.begin() + rows * ga, gt.begin() + rows_p * ga, T(0));
+      // dW[co][k] += sum_r G[r][co] * act[r][k]: G read column-major, the activation recomputed.
+      activation_panels(xp + m0 * c, rows, c, kern.nr, bn, act.data());
+      kern.run(gt.data(), 1, ga, act.data(), dwt.data(), nc, ga, nc, rows, true);
+      // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
+      kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false);
+      for (int64_t r = 0; r < rows; ++r)
+        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, sg, sgx);
+    }
+  });
+  std::vector<double> total(std::max(c, cout));
+  T* o;
+  acc.total(0, total.data());
+  o = out<T>(sum_g);
+  for (int64_t k = 0; k < c; ++k) o[k] = static_cast<T>(total[k]);
+  acc.total(1, total.data());
+  o = out<T>(sum_gx);
+  for (int64_t k = 0; k < c; ++k) o[k] = static_cast<T>(total[k]);
+  acc.total(2, total.data());
+  o = out<T>(grad_b);
+  for (int64_t j = 0; j < cout; ++j) o[j] = static_cast<T>(total[j]);
+  scalar_t* gw = out<scalar_t>(grad_w);
+  for (int64_t j = 0; j < cout; ++j)
+    for (int64_t k = 0; k < c; ++k) {
+      T v = T(0);
+      for (const auto& part : dw)
+        if (!part.empty()) v += part[j * nc + k];
+      gw[j * c + k] = static_cast<scalar_t>(v);
+    }
+}
+
+void check_unit_args(const char* op, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                     const at::Tensor& bn_w, const at::Tensor& bn_b, const at::Tensor& conv_w) {
+  check_bn_relu_params(op, x, mean, invstd, bn_w, bn_b);
+  TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(1) == x.size(1) && conv_w.size(2) == 1 && conv_w.size(3) == 1 &&
+                  conv_w.size(0) > 0,
+              op, ": `conv_weight` must be [Cout, ", x.size(1), ", 1, 1] (a 1x1 convolution of the channels of `x`), got ",
+              conv_w.sizes());
+  TORCH_CHECK(conv_w.scalar_type() == x.scalar_type() && conv_w.device() == x.device(), op,
+              ": `conv_weight` must be ", x.scalar_type(), " on ", x.device(), " like `x`, got ",
+              conv_w.scalar_type(), " on ", conv_w.device());
+}
+
+at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& mean,
+                                                           const at::Tensor& invstd, const at::Tensor& bn_w,
+                                                           const at::Tensor& bn_b, const at::Tensor& conv_w,
+                                                           const at::Tensor& conv_b, bool /*training*/,
+                                                           bool out_stats) {
+  check_unit_args(kFwd, x, mean, invstd, bn_w, bn_b, conv_w);
+  const int64_t cout = conv_w.size(0);
+  TORCH_CHECK(conv_b.dim() == 1 && conv_b.size(0) == cout && conv_b.scalar_type() == mean.scalar_type(), kFwd,
+              ": `conv_bias` must be a 1-D ", mean.scalar_type(), " tensor of ", cout,
+              " (the output channels), got ", conv_b.scalar_type(), " ", conv_b.sizes());
+  const at::Tensor xc = nhwc(x);
+  at::Tensor y = at::empty({x.size(0), cout, x.size(2), x.size(3)},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto popts = mean.options();
+  at::Tensor sums[2] = {at::empty({out_stats ? cout : 0}, popts), at::empty({out_stats ? cout : 0}, popts)};
+  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kFwd, [&] {
+    forward_kernel<scalar_t>(xc, mean.contiguous(), invstd.contiguous(), bn_w.contiguous(), bn_b.contiguous(),
+                             conv_w.contiguous(), conv_b.contiguous(), y, out_stats ? sums : nullptr);
+  });
+  return {y.contiguous(x.suggest_memory_format()), sums[0], sums[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& bn_w, const at::Tensor& bn_b, const at::Tensor& conv_w, bool training) {
+  check_unit_args(kBwd, x, mean, invstd, bn_w, bn_b, conv_w);
+  const int64_t c = x.size(1), cout = conv_w.size(0);
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) && grad_y.size(1) == cout &&
+                  grad_y.size(2) == x.size(2) && grad_y.size(3) == x.size(3) &&
+                  grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              kBwd, ": `grad_y` must be [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), "] ",
+              x.scalar_type(), " on ", x.device(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
+  const at::Tensor xc = nhwc(x), gyc = nhwc(grad_y);
+  at::Tensor g = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto popts = mean.options();
+  at::Tensor sum_g = at::empty({c}, popts), sum_gx = at::empty({c}, popts), grad_b = at::empty({cout}, popts);
+  at::Tensor grad_w = at::empty(conv_w.sizes(), conv_w.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), w = bn_w.contiguous(), b = bn_b.contiguous();
+  FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kBwd, [&] {
+    backward_kernel<scalar_t>(gyc, xc, m, s, w, b, conv_w.contiguous(), g, sum_g, sum_gx, grad_w, grad_b);
+  });
+  // The BN's elementwise backward on the masked gradient (masking again is a no-op). In eval
+  // the statistics are constants: no mean terms.
+  const double count = static_cast<double>(x.numel() / c);
+  const at::Tensor mean_g = training ? sum_g.div(count) : at::zeros({c}, popts);
+  const at::Tensor mean_gx = training ? sum_gx.div(count) : at::zeros({c}, popts);
+  static auto elemt = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fasthg::bn_relu_backward_elemt", "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  at::Tensor grad_x = elemt.call(g, xc, m, s, w, b, mean_g, mean_gx);
+  return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
+}
+
+std::string gemm_kernel_cpu() { return gemm::best_float_kernel().name; }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
+  m.impl("bn_relu_conv1x1_forward", &forward_cpu);
+  m.impl("bn_relu_conv1x1_backward", &backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fasthg, CompositeExplicitAutograd, m) {
+  m.impl("cpu_gemm_kernel", &gemm_kernel_cpu);
+}
+
+}  // namespace fasthg
