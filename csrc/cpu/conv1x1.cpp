@@ -102,7 +102,9 @@ constexpr bool kWide =
     false;
 #endif
 
-// relu(bn(x)) for n channels of one NHWC row (the BN's constants from channel k0 on) into dst.
+// relu(bn(x)) for n channels of one NHWC row (the BN's constants from channel k0 on) into dst,
+// rounded to x's dtype as the stored activation is (so that the unit computes what BN-ReLU
+// followed by the convolution computes, in every dtype).
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, const BnParams<T>& bn, int64_t k0,
                                       T* __restrict dst) {
@@ -111,10 +113,19 @@ C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, c
   int64_t k = 0;
 #ifdef __AVX2__
   if constexpr (kWide<scalar_t, T>)
-    for (; k + 8 <= n; k += 8)
-      _mm256_storeu_ps(dst + k, value8(load8(x + k), load8(mean + k), load8(invstd + k), load8(w + k), load8(b + k)));
+    for (; k + 8 <= n; k += 8) {
+      const __m256 v = value8(load8(x + k), load8(mean + k), load8(invstd + k), load8(w + k), load8(b + k));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm256_storeu_ps(dst + k, v);
+      } else {
+        scalar_t rounded[8];
+        store8(rounded, v, false);
+        _mm256_storeu_ps(dst + k, load8(rounded));
+      }
+    }
 #endif
-  for (; k < n; ++k) dst[k] = bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k]);
+  for (; k < n; ++k)
+    dst[k] = static_cast<T>(static_cast<scalar_t>(bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k])));
 }
 
 // The activation of `rows` NHWC rows of c channels as the kernel's row-major A (stride c).

@@ -17,7 +17,9 @@ class Residual(nn.Module):
     """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
     (through a 1x1 conv when the channel counts differ). Paper Fig. 4. memory="recompute"
     runs each BN-ReLU-conv pair of the body as fasthg.ops.bn_relu_conv (same modules, same
-    state_dict), which recomputes relu(bn(x)) in the backward instead of storing it."""
+    state_dict), which recomputes relu(bn(x)) in the backward instead of storing it. In either
+    mode, a 1x1 pair that fasthg.ops.bn_relu_conv1x1 runs fused in training (the native CPU
+    unit on channels_last input) goes there (fasthg.ops.fuses_conv1x1)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
@@ -31,12 +33,15 @@ class Residual(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        if self.memory == "recompute":
-            h = x
-            for i in range(0, len(self.body), 2):
-                h = ops.bn_relu_conv(h, self.body[i], self.body[i + 1], backend=self.backend)
-            return h + self.skip(x)
-        return self.body(x) + self.skip(x)
+        h = x
+        for i in range(0, len(self.body), 2):
+            bn, conv = self.body[i], self.body[i + 1]
+            # The fused 1x1 unit stores what recompute stores, so it runs in either mode.
+            if self.memory == "recompute" or ops.fuses_conv1x1(h, bn, conv, self.backend):
+                h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
+            else:
+                h = conv(bn(h))
+        return h + self.skip(x)
 
 
 def residuals(channels: int, blocks: int, backend: str = "auto", memory: str = "default") -> nn.Module:

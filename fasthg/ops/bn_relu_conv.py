@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasthg.ops import _backend
+from fasthg.ops import conv1x1 as _conv1x1
 from fasthg.ops.conv1x1 import bn_relu_conv1x1
 from fasthg.ops.bn_relu import (_OPS, _as_dtype, _batch_statistics, _grad_means, _param_dtype, _sync_group,
                                  _update_running_stats, batch_norm_args, bn_relu, check_args)
@@ -160,33 +161,61 @@ def _is_pointwise(conv):
     return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
 
 
-def _triton_conv1x1(which, x, bn, convs, group):
-    """Triton's unit for 1x1 convolutions: fasthg.ops.bn_relu_conv1x1 forms relu(bn(x)) in the
-    GEMM's prologue, and its backward recomputes it from x and the statistics, so it is never
-    stored. The statistics come from one pass over x; their gradient terms are the kernel's
-    BN training backward (linear in the output gradient, so several convolutions sum)."""
+def _fused_conv1x1(which, x, bn, convs, group):
+    """The fused unit for 1x1 convolutions, fasthg.ops.bn_relu_conv1x1 on backend `which`
+    (native: the CPU's kernels; triton): relu(bn(x)) is formed as the GEMM reads it, and its
+    backward recomputes it from x and the statistics, so it is never stored. The statistics
+    come from one pass over x; their gradient terms are the kernel's BN training backward
+    (linear in the output gradient, so several convolutions sum)."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
     with torch.no_grad():
         mean, var = _OPS[which].stats(x)
         if rm is not None:
             _update_running_stats(rm, rv, mean, var, x.numel() // x.shape[1], float(factor))
         invstd = torch.rsqrt(var + bn.eps)
-    return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, conv.weight, conv.bias, training=True)
+    # The convolution's parameters as autocast gives them to nn.Conv2d (a bias rounded to its
+    # dtype, too), through differentiable casts.
+    cdtype = _conv_dtype(x)
+    return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, _as_dtype(conv.weight, cdtype),
+                                 None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True,
+                                 backend=which)
                  for conv in convs)
+
+
+def _fuses_conv1x1(which, x, convs, group) -> bool:
+    """Whether backend `which` runs these convolutions in bn_relu_conv1x1: every one 1x1 and
+    in x's dtype (or autocast's, where that is x's: the unit casts the weight, as autocast
+    would), the BN not synced (the kernels' backward reduces over the local batch only); on
+    the CPU, x channels_last (the kernels' layout: NCHW would cost a conversion each way) and
+    the native unit built; Triton where it runs."""
+    if group is not None or _conv_dtype(x) != x.dtype:
+        return False
+    if not all(_is_pointwise(conv) and (conv.weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type))
+               for conv in convs):
+        return False
+    if which == "native":
+        return (x.device.type == "cpu" and _conv1x1.native_available()
+                and x.is_contiguous(memory_format=torch.channels_last))
+    return which == "triton" and all(conv.weight.dtype == x.dtype for conv in convs)
 
 
 def _unit(which, x, bn, convs, group):
     """The implementation that runs the training unit on concrete backend `which`: the one
-    place where a backend picks its kernels. Triton takes the 1x1 convolutions itself
-    (bn_relu_conv1x1) where the convolution runs in x's dtype and the BN is not synced (its
-    kernel's backward reduces over the local batch only); the rest recomputes around the stock
-    convolution."""
+    place where a backend picks its kernels. 1x1 convolutions go to the fused unit where
+    _fuses_conv1x1 says so; the rest recomputes around the stock convolution."""
     if which == "eager":
         return _stored
-    if (which == "triton" and group is None and _conv_dtype(x) == x.dtype
-            and all(_is_pointwise(conv) and conv.weight.dtype == x.dtype for conv in convs)):
-        return _triton_conv1x1
+    if _fuses_conv1x1(which, x, convs, group):
+        return _fused_conv1x1
     return _recompute
+
+
+def fuses_conv1x1(x, bn, conv, backend="auto") -> bool:
+    """Whether bn_relu_conv(x, bn, conv, backend) runs bn_relu_conv1x1's fused kernels in
+    training (the models use it to route their 1x1 units there in either memory mode)."""
+    if not (bn.training and torch.is_grad_enabled()) or getattr(bn, "sync", False):
+        return False
+    return _fuses_conv1x1(_backend.resolve(backend, "bn_relu", x), x, (conv,), None)
 
 
 def bn_relu_convs(x, bn, convs, backend="auto"):
@@ -217,4 +246,4 @@ def bn_relu_conv(x, bn, conv, backend="auto"):
     return bn_relu_convs(x, bn, (conv,), backend)[0]
 
 
-__all__ = ["bn_relu_conv", "bn_relu_convs", "check_modules"]
+__all__ = ["bn_relu_conv", "bn_relu_convs", "check_modules", "fuses_conv1x1"]
