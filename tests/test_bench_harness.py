@@ -200,10 +200,15 @@ def test_models_run_in_each_layout_and_autocast_dtype():
                        model_layouts=["nhwc"])
     steps = {(r["dtype"], r["backend"]): r for r in result["rows"] if r["op"] == "hg1 train step"}
     assert {r["layout"] for r in result["rows"]} == {"nhwc"} and {d for d, _ in steps} == {"float32", "bfloat16"}
-    # under autocast the activations saved for backward are bfloat16: about half the bytes
+    # under autocast the activations saved for backward are bfloat16: about half the bytes, plus
+    # the bfloat16 copies of the weights that autocast (and the fused 1x1 unit) cast and save,
+    # which at this small image are most of it
+    from fasthg.models import PRESETS
+
+    weights_mb = sum(p.numel() for p in PRESETS["hg1"]().parameters()) * 2 / 2 ** 20
     for (dtype, backend), r in steps.items():
         if dtype == "bfloat16":
-            assert r["saved_mb"] < 0.75 * steps["float32", backend]["saved_mb"]
+            assert r["saved_mb"] < 0.6 * steps["float32", backend]["saved_mb"] + weights_mb, (backend, r["saved_mb"])
 
 
 def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):

@@ -348,10 +348,11 @@ def test_recompute_model_under_bf16_autocast_matches_the_storing_model():
 
 
 @pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
-def test_fused_unit_under_bf16_autocast_matches_the_storing_composition():
+def test_fused_unit_under_bf16_autocast_matches_the_storing_composition(monkeypatch):
     """bf16 x and float32 parameters under autocast, as a model runs them: the native 1x1 unit
     (fasthg.ops.bn_relu_conv1x1, taken: fuses_conv1x1) against BN-ReLU then nn.Conv2d, output
     and every gradient (the activation is rounded to bf16 in both, the bias too)."""
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")  # (on a CPU with bf16 instructions "auto" leaves bf16 to oneDNN)
     torch.manual_seed(0)
     bn, conv = BNReLU(64), nn.Conv2d(64, 32, 1)
     x = torch.randn(4, 64, 16, 16).bfloat16().contiguous(memory_format=torch.channels_last)

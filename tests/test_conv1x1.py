@@ -269,16 +269,24 @@ def test_every_native_gemm_kernel_agrees():
         assert name in (kernel, "plain") and float(err) < TOL[torch.float32], out.stdout
 
 
-def test_the_gpu_benchmark_case_runs(tmp_path):
-    """benchmarks/gpu_check.sh's case (python -m fasthg.bench.conv1x1), at a tiny shape in the
-    interpreter: it runs, and its rows and table are whole (timings here mean nothing)."""
+@pytest.mark.parametrize("target", TARGETS[:2])
+def test_the_benchmark_runs(target, tmp_path):
+    """python -m fasthg.bench.conv1x1 (benchmarks/gpu_check.sh's case; on the CPU the native
+    unit's), at a tiny shape: it runs, and its rows, table and chart are whole (timings here
+    mean nothing)."""
     from fasthg.bench import conv1x1 as bench
 
-    rows = bench.run("cpu", levels=[4], units=((8, 4),), batch=1, repeats=1, warmup=1, out_dir=str(tmp_path))
-    assert {(r["mode"], r["backend"]) for r in rows} == {(m, b) for m in ("forward", "forward+backward")
-                                                           for b in ("unfused", "triton")}
+    backend = target[1]
+    dtypes = [torch.float32] + ([torch.bfloat16] if backend == "native" else [])
+    rows = bench.run("cpu", levels=[4], units=((8, 4),), batch=1, repeats=1, warmup=1, out_dir=str(tmp_path),
+                     backend=backend, dtypes=dtypes)
+    assert {(r["mode"], r["backend"], r["dtype"]) for r in rows} == {
+        (m, b, bench.dtype_name(d)) for m in ("forward", "forward+backward") for b in ("unfused", backend)
+        for d in dtypes}
     assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
-    assert (tmp_path / "conv1x1.md").read_text().count("| triton |") == 2
+    assert (tmp_path / "conv1x1.md").read_text().count(f"| {backend} |") == 2 * len(dtypes)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "conv1x1.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -1,12 +1,14 @@
 """The Stacked Hourglass model: shapes, size, intermediate supervision, layouts, dtypes, and
 equality of every backend with the eager model."""
 import copy
+import sys
 
 import pytest
 import torch
 
 from conftest import device_backend_params, rel_err, require_backend, sgd_steps_agree
-from fasthg.models import PRESETS, StackedHourglass, hg2, hg8
+import fasthg.ops
+from fasthg.models import PRESETS, Residual, StackedHourglass, hg2, hg8
 
 
 def small(**kw):
@@ -100,6 +102,61 @@ def test_backend_matches_eager_model(device, backend, layout, dtype, steps, tol,
                     steps, tol)
     for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
         assert rel_err(bf, be) < tol, name
+
+
+def _unit_calls(monkeypatch):
+    """FASTHG_CPU_CONV1X1=all (every dtype's 1x1 residual units in the native CPU unit), and
+    the list its calls are counted in."""
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
+    unit_module = sys.modules["fasthg.ops.bn_relu_conv"]
+    calls, real = [], unit_module.bn_relu_conv1x1
+    monkeypatch.setattr(unit_module, "bn_relu_conv1x1", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _nhwc_model(dtype, state, **kw):
+    m = small(**kw).to(dtype).train().to(memory_format=torch.channels_last)
+    m.load_state_dict(state)
+    return m
+
+
+@pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
+@pytest.mark.parametrize("memory", ["default", "recompute"])
+def test_native_conv1x1_unit_model_trains_like_eager_in_float64(memory, monkeypatch):
+    """The model with its 1x1 residual units in the native CPU unit (channels_last): three SGD
+    steps agree with the eager model's, running statistics too, and the unit ran for every
+    1x1 unit of the residual modules (and, in recompute, the last stack's heat-map head)."""
+    calls = _unit_calls(monkeypatch)
+    torch.manual_seed(0)
+    eager = small(backend="eager").double().train().to(memory_format=torch.channels_last)
+    fused = _nhwc_model(torch.float64, eager.state_dict(), backend="native", memory=memory)
+    sgd_steps_agree(eager, fused, lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last), 3, 1e-9)
+    residuals = sum(isinstance(m, Residual) for m in fused.modules())
+    assert len(calls) == 3 * (2 * residuals + (memory == "recompute"))
+    for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+        assert rel_err(bf, be) < 1e-9, name
+
+
+@pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
+def test_native_conv1x1_unit_model_in_float32_errs_no_more_than_eager(monkeypatch):
+    """DESIGN's rule for whole models: in float32 the model with the native 1x1 unit is no
+    further from the float64 model than the eager float32 model is (outputs and gradients of
+    a training step; this small net's BNs amplify rounding, so both are ~1e-4-1e-3 away)."""
+    calls = _unit_calls(monkeypatch)
+    torch.manual_seed(0)
+    reference = small(backend="eager").double().train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for dtype, backend in ((torch.float64, "eager"), (torch.float32, "eager"), (torch.float32, "native")):
+        m = _nhwc_model(dtype, reference.state_dict(), backend=backend)
+        out = m(x.to(dtype))
+        out.square().mean().backward()
+        results.append((out, torch.cat([p.grad.flatten() for p in m.parameters()])))
+    assert calls
+    (ref_out, ref_grads), (eager_out, eager_grads), (out, grads) = results
+    assert rel_err(out, ref_out) <= 2 * rel_err(eager_out, ref_out) + 1e-6
+    assert rel_err(grads, ref_grads) <= 2 * rel_err(eager_grads, ref_grads) + 1e-6
 
 
 def test_channels_last_model_matches_nchw():

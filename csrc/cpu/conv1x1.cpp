@@ -152,14 +152,16 @@ void activation_panels(const scalar_t* x, int64_t rows, int64_t c, int64_t nr, c
 // sum and sum of squares added into s and s2 in double.
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void store_row(const T* __restrict cr, const T* __restrict bias, scalar_t* __restrict yr,
-                                 int64_t n, double* __restrict s, double* __restrict s2) {
+                                 int64_t n, double* __restrict s, double* __restrict s2, bool stream) {
   int64_t j = 0;
 #ifdef __AVX2__
   if constexpr (kWide<scalar_t, T>)
     for (; j + 8 <= n; j += 8) {
-      store8(yr + j, _mm256_add_ps(_mm256_loadu_ps(cr + j), _mm256_loadu_ps(bias + j)), false);
+      const __m256 sum = _mm256_add_ps(_mm256_loadu_ps(cr + j), _mm256_loadu_ps(bias + j));
+      store8(yr + j, sum, stream);
       if (s) {
-        const __m256 v = load8(yr + j);
+        // the value as stored (a float is stored exactly; no reading back a streamed line)
+        const __m256 v = std::is_same_v<scalar_t, float> ? sum : load8(yr + j);
         add8(s + j, v);
         add8_squares(s2 + j, v);
       }
@@ -267,6 +269,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   scalar_t* yp = out<scalar_t>(y);
   ThreadSums acc(2, sums ? cout : 0);
   const int64_t tiles = (rows_total + tile - 1) / tile;
+  // y is written once and read by the next layer much later: streamed past the cache (float).
+  const bool stream = streams(yp, y.numel() * static_cast<int64_t>(sizeof(scalar_t)), cout % 8 == 0);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> a(tile * c), cbuf(tile * np);
     double* s = sums ? acc.mine(0) : nullptr;
@@ -275,10 +279,13 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
       activation_rows(xp + m0 * c, rows, c, bn, a.data());
       std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
-      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false);
+      const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
+      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
+               (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r)
-        store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, s, s2);
+        store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, s, s2, stream);
     }
+    fence_streams(stream);
   });
   if (sums) {
     std::vector<double> total(cout);
@@ -326,9 +333,12 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       std::fill(gt.begin() + rows * ga, gt.begin() + rows_p * ga, T(0));
       // dW[co][k] += sum_r G[r][co] * act[r][k]: G read column-major, the activation recomputed.
       activation_panels(xp + m0 * c, rows, c, kern.nr, bn, act.data());
-      kern.run(gt.data(), 1, ga, act.data(), dwt.data(), nc, ga, nc, rows, true);
+      const int64_t next = t + 1 < t1 ? std::min(tile, rows_total - m0 - tile) : 0;
+      kern.run(gt.data(), 1, ga, act.data(), dwt.data(), nc, ga, nc, rows, true, gyp + (m0 + tile) * cout,
+               next * cout * static_cast<int64_t>(sizeof(scalar_t)));
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
-      kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false);
+      kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + (m0 + tile) * c,
+               next * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r)
         masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, sg, sgx);
     }

@@ -17,12 +17,15 @@ namespace gemm {
 //   Bp is packed in np / nr panels, panel q holding [k][nr] floats: B(p, q * nr + r);
 //   C is row-major with row stride ldc. mp is a multiple of mr and np of nr: callers pad
 //   their buffers (zero rows and columns) rather than the kernel handling fringes.
+// [prefetch, prefetch + prefetch_bytes) is brought towards the L2 a few lines per register
+// block, spread over the whole call: the caller's next tile of a memory-bound input arrives
+// while this one computes (the SIMD kernels; the plain loops ignore it).
 template <typename T>
 struct Kernel {
   const char* name;
   int mr, nr;
   void (*run)(const T* a, int64_t rsa, int64_t csa, const T* b, T* c, int64_t ldc, int64_t mp, int64_t np,
-              int64_t k, bool accumulate);
+              int64_t k, bool accumulate, const void* prefetch, int64_t prefetch_bytes);
 };
 
 // Defined in gemm_panels_avx512.cpp and gemm_panels_avx2.cpp (constant-initialised data, so
@@ -33,7 +36,7 @@ extern const Kernel<float> kAvx2;
 // Plain loops: float64 (gradcheck), and float32 where the CPU has neither AVX2+FMA nor AVX-512.
 template <typename T>
 void run_plain(const T* a, int64_t rsa, int64_t csa, const T* b, T* c, int64_t ldc, int64_t mp, int64_t np,
-               int64_t k, bool accumulate) {
+               int64_t k, bool accumulate, const void*, int64_t) {
   constexpr int64_t nr = 8;
   for (int64_t i = 0; i < mp; ++i) {
     for (int64_t q = 0; q < np / nr; ++q) {

@@ -70,6 +70,10 @@ def bn_relu_conv1x1_bytes(n: int, h: int, w: int, cin: int, cout: int, itemsize:
         "fused backward": 2 * (y + x + wt) + x + (y + x + wt) + grad_parts + dw_parts,
         "fused eval backward": (y + x + wt + x) + (y + x + wt) + grad_parts + dw_parts,
         "fused backward partials": grad_parts + dw_parts,
+        # the native CPU unit (csrc/cpu/conv1x1.cpp), x's statistics pass included | one pass
+        # over the tiles (grad_y, x; the masked gradient written), BN-ReLU's elementwise pass
+        "native forward": x + (x + wt + y),
+        "native backward": (y + x + wt + x) + (x + x + x),
         # stats, normalise, conv, next stats | conv dgrad, wgrad, bias grad, BN reduce, BN elemt
         "unfused launches": (4, 5),
         # forward, finalize | data reduce, finalize, data dx, weight, 2 finalizes (+2 tiny divisions)

@@ -186,17 +186,21 @@ def _fuses_conv1x1(which, x, convs, group) -> bool:
     """Whether backend `which` runs these convolutions in bn_relu_conv1x1: every one 1x1 and
     in x's dtype (or autocast's, where that is x's: the unit casts the weight, as autocast
     would), the BN not synced (the kernels' backward reduces over the local batch only); on
-    the CPU, x channels_last (the kernels' layout: NCHW would cost a conversion each way) and
-    the native unit built; Triton where it runs."""
+    the CPU, one convolution, x channels_last (the kernels' layout: NCHW would cost a
+    conversion each way) in one of fasthg.ops.conv1x1.cpu_unit_dtypes(), and the native unit
+    built; Triton where it runs."""
+    if which == "native":
+        # one convolution per unit (several would each recompute the activation and run the
+        # BN's backward), in the dtypes where the unit pays (cpu_unit_dtypes)
+        if not (x.device.type == "cpu" and len(convs) == 1 and x.dtype in _conv1x1.cpu_unit_dtypes()
+                and _conv1x1.native_available() and x.is_contiguous(memory_format=torch.channels_last)):
+            return False
+    elif which != "triton" or not all(conv.weight.dtype == x.dtype for conv in convs):
+        return False
     if group is not None or _conv_dtype(x) != x.dtype:
         return False
-    if not all(_is_pointwise(conv) and (conv.weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type))
-               for conv in convs):
-        return False
-    if which == "native":
-        return (x.device.type == "cpu" and _conv1x1.native_available()
-                and x.is_contiguous(memory_format=torch.channels_last))
-    return which == "triton" and all(conv.weight.dtype == x.dtype for conv in convs)
+    return all(_is_pointwise(conv) and (conv.weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type))
+               for conv in convs)
 
 
 def _unit(which, x, bn, convs, group):

@@ -10,8 +10,11 @@ op (the registry's ops have kernels on every backend); Triton's ahead-of-time co
 in registry.TRITON_ONLY_KERNELS. The ops are torch.library custom ops with autograd and fake
 implementations, so they trace under torch.compile (torch.library.opcheck tests them).
 """
+import os
+
 import torch
 
+from fasthg.device import cpu_computes_bf16
 from fasthg.ops import _backend, _ext
 from fasthg.ops.layout import memory_format_of
 
@@ -64,6 +67,27 @@ def check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias):
 def native_available(device_type: str = "cpu") -> bool:
     """Whether the native CPU unit is built (fasthg._C) for tensors on `device_type`."""
     return device_type == "cpu" and _ext.LOAD_ERROR is None and hasattr(torch.ops.fasthg, "bn_relu_conv1x1_forward")
+
+
+CPU_UNIT_CHOICES = ("auto", "all", "off")
+_CPU_COMPUTES_BF16 = cpu_computes_bf16()  # probed once, not inside a graph torch.compile traces
+
+
+def cpu_unit_dtypes() -> tuple:
+    """The activation dtypes whose 1x1 BN-ReLU-conv units training runs in the native CPU unit
+    (fasthg.ops.fuses_conv1x1), by FASTHG_CPU_CONV1X1: "auto" (the default) where it was
+    measured to win: bfloat16 and float16 on CPUs without bfloat16 instructions, whose oneDNN
+    convolutions convert to float32 and run 2-3x slower than the unit (benchmarks/results/
+    HISTORY.md); on AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively and float32 is at
+    parity, so neither is routed. "all": every dtype; "off": none."""
+    choice = os.environ.get("FASTHG_CPU_CONV1X1", "auto")
+    if choice not in CPU_UNIT_CHOICES:
+        raise ValueError(f"FASTHG_CPU_CONV1X1 must be one of {CPU_UNIT_CHOICES}, got {choice!r}")
+    if choice == "off":
+        return ()
+    if choice == "all":
+        return (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    return () if _CPU_COMPUTES_BF16 else (torch.float16, torch.bfloat16)
 
 
 def resolve(backend: str, x) -> str:
