@@ -80,18 +80,19 @@ struct BnParams {
   }
 };
 
-#ifdef __AVX2__
-// Eight floats added into double sums s[0..8) (and their squares, in double, into s2).
-C10_ALWAYS_INLINE void add8(double* s, __m256 v) {
-  _mm256_storeu_pd(s, _mm256_add_pd(_mm256_loadu_pd(s), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
-  _mm256_storeu_pd(s + 4, _mm256_add_pd(_mm256_loadu_pd(s + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+// The epilogues' per-channel sums add rows in the math type for kFoldRows rows, then fold
+// into double (as the BN-ReLU kernels' two-level sums do): a double accumulation per element
+// cost more than the rest of the epilogue.
+constexpr int64_t kFoldRows = 16;
+
+// total[k] += part[k] (in double), part[k] = 0, for k < n.
+template <typename T>
+void fold(T* __restrict part, double* __restrict total, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    total[k] += static_cast<double>(part[k]);
+    part[k] = T(0);
+  }
 }
-C10_ALWAYS_INLINE void add8_squares(double* s2, __m256 v) {
-  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-  _mm256_storeu_pd(s2, _mm256_add_pd(_mm256_loadu_pd(s2), _mm256_mul_pd(lo, lo)));
-  _mm256_storeu_pd(s2 + 4, _mm256_add_pd(_mm256_loadu_pd(s2 + 4), _mm256_mul_pd(hi, hi)));
-}
-#endif
 
 // Whether the 8-wide paths take this storage and math type (float math on a vec8.h type).
 template <typename scalar_t, typename T>
@@ -149,10 +150,10 @@ void activation_panels(const scalar_t* x, int64_t rows, int64_t c, int64_t nr, c
 }
 
 // One output row: C + bias rounded to the output dtype, and (s non-null) the stored values'
-// sum and sum of squares added into s and s2 in double.
+// sum and sum of squares added into the partials s and s2.
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void store_row(const T* __restrict cr, const T* __restrict bias, scalar_t* __restrict yr,
-                                 int64_t n, double* __restrict s, double* __restrict s2, bool stream) {
+                                 int64_t n, T* __restrict s, T* __restrict s2, bool stream) {
   int64_t j = 0;
 #ifdef __AVX2__
   if constexpr (kWide<scalar_t, T>)
@@ -162,15 +163,15 @@ C10_ALWAYS_INLINE void store_row(const T* __restrict cr, const T* __restrict bia
       if (s) {
         // the value as stored (a float is stored exactly; no reading back a streamed line)
         const __m256 v = std::is_same_v<scalar_t, float> ? sum : load8(yr + j);
-        add8(s + j, v);
-        add8_squares(s2 + j, v);
+        _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_loadu_ps(s + j), v));
+        _mm256_storeu_ps(s2 + j, _mm256_add_ps(_mm256_loadu_ps(s2 + j), _mm256_mul_ps(v, v)));
       }
     }
 #endif
   for (; j < n; ++j) {
     yr[j] = static_cast<scalar_t>(cr[j] + bias[j]);
     if (s) {
-      const double v = static_cast<double>(static_cast<T>(yr[j]));
+      const T v = static_cast<T>(yr[j]);
       s[j] += v;
       s2[j] += v * v;
     }
@@ -178,11 +179,10 @@ C10_ALWAYS_INLINE void store_row(const T* __restrict cr, const T* __restrict bia
 }
 
 // One row of the activation's gradient: dA masked by the recomputed ReLU, rounded to x's
-// dtype into g, and the stored values' sums (g and g * xhat) added into sg and sgx in double.
+// dtype into g, and the stored values' sums (g and g * xhat) added into the partials sg, sgx.
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* __restrict x, const BnParams<T>& bn,
-                                       int64_t n, scalar_t* __restrict g, double* __restrict sg,
-                                       double* __restrict sgx) {
+                                       int64_t n, scalar_t* __restrict g, T* __restrict sg, T* __restrict sgx) {
   const T *__restrict mean = bn.mean.data(), *__restrict invstd = bn.invstd.data(),
           *__restrict w = bn.weight.data(), *__restrict b = bn.bias.data();
   int64_t k = 0;
@@ -190,38 +190,39 @@ C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* _
   if constexpr (kWide<scalar_t, T>)
     for (; k + 8 <= n; k += 8) {
       const __m256 d = _mm256_sub_ps(load8(x + k), load8(mean + k)), s = load8(invstd + k);
-      store8(g + k, masked8(_mm256_loadu_ps(da + k), d, s, load8(w + k), load8(b + k)), false);
-      const __m256 gv = load8(g + k);
-      add8(sg + k, gv);
-      add8(sgx + k, _mm256_mul_ps(gv, _mm256_mul_ps(d, s)));
+      const __m256 m = masked8(_mm256_loadu_ps(da + k), d, s, load8(w + k), load8(b + k));
+      store8(g + k, m, false);
+      const __m256 gv = std::is_same_v<scalar_t, float> ? m : load8(g + k);
+      _mm256_storeu_ps(sg + k, _mm256_add_ps(_mm256_loadu_ps(sg + k), gv));
+      _mm256_storeu_ps(sgx + k, _mm256_add_ps(_mm256_loadu_ps(sgx + k), _mm256_mul_ps(gv, _mm256_mul_ps(d, s))));
     }
 #endif
   for (; k < n; ++k) {
     const T xv = static_cast<T>(x[k]);
     g[k] = static_cast<scalar_t>(bn_relu_masked_grad<T>(da[k], xv, mean[k], invstd[k], w[k], b[k]));
     const T gv = static_cast<T>(g[k]);
-    sg[k] += static_cast<double>(gv);
-    sgx[k] += static_cast<double>(gv * ((xv - mean[k]) * invstd[k]));
+    sg[k] += gv;
+    sgx[k] += gv * ((xv - mean[k]) * invstd[k]);
   }
 }
 
 // One row of the output gradient in the math type (zero-padded from n to n_pad), its values
-// added into sb in double (the conv bias's gradient).
+// added into the partials sb (the conv bias's gradient).
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64_t n_pad, T* __restrict dst,
-                                double* __restrict sb) {
+                                T* __restrict sb) {
   int64_t j = 0;
 #ifdef __AVX2__
   if constexpr (kWide<scalar_t, T>)
     for (; j + 8 <= n; j += 8) {
       const __m256 v = load8(src + j);
       _mm256_storeu_ps(dst + j, v);
-      add8(sb + j, v);
+      _mm256_storeu_ps(sb + j, _mm256_add_ps(_mm256_loadu_ps(sb + j), v));
     }
 #endif
   for (; j < n; ++j) {
     dst[j] = static_cast<T>(src[j]);
-    sb[j] += static_cast<double>(dst[j]);
+    sb[j] += dst[j];
   }
   std::fill(dst + n, dst + n_pad, T(0));
 }
@@ -275,6 +276,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     std::vector<T> a(tile * c), cbuf(tile * np);
     double* s = sums ? acc.mine(0) : nullptr;
     double* s2 = sums ? acc.mine(1) : nullptr;
+    std::vector<T> part(sums ? 2 * cout : 0, T(0));
+    T* ps = sums ? part.data() : nullptr;
+    T* ps2 = sums ? part.data() + cout : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
       activation_rows(xp + m0 * c, rows, c, bn, a.data());
@@ -282,8 +286,13 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
       kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
                (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
-      for (int64_t r = 0; r < rows; ++r)
-        store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, s, s2, stream);
+      for (int64_t r = 0; r < rows; ++r) {
+        store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, ps, ps2, stream);
+        if (s && (r % kFoldRows == kFoldRows - 1 || r == rows - 1)) {
+          fold(ps, s, cout);
+          fold(ps2, s2, cout);
+        }
+      }
     }
     fence_streams(stream);
   });
@@ -325,11 +334,16 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
     if (dwt.empty()) dwt.assign(ga * nc, T(0));
     std::vector<T> gt(tile * ga), act(tile * nc), cbuf(tile * nc);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
+    std::vector<T> part(2 * c + cout, T(0));
+    T *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
       // The gradient tile in the math type, zero-padded to ga columns and rows_p rows; the
       // conv bias's gradient summed on the way.
-      for (int64_t r = 0; r < rows; ++r) grad_row(gyp + (m0 + r) * cout, cout, ga, gt.data() + r * ga, sb);
+      for (int64_t r = 0; r < rows; ++r) {
+        grad_row(gyp + (m0 + r) * cout, cout, ga, gt.data() + r * ga, psb);
+        if (r % kFoldRows == kFoldRows - 1 || r == rows - 1) fold(psb, sb, cout);
+      }
       std::fill(gt.begin() + rows * ga, gt.begin() + rows_p * ga, T(0));
       // dW[co][k] += sum_r G[r][co] * act[r][k]: G read column-major, the activation recomputed.
       activation_panels(xp + m0 * c, rows, c, kern.nr, bn, act.data());
@@ -339,8 +353,13 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
       kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + (m0 + tile) * c,
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
-      for (int64_t r = 0; r < rows; ++r)
-        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, sg, sgx);
+      for (int64_t r = 0; r < rows; ++r) {
+        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, psg, psgx);
+        if (r % kFoldRows == kFoldRows - 1 || r == rows - 1) {
+          fold(psg, sg, c);
+          fold(psgx, sgx, c);
+        }
+      }
     }
   });
   std::vector<double> total(std::max(c, cout));
