@@ -77,8 +77,8 @@ def cpu_unit_dtypes() -> tuple:
     """The activation dtypes whose 1x1 BN-ReLU-conv units training runs in the native CPU unit
     (fasthg.ops.fuses_conv1x1), by FASTHG_CPU_CONV1X1: "auto" (the default) where it was
     measured to win: bfloat16 and float16 on CPUs without bfloat16 instructions, whose oneDNN
-    convolutions convert to float32 and run 2-3x slower than the unit (benchmarks/results/
-    HISTORY.md); on AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively and float32 is at
+    convolutions convert to float32 and run 1.3-3.6x slower than the unit (benchmarks/results/
+    HISTORY.md); on AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively, and float32 is at
     parity, so neither is routed. "all": every dtype; "off": none."""
     choice = os.environ.get("FASTHG_CPU_CONV1X1", "auto")
     if choice not in CPU_UNIT_CHOICES:
