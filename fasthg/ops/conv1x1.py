@@ -125,6 +125,25 @@ def _fake_backward(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, tra
             x.new_empty((cout, c, 1, 1)), x.new_empty(cout, dtype=p))
 
 
+def _setup_context(ctx, inputs, output):
+    x, mean, invstd, bn_weight, bn_bias, conv_weight, _, training, _ = inputs
+    ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
+    ctx.training = training
+    # The statistics carry no gradient: a training BN that uses them differentiates through
+    # its statistics itself (its backward's mean terms), from y.
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_of(backward_op):
+    """The autograd backward of a forward op whose backward op is `backward_op` (either backend's)."""
+    def backward(ctx, grad_y, _grad_sum, _grad_sumsq):
+        x, mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
+        dx, dbw, dbb, dw, db = backward_op(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, ctx.training)
+        return dx, None, None, dbw, dbb, dw, db, None, None
+
+    return backward
+
+
 _forward_op = _backward_op = None
 if _backend.triton_available():
     from fasthg.kernels import conv1x1 as _tk
@@ -143,44 +162,17 @@ if _backend.triton_available():
 
     _forward_op.register_fake(_fake_forward)
     _backward_op.register_fake(_fake_backward)
+    _forward_op.register_autograd(_backward_of(_backward_op), setup_context=_setup_context)
 
-    def _setup_context(ctx, inputs, output):
-        x, mean, invstd, bn_weight, bn_bias, conv_weight, _, training, _ = inputs
-        ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
-        ctx.training = training
-        # The statistics carry no gradient: a training BN that uses them differentiates through
-        # its statistics itself (its backward's mean terms), from y.
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def _backward(ctx, grad_y, _grad_sum, _grad_sumsq):
-        x, mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
-        dx, dbw, dbb, dw, db = _backward_op(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, ctx.training)
-        return dx, None, None, dbw, dbb, dw, db, None, None
-
-    _forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
+# The native ops' schemas are csrc/ops.cpp's; their CPU kernels csrc/cpu/conv1x1.cpp.
 _native_forward_op = _native_backward_op = None
 if native_available():
     _native_forward_op = torch.ops.fasthg.bn_relu_conv1x1_forward.default
     _native_backward_op = torch.ops.fasthg.bn_relu_conv1x1_backward.default
     torch.library.register_fake("fasthg::bn_relu_conv1x1_forward", _fake_forward)
     torch.library.register_fake("fasthg::bn_relu_conv1x1_backward", _fake_backward)
-
-    def _native_setup_context(ctx, inputs, output):
-        x, mean, invstd, bn_weight, bn_bias, conv_weight, _, training, _ = inputs
-        ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
-        ctx.training = training
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def _native_backward(ctx, grad_y, _grad_sum, _grad_sumsq):
-        x, mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
-        dx, dbw, dbb, dw, db = _native_backward_op(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight,
-                                                   ctx.training)
-        return dx, None, None, dbw, dbb, dw, db, None, None
-
-    torch.library.register_autograd("fasthg::bn_relu_conv1x1_forward", _native_backward,
-                                    setup_context=_native_setup_context)
+    torch.library.register_autograd("fasthg::bn_relu_conv1x1_forward", _backward_of(_native_backward_op),
+                                    setup_context=_setup_context)
 
 _OPS = {"native": lambda: _native_forward_op, "triton": lambda: _forward_op}
 
@@ -197,10 +189,11 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     per-channel sum and sum of squares, float32 (float64 for float64 x), without gradient:
     (y, sum, sum_of_squares).
 
-    x: float32, float16, bfloat16 (CUDA only) or float64; the statistics and BN parameters are
-    used in float32 (float64 for float64 x), and the convolution runs in x's dtype with float32
-    accumulation (conv_weight is cast to x's dtype, as autocast does). NCHW x is copied to
-    channels_last for the kernels (and y back to NCHW).
+    x: float32, float16, bfloat16 (not in the Triton interpreter) or float64; the statistics and
+    BN parameters are used in float32 (float64 for float64 x), and the convolution runs in x's
+    dtype with float32 accumulation (conv_weight is cast to x's dtype, as autocast does; the
+    native kernels round relu(bn(x)) to x's dtype first, as a stored activation would be). NCHW
+    x is copied to channels_last for the kernels (and y back to NCHW).
 
     backend: "native" (CPU tensors; float32, float16, bfloat16 and float64, computed in float32
     or float64), "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto"
@@ -210,6 +203,6 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     p = _param_dtype(x)
     cout = conv_weight.shape[0]
     bias = x.new_zeros(cout, dtype=p) if conv_bias is None else conv_bias.to(p)
-    y, s, s2 = op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), conv_weight.to(x.dtype),
-                           bias, bool(training), bool(out_stats))
+    y, s, s2 = op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), conv_weight.to(x.dtype), bias,
+                  bool(training), bool(out_stats))
     return (y, s, s2) if out_stats else y
