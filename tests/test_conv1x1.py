@@ -299,3 +299,19 @@ def test_torch_compile_traces_it_whole():
     (got, *got_stats), got_grads = run(t, True, fn=compiled)
     assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_stats, stats))
     assert all(torch.allclose(got_grads[k], grads[k], rtol=1e-6, atol=0) for k in LEAVES)
+
+
+@needs_native
+def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
+    from fasthg.cli import info
+
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "off")
+    unit = info.collect()["conv1x1_unit_cpu"]
+    assert unit == {"gemm_kernel": torch.ops.fasthg.cpu_gemm_kernel(), "training_dtypes": []}
+    assert unit["gemm_kernel"] in ("avx512", "avx2", "plain")
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
+    text = info.render(info.collect())
+    assert "float32, float16, bfloat16, float64 in it" in text
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "sometimes")
+    with pytest.raises(ValueError, match="FASTHG_CPU_CONV1X1 must be one of"):
+        info.collect()

@@ -29,6 +29,12 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    from fasthg.ops import conv1x1
+
+    info["conv1x1_unit_cpu"] = None
+    if conv1x1.native_available():
+        info["conv1x1_unit_cpu"] = {"gemm_kernel": torch.ops.fasthg.cpu_gemm_kernel(),
+                                    "training_dtypes": [str(d).replace("torch.", "") for d in conv1x1.cpu_unit_dtypes()]}
     from fasthg.deploy import runtimes
 
     info["runtimes"] = {name: runtimes.version(name) if runtimes.installed(name) else None
@@ -53,6 +59,9 @@ def render(info: dict) -> str:
         ("built with CUDA", f'yes, archs {info["cuda_archs"]}' if info["with_cuda"] else "no"),
         ("built against torch", info["built_against_torch"]),
         ("CPU threads", info["cpu_threads"]),
+        ("conv1x1 unit (CPU)", "not built" if not info.get("conv1x1_unit_cpu") else
+         f'GEMM {info["conv1x1_unit_cpu"]["gemm_kernel"]}; the models train '
+         f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes"]) or "no dtype"} in it (FASTHG_CPU_CONV1X1)'),
         ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
         ("inference runtimes", ", ".join(f"{n} {v or 'not installed'}" for n, v in info.get("runtimes", {}).items())
          + " (fasthg eval/predict --runtime; pip install 'fasthg[deploy]')"),
