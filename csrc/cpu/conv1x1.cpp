@@ -231,8 +231,10 @@ C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64
 template <typename scalar_t, typename T>
 std::vector<T> panels_of_rows(const scalar_t* src, int64_t k, int64_t n, int64_t ld, int64_t nr) {
   std::vector<T> dst(round_up(n, nr) * k, T(0));
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t p = 0; p < k; ++p) dst[(j / nr) * k * nr + p * nr + j % nr] = static_cast<T>(src[p * ld + j]);
+  for (int64_t q = 0; q * nr < n; ++q)  // row p of panel q: a contiguous copy of up to nr values
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = q * nr; j < std::min(n, q * nr + nr); ++j)
+        dst[q * k * nr + p * nr + (j - q * nr)] = static_cast<T>(src[p * ld + j]);
   return dst;
 }
 

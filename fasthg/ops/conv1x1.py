@@ -7,8 +7,9 @@ Two backends: native (CPU, csrc/cpu/conv1x1.cpp: tiles of pixels normalised into
 L2-sized buffer, its own register-tiled GEMM, csrc/cpu/gemm_panels.h) and triton
 (kernels/conv1x1.py: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). Not a registry
 op (the registry's ops have kernels on every backend); Triton's ahead-of-time compile list is
-in registry.TRITON_ONLY_KERNELS. The ops are torch.library custom ops with autograd and fake
-implementations, so they trace under torch.compile (torch.library.opcheck tests them).
+in registry.TRITON_ONLY_KERNELS, the native schemas in registry.UNREGISTERED_SCHEMAS. The ops
+are torch.library custom ops with autograd and fake implementations, so they trace under
+torch.compile (torch.library.opcheck tests them).
 """
 import os
 

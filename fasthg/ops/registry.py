@@ -53,9 +53,14 @@ class FusedOp:
 
 
 # Triton kernel modules (kernels/NAME.py, with compile_variants) of ops that are not fused ops
-# of this registry, since they have no native kernels: the ahead-of-time compile list covers
-# them too, and tests/test_registry.py checks that every kernels/ module is listed somewhere.
+# of this registry (they have no kernels on every backend and device: the conv1x1 unit has
+# Triton's and the CPU's): the ahead-of-time compile list covers them too, and
+# tests/test_registry.py checks that every kernels/ module is listed somewhere.
 TRITON_ONLY_KERNELS = ("conv1x1",)  # fasthg.ops.conv1x1.bn_relu_conv1x1
+
+# fasthg:: schemas of csrc/ops.cpp that no registered op owns: the conv1x1 unit's CPU kernels
+# (csrc/cpu/conv1x1.cpp; fasthg.ops.conv1x1) and the name of the CPU GEMM kernel they run.
+UNREGISTERED_SCHEMAS = ("bn_relu_conv1x1_forward", "bn_relu_conv1x1_backward", "cpu_gemm_kernel")
 
 # Feature-map sizes (height = width) at which the bars apply.
 BAR_LEVELS = (64, 32)
