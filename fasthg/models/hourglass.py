@@ -17,9 +17,10 @@ class Residual(nn.Module):
     """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
     (through a 1x1 conv when the channel counts differ). Paper Fig. 4. memory="recompute"
     runs each BN-ReLU-conv pair of the body as fasthg.ops.bn_relu_conv (same modules, same
-    state_dict), which recomputes relu(bn(x)) in the backward instead of storing it. In either
-    mode, a 1x1 pair that fasthg.ops.bn_relu_conv1x1 runs fused in training (the native CPU
-    unit on channels_last input) goes there (fasthg.ops.fuses_conv1x1)."""
+    state_dict), which recomputes relu(bn(x)) in the backward instead of storing it. On the
+    CPU, in either mode, a 1x1 pair that fasthg.ops.bn_relu_conv1x1 runs fused in training
+    (the native unit, channels_last, the dtypes of FASTHG_CPU_CONV1X1) goes there
+    (fasthg.ops.fuses_conv1x1)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
@@ -36,8 +37,9 @@ class Residual(nn.Module):
         h = x
         for i in range(0, len(self.body), 2):
             bn, conv = self.body[i], self.body[i + 1]
-            # The fused 1x1 unit stores what recompute stores, so it runs in either mode.
-            if self.memory == "recompute" or ops.fuses_conv1x1(h, bn, conv, self.backend):
+            # The fused 1x1 unit stores what recompute stores, so on the CPU, where it was
+            # measured, it runs in either mode (on a GPU, Triton's in recompute only).
+            if self.memory == "recompute" or (h.device.type == "cpu" and ops.fuses_conv1x1(h, bn, conv, self.backend)):
                 h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
             else:
                 h = conv(bn(h))
