@@ -227,31 +227,37 @@ C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64
   std::fill(dst + n, dst + n_pad, T(0));
 }
 
-// A row-major [k][n] matrix (element (p, j) at src[p * ld + j]) as B panels of nr columns.
+// A [k][n] matrix (element (p, j) at src[p * rs + j * cs]) as B panels of nr columns (zero
+// columns beyond n): the weight W [Cout][C] as the forward's W^T (rs 1, cs C) and the
+// backward's W (rs C, cs 1).
 template <typename scalar_t, typename T>
-std::vector<T> panels_of_rows(const scalar_t* src, int64_t k, int64_t n, int64_t ld, int64_t nr) {
+std::vector<T> weight_panels(const scalar_t* src, int64_t k, int64_t n, int64_t rs, int64_t cs, int64_t nr) {
   std::vector<T> dst(round_up(n, nr) * k, T(0));
-  for (int64_t q = 0; q * nr < n; ++q)  // row p of panel q: a contiguous copy of up to nr values
+  for (int64_t q = 0; q * nr < n; ++q)  // row p of panel q: up to nr values
     for (int64_t p = 0; p < k; ++p)
       for (int64_t j = q * nr; j < std::min(n, q * nr + nr); ++j)
-        dst[q * k * nr + p * nr + (j - q * nr)] = static_cast<T>(src[p * ld + j]);
+        dst[q * k * nr + p * nr + (j - q * nr)] = static_cast<T>(src[p * rs + j * cs]);
   return dst;
 }
 
-// Per-thread double sums over channels (`sets` rows of `width`), added up after the parallel
-// loop. The thread count is read before the loop: inside it, get_num_threads is the nested one.
+// Per-thread double sums over channels, `sets` of `width`, each set laid out as sum_parts
+// reads it ([thread][width]). The thread count is read before the parallel loop: inside it,
+// get_num_threads is the nested one.
 struct ThreadSums {
-  int64_t sets, width, threads;
-  std::vector<double> data;
-  ThreadSums(int64_t sets, int64_t width)
-      : sets(sets), width(width), threads(at::get_num_threads()), data(sets * width * threads, 0.0) {}
-  double* mine(int64_t set) { return data.data() + (at::get_thread_num() * sets + set) * width; }
-  void total(int64_t set, double* out) const {
-    std::fill(out, out + width, 0.0);
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t k = 0; k < width; ++k) out[k] += data[(t * sets + set) * width + k];
+  int64_t width;
+  std::vector<std::vector<double>> sets;
+  ThreadSums(int64_t n_sets, int64_t width)
+      : width(width), sets(n_sets, std::vector<double>(width * at::get_num_threads(), 0.0)) {}
+  double* mine(int64_t set) { return sets[set].data() + at::get_thread_num() * width; }
+  // The first n channels of a set, summed over the threads, into o.
+  template <typename T>
+  void store(int64_t set, T* o, int64_t n) const {
+    for (int64_t k = 0; k < n; ++k) o[k] = static_cast<T>(sum_parts(sets[set], width, k));
   }
 };
+
+// Whether row r (of a tile of `rows`) ends a group of kFoldRows, or the tile.
+inline bool fold_due(int64_t r, int64_t rows) { return r % kFoldRows == kFoldRows - 1 || r == rows - 1; }
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_w,
@@ -262,11 +268,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
   const int64_t np = round_up(cout, kern.nr), tile = round_up(kTileRows, kern.mr);
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
-  // W^T as B: element (p, j) = w[j][p].
-  std::vector<T> wp(np * c, T(0));
-  const scalar_t* w = in<scalar_t>(conv_w);
-  for (int64_t j = 0; j < cout; ++j)
-    for (int64_t p = 0; p < c; ++p) wp[(j / kern.nr) * c * kern.nr + p * kern.nr + j % kern.nr] = static_cast<T>(w[j * c + p]);
+  const std::vector<T> wp = weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);  // W^T as B
   const T* bias = in<T>(conv_b);
   const scalar_t* xp = in<scalar_t>(x);
   scalar_t* yp = out<scalar_t>(y);
@@ -290,7 +292,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
                (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r) {
         store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, ps, ps2, stream);
-        if (s && (r % kFoldRows == kFoldRows - 1 || r == rows - 1)) {
+        if (s && fold_due(r, rows)) {
           fold(ps, s, cout);
           fold(ps2, s2, cout);
         }
@@ -298,14 +300,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     }
     fence_streams(stream);
   });
-  if (sums) {
-    std::vector<double> total(cout);
-    for (int64_t set = 0; set < 2; ++set) {
-      acc.total(set, total.data());
-      T* o = out<T>(sums[set]);
-      for (int64_t j = 0; j < cout; ++j) o[j] = static_cast<T>(total[j]);
-    }
-  }
+  if (sums)
+    for (int64_t set = 0; set < 2; ++set) acc.store(set, out<T>(sums[set]), cout);
 }
 
 // Fills g (x's sizes, NHWC) with the ReLU-masked gradient of the activation and returns, in
@@ -323,7 +319,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   const int64_t nc = round_up(c, kern.nr);        // grad-activation columns (and dW's)
   const int64_t ga = round_up(cout, kern.mr);     // gradient tile's row stride: dW's A rows
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
-  const std::vector<T> wp = panels_of_rows<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, kern.nr);  // W as B
+  const std::vector<T> wp = weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);  // W as B
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
   scalar_t* gp = out<scalar_t>(g);
@@ -344,7 +340,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       // conv bias's gradient summed on the way.
       for (int64_t r = 0; r < rows; ++r) {
         grad_row(gyp + (m0 + r) * cout, cout, ga, gt.data() + r * ga, psb);
-        if (r % kFoldRows == kFoldRows - 1 || r == rows - 1) fold(psb, sb, cout);
+        if (fold_due(r, rows)) fold(psb, sb, cout);
       }
       std::fill(gt.begin() + rows * ga, gt.begin() + rows_p * ga, T(0));
       // dW[co][k] += sum_r G[r][co] * act[r][k]: G read column-major, the activation recomputed.
@@ -357,24 +353,16 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r) {
         masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, psg, psgx);
-        if (r % kFoldRows == kFoldRows - 1 || r == rows - 1) {
+        if (fold_due(r, rows)) {
           fold(psg, sg, c);
           fold(psgx, sgx, c);
         }
       }
     }
   });
-  std::vector<double> total(std::max(c, cout));
-  T* o;
-  acc.total(0, total.data());
-  o = out<T>(sum_g);
-  for (int64_t k = 0; k < c; ++k) o[k] = static_cast<T>(total[k]);
-  acc.total(1, total.data());
-  o = out<T>(sum_gx);
-  for (int64_t k = 0; k < c; ++k) o[k] = static_cast<T>(total[k]);
-  acc.total(2, total.data());
-  o = out<T>(grad_b);
-  for (int64_t j = 0; j < cout; ++j) o[j] = static_cast<T>(total[j]);
+  acc.store(0, out<T>(sum_g), c);
+  acc.store(1, out<T>(sum_gx), c);
+  acc.store(2, out<T>(grad_b), cout);
   scalar_t* gw = out<scalar_t>(grad_w);
   for (int64_t j = 0; j < cout; ++j)
     for (int64_t k = 0; k < c; ++k) {

@@ -32,10 +32,15 @@ UNITS = traffic.UNITS
 LEVELS = (64, 32, 16)
 
 
-def _next_stats(y, native: bool):
-    """The next BN's statistics pass over y (the fused unit's epilogue does this): the native
-    kernel's where the next BN-ReLU has it, as the model runs it."""
-    return torch.ops.fasthg.bn_relu_stats(y) if native else torch.var_mean(y, dim=(0, 2, 3), correction=0)
+def _batch_stats(t, native: bool):
+    """A training BN's statistics pass over t, (mean, biased var) per channel in the statistics'
+    dtype: the native kernel's where the BN-ReLU has it, as the model runs it. The unfused side
+    takes it over y for the next BN (the fused unit's epilogue does this), the fused over x."""
+    if native:
+        return torch.ops.fasthg.bn_relu_stats(t)
+    var, mean = torch.var_mean(t.to(torch.float64 if t.dtype == torch.float64 else torch.float32), dim=(0, 2, 3),
+                               correction=0)
+    return mean, var
 
 
 def fused_backend(device, backend: str = "auto") -> str:
@@ -52,8 +57,7 @@ def calls(n: int, cin: int, cout: int, hw: int, dtype, device, cache_bytes: int 
     def one_set():
         x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         gy = torch.randn(n, cout, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        mean, var = (t.to(p) for t in torch.var_mean(x.to(p), dim=(0, 2, 3), correction=0)[::-1])
-        return x, gy, mean, torch.rsqrt(var + 1e-5), x.clone().requires_grad_(True)
+        return x, gy, x.clone().requires_grad_(True)
 
     sets = Rotation(one_set, cache_bytes)
     bn_w = torch.rand(cin, device=device, dtype=p).add_(0.5).requires_grad_(True)
@@ -65,14 +69,11 @@ def calls(n: int, cin: int, cout: int, hw: int, dtype, device, cache_bytes: int 
 
     def unfused(x):
         y = F.conv2d(ops.bn_relu(x, bn_w, bn_b, rm, rv, training=True, backend=bn_backend), conv_w, conv_b)
-        return y, _next_stats(y.detach(), bn_backend == "native")
+        return y, _batch_stats(y.detach(), bn_backend == "native")
 
     def fused(x):
         with torch.no_grad():  # x's statistics, as a training BN takes them (bn_relu_conv does this)
-            if bn_backend == "native":
-                mean, var = torch.ops.fasthg.bn_relu_stats(x)
-            else:
-                var, mean = torch.var_mean(x.to(p), dim=(0, 2, 3), correction=0)
+            mean, var = _batch_stats(x, bn_backend == "native")
             invstd = torch.rsqrt(var + 1e-5)
         return bn_relu_conv1x1(x, mean, invstd, bn_w, bn_b, conv_w, conv_b, training=True, out_stats=True,
                                backend=which)
@@ -86,7 +87,7 @@ def calls(n: int, cin: int, cout: int, hw: int, dtype, device, cache_bytes: int 
 
     def fb_of(b):
         def run():
-            _, gy, _, _, xg = sets.next()
+            _, gy, xg = sets.next()
             y = unfused(xg)[0] if b == "unfused" else fused(xg)[0]
             return torch.autograd.grad(y, (xg, bn_w, bn_b, conv_w, conv_b), gy)
         return run

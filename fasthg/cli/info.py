@@ -29,12 +29,13 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    from fasthg.bench.harness import dtype_name
     from fasthg.ops import conv1x1
 
     info["conv1x1_unit_cpu"] = None
     if conv1x1.native_available():
         info["conv1x1_unit_cpu"] = {"gemm_kernel": torch.ops.fasthg.cpu_gemm_kernel(),
-                                    "training_dtypes": [str(d).replace("torch.", "") for d in conv1x1.cpu_unit_dtypes()]}
+                                    "training_dtypes": [dtype_name(d) for d in conv1x1.cpu_unit_dtypes()]}
     from fasthg.deploy import runtimes
 
     info["runtimes"] = {name: runtimes.version(name) if runtimes.installed(name) else None
