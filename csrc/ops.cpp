@@ -75,6 +75,7 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("bn_relu_conv1x1_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
         "Tensor bn_bias, Tensor conv_weight, bool training) -> (Tensor grad_x, Tensor grad_bn_weight, "
         "Tensor grad_bn_bias, Tensor grad_conv_weight, Tensor grad_conv_bias)");
-  // Which of the CPU GEMM's kernels runs here: avx512, avx2 or plain (csrc/cpu/gemm_panels.h)
-  m.def("cpu_gemm_kernel() -> str");
+  // Which GEMM kernel the CPU unit runs for a dtype here: avx512, avx2 or plain
+  // (csrc/cpu/gemm_panels.h), or amx for bfloat16 on AMX CPUs (csrc/cpu/brgemm_bf16.h)
+  m.def("cpu_gemm_kernel(ScalarType dtype) -> str");
 }

@@ -7,7 +7,8 @@
 // the weight and bias gradients from a second GEMM on the recomputed activation tile; the
 // BN's elementwise backward is then bn_relu_backward_elemt's pass. Pixels are the GEMM's rows,
 // so the kernels work on channels_last tensors (NCHW ones are converted, at a pass each way).
-// Float32, float16 and bfloat16 compute in float32 (gemm_panels.h), float64 in double.
+// Float32, float16 and bfloat16 compute in float32 (gemm_panels.h), float64 in double; on AMX
+// CPUs bfloat16's GEMMs run on oneDNN's AMX micro-kernel instead (brgemm_bf16.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,6 +29,7 @@
 
 #include "../bn_relu.h"
 #include "bn_relu_vec8.h"
+#include "brgemm_bf16.h"
 #include "channel_passes.h"
 #include "gemm_panels.h"
 
@@ -68,6 +70,26 @@ gemm::Kernel<float> kernel_for<float>() { return gemm::best_float_kernel(); }
 template <>
 gemm::Kernel<double> kernel_for<double>() { return gemm::plain_kernel<double>(); }
 
+// Whether a call's GEMMs run on AMX: bfloat16 where the CPU has it, with both channel counts
+// even (the GEMMs' K runs along them in VNNI pairs).
+template <typename scalar_t>
+constexpr bool kAmxType = std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+bool on_amx(int64_t c, int64_t cout) {
+  return kAmxType<scalar_t> && c % 2 == 0 && cout % 2 == 0 && amx::bf16_available();
+}
+
+// amx::gemm for the types it takes (the only ones on_amx passes).
+template <typename scalar_t, typename T>
+void amx_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const scalar_t* a,
+              const scalar_t* b, T* c) {
+  if constexpr (kAmxType<scalar_t> && std::is_same_v<T, float>)
+    amx::gemm(m, n, k, lda, ldc, accumulate, a, b, c);
+  else
+    TORCH_INTERNAL_ASSERT(false, "the AMX GEMM takes bfloat16");
+}
+
 // The BN's per-channel constants in the math type, once per call.
 template <typename T>
 struct BnParams {
@@ -94,6 +116,9 @@ void fold(T* __restrict part, double* __restrict total, int64_t n) {
   }
 }
 
+// Whether row r (of a tile of `rows`) ends a group of kFoldRows, or the tile.
+inline bool fold_due(int64_t r, int64_t rows) { return r % kFoldRows == kFoldRows - 1 || r == rows - 1; }
+
 // Whether the 8-wide paths take this storage and math type (float math on a vec8.h type).
 template <typename scalar_t, typename T>
 constexpr bool kWide =
@@ -106,9 +131,9 @@ constexpr bool kWide =
 // relu(bn(x)) for n channels of one NHWC row (the BN's constants from channel k0 on) into dst,
 // rounded to x's dtype as the stored activation is (so that the unit computes what BN-ReLU
 // followed by the convolution computes, in every dtype).
-template <typename scalar_t, typename T>
+template <typename scalar_t, typename T, typename D>
 C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, const BnParams<T>& bn, int64_t k0,
-                                      T* __restrict dst) {
+                                      D* __restrict dst) {
   const T *__restrict mean = bn.mean.data() + k0, *__restrict invstd = bn.invstd.data() + k0,
           *__restrict w = bn.weight.data() + k0, *__restrict b = bn.bias.data() + k0;
   int64_t k = 0;
@@ -116,8 +141,8 @@ C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, c
   if constexpr (kWide<scalar_t, T>)
     for (; k + 8 <= n; k += 8) {
       const __m256 v = value8(load8(x + k), load8(mean + k), load8(invstd + k), load8(w + k), load8(b + k));
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        _mm256_storeu_ps(dst + k, v);
+      if constexpr (std::is_same_v<scalar_t, float> || !std::is_same_v<D, T>) {
+        store8(dst + k, v, false);
       } else {
         scalar_t rounded[8];
         store8(rounded, v, false);
@@ -126,12 +151,13 @@ C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, c
     }
 #endif
   for (; k < n; ++k)
-    dst[k] = static_cast<T>(static_cast<scalar_t>(bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k])));
+    dst[k] = static_cast<D>(static_cast<scalar_t>(bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k])));
 }
 
-// The activation of `rows` NHWC rows of c channels as the kernel's row-major A (stride c).
-template <typename scalar_t, typename T>
-void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<T>& bn, T* dst) {
+// The activation of `rows` NHWC rows of c channels as a row-major A (stride c): in the math
+// type for gemm_panels' kernels, in x's dtype for AMX's.
+template <typename scalar_t, typename T, typename D>
+void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<T>& bn, D* dst) {
   for (int64_t r = 0; r < rows; ++r) activation_row(x + r * c, c, bn, 0, dst + r * c);
 }
 
@@ -206,8 +232,21 @@ C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* _
   }
 }
 
-// One row of the output gradient in the math type (zero-padded from n to n_pad), its values
-// added into the partials sb (the conv bias's gradient).
+// masked_grad_row over a tile of `rows` (da's row stride ldd), the partials folded into sg, sgx.
+template <typename scalar_t, typename T>
+void masked_grad_rows(const T* da, int64_t ldd, const scalar_t* x, int64_t rows, const BnParams<T>& bn, int64_t c,
+                      scalar_t* g, T* psg, T* psgx, double* sg, double* sgx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    masked_grad_row(da + r * ldd, x + r * c, bn, c, g + r * c, psg, psgx);
+    if (fold_due(r, rows)) {
+      fold(psg, sg, c);
+      fold(psgx, sgx, c);
+    }
+  }
+}
+
+// One row of the output gradient in the math type (zero-padded from n to n_pad; dst null: not
+// stored), its values added into the partials sb (the conv bias's gradient).
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64_t n_pad, T* __restrict dst,
                                 T* __restrict sb) {
@@ -216,15 +255,16 @@ C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64
   if constexpr (kWide<scalar_t, T>)
     for (; j + 8 <= n; j += 8) {
       const __m256 v = load8(src + j);
-      _mm256_storeu_ps(dst + j, v);
+      if (dst) _mm256_storeu_ps(dst + j, v);
       _mm256_storeu_ps(sb + j, _mm256_add_ps(_mm256_loadu_ps(sb + j), v));
     }
 #endif
   for (; j < n; ++j) {
-    dst[j] = static_cast<T>(src[j]);
-    sb[j] += dst[j];
+    const T v = static_cast<T>(src[j]);
+    if (dst) dst[j] = v;
+    sb[j] += v;
   }
-  std::fill(dst + n, dst + n_pad, T(0));
+  if (dst) std::fill(dst + n, dst + n_pad, T(0));
 }
 
 // A [k][n] matrix (element (p, j) at src[p * rs + j * cs]) as B panels of nr columns (zero
@@ -238,6 +278,23 @@ std::vector<T> weight_panels(const scalar_t* src, int64_t k, int64_t n, int64_t 
       for (int64_t j = q * nr; j < std::min(n, q * nr + nr); ++j)
         dst[q * k * nr + p * nr + (j - q * nr)] = static_cast<T>(src[p * rs + j * cs]);
   return dst;
+}
+
+// W [Cout][C] as the AMX GEMM's B in VNNI pairs: W^T (the forward's, K = C) or W (the
+// backward's, K = Cout).
+template <typename scalar_t>
+std::vector<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool transposed) {
+  std::vector<scalar_t> pairs(cout * c);
+  if constexpr (kAmxType<scalar_t>) {
+    if (transposed) {
+      std::vector<scalar_t> wt(c * cout);
+      amx::transpose(w, cout, cout, c, c, wt.data(), cout);
+      amx::vnni_pairs(wt.data(), c, cout, cout, pairs.data());
+    } else {
+      amx::vnni_pairs(w, cout, c, c, pairs.data());
+    }
+  }
+  return pairs;
 }
 
 // Per-thread double sums over channels, `sets` of `width`, each set laid out as sum_parts
@@ -256,9 +313,6 @@ struct ThreadSums {
   }
 };
 
-// Whether row r (of a tile of `rows`) ends a group of kFoldRows, or the tile.
-inline bool fold_due(int64_t r, int64_t rows) { return r % kFoldRows == kFoldRows - 1 || r == rows - 1; }
-
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_w,
                     const at::Tensor& bn_b, const at::Tensor& conv_w, const at::Tensor& conv_b, const at::Tensor& y,
@@ -266,9 +320,12 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   using T = at::opmath_type<scalar_t>;
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const int64_t np = round_up(cout, kern.nr), tile = round_up(kTileRows, kern.mr);
+  const bool amx = on_amx<scalar_t>(c, cout);
+  const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = round_up(kTileRows, kern.mr);
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
-  const std::vector<T> wp = weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);  // W^T as B
+  // W^T as B
+  const std::vector<T> wp = amx ? std::vector<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);
+  const std::vector<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, true) : std::vector<scalar_t>();
   const T* bias = in<T>(conv_b);
   const scalar_t* xp = in<scalar_t>(x);
   scalar_t* yp = out<scalar_t>(y);
@@ -277,7 +334,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   // y is written once and read by the next layer much later: streamed past the cache (float).
   const bool stream = streams(yp, y.numel() * static_cast<int64_t>(sizeof(scalar_t)), cout % 8 == 0);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> a(tile * c), cbuf(tile * np);
+    std::vector<T> a(amx ? 0 : tile * c), cbuf(tile * np);
+    std::vector<scalar_t> abf(amx ? tile * c : 0);
     double* s = sums ? acc.mine(0) : nullptr;
     double* s2 = sums ? acc.mine(1) : nullptr;
     std::vector<T> part(sums ? 2 * cout : 0, T(0));
@@ -285,11 +343,16 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     T* ps2 = sums ? part.data() + cout : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
-      activation_rows(xp + m0 * c, rows, c, bn, a.data());
-      std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
-      const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
-      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
-               (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
+      if (amx) {
+        activation_rows(xp + m0 * c, rows, c, bn, abf.data());
+        amx_gemm(rows, cout, c, c, np, false, abf.data(), wv.data(), cbuf.data());
+      } else {
+        activation_rows(xp + m0 * c, rows, c, bn, a.data());
+        std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
+        const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
+        kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
+                 (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
+      }
       for (int64_t r = 0; r < rows; ++r) {
         store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, ps, ps2, stream);
         if (s && fold_due(r, rows)) {
@@ -299,6 +362,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       }
     }
     fence_streams(stream);
+    if (amx) amx::release();
   });
   if (sums)
     for (int64_t set = 0; set < 2; ++set) acc.store(set, out<T>(sums[set]), cout);
@@ -315,11 +379,14 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   using T = at::opmath_type<scalar_t>;
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
+  const bool amx = on_amx<scalar_t>(c, cout);
   const int64_t tile = round_up(kTileRows, kern.mr);
-  const int64_t nc = round_up(c, kern.nr);        // grad-activation columns (and dW's)
-  const int64_t ga = round_up(cout, kern.mr);     // gradient tile's row stride: dW's A rows
+  const int64_t nc = amx ? c : round_up(c, kern.nr);        // grad-activation columns (and dW's)
+  const int64_t ga = amx ? cout : round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
-  const std::vector<T> wp = weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);  // W as B
+  // W as B
+  const std::vector<T> wp = amx ? std::vector<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);
+  const std::vector<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, false) : std::vector<scalar_t>();
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
   scalar_t* gp = out<scalar_t>(g);
@@ -330,12 +397,33 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T>& dwt = dw[at::get_thread_num()];
     if (dwt.empty()) dwt.assign(ga * nc, T(0));
-    std::vector<T> gt(tile * ga), act(tile * nc), cbuf(tile * nc);
+    std::vector<T> gt(amx ? 0 : tile * ga), act(amx ? 0 : tile * nc), cbuf(tile * nc);
+    // AMX: the activation tile row-major and in pairs, the gradient tile transposed (dW's A).
+    const int64_t tile2 = round_up(tile, 2);
+    std::vector<scalar_t> abf(amx ? tile2 * c : 0), apairs(amx ? tile2 * c : 0), gtr(amx ? cout * tile2 : 0);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
     std::vector<T> part(2 * c + cout, T(0));
     T *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
+      if (amx) {
+        // dA = G W with G read in place; dW += G^T act on the activation in pairs (K = rows).
+        if constexpr (kAmxType<scalar_t>) {
+          const scalar_t* gy = gyp + m0 * cout;
+          for (int64_t r = 0; r < rows; ++r) {
+            grad_row(gy + r * cout, cout, cout, static_cast<T*>(nullptr), psb);
+            if (fold_due(r, rows)) fold(psb, sb, cout);
+          }
+          amx_gemm(rows, c, cout, cout, nc, false, gy, wv.data(), cbuf.data());
+          masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx);
+          const int64_t r2 = round_up(rows, 2);
+          activation_rows(xp + m0 * c, rows, c, bn, abf.data());
+          amx::vnni_pairs(abf.data(), rows, c, c, apairs.data());
+          amx::transpose(gy, rows, r2, cout, cout, gtr.data(), r2);
+          amx_gemm(cout, c, r2, r2, nc, true, gtr.data(), apairs.data(), dwt.data());
+        }
+        continue;
+      }
       // The gradient tile in the math type, zero-padded to ga columns and rows_p rows; the
       // conv bias's gradient summed on the way.
       for (int64_t r = 0; r < rows; ++r) {
@@ -351,14 +439,9 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
       kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + (m0 + tile) * c,
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
-      for (int64_t r = 0; r < rows; ++r) {
-        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, psg, psgx);
-        if (fold_due(r, rows)) {
-          fold(psg, sg, c);
-          fold(psgx, sgx, c);
-        }
-      }
+      masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx);
     }
+    if (amx) amx::release();
   });
   acc.store(0, out<T>(sum_g), c);
   acc.store(1, out<T>(sum_gx), c);
@@ -441,7 +524,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
 }
 
-std::string gemm_kernel_cpu() { return gemm::best_float_kernel().name; }
+std::string gemm_kernel_cpu(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return gemm::plain_kernel<double>().name;
+  if (dtype == at::kBFloat16 && amx::bf16_available()) return "amx";
+  return gemm::best_float_kernel().name;
+}
 
 }  // namespace
 

@@ -34,7 +34,8 @@ def collect() -> dict:
 
     info["conv1x1_unit_cpu"] = None
     if conv1x1.native_available():
-        info["conv1x1_unit_cpu"] = {"gemm_kernel": torch.ops.fasthg.cpu_gemm_kernel(),
+        kernels = {dtype_name(d): torch.ops.fasthg.cpu_gemm_kernel(d) for d in (torch.float32, torch.bfloat16)}
+        info["conv1x1_unit_cpu"] = {"gemm_kernel": kernels,
                                     "training_dtypes": [dtype_name(d) for d in conv1x1.cpu_unit_dtypes()]}
     from fasthg.deploy import runtimes
 
@@ -61,7 +62,8 @@ def render(info: dict) -> str:
         ("built against torch", info["built_against_torch"]),
         ("CPU threads", info["cpu_threads"]),
         ("conv1x1 unit (CPU)", "not built" if not info.get("conv1x1_unit_cpu") else
-         f'GEMM {info["conv1x1_unit_cpu"]["gemm_kernel"]}; the models train '
+         "GEMM " + ", ".join(f"{k} ({d})" for d, k in info["conv1x1_unit_cpu"]["gemm_kernel"].items())
+         + '; the models train '
          f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes"]) or "no dtype"} in it (FASTHG_CPU_CONV1X1)'),
         ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
         ("inference runtimes", ", ".join(f"{n} {v or 'not installed'}" for n, v in info.get("runtimes", {}).items())

@@ -1,0 +1,117 @@
+#include "brgemm_bf16.h"
+
+#include <ATen/native/CPUBlas.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace fasthg {
+namespace amx {
+
+bool bf16_available() {
+  static const bool yes = [] {
+    const char* env = std::getenv("FASTHG_GEMM");
+    const std::string want = env ? env : "";
+    if (want == "avx512" || want == "avx2" || want == "plain") return false;
+    return at::native::cpublas::could_pack(at::kBFloat16);
+  }();
+  return yes;
+}
+
+void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
+          const c10::BFloat16* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, /*is_vnni=*/true);
+}
+
+void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+namespace {
+
+using u16 = uint16_t;
+
+const u16* bits(const c10::BFloat16* p) { return reinterpret_cast<const u16*>(p); }
+u16* bits(c10::BFloat16* p) { return reinterpret_cast<u16*>(p); }
+
+#ifdef __AVX2__
+// Eight (p, p + 1) pairs of columns j..j + 7 as eight 32-bit words.
+C10_ALWAYS_INLINE __m256i pairs8(const u16* r0, const u16* r1) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1));
+  return _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+}
+
+// The 8x8 transpose of 32-bit words in v.
+C10_ALWAYS_INLINE void transpose8(__m256i v[8]) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_castsi256_ps(v[i]);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+}  // namespace
+
+void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* dst_) {
+  const u16* src = bits(src_);
+  u16* dst = bits(dst_);
+  for (int64_t p = 0; p < rows; p += 2) {
+    const u16* r0 = src + p * ld;
+    const u16* r1 = p + 1 < rows ? r0 + ld : nullptr;
+    u16* d = dst + p * n;
+    int64_t j = 0;
+#ifdef __AVX2__
+    if (r1)
+      for (; j + 8 <= n; j += 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * j), pairs8(r0 + j, r1 + j));
+#endif
+    for (; j < n; ++j) {
+      d[2 * j] = r0[j];
+      d[2 * j + 1] = r1 ? r1[j] : u16(0);
+    }
+  }
+}
+
+void transpose(const c10::BFloat16* src_, int64_t rows, int64_t rows_pad, int64_t n, int64_t ld_src,
+               c10::BFloat16* dst_, int64_t ld_dst) {
+  const u16* src = bits(src_);
+  u16* dst = bits(dst_);
+  int64_t p0 = 0;
+#ifdef __AVX2__
+  // 16 rows by 8 columns at a time: row pairs as words, then an 8x8 word transpose gives each
+  // column's 16 rows.
+  for (; p0 + 16 <= rows; p0 += 16) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      __m256i v[8];
+      for (int i = 0; i < 8; ++i) v[i] = pairs8(src + (p0 + 2 * i) * ld_src + j, src + (p0 + 2 * i + 1) * ld_src + j);
+      transpose8(v);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j + i) * ld_dst + p0), v[i]);
+    }
+    for (; j < n; ++j)
+      for (int64_t p = p0; p < p0 + 16; ++p) dst[j * ld_dst + p] = src[p * ld_src + j];
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t p = p0; p < rows; ++p) dst[j * ld_dst + p] = src[p * ld_src + j];
+    std::memset(dst + j * ld_dst + rows, 0, (rows_pad - rows) * sizeof(u16));
+  }
+}
+
+}  // namespace amx
+}  // namespace fasthg

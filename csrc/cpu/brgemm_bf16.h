@@ -1,0 +1,37 @@
+// The bfloat16 GEMMs of the fused 1x1-convolution unit (conv1x1.cpp) on AMX CPUs: oneDNN's
+// batch-reduce GEMM micro-kernel as ATen exposes it (at::native::cpublas::brgemm, AMX tiles,
+// float accumulation), fed from the unit's L2-sized tiles. Its B operand is bf16 in VNNI pairs
+// (two consecutive K rows interleaved per column) and its A operand row-major with K
+// contiguous, so the unit lays its tiles out for it here: pairs for B, a transposed gradient
+// tile as the weight gradient's A.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace fasthg {
+namespace amx {
+
+// Whether the AMX brgemm computes bfloat16 on this CPU (oneDNN's check, which also asks the
+// kernel for AMX state), unless FASTHG_GEMM names one of the FMA kernels (avx512, avx2, plain).
+bool bf16_available();
+
+// C[i][j] (+)= sum_p A[i][p] B[p][j] for i < m, j < n, p < k (k even): A row-major with row
+// stride lda; B as vnni_pairs lays out [k][n]; C float, row stride ldc.
+void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
+          const c10::BFloat16* b, float* c);
+
+// Frees this thread's AMX state: once per parallel chunk, after its last gemm.
+void release();
+
+// src [rows][n] (row stride ld) as B pairs: dst[(p / 2) * 2n + 2j + p % 2] = src[p][j], with a
+// zero row p = rows when rows is odd.
+void vnni_pairs(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* dst);
+
+// dst[j * ld_dst + p] = src[p * ld_src + j] for p < rows, j < n, and zero for rows <= p < rows_pad.
+void transpose(const c10::BFloat16* src, int64_t rows, int64_t rows_pad, int64_t n, int64_t ld_src,
+               c10::BFloat16* dst, int64_t ld_dst);
+
+}  // namespace amx
+}  // namespace fasthg
