@@ -259,7 +259,7 @@ def test_every_native_gemm_kernel_agrees():
         "(y, s, s2), g = t.run(op, True, fn=t.op_of('native'))\n"
         "(ry, rs, rs2), rg = t.run(ref, True, fn=t.reference.bn_relu_conv1x1)\n"
         "errs = [rel_err(y, ry), rel_err(s, rs)] + [rel_err(g[k], rg[k]) for k in t.LEAVES]\n"
-        "print(torch.ops.fasthg.cpu_gemm_kernel(), max(errs))\n")
+        "print(torch.ops.fasthg.cpu_gemm_kernel(torch.float32), max(errs))\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for kernel in ("avx2", "plain"):
         out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
@@ -267,6 +267,55 @@ def test_every_native_gemm_kernel_agrees():
         assert out.returncode == 0, out.stderr
         name, err = out.stdout.split()
         assert name in (kernel, "plain") and float(err) < TOL[torch.float32], out.stdout
+
+
+# Even channel counts, which bfloat16 runs on AMX where the CPU has it (csrc/cpu/brgemm_bf16.h):
+# a partial tile of odd rows (the weight gradient's K padded to even), two tiles with a
+# partial second, 96 input channels (a partial column block of 64 in the B operands).
+EVEN_SHAPES = [(1, 6, 3, 5, 4), (1, 96, 17, 13, 16), (2, 64, 13, 11, 48)]
+
+
+@needs_native
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", EVEN_SHAPES, ids=str)
+def test_native_bfloat16_with_even_channels(shape, training, layout, poison):
+    ref, t = make_inputs(shape, torch.bfloat16, "cpu", layout)
+    (y, s, s2), grads = run(t, training, fn=op_of("native"))
+    (ry, rs, rs2), rgrads = run(ref, training, fn=reference.bn_relu_conv1x1)
+    for name, out, want in [("y", y, ry), ("sum", s, rs), ("sum_sq", s2, rs2)] + [(k, grads[k], rgrads[k])
+                                                                                 for k in LEAVES]:
+        assert rel_err(out, want) < TOL[torch.bfloat16], (name, rel_err(out, want))
+    assert y.is_contiguous(memory_format=layout) and grads["x"].is_contiguous(memory_format=layout)
+
+
+@needs_native
+def test_bfloat16_gemm_paths_agree(tmp_path):
+    """bfloat16 on AMX (where the CPU has it) and on the FMA kernels (FASTHG_GEMM=avx512) give
+    the same results to bfloat16 rounding, both within tolerance of the float64 reference."""
+    script = (
+        "import torch, sys; sys.path.insert(0, 'tests'); import test_conv1x1 as t; from conftest import rel_err\n"
+        "ref, op = t.make_inputs(t.EVEN_SHAPES[2], torch.bfloat16, 'cpu', torch.channels_last)\n"
+        "(y, s, s2), g = t.run(op, True, fn=t.op_of('native'))\n"
+        "(ry, rs, rs2), rg = t.run(ref, True, fn=t.reference.bn_relu_conv1x1)\n"
+        "errs = [rel_err(y, ry), rel_err(s, rs)] + [rel_err(g[k], rg[k]) for k in t.LEAVES]\n"
+        "torch.save([y, s, s2] + [g[k] for k in t.LEAVES], sys.argv[1])\n"
+        "print(torch.ops.fasthg.cpu_gemm_kernel(torch.bfloat16), max(errs))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = {}
+    for kernel in ("", "avx512"):
+        path = str(tmp_path / f"bf16-{kernel or 'default'}.pt")
+        out = subprocess.run([sys.executable, "-c", script, path], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "FASTHG_GEMM": kernel}, timeout=300)
+        assert out.returncode == 0, out.stderr
+        name, err = out.stdout.split()
+        assert float(err) < TOL[torch.bfloat16], out.stdout
+        results[name] = torch.load(path, weights_only=True)
+    assert "avx512" in results or "avx2" in results or "plain" in results
+    if "amx" in results:
+        fma = next(v for k, v in results.items() if k != "amx")
+        for a, b in zip(results["amx"], fma):
+            assert rel_err(a.double(), b.double()) < 1e-2
 
 
 @pytest.mark.parametrize("target", TARGETS[:2])
@@ -307,8 +356,11 @@ def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
 
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "off")
     unit = info.collect()["conv1x1_unit_cpu"]
-    assert unit == {"gemm_kernel": torch.ops.fasthg.cpu_gemm_kernel(), "training_dtypes": []}
-    assert unit["gemm_kernel"] in ("avx512", "avx2", "plain")
+    kernels = {"float32": torch.ops.fasthg.cpu_gemm_kernel(torch.float32),
+               "bfloat16": torch.ops.fasthg.cpu_gemm_kernel(torch.bfloat16)}
+    assert unit == {"gemm_kernel": kernels, "training_dtypes": []}
+    assert kernels["float32"] in ("avx512", "avx2", "plain") and kernels["bfloat16"] in ("amx", kernels["float32"])
+    assert torch.ops.fasthg.cpu_gemm_kernel(torch.float64) == "plain"
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
     text = info.render(info.collect())
     assert "float32, float16, bfloat16, float64 in it" in text

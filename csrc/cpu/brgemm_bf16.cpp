@@ -2,6 +2,7 @@
 
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -25,7 +26,10 @@ bool bf16_available() {
 
 void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
           const c10::BFloat16* b, float* c) {
-  at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, /*is_vnni=*/true);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+    const int64_t w = std::min(kBlockN, n - j0);
+    at::native::cpublas::brgemm(m, w, k, lda, w, ldc, accumulate, a, b + j0 * k, c + j0, /*is_vnni=*/true);
+  }
 }
 
 void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
@@ -66,11 +70,8 @@ C10_ALWAYS_INLINE void transpose8(__m256i v[8]) {
 }
 #endif
 
-}  // namespace
-
-void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* dst_) {
-  const u16* src = bits(src_);
-  u16* dst = bits(dst_);
+// One column block of vnni_pairs: [rows / 2][n][2].
+void pairs_block(const u16* src, int64_t rows, int64_t n, int64_t ld, u16* dst) {
   for (int64_t p = 0; p < rows; p += 2) {
     const u16* r0 = src + p * ld;
     const u16* r1 = p + 1 < rows ? r0 + ld : nullptr;
@@ -85,6 +86,14 @@ void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, 
       d[2 * j + 1] = r1 ? r1[j] : u16(0);
     }
   }
+}
+
+}  // namespace
+
+void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* dst_) {
+  const int64_t k2 = rows + rows % 2;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlockN)
+    pairs_block(bits(src_) + j0, rows, std::min(kBlockN, n - j0), ld, bits(dst_) + j0 * k2);
 }
 
 void transpose(const c10::BFloat16* src_, int64_t rows, int64_t rows_pad, int64_t n, int64_t ld_src,

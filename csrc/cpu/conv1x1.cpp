@@ -22,12 +22,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../bn_relu.h"
+#include "bf16_rows.h"
 #include "bn_relu_vec8.h"
 #include "brgemm_bf16.h"
 #include "channel_passes.h"
@@ -63,6 +65,27 @@ constexpr int64_t kTileRows = 192;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// 64-byte aligned storage for the tiles and packed weights: with malloc's 16-byte alignment,
+// AMX tile loads of rows straddling cache lines ran the bf16 forward up to 1.8x slower, in
+// some processes and not others (benchmarks/results/HISTORY.md).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, static_cast<size_t>(round_up(static_cast<int64_t>(n * sizeof(T)), 64)));
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+template <typename T>
+using Buffer = std::vector<T, Aligned64<T>>;
+
 template <typename T>
 gemm::Kernel<T> kernel_for();
 template <>
@@ -77,28 +100,29 @@ constexpr bool kAmxType = std::is_same_v<scalar_t, c10::BFloat16>;
 
 template <typename scalar_t>
 bool on_amx(int64_t c, int64_t cout) {
-  return kAmxType<scalar_t> && c % 2 == 0 && cout % 2 == 0 && amx::bf16_available();
+  static const bool rows = bf16rows::available();
+  return kAmxType<scalar_t> && c % 2 == 0 && cout % 2 == 0 && rows && amx::bf16_available();
 }
 
-// amx::gemm for the types it takes (the only ones on_amx passes).
-template <typename scalar_t, typename T>
-void amx_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const scalar_t* a,
-              const scalar_t* b, T* c) {
-  if constexpr (kAmxType<scalar_t> && std::is_same_v<T, float>)
-    amx::gemm(m, n, k, lda, ldc, accumulate, a, b, c);
-  else
-    TORCH_INTERNAL_ASSERT(false, "the AMX GEMM takes bfloat16");
-}
+inline const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+inline uint16_t* bits(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
 // The BN's per-channel constants in the math type, once per call.
 template <typename T>
 struct BnParams {
-  std::vector<T> mean, invstd, weight, bias;
+  Buffer<T> mean, invstd, weight, bias, scale;  // scale = invstd * weight
   BnParams(const at::Tensor& m, const at::Tensor& s, const at::Tensor& w, const at::Tensor& b)
-      : mean(vec(m)), invstd(vec(s)), weight(vec(w)), bias(vec(b)) {}
-  static std::vector<T> vec(const at::Tensor& t) {
+      : mean(vec(m)), invstd(vec(s)), weight(vec(w)), bias(vec(b)), scale(invstd.size()) {
+    for (size_t k = 0; k < scale.size(); ++k) scale[k] = invstd[k] * weight[k];
+  }
+  bf16rows::Channels channels(int64_t k0 = 0) const {  // from channel k0 on
+    if constexpr (std::is_same_v<T, float>)
+      return {mean.data() + k0, scale.data() + k0, bias.data() + k0, invstd.data() + k0};
+    TORCH_INTERNAL_ASSERT(false, "bf16rows takes float constants");
+  }
+  static Buffer<T> vec(const at::Tensor& t) {
     const T* p = in<T>(t);
-    return std::vector<T>(p, p + t.numel());
+    return Buffer<T>(p, p + t.numel());
   }
 };
 
@@ -118,6 +142,15 @@ void fold(T* __restrict part, double* __restrict total, int64_t n) {
 
 // Whether row r (of a tile of `rows`) ends a group of kFoldRows, or the tile.
 inline bool fold_due(int64_t r, int64_t rows) { return r % kFoldRows == kFoldRows - 1 || r == rows - 1; }
+
+// After row r: two sets of partials (null totals: none kept) folded when due.
+template <typename T>
+void fold_two(int64_t r, int64_t rows, T* p0, T* p1, double* t0, double* t1, int64_t n) {
+  if (t0 && fold_due(r, rows)) {
+    fold(p0, t0, n);
+    fold(p1, t1, n);
+  }
+}
 
 // Whether the 8-wide paths take this storage and math type (float math on a vec8.h type).
 template <typename scalar_t, typename T>
@@ -232,16 +265,20 @@ C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* _
   }
 }
 
-// masked_grad_row over a tile of `rows` (da's row stride ldd), the partials folded into sg, sgx.
+// masked_grad_row over a tile of `rows` (da's row stride ldd), the partials folded into sg, sgx;
+// with amx, bf16rows' row.
 template <typename scalar_t, typename T>
 void masked_grad_rows(const T* da, int64_t ldd, const scalar_t* x, int64_t rows, const BnParams<T>& bn, int64_t c,
-                      scalar_t* g, T* psg, T* psgx, double* sg, double* sgx) {
+                      scalar_t* g, T* psg, T* psgx, double* sg, double* sgx, bool amx) {
   for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (kAmxType<scalar_t>)
+      if (amx) {
+        bf16rows::masked_grad(da + r * ldd, bits(x + r * c), c, bn.channels(), bits(g + r * c), psg, psgx);
+        fold_two(r, rows, psg, psgx, sg, sgx, c);
+        continue;
+      }
     masked_grad_row(da + r * ldd, x + r * c, bn, c, g + r * c, psg, psgx);
-    if (fold_due(r, rows)) {
-      fold(psg, sg, c);
-      fold(psgx, sgx, c);
-    }
+    fold_two(r, rows, psg, psgx, sg, sgx, c);
   }
 }
 
@@ -271,8 +308,8 @@ C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64
 // columns beyond n): the weight W [Cout][C] as the forward's W^T (rs 1, cs C) and the
 // backward's W (rs C, cs 1).
 template <typename scalar_t, typename T>
-std::vector<T> weight_panels(const scalar_t* src, int64_t k, int64_t n, int64_t rs, int64_t cs, int64_t nr) {
-  std::vector<T> dst(round_up(n, nr) * k, T(0));
+Buffer<T> weight_panels(const scalar_t* src, int64_t k, int64_t n, int64_t rs, int64_t cs, int64_t nr) {
+  Buffer<T> dst(round_up(n, nr) * k, T(0));
   for (int64_t q = 0; q * nr < n; ++q)  // row p of panel q: up to nr values
     for (int64_t p = 0; p < k; ++p)
       for (int64_t j = q * nr; j < std::min(n, q * nr + nr); ++j)
@@ -283,11 +320,11 @@ std::vector<T> weight_panels(const scalar_t* src, int64_t k, int64_t n, int64_t 
 // W [Cout][C] as the AMX GEMM's B in VNNI pairs: W^T (the forward's, K = C) or W (the
 // backward's, K = Cout).
 template <typename scalar_t>
-std::vector<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool transposed) {
-  std::vector<scalar_t> pairs(cout * c);
+Buffer<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool transposed) {
+  Buffer<scalar_t> pairs(cout * c);
   if constexpr (kAmxType<scalar_t>) {
     if (transposed) {
-      std::vector<scalar_t> wt(c * cout);
+      Buffer<scalar_t> wt(c * cout);
       amx::transpose(w, cout, cout, c, c, wt.data(), cout);
       amx::vnni_pairs(wt.data(), c, cout, cout, pairs.data());
     } else {
@@ -324,29 +361,40 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = round_up(kTileRows, kern.mr);
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
   // W^T as B
-  const std::vector<T> wp = amx ? std::vector<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);
-  const std::vector<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, true) : std::vector<scalar_t>();
+  const Buffer<T> wp = amx ? Buffer<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);
+  const Buffer<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, true) : Buffer<scalar_t>();
   const T* bias = in<T>(conv_b);
   const scalar_t* xp = in<scalar_t>(x);
   scalar_t* yp = out<scalar_t>(y);
   ThreadSums acc(2, sums ? cout : 0);
   const int64_t tiles = (rows_total + tile - 1) / tile;
   // y is written once and read by the next layer much later: streamed past the cache (float).
-  const bool stream = streams(yp, y.numel() * static_cast<int64_t>(sizeof(scalar_t)), cout % 8 == 0);
+  const int64_t y_bytes = y.numel() * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream = streams(yp, y_bytes, cout % 8 == 0);
+  const bool stream16 = amx && y_bytes >= kStreamBytes && cout % 16 == 0 && aligned32(yp);  // bf16 rows
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> a(amx ? 0 : tile * c), cbuf(tile * np);
-    std::vector<scalar_t> abf(amx ? tile * c : 0);
+    Buffer<T> a(amx ? 0 : tile * c), cbuf(tile * np);
+    Buffer<scalar_t> abf(amx ? tile * c : 0);
     double* s = sums ? acc.mine(0) : nullptr;
     double* s2 = sums ? acc.mine(1) : nullptr;
-    std::vector<T> part(sums ? 2 * cout : 0, T(0));
+    Buffer<T> part(sums ? 2 * cout : 0, T(0));
     T* ps = sums ? part.data() : nullptr;
     T* ps2 = sums ? part.data() + cout : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
       if (amx) {
-        activation_rows(xp + m0 * c, rows, c, bn, abf.data());
-        amx_gemm(rows, cout, c, c, np, false, abf.data(), wv.data(), cbuf.data());
-      } else {
+        if constexpr (kAmxType<scalar_t>) {
+          const bf16rows::Channels ch = bn.channels();
+          for (int64_t r = 0; r < rows; ++r) bf16rows::activation(bits(xp + (m0 + r) * c), c, ch, bits(abf.data() + r * c));
+          amx::gemm(rows, cout, c, c, np, false, abf.data(), wv.data(), cbuf.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            bf16rows::store(cbuf.data() + r * np, bias, cout, bits(yp + (m0 + r) * cout), ps, ps2, stream16);
+            fold_two(r, rows, ps, ps2, s, s2, cout);
+          }
+        }
+        continue;
+      }
+      {
         activation_rows(xp + m0 * c, rows, c, bn, a.data());
         std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
         const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
@@ -355,13 +403,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       }
       for (int64_t r = 0; r < rows; ++r) {
         store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, ps, ps2, stream);
-        if (s && fold_due(r, rows)) {
-          fold(ps, s, cout);
-          fold(ps2, s2, cout);
-        }
+        fold_two(r, rows, ps, ps2, s, s2, cout);
       }
     }
-    fence_streams(stream);
+    fence_streams(stream || stream16);
     if (amx) amx::release();
   });
   if (sums)
@@ -385,24 +430,24 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   const int64_t ga = amx ? cout : round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
   // W as B
-  const std::vector<T> wp = amx ? std::vector<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);
-  const std::vector<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, false) : std::vector<scalar_t>();
+  const Buffer<T> wp = amx ? Buffer<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);
+  const Buffer<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, false) : Buffer<scalar_t>();
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
   scalar_t* gp = out<scalar_t>(g);
   const int nthreads = at::get_num_threads();
-  std::vector<std::vector<T>> dw(nthreads);  // dW [ga][nc] per thread, summed after
+  std::vector<Buffer<T>> dw(nthreads);  // dW [ga][nc] per thread, summed after
   ThreadSums acc(3, std::max(c, cout));
   const int64_t tiles = (rows_total + tile - 1) / tile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T>& dwt = dw[at::get_thread_num()];
+    Buffer<T>& dwt = dw[at::get_thread_num()];
     if (dwt.empty()) dwt.assign(ga * nc, T(0));
-    std::vector<T> gt(amx ? 0 : tile * ga), act(amx ? 0 : tile * nc), cbuf(tile * nc);
-    // AMX: the activation tile row-major and in pairs, the gradient tile transposed (dW's A).
+    Buffer<T> gt(amx ? 0 : tile * ga), act(amx ? 0 : tile * nc), cbuf(tile * nc);
+    // AMX: the activation tile in pairs (dW's B), the gradient tile transposed (its A).
     const int64_t tile2 = round_up(tile, 2);
-    std::vector<scalar_t> abf(amx ? tile2 * c : 0), apairs(amx ? tile2 * c : 0), gtr(amx ? cout * tile2 : 0);
+    Buffer<scalar_t> apairs(amx ? tile2 * c : 0), gtr(amx ? cout * tile2 : 0);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
-    std::vector<T> part(2 * c + cout, T(0));
+    Buffer<T> part(2 * c + cout, T(0));
     T *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
@@ -411,16 +456,22 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
         if constexpr (kAmxType<scalar_t>) {
           const scalar_t* gy = gyp + m0 * cout;
           for (int64_t r = 0; r < rows; ++r) {
-            grad_row(gy + r * cout, cout, cout, static_cast<T*>(nullptr), psb);
+            bf16rows::add(bits(gy + r * cout), cout, psb);
             if (fold_due(r, rows)) fold(psb, sb, cout);
           }
-          amx_gemm(rows, c, cout, cout, nc, false, gy, wv.data(), cbuf.data());
-          masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx);
+          amx::gemm(rows, c, cout, cout, nc, false, gy, wv.data(), cbuf.data());
+          masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx, amx);
           const int64_t r2 = round_up(rows, 2);
-          activation_rows(xp + m0 * c, rows, c, bn, abf.data());
-          amx::vnni_pairs(abf.data(), rows, c, c, apairs.data());
+          const scalar_t* xt = xp + m0 * c;
+          for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
+            const int64_t w = std::min(amx::kBlockN, c - j0);
+            const bf16rows::Channels ch = bn.channels(j0);
+            for (int64_t p = 0; p < rows; p += 2)
+              bf16rows::activation_pairs(bits(xt + p * c + j0), p + 1 < rows ? bits(xt + (p + 1) * c + j0) : nullptr,
+                                         w, ch, bits(apairs.data() + j0 * r2 + p * w));
+          }
           amx::transpose(gy, rows, r2, cout, cout, gtr.data(), r2);
-          amx_gemm(cout, c, r2, r2, nc, true, gtr.data(), apairs.data(), dwt.data());
+          amx::gemm(cout, c, r2, r2, nc, true, gtr.data(), apairs.data(), dwt.data());
         }
         continue;
       }
@@ -439,7 +490,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
       kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + (m0 + tile) * c,
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
-      masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx);
+      masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx, amx);
     }
     if (amx) amx::release();
   });

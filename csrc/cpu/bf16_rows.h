@@ -1,0 +1,43 @@
+// The bfloat16 unit's per-row passes (conv1x1.cpp on AMX CPUs) on AVX-512 with AVX512_BF16,
+// which every AMX CPU has: 16 lanes, bf16 <-> float in one instruction, masked tails. Without
+// them the 8-wide AVX2 rows cost more than the AMX GEMMs they feed (benchmarks/results/
+// HISTORY.md). The same float operations in the same order as bn_relu.h's per-element math
+// (a multiply then an add, no FMA), with round to nearest even; the hardware conversion
+// differs from c10's only for float denormals (flushed to zero, as oneDNN's bf16 does).
+// ATen-free, bf16 as its bits, for the reason gemm_panels.h gives.
+#pragma once
+
+#include <cstdint>
+
+namespace fasthg {
+namespace bf16rows {
+
+// The BN's per-channel constants: scale = invstd * weight (the product bn_relu.h forms).
+struct Channels {
+  const float *mean, *scale, *bias, *invstd;
+};
+
+// Whether this CPU has AVX512_BF16 (with AVX512BW and VL).
+bool available();
+
+// dst[k] = bf16(relu((x[k] - mean) * scale + bias)) for k < n.
+void activation(const uint16_t* x, int64_t n, const Channels& ch, uint16_t* dst);
+
+// The activation of rows x0 and x1 (null: a zero row) as VNNI pairs: dst[2k + i] = row i's.
+void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst);
+
+// y[j] = bf16(c[j] + bias[j]); with s non-null, the stored values and their squares added
+// into s and s2. stream: y is 32-byte aligned and n a multiple of 16 (streamed past the cache;
+// the caller fences).
+void store(const float* c, const float* bias, int64_t n, uint16_t* y, float* s, float* s2, bool stream);
+
+// g[k] = bf16(da[k] where the pre-activation of x[k] is > 0 or NaN, else 0); the stored values
+// added into sg and their products with xhat = (x - mean) * invstd into sgx.
+void masked_grad(const float* da, const uint16_t* x, int64_t n, const Channels& ch, uint16_t* g, float* sg,
+                 float* sgx);
+
+// s[j] += src[j] for j < n.
+void add(const uint16_t* src, int64_t n, float* s);
+
+}  // namespace bf16rows
+}  // namespace fasthg

@@ -1,0 +1,121 @@
+// bf16_rows.h's passes, compiled for AVX-512 + AVX512_BF16 (only called where available()).
+#include "bf16_rows.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// GCC 12's own intrinsics (their _mm512_undefined operands) trip this warning.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+namespace fasthg {
+namespace bf16rows {
+namespace {
+
+// Lanes k .. k + 15 that lie below n.
+inline __mmask16 lanes(int64_t k, int64_t n) {
+  return n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+}
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// relu((x - mean) * scale + bias): max_ps returns its second operand for a NaN, as the scalar
+// y < 0 ? 0 : y does.
+inline __m512 value(__m512 x, const Channels& ch, int64_t k, __mmask16 m) {
+  const __m512 y = _mm512_add_ps(
+      _mm512_mul_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, ch.mean + k)), _mm512_maskz_loadu_ps(m, ch.scale + k)),
+      _mm512_maskz_loadu_ps(m, ch.bias + k));
+  return _mm512_max_ps(_mm512_setzero_ps(), y);
+}
+
+}  // namespace
+
+bool available() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+void activation(const uint16_t* x, int64_t n, const Channels& ch, uint16_t* dst) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = lanes(k, n);
+    _mm256_mask_storeu_epi16(dst + k, m, to_bf16(value(load_bf16(x + k, m), ch, k, m)));
+  }
+}
+
+void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst) {
+  // cvtne2ps puts row 0's 16 values in the low half and row 1's in the high one; the
+  // permutation interleaves them.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = lanes(k, n);
+    const __m512 a0 = value(load_bf16(x0 + k, m), ch, k, m);
+    const __m512 a1 = x1 ? value(load_bf16(x1 + k, m), ch, k, m) : _mm512_setzero_ps();
+    const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
+    _mm512_mask_storeu_epi32(dst + 2 * k, m, pairs);
+  }
+}
+
+void store(const float* c, const float* bias, int64_t n, uint16_t* y, float* s, float* s2, bool stream) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(j, n);
+    const __m256i h = to_bf16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, c + j), _mm512_maskz_loadu_ps(m, bias + j)));
+    if (stream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(y + j), h);
+    else
+      _mm256_mask_storeu_epi16(y + j, m, h);
+    if (s) {
+      const __m512 v = from_bf16(h);  // the value as stored
+      _mm512_mask_storeu_ps(s + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), v));
+      _mm512_mask_storeu_ps(s2 + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s2 + j), _mm512_mul_ps(v, v)));
+    }
+  }
+}
+
+void masked_grad(const float* da, const uint16_t* x, int64_t n, const Channels& ch, uint16_t* g, float* sg,
+                 float* sgx) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = lanes(k, n);
+    const __m512 d = _mm512_sub_ps(load_bf16(x + k, m), _mm512_maskz_loadu_ps(m, ch.mean + k));
+    const __m512 pre =
+        _mm512_add_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.scale + k)), _mm512_maskz_loadu_ps(m, ch.bias + k));
+    // not (pre <= 0): > 0 or NaN passes the gradient
+    const __mmask16 pass = _mm512_mask_cmp_ps_mask(m, pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
+    const __m256i h = to_bf16(_mm512_maskz_mov_ps(pass, _mm512_maskz_loadu_ps(m, da + k)));
+    _mm256_mask_storeu_epi16(g + k, m, h);
+    const __m512 gv = from_bf16(h);
+    const __m512 xhat = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.invstd + k));
+    _mm512_mask_storeu_ps(sg + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sg + k), gv));
+    _mm512_mask_storeu_ps(sgx + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sgx + k), _mm512_mul_ps(gv, xhat)));
+  }
+}
+
+void add(const uint16_t* src, int64_t n, float* s) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(j, n);
+    _mm512_mask_storeu_ps(s + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), load_bf16(src + j, m)));
+  }
+}
+
+}  // namespace bf16rows
+}  // namespace fasthg
+#pragma GCC pop_options
+#else
+namespace fasthg {
+namespace bf16rows {
+bool available() { return false; }
+void activation(const uint16_t*, int64_t, const Channels&, uint16_t*) {}
+void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
+void store(const float*, const float*, int64_t, uint16_t*, float*, float*, bool) {}
+void masked_grad(const float*, const uint16_t*, int64_t, const Channels&, uint16_t*, float*, float*) {}
+void add(const uint16_t*, int64_t, float*) {}
+}  // namespace bf16rows
+}  // namespace fasthg
+#endif
