@@ -31,10 +31,16 @@ void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const C
 // the caller fences).
 void store(const float* c, const float* bias, int64_t n, uint16_t* y, float* s, float* s2, bool stream);
 
-// g[k] = bf16(da[k] where the pre-activation of x[k] is > 0 or NaN, else 0); the stored values
-// added into sg and their products with xhat = (x - mean) * invstd into sgx.
+// g[k] = bf16(da[k] where the pre-activation of x[k] is > 0 or NaN, else 0) (g null: not
+// stored); the rounded values added into sg and their products with xhat = (x - mean) * invstd
+// into sgx.
 void masked_grad(const float* da, const uint16_t* x, int64_t n, const Channels& ch, uint16_t* g, float* sg,
                  float* sgx);
+
+// gx[k] = bf16(scale * ((g - mean_g) - xhat * mean_gx)), g as masked_grad rounds it: the BN's
+// input gradient (bn_relu.h's bn_relu_grad_input). stream: as store's.
+void grad_input(const float* da, const uint16_t* x, int64_t n, const Channels& ch, const float* mean_g,
+                const float* mean_gx, uint16_t* gx, bool stream);
 
 // s[j] += src[j] for j < n.
 void add(const uint16_t* src, int64_t n, float* s);

@@ -34,6 +34,15 @@ inline __m512 value(__m512 x, const Channels& ch, int64_t k, __mmask16 m) {
   return _mm512_max_ps(_mm512_setzero_ps(), y);
 }
 
+// da where the pre-activation (x - mean) * scale + bias, d = x - mean, is > 0 or NaN (not
+// <= 0), else 0, rounded to bf16.
+inline __m256i masked(const float* da, __m512 d, const Channels& ch, int64_t k, __mmask16 m) {
+  const __m512 pre =
+      _mm512_add_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.scale + k)), _mm512_maskz_loadu_ps(m, ch.bias + k));
+  const __mmask16 pass = _mm512_mask_cmp_ps_mask(m, pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
+  return to_bf16(_mm512_maskz_mov_ps(pass, _mm512_maskz_loadu_ps(m, da + k)));
+}
+
 }  // namespace
 
 bool available() {
@@ -84,16 +93,29 @@ void masked_grad(const float* da, const uint16_t* x, int64_t n, const Channels& 
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 m = lanes(k, n);
     const __m512 d = _mm512_sub_ps(load_bf16(x + k, m), _mm512_maskz_loadu_ps(m, ch.mean + k));
-    const __m512 pre =
-        _mm512_add_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.scale + k)), _mm512_maskz_loadu_ps(m, ch.bias + k));
-    // not (pre <= 0): > 0 or NaN passes the gradient
-    const __mmask16 pass = _mm512_mask_cmp_ps_mask(m, pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
-    const __m256i h = to_bf16(_mm512_maskz_mov_ps(pass, _mm512_maskz_loadu_ps(m, da + k)));
-    _mm256_mask_storeu_epi16(g + k, m, h);
+    const __m256i h = masked(da, d, ch, k, m);
+    if (g) _mm256_mask_storeu_epi16(g + k, m, h);
     const __m512 gv = from_bf16(h);
     const __m512 xhat = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.invstd + k));
     _mm512_mask_storeu_ps(sg + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sg + k), gv));
     _mm512_mask_storeu_ps(sgx + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sgx + k), _mm512_mul_ps(gv, xhat)));
+  }
+}
+
+void grad_input(const float* da, const uint16_t* x, int64_t n, const Channels& ch, const float* mean_g,
+                const float* mean_gx, uint16_t* gx, bool stream) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = lanes(k, n);
+    const __m512 d = _mm512_sub_ps(load_bf16(x + k, m), _mm512_maskz_loadu_ps(m, ch.mean + k));
+    const __m512 g = from_bf16(masked(da, d, ch, k, m));
+    const __m512 xhat = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.invstd + k));
+    const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(g, _mm512_maskz_loadu_ps(m, mean_g + k)),
+                                         _mm512_mul_ps(xhat, _mm512_maskz_loadu_ps(m, mean_gx + k)));
+    const __m256i h = to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, ch.scale + k), centred));
+    if (stream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(gx + k), h);
+    else
+      _mm256_mask_storeu_epi16(gx + k, m, h);
   }
 }
 
@@ -115,6 +137,7 @@ void activation(const uint16_t*, int64_t, const Channels&, uint16_t*) {}
 void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
 void store(const float*, const float*, int64_t, uint16_t*, float*, float*, bool) {}
 void masked_grad(const float*, const uint16_t*, int64_t, const Channels&, uint16_t*, float*, float*) {}
+void grad_input(const float*, const uint16_t*, int64_t, const Channels&, const float*, const float*, uint16_t*, bool) {}
 void add(const uint16_t*, int64_t, float*) {}
 }  // namespace bf16rows
 }  // namespace fasthg

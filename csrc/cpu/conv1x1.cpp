@@ -265,23 +265,6 @@ C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* _
   }
 }
 
-// masked_grad_row over a tile of `rows` (da's row stride ldd), the partials folded into sg, sgx;
-// with amx, bf16rows' row.
-template <typename scalar_t, typename T>
-void masked_grad_rows(const T* da, int64_t ldd, const scalar_t* x, int64_t rows, const BnParams<T>& bn, int64_t c,
-                      scalar_t* g, T* psg, T* psgx, double* sg, double* sgx, bool amx) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if constexpr (kAmxType<scalar_t>)
-      if (amx) {
-        bf16rows::masked_grad(da + r * ldd, bits(x + r * c), c, bn.channels(), bits(g + r * c), psg, psgx);
-        fold_two(r, rows, psg, psgx, sg, sgx, c);
-        continue;
-      }
-    masked_grad_row(da + r * ldd, x + r * c, bn, c, g + r * c, psg, psgx);
-    fold_two(r, rows, psg, psgx, sg, sgx, c);
-  }
-}
-
 // One row of the output gradient in the math type (zero-padded from n to n_pad; dst null: not
 // stored), its values added into the partials sb (the conv bias's gradient).
 template <typename scalar_t, typename T>
@@ -332,6 +315,19 @@ Buffer<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool t
     }
   }
   return pairs;
+}
+
+// The weight gradient [Cout][C] from the threads' partials (row stride ld; empty: a thread
+// that had no tile).
+template <typename T, typename scalar_t>
+void store_weight_grad(const std::vector<Buffer<T>>& dw, int64_t cout, int64_t c, int64_t ld, scalar_t* gw) {
+  for (int64_t j = 0; j < cout; ++j)
+    for (int64_t k = 0; k < c; ++k) {
+      T v = T(0);
+      for (const auto& part : dw)
+        if (!part.empty()) v += part[j * ld + k];
+      gw[j * c + k] = static_cast<scalar_t>(v);
+    }
 }
 
 // Per-thread double sums over channels, `sets` of `width`, each set laid out as sum_parts
@@ -424,14 +420,11 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   using T = at::opmath_type<scalar_t>;
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const bool amx = on_amx<scalar_t>(c, cout);
   const int64_t tile = round_up(kTileRows, kern.mr);
-  const int64_t nc = amx ? c : round_up(c, kern.nr);        // grad-activation columns (and dW's)
-  const int64_t ga = amx ? cout : round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
+  const int64_t nc = round_up(c, kern.nr);     // grad-activation columns (and dW's)
+  const int64_t ga = round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
-  // W as B
-  const Buffer<T> wp = amx ? Buffer<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);
-  const Buffer<scalar_t> wv = amx ? weight_pairs(in<scalar_t>(conv_w), cout, c, false) : Buffer<scalar_t>();
+  const Buffer<T> wp = weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);  // W as B
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
   scalar_t* gp = out<scalar_t>(g);
@@ -442,39 +435,12 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffer<T>& dwt = dw[at::get_thread_num()];
     if (dwt.empty()) dwt.assign(ga * nc, T(0));
-    Buffer<T> gt(amx ? 0 : tile * ga), act(amx ? 0 : tile * nc), cbuf(tile * nc);
-    // AMX: the activation tile in pairs (dW's B), the gradient tile transposed (its A).
-    const int64_t tile2 = round_up(tile, 2);
-    Buffer<scalar_t> apairs(amx ? tile2 * c : 0), gtr(amx ? cout * tile2 : 0);
+    Buffer<T> gt(tile * ga), act(tile * nc), cbuf(tile * nc);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
     Buffer<T> part(2 * c + cout, T(0));
     T *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
-      if (amx) {
-        // dA = G W with G read in place; dW += G^T act on the activation in pairs (K = rows).
-        if constexpr (kAmxType<scalar_t>) {
-          const scalar_t* gy = gyp + m0 * cout;
-          for (int64_t r = 0; r < rows; ++r) {
-            bf16rows::add(bits(gy + r * cout), cout, psb);
-            if (fold_due(r, rows)) fold(psb, sb, cout);
-          }
-          amx::gemm(rows, c, cout, cout, nc, false, gy, wv.data(), cbuf.data());
-          masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx, amx);
-          const int64_t r2 = round_up(rows, 2);
-          const scalar_t* xt = xp + m0 * c;
-          for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
-            const int64_t w = std::min(amx::kBlockN, c - j0);
-            const bf16rows::Channels ch = bn.channels(j0);
-            for (int64_t p = 0; p < rows; p += 2)
-              bf16rows::activation_pairs(bits(xt + p * c + j0), p + 1 < rows ? bits(xt + (p + 1) * c + j0) : nullptr,
-                                         w, ch, bits(apairs.data() + j0 * r2 + p * w));
-          }
-          amx::transpose(gy, rows, r2, cout, cout, gtr.data(), r2);
-          amx::gemm(cout, c, r2, r2, nc, true, gtr.data(), apairs.data(), dwt.data());
-        }
-        continue;
-      }
       // The gradient tile in the math type, zero-padded to ga columns and rows_p rows; the
       // conv bias's gradient summed on the way.
       for (int64_t r = 0; r < rows; ++r) {
@@ -490,21 +456,94 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
       kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + (m0 + tile) * c,
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
-      masked_grad_rows(cbuf.data(), nc, xp + m0 * c, rows, bn, c, gp + m0 * c, psg, psgx, sg, sgx, amx);
+      for (int64_t r = 0; r < rows; ++r) {
+        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, psg, psgx);
+        fold_two(r, rows, psg, psgx, sg, sgx, c);
+      }
     }
-    if (amx) amx::release();
   });
   acc.store(0, out<T>(sum_g), c);
   acc.store(1, out<T>(sum_gx), c);
   acc.store(2, out<T>(grad_b), cout);
-  scalar_t* gw = out<scalar_t>(grad_w);
-  for (int64_t j = 0; j < cout; ++j)
-    for (int64_t k = 0; k < c; ++k) {
-      T v = T(0);
-      for (const auto& part : dw)
-        if (!part.empty()) v += part[j * nc + k];
-      gw[j * c + k] = static_cast<scalar_t>(v);
+  store_weight_grad(dw, cout, c, nc, out<scalar_t>(grad_w));
+}
+
+// The bfloat16 backward on AMX, grad_x itself rather than the masked gradient g, in two walks
+// over the tiles. The first takes the conv bias's and the BN's sums and the weight gradient
+// (dW += G^T act, the activation in pairs, the gradient tile transposed); the second
+// recomputes g = relu'(G W), rounded to bf16 as the composition stores it, and writes grad_x
+// with the BN's training terms (none in eval). A second GEMM on AMX costs less than writing g
+// and reading it back (benchmarks/results/HISTORY.md).
+void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<float>& bn, const at::Tensor& conv_w,
+                  bool training, const at::Tensor& grad_x, const at::Tensor& sum_g, const at::Tensor& sum_gx,
+                  const at::Tensor& grad_w, const at::Tensor& grad_b) {
+  using scalar_t = c10::BFloat16;
+  const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
+  const int64_t tile = kTileRows, tiles = (rows_total + tile - 1) / tile, tile2 = round_up(tile, 2);
+  const Buffer<scalar_t> wv = weight_pairs(in<scalar_t>(conv_w), cout, c, false);  // W as B
+  const scalar_t* xp = in<scalar_t>(x);
+  const scalar_t* gyp = in<scalar_t>(grad_y);
+  const bf16rows::Channels ch = bn.channels();
+  std::vector<Buffer<float>> dw(at::get_num_threads());  // dW [cout][c] per thread
+  ThreadSums acc(3, std::max(c, cout));
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    Buffer<float>& dwt = dw[at::get_thread_num()];
+    if (dwt.empty()) dwt.assign(cout * c, 0.f);
+    Buffer<float> da(tile * c), part(2 * c + cout, 0.f);
+    Buffer<scalar_t> apairs(tile2 * c), gtr(cout * tile2);
+    double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
+    float *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), r2 = round_up(rows, 2);
+      const scalar_t *gy = gyp + m0 * cout, *xt = xp + m0 * c;
+      for (int64_t r = 0; r < rows; ++r) {
+        bf16rows::add(bits(gy + r * cout), cout, psb);
+        if (fold_due(r, rows)) fold(psb, sb, cout);
+      }
+      amx::gemm(rows, c, cout, cout, c, false, gy, wv.data(), da.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), c, ch, nullptr, psg, psgx);
+        fold_two(r, rows, psg, psgx, sg, sgx, c);
+      }
+      for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
+        const int64_t w = std::min(amx::kBlockN, c - j0);
+        const bf16rows::Channels chj = bn.channels(j0);
+        for (int64_t p = 0; p < rows; p += 2)
+          bf16rows::activation_pairs(bits(xt + p * c + j0), p + 1 < rows ? bits(xt + (p + 1) * c + j0) : nullptr, w,
+                                     chj, bits(apairs.data() + j0 * r2 + p * w));
+      }
+      amx::transpose(gy, rows, r2, cout, cout, gtr.data(), r2);
+      amx::gemm(cout, c, r2, r2, c, true, gtr.data(), apairs.data(), dwt.data());
     }
+    amx::release();
+  });
+  acc.store(0, out<float>(sum_g), c);
+  acc.store(1, out<float>(sum_gx), c);
+  acc.store(2, out<float>(grad_b), cout);
+  store_weight_grad(dw, cout, c, c, out<scalar_t>(grad_w));
+  // The means of g and g * xhat, as the composition's sum.div(count) gives them in float.
+  Buffer<float> mean_g(c, 0.f), mean_gx(c, 0.f);
+  if (training) {
+    const float count = static_cast<float>(rows_total);
+    for (int64_t k = 0; k < c; ++k) {
+      mean_g[k] = in<float>(sum_g)[k] / count;
+      mean_gx[k] = in<float>(sum_gx)[k] / count;
+    }
+  }
+  scalar_t* gxp = out<scalar_t>(grad_x);
+  const bool stream = grad_x.numel() * 2 >= kStreamBytes && c % 16 == 0 && aligned32(gxp);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    Buffer<float> da(tile * c);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0);
+      amx::gemm(rows, c, cout, cout, c, false, gyp + m0 * cout, wv.data(), da.data());
+      for (int64_t r = 0; r < rows; ++r)
+        bf16rows::grad_input(da.data() + r * c, bits(xp + (m0 + r) * c), c, ch, mean_g.data(), mean_gx.data(),
+                             bits(gxp + (m0 + r) * c), stream);
+    }
+    fence_streams(stream);
+    amx::release();
+  });
 }
 
 void check_unit_args(const char* op, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
@@ -559,6 +598,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor sum_g = at::empty({c}, popts), sum_gx = at::empty({c}, popts), grad_b = at::empty({cout}, popts);
   at::Tensor grad_w = at::empty(conv_w.sizes(), conv_w.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), w = bn_w.contiguous(), b = bn_b.contiguous();
+  if (x.scalar_type() == at::kBFloat16 && on_amx<c10::BFloat16>(c, cout)) {
+    at::Tensor grad_x = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
+    backward_amx(gyc, xc, BnParams<float>(m, s, w, b), conv_w.contiguous(), training, grad_x, sum_g, sum_gx, grad_w,
+                 grad_b);
+    return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
+  }
   FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kBwd, [&] {
     backward_kernel<scalar_t>(gyc, xc, m, s, w, b, conv_w.contiguous(), g, sum_g, sum_gx, grad_w, grad_b);
   });
