@@ -361,6 +361,10 @@ def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
     assert unit == {"gemm_kernel": kernels, "training_dtypes": []}
     assert kernels["float32"] in ("avx512", "avx2", "plain") and kernels["bfloat16"] in ("amx", kernels["float32"])
     assert torch.ops.fasthg.cpu_gemm_kernel(torch.float64) == "plain"
+    # odd channel counts keep bf16 on the FMA kernels (AMX's K runs in pairs)
+    assert conv1x1.native_gemm_kernel(torch.bfloat16, 256, 128) == kernels["bfloat16"]
+    assert conv1x1.native_gemm_kernel(torch.bfloat16, 255, 128) == kernels["float32"]
+    assert conv1x1.native_gemm_kernel(torch.float32, 256, 128) == kernels["float32"]
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
     text = info.render(info.collect())
     assert "float32, float16, bfloat16, float64 in it" in text

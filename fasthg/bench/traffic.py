@@ -74,6 +74,8 @@ def bn_relu_conv1x1_bytes(n: int, h: int, w: int, cin: int, cout: int, itemsize:
         # over the tiles (grad_y, x; the masked gradient written), BN-ReLU's elementwise pass
         "native forward": x + (x + wt + y),
         "native backward": (y + x + wt + x) + (x + x + x),
+        # bfloat16 on AMX: two walks over grad_y and x, the second writing grad_x
+        "native amx backward": 2 * (y + x) + wt + x,
         # stats, normalise, conv, next stats | conv dgrad, wgrad, bias grad, BN reduce, BN elemt
         "unfused launches": (4, 5),
         # forward, finalize | data reduce, finalize, data dx, weight, 2 finalizes (+2 tiny divisions)

@@ -70,6 +70,16 @@ def native_available(device_type: str = "cpu") -> bool:
     return device_type == "cpu" and _ext.LOAD_ERROR is None and hasattr(torch.ops.fasthg, "bn_relu_conv1x1_forward")
 
 
+def native_gemm_kernel(dtype: torch.dtype, cin: int, cout: int) -> str:
+    """The GEMM kernel the native CPU unit runs for a dtype and channel counts: "amx" (bfloat16
+    with both counts even, on AMX CPUs: oneDNN's brgemm), else the FMA kernel fasthg.ops'
+    extension picked for the CPU ("avx512", "avx2" or "plain")."""
+    kernel = torch.ops.fasthg.cpu_gemm_kernel(dtype)
+    if kernel == "amx" and (cin % 2 or cout % 2):
+        return torch.ops.fasthg.cpu_gemm_kernel(torch.float32)
+    return kernel
+
+
 CPU_UNIT_CHOICES = ("auto", "all", "off")
 _CPU_COMPUTES_BF16 = cpu_computes_bf16()  # probed once, not inside a graph torch.compile traces
 
@@ -79,8 +89,10 @@ def cpu_unit_dtypes() -> tuple:
     (fasthg.ops.fuses_conv1x1), by FASTHG_CPU_CONV1X1: "auto" (the default) where it was
     measured to win: bfloat16 and float16 on CPUs without bfloat16 instructions, whose oneDNN
     convolutions convert to float32 and run 1.3-3.6x slower than the unit (benchmarks/results/
-    HISTORY.md); on AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively, and float32 is at
-    parity, so neither is routed. "all": every dtype; "off": none."""
+    HISTORY.md). On AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively; there the unit's
+    bfloat16 GEMMs run on AMX too (native_gemm_kernel), 1.1-1.2x the unfused unit alone at 64x64
+    but at parity in the hg2 training step, and float32 is at parity, so neither is routed.
+    "all": every dtype; "off": none."""
     choice = os.environ.get("FASTHG_CPU_CONV1X1", "auto")
     if choice not in CPU_UNIT_CHOICES:
         raise ValueError(f"FASTHG_CPU_CONV1X1 must be one of {CPU_UNIT_CHOICES}, got {choice!r}")
@@ -197,7 +209,7 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     x is copied to channels_last for the kernels (and y back to NCHW).
 
     backend: "native" (CPU tensors; float32, float16, bfloat16 and float64, computed in float32
-    or float64), "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto"
+    or float64; bfloat16's GEMMs on AMX where the CPU has it, with float32 accumulation), "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto"
     (native on the CPU where the extension is built, else Triton)."""
     check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias)
     op = _OPS[resolve(backend, x)]()
