@@ -5,7 +5,8 @@
 // The backward walks the same tiles once: it reads the output gradient and x, and gives the
 // masked input gradient with the BN's two sums from the grad-activation GEMM's epilogue, and
 // the weight and bias gradients from a second GEMM on the recomputed activation tile; the
-// BN's elementwise backward is then bn_relu_backward_elemt's pass. Pixels are the GEMM's rows,
+// BN's elementwise backward is then bn_relu_backward_elemt's pass (on AMX, a second walk:
+// backward_amx). Pixels are the GEMM's rows,
 // so the kernels work on channels_last tensors (NCHW ones are converted, at a pass each way).
 // Float32, float16 and bfloat16 compute in float32 (gemm_panels.h), float64 in double; on AMX
 // CPUs bfloat16's GEMMs run on oneDNN's AMX micro-kernel instead (brgemm_bf16.h).
@@ -164,9 +165,9 @@ constexpr bool kWide =
 // relu(bn(x)) for n channels of one NHWC row (the BN's constants from channel k0 on) into dst,
 // rounded to x's dtype as the stored activation is (so that the unit computes what BN-ReLU
 // followed by the convolution computes, in every dtype).
-template <typename scalar_t, typename T, typename D>
+template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, const BnParams<T>& bn, int64_t k0,
-                                      D* __restrict dst) {
+                                      T* __restrict dst) {
   const T *__restrict mean = bn.mean.data() + k0, *__restrict invstd = bn.invstd.data() + k0,
           *__restrict w = bn.weight.data() + k0, *__restrict b = bn.bias.data() + k0;
   int64_t k = 0;
@@ -174,8 +175,8 @@ C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, c
   if constexpr (kWide<scalar_t, T>)
     for (; k + 8 <= n; k += 8) {
       const __m256 v = value8(load8(x + k), load8(mean + k), load8(invstd + k), load8(w + k), load8(b + k));
-      if constexpr (std::is_same_v<scalar_t, float> || !std::is_same_v<D, T>) {
-        store8(dst + k, v, false);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm256_storeu_ps(dst + k, v);
       } else {
         scalar_t rounded[8];
         store8(rounded, v, false);
@@ -184,13 +185,12 @@ C10_ALWAYS_INLINE void activation_row(const scalar_t* __restrict x, int64_t n, c
     }
 #endif
   for (; k < n; ++k)
-    dst[k] = static_cast<D>(static_cast<scalar_t>(bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k])));
+    dst[k] = static_cast<T>(static_cast<scalar_t>(bn_relu_value<T>(static_cast<T>(x[k]), mean[k], invstd[k], w[k], b[k])));
 }
 
-// The activation of `rows` NHWC rows of c channels as a row-major A (stride c): in the math
-// type for gemm_panels' kernels, in x's dtype for AMX's.
-template <typename scalar_t, typename T, typename D>
-void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<T>& bn, D* dst) {
+// The activation of `rows` NHWC rows of c channels as the kernel's row-major A (stride c).
+template <typename scalar_t, typename T>
+void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<T>& bn, T* dst) {
   for (int64_t r = 0; r < rows; ++r) activation_row(x + r * c, c, bn, 0, dst + r * c);
 }
 
@@ -265,8 +265,8 @@ C10_ALWAYS_INLINE void masked_grad_row(const T* __restrict da, const scalar_t* _
   }
 }
 
-// One row of the output gradient in the math type (zero-padded from n to n_pad; dst null: not
-// stored), its values added into the partials sb (the conv bias's gradient).
+// One row of the output gradient in the math type (zero-padded from n to n_pad), its values
+// added into the partials sb (the conv bias's gradient).
 template <typename scalar_t, typename T>
 C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64_t n_pad, T* __restrict dst,
                                 T* __restrict sb) {
@@ -275,16 +275,15 @@ C10_ALWAYS_INLINE void grad_row(const scalar_t* __restrict src, int64_t n, int64
   if constexpr (kWide<scalar_t, T>)
     for (; j + 8 <= n; j += 8) {
       const __m256 v = load8(src + j);
-      if (dst) _mm256_storeu_ps(dst + j, v);
+      _mm256_storeu_ps(dst + j, v);
       _mm256_storeu_ps(sb + j, _mm256_add_ps(_mm256_loadu_ps(sb + j), v));
     }
 #endif
   for (; j < n; ++j) {
-    const T v = static_cast<T>(src[j]);
-    if (dst) dst[j] = v;
-    sb[j] += v;
+    dst[j] = static_cast<T>(src[j]);
+    sb[j] += dst[j];
   }
-  if (dst) std::fill(dst + n, dst + n_pad, T(0));
+  std::fill(dst + n, dst + n_pad, T(0));
 }
 
 // A [k][n] matrix (element (p, j) at src[p * rs + j * cs]) as B panels of nr columns (zero
@@ -521,7 +520,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
   acc.store(1, out<float>(sum_gx), c);
   acc.store(2, out<float>(grad_b), cout);
   store_weight_grad(dw, cout, c, c, out<scalar_t>(grad_w));
-  // The means of g and g * xhat, as the composition's sum.div(count) gives them in float.
+  // The means of g and g * xhat in float, as the FMA path takes them (sum.div(count)).
   Buffer<float> mean_g(c, 0.f), mean_gx(c, 0.f);
   if (training) {
     const float count = static_cast<float>(rows_total);
@@ -593,7 +592,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
               kBwd, ": `grad_y` must be [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), "] ",
               x.scalar_type(), " on ", x.device(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
   const at::Tensor xc = nhwc(x), gyc = nhwc(grad_y);
-  at::Tensor g = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
   const auto popts = mean.options();
   at::Tensor sum_g = at::empty({c}, popts), sum_gx = at::empty({c}, popts), grad_b = at::empty({cout}, popts);
   at::Tensor grad_w = at::empty(conv_w.sizes(), conv_w.options().memory_format(at::MemoryFormat::Contiguous));
@@ -604,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                  grad_b);
     return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
   }
+  at::Tensor g = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
   FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kBwd, [&] {
     backward_kernel<scalar_t>(gyc, xc, m, s, w, b, conv_w.contiguous(), g, sum_g, sum_gx, grad_w, grad_b);
   });
