@@ -290,6 +290,17 @@ def test_native_bfloat16_with_even_channels(shape, training, layout, poison):
 
 
 @needs_native
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_native_bfloat16_ops_pass_opcheck(layout):
+    """The bf16 ops at even channel counts (the AMX kernels where the CPU has them)."""
+    _, t = make_inputs(EVEN_SHAPES[1], torch.bfloat16, "cpu", layout)
+    args = (t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], t["conv_b"])
+    for training, out_stats in ((True, True), (False, False)):
+        torch.library.opcheck(conv1x1._native_forward_op, (*args, training, out_stats))
+        torch.library.opcheck(conv1x1._native_backward_op, (t["gy"], *args[:6], training))
+
+
+@needs_native
 def test_bfloat16_gemm_paths_agree(tmp_path):
     """bfloat16 on AMX (where the CPU has it) and on the FMA kernels (FASTHG_GEMM=avx512) give
     the same results to bfloat16 rounding, both within tolerance of the float64 reference."""
