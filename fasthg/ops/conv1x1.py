@@ -148,7 +148,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_of(backward_op):
-    """The autograd backward of a forward op whose backward op is `backward_op` (either backend's)."""
+    """The autograd backward of a forward op whose backward op is `backward_op` (Triton's; the
+    native op's autograd is csrc/autograd/conv1x1.cpp)."""
     def backward(ctx, grad_y, _grad_sum, _grad_sumsq):
         x, mean, invstd, bn_weight, bn_bias, conv_weight = ctx.saved_tensors
         dx, dbw, dbb, dw, db = backward_op(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, ctx.training)
@@ -177,15 +178,14 @@ if _backend.triton_available():
     _backward_op.register_fake(_fake_backward)
     _forward_op.register_autograd(_backward_of(_backward_op), setup_context=_setup_context)
 
-# The native ops' schemas are csrc/ops.cpp's; their CPU kernels csrc/cpu/conv1x1.cpp.
+# The native ops' schemas are csrc/ops.cpp's, their CPU kernels csrc/cpu/conv1x1.cpp and their
+# autograd csrc/autograd/conv1x1.cpp (the same as _setup_context and _backward_of, in C++).
 _native_forward_op = _native_backward_op = None
 if native_available():
     _native_forward_op = torch.ops.fasthg.bn_relu_conv1x1_forward.default
     _native_backward_op = torch.ops.fasthg.bn_relu_conv1x1_backward.default
     torch.library.register_fake("fasthg::bn_relu_conv1x1_forward", _fake_forward)
     torch.library.register_fake("fasthg::bn_relu_conv1x1_backward", _fake_backward)
-    torch.library.register_autograd("fasthg::bn_relu_conv1x1_forward", _backward_of(_native_backward_op),
-                                    setup_context=_setup_context)
 
 _OPS = {"native": lambda: _native_forward_op, "triton": lambda: _forward_op}
 
