@@ -209,8 +209,9 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     x is copied to channels_last for the kernels (and y back to NCHW).
 
     backend: "native" (CPU tensors; float32, float16, bfloat16 and float64, computed in float32
-    or float64; bfloat16's GEMMs on AMX where the CPU has it, with float32 accumulation), "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto"
-    (native on the CPU where the extension is built, else Triton)."""
+    or float64; bfloat16's GEMMs on AMX where the CPU has it, with float32 accumulation),
+    "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto" (native on the CPU
+    where the extension is built, else Triton)."""
     check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias)
     op = _OPS[resolve(backend, x)]()
     p = _param_dtype(x)
