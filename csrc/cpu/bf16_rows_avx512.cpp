@@ -45,12 +45,6 @@ inline __m256i masked(const float* da, __m512 d, const Channels& ch, int64_t k, 
 
 }  // namespace
 
-bool available() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-}
-
 void activation(const uint16_t* x, int64_t n, const Channels& ch, uint16_t* dst) {
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 m = lanes(k, n);
@@ -129,6 +123,20 @@ void add(const uint16_t* src, int64_t n, float* s) {
 }  // namespace bf16rows
 }  // namespace fasthg
 #pragma GCC pop_options
+
+namespace fasthg {
+namespace bf16rows {
+
+// Outside the AVX-512 region: it runs on every CPU, and the compiler may use any instruction
+// its target allows anywhere in a function.
+bool available() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+}  // namespace bf16rows
+}  // namespace fasthg
 #else
 namespace fasthg {
 namespace bf16rows {
