@@ -23,6 +23,14 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
 
 inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+// 16 bf16 into dst: streamed (all lanes; the caller checked alignment and width), else the lanes in m.
+inline void put(uint16_t* dst, __m256i h, __mmask16 m, bool stream) {
+  if (stream)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), h);
+  else
+    _mm256_mask_storeu_epi16(dst, m, h);
+}
+
 inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 // relu((x - mean) * scale + bias): max_ps returns its second operand for a NaN, as the scalar
@@ -70,10 +78,7 @@ void store(const float* c, const float* bias, int64_t n, uint16_t* y, float* s, 
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = lanes(j, n);
     const __m256i h = to_bf16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, c + j), _mm512_maskz_loadu_ps(m, bias + j)));
-    if (stream)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(y + j), h);
-    else
-      _mm256_mask_storeu_epi16(y + j, m, h);
+    put(y + j, h, m, stream);
     if (s) {
       const __m512 v = from_bf16(h);  // the value as stored
       _mm512_mask_storeu_ps(s + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), v));
@@ -106,10 +111,7 @@ void grad_input(const float* da, const uint16_t* x, int64_t n, const Channels& c
     const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(g, _mm512_maskz_loadu_ps(m, mean_g + k)),
                                          _mm512_mul_ps(xhat, _mm512_maskz_loadu_ps(m, mean_gx + k)));
     const __m256i h = to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, ch.scale + k), centred));
-    if (stream)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(gx + k), h);
-    else
-      _mm256_mask_storeu_epi16(gx + k, m, h);
+    put(gx + k, h, m, stream);
   }
 }
 

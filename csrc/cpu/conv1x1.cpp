@@ -105,6 +105,17 @@ bool on_amx(int64_t c, int64_t cout) {
   return kAmxType<scalar_t> && c % 2 == 0 && cout % 2 == 0 && rows && amx::bf16_available();
 }
 
+// Whether bf16rows' rows of n values stream into `out` (vec8.h's streams() for their 16-wide
+// stores: n a multiple of 16, out 32-byte aligned).
+inline bool streams_bf16(const void* out, int64_t bytes, int64_t n) {
+#ifdef __AVX2__
+  return bytes >= kStreamBytes && n % 16 == 0 && aligned32(out);
+#else
+  (void)out, (void)bytes, (void)n;  // (bf16rows runs on AVX-512 CPUs only)
+  return false;
+#endif
+}
+
 inline const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 inline uint16_t* bits(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
@@ -363,10 +374,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   scalar_t* yp = out<scalar_t>(y);
   ThreadSums acc(2, sums ? cout : 0);
   const int64_t tiles = (rows_total + tile - 1) / tile;
-  // y is written once and read by the next layer much later: streamed past the cache (float).
+  // y is written once and read by the next layer much later: streamed past the cache.
   const int64_t y_bytes = y.numel() * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = streams(yp, y_bytes, cout % 8 == 0);
-  const bool stream16 = amx && y_bytes >= kStreamBytes && cout % 16 == 0 && aligned32(yp);  // bf16 rows
+  const bool stream16 = amx && streams_bf16(yp, y_bytes, cout);  // bf16rows' stores
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffer<T> a(amx ? 0 : tile * c), cbuf(tile * np);
     Buffer<scalar_t> abf(amx ? tile * c : 0);
@@ -389,13 +400,11 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
         }
         continue;
       }
-      {
-        activation_rows(xp + m0 * c, rows, c, bn, a.data());
-        std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
-        const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
-        kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
-                 (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
-      }
+      activation_rows(xp + m0 * c, rows, c, bn, a.data());
+      std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
+      const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
+      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
+               (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r) {
         store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, ps, ps2, stream);
         fold_two(r, rows, ps, ps2, s, s2, cout);
@@ -530,7 +539,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
     }
   }
   scalar_t* gxp = out<scalar_t>(grad_x);
-  const bool stream = grad_x.numel() * 2 >= kStreamBytes && c % 16 == 0 && aligned32(gxp);
+  const bool stream = streams_bf16(gxp, grad_x.numel() * 2, c);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffer<float> da(tile * c);
     for (int64_t t = t0; t < t1; ++t) {
