@@ -301,14 +301,14 @@ def test_plain_batchnorm_and_relu_modules_fold():
 
 
 def test_2x2_max_pools_run_the_fused_op_and_others_stay(monkeypatch):
-    from fasthg.fuse.inference import FusedMaxPool2x2
+    from fasthg.nn import MaxPool2x2
 
     seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(2), nn.MaxPool2d((2, 2), 2, 0), nn.MaxPool2d(3, 2),
                         nn.MaxPool2d(2, ceil_mode=True)).eval()
     folded = for_inference(seq)
-    assert [type(m) is FusedMaxPool2x2 for m in folded[1:]] == [True, True, False, False]
+    assert [type(m) is MaxPool2x2 for m in folded[1:]] == [True, True, False, False]
     pools = [m for m in for_inference(PRESETS["hg1"]()).modules() if isinstance(m, nn.MaxPool2d)]
-    assert pools and all(type(m) is FusedMaxPool2x2 for m in pools)  # the stem's
+    assert pools and all(type(m) is MaxPool2x2 for m in pools)  # the stem's
     calls = []
     real = fasthg.ops.max_pool2x2
     monkeypatch.setattr(fasthg.ops, "max_pool2x2", lambda x, backend: calls.append(backend) or real(x, backend))

@@ -185,3 +185,34 @@ def test_cuda_hourglass_sizes(backend, dtype):
 def test_device_mismatch_is_a_clear_error():
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.fasthg.max_pool2x2_backward(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 4, 4, device="cuda"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_the_module_runs_the_op_on_the_cpu_and_equals_max_pool2d(layout, monkeypatch):
+    """fasthg.nn.MaxPool2x2 (the stem's pool): nn.MaxPool2d(2, 2)'s values and gradients, no
+    state, the fused op on the CPU with and without a gradient; inputs the op refuses go to ATen."""
+    from torch import nn
+
+    from fasthg.nn import MaxPool2x2
+
+    calls = []
+    real = ops.max_pool2x2
+    monkeypatch.setattr(ops, "max_pool2x2", lambda x, backend: calls.append(backend) or real(x, backend))
+    pool, ref = MaxPool2x2("native"), nn.MaxPool2d(2, 2)
+    assert isinstance(pool, nn.MaxPool2d) and pool.state_dict() == {}
+    for shape in SHAPES:
+        x = make(shape, torch.float32, "cpu", layout).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = pool(x), ref(x_ref)
+        assert_same(y, y_ref)
+        assert y.is_contiguous(memory_format=layout)
+        g = torch.randn_like(y)
+        assert_same(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x_ref, g)[0])
+        with torch.no_grad():
+            assert_same(pool(x), y_ref)
+    assert calls == ["native"] * 2 * len(SHAPES)
+    thin = torch.randn(1, 2, 1, 6)  # H < 2: ATen's own error, as nn.MaxPool2d gives it
+    for module in (pool, ref):
+        with pytest.raises(RuntimeError, match="too small"):
+            module(thin)
+    assert len(calls) == 2 * len(SHAPES)

@@ -42,7 +42,7 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.models.hourglass import Hourglass, Residual, StackedHourglass
-from fasthg.nn import BNReLU
+from fasthg.nn import BNReLU, MaxPool2x2
 from fasthg.ops.layout import memory_format_of
 
 # Packed weights kept per module, one per (dtype, input shape); a few shapes cover a run
@@ -213,7 +213,7 @@ def _why_not(conv: nn.Conv2d, bn: nn.BatchNorm2d, after: Optional[nn.Module]) ->
 
 
 def _fold_sequential(seq: nn.Sequential, prefix: str, folded: List[str]) -> None:
-    from fasthg.nn import BNReLU
+    from fasthg.nn import BNReLU, MaxPool2x2
 
     children = list(seq.named_children())
     i = 0
@@ -303,20 +303,6 @@ class FoldedStackedHourglass(StackedHourglass):
         if not (isinstance(features, FoldedConvReLU) and isinstance(heatmaps, FoldedConvReLU)):
             return super()._next_input(i, x, feat, hm)
         return heatmaps(hm, add=features(feat, add=x, inplace=True), inplace=True)
-
-
-class FusedMaxPool2x2(nn.MaxPool2d):
-    """An nn.MaxPool2d(2, 2) run by fasthg.ops.max_pool2x2 (the stem's pool; the hourglasses
-    call the op themselves). Only in inference, where nothing is saved for backward: in
-    training the op keeps its input, which costs more than ATen's indices where nothing else
-    keeps it."""
-
-    backend = "auto"
-
-    def forward(self, x):
-        if x.dim() != 4 or x.shape[-2] < 2 or x.shape[-1] < 2:
-            return super().forward(x)
-        return ops.max_pool2x2(x, backend=self.backend)
 
 
 def _last(module: nn.Module) -> nn.Module:
@@ -414,7 +400,7 @@ def for_inference(model: nn.Module) -> nn.Module:
         if type(module) is Residual and isinstance(module.body[-1], FoldedConvReLU):
             module.__class__ = FoldedResidual
         if _is_max_pool2x2(module):
-            module.__class__ = FusedMaxPool2x2
+            module.__class__ = MaxPool2x2
             module.backend = getattr(out, "backend", "auto")
     _mark_dying_inputs(out)
     for module in out.modules():

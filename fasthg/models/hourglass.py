@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fasthg import ops
-from fasthg.nn import BNReLU
+from fasthg.nn import BNReLU, MaxPool2x2
 
 
 MEMORY = ("default", "recompute")
@@ -156,7 +156,7 @@ class StackedHourglass(nn.Module):
         mid = 128 if stem == "paper" else 256
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 7, stride=2, padding=3), BNReLU(64, backend=backend),
-            Residual(64, 128, backend, memory), nn.MaxPool2d(2, 2), Residual(128, mid, backend, memory),
+            Residual(64, 128, backend, memory), MaxPool2x2(backend), Residual(128, mid, backend, memory),
             Residual(mid, f, backend, memory),
         )
         self.input_norm = input_norm
