@@ -43,6 +43,10 @@ TORCH_LIBRARY(fasthg, m) {
   // bn_relu_backward_reduce, then bn_relu_backward_elemt with mean_g = sum_g / count, and so on
   m.def("bn_relu_train_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias) -> (Tensor grad_x, Tensor sum_g, Tensor sum_g_xhat)");
+  // the same, plus grad_skip in the same pass: grad_x + grad_skip (x also feeding a residual
+  // block's identity branch, whose gradient autograd would add in a pass of its own)
+  m.def("bn_relu_train_backward_skip(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor bias, Tensor grad_skip) -> (Tensor grad_x, Tensor sum_g, Tensor sum_g_xhat)");
   // Training with autograd (CPU and CUDA): y, mean and (biased) var of bn_relu_train_forward, its
   // backward bn_relu_train_backward (csrc/autograd/bn_relu.cpp)
   m.def("bn_relu_train(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor var)");

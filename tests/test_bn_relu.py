@@ -218,6 +218,8 @@ def test_opcheck(device, backend, layout):
         w, b = v[2].clone().requires_grad_(), v[3].clone().requires_grad_()
         torch.library.opcheck(torch.ops.fasthg.bn_relu_train, (x.clone().requires_grad_(), w, b, 1e-5))
         torch.library.opcheck(torch.ops.fasthg.bn_relu_train, (x, w, b, 1e-5))  # x needs no gradient
+        torch.library.opcheck(torch.ops.fasthg.bn_relu_train_backward_skip,
+                              (gy, x, v[0], v[1], v[2], v[3], torch.randn_like(x)))
 
 
 @pytest.mark.parametrize("device,backend", params())
@@ -321,6 +323,103 @@ def test_native_ops_check_their_arguments():
         torch.ops.fasthg.bn_relu_forward(x, torch.zeros(3), torch.ones(3), torch.ones(3).half(), torch.zeros(3))
     with pytest.raises(RuntimeError, match="`grad_out` must match `x`"):
         torch.ops.fasthg.bn_relu_backward_reduce(torch.randn(2, 3, 4, 5), x, *[torch.ones(3)] * 4)
+    with pytest.raises(RuntimeError, match="`grad_skip` must match `x`"):
+        torch.ops.fasthg.bn_relu_train_backward_skip(torch.randn_like(x), x, *[torch.ones(3)] * 4,
+                                                     torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="`grad_skip` must match `x`"):
+        torch.ops.fasthg.bn_relu_train_backward_skip(torch.randn_like(x), x, *[torch.ones(3)] * 4, x.double())
+
+
+# Which outputs the loss reads: y alone, the skip alone (then y's backward does not run), both.
+USES = ["y", "skip", "both"]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(op="bn_relu"))
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("use", USES)
+def test_with_skip_equals_bn_relu_plus_the_branch(device, backend, dtype, layout, shape, use, poison):
+    """bn_relu_with_skip: y and the running statistics as bn_relu's, skip x's values, and x's
+    gradient (the skip branch's added in the BN-ReLU's backward pass where native) against
+    float64, for a loss that reads y, the skip, or both."""
+    skip_unsupported(device, backend, dtype)
+    c = shape[1]
+    x64, x = make_x(shape, dtype, device, layout, seed=3)
+    g = torch.Generator().manual_seed(4)
+    w64, b64 = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64)
+    rm64, rv64 = torch.randn(c, dtype=torch.float64, generator=g), torch.rand(c, dtype=torch.float64, generator=g) + 0.5
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = (t.to(device, pdtype).requires_grad_() for t in (w64, b64))
+    rm, rv = rm64.to(device, pdtype), rv64.to(device, pdtype)
+    for t in (x, x64, w64, b64):
+        t.requires_grad_(True)
+    y, skip = ops.bn_relu_with_skip(x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, backend=backend)
+    ref = reference(x64, w64, b64, rm64, rv64, True)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout) and not y.isnan().any()
+    assert rel_err(y, ref) < TOL[dtype]
+    assert torch.equal(skip, x) and skip.requires_grad
+    assert rel_err(rm, rm64) < 1e-6 and rel_err(rv, rv64) < 1e-6
+    gy64, gs64 = (torch.randn(shape, dtype=torch.float64, generator=g) for _ in range(2))
+    gy, gs = (t.to(device=device, dtype=dtype).contiguous(memory_format=layout) for t in (gy64, gs64))
+    outs, grads = {"y": ((y,), (gy,)), "skip": ((skip,), (gs,)), "both": ((y, skip), (gy, gs))}[use]
+    ref_outs = {"y": (ref,), "skip": (x64,), "both": (ref, x64)}[use]
+    gx, gw, gb = torch.autograd.grad(outs, (x, w, b), grads, allow_unused=True)
+    if use == "skip":
+        assert gw is None and gb is None and torch.equal(gx, gs)
+        return
+    ref_grads = tuple(t.double().cpu() for t in grads)
+    rx, rw, rb = torch.autograd.grad(ref_outs, (x64, w64, b64), ref_grads)
+    assert not gx.isnan().any() and gx.is_contiguous(memory_format=layout)
+    for got, want in ((gx, rx), (gw, rw), (gb, rb)):
+        assert rel_err(got.cpu(), want) < max(TOL[dtype], 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_with_skip_gradcheck_float64(device, backend, layout):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device).contiguous(memory_format=layout).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, device=device).requires_grad_()
+    torch.autograd.gradcheck(lambda x, w, b: ops.bn_relu_with_skip(x, w, b, backend=backend), (x, w, b))
+
+
+@pytest.mark.parametrize("device,backend", params())
+def test_with_skip_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    m = BNReLU(3, backend=backend).to(device)
+
+    def block(x):
+        y, skip = m.forward_with_skip(x)
+        return y * 2 + skip
+
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    out = torch.compile(block, backend="aot_eager", fullgraph=True)(x)
+    gx, = torch.autograd.grad(out.sum(), x)
+    ref = BNReLU(3, backend="eager").to(device)
+    expected = ref(x) * 2 + x
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gx, torch.autograd.grad(expected.sum(), x)[0])
+
+
+def test_with_skip_fuses_in_native_training_only(monkeypatch):
+    """The skip's gradient goes through fasthg::bn_relu_train_backward_skip in native training
+    with a gradient; elsewhere skip is x itself and bn_relu runs as it would alone."""
+    calls = []
+    real = torch.ops.fasthg.bn_relu_train_backward_skip
+    monkeypatch.setattr(torch.ops.fasthg, "bn_relu_train_backward_skip", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    y, skip = ops.bn_relu_with_skip(x, backend="native")
+    (y.sum() + skip.sum()).backward()
+    assert calls == [1] and skip is not x
+    for kw in ({"backend": "eager"}, {"backend": "native", "training": False, "running_mean": torch.zeros(3),
+                                      "running_var": torch.ones(3)}):
+        y, skip = ops.bn_relu_with_skip(x, **kw)
+        assert skip is x
+    with torch.no_grad():
+        assert ops.bn_relu_with_skip(x, backend="native")[1] is x
+    xd = x.detach()
+    assert ops.bn_relu_with_skip(xd, backend="native")[1] is xd
 
 
 def test_module_bad_input():

@@ -359,14 +359,17 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const View& v
   }
 }
 
-// grad_x of n elements of one channel.
+// grad_x of n elements of one channel, plus skip's where skip is not null (the gradient of
+// a residual block's identity branch, which autograd would otherwise add in a pass of its own).
 template <typename scalar_t, typename acc_t>
 void grad_plane(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp, scalar_t* __restrict__ dp,
-                int64_t n, acc_t m, acc_t s, acc_t wc, acc_t bc, acc_t mg, acc_t mgx, bool stream) {
+                int64_t n, acc_t m, acc_t s, acc_t wc, acc_t bc, acc_t mg, acc_t mgx, bool stream,
+                const scalar_t* __restrict__ skip) {
   auto one = [&](int64_t i) {
     const acc_t xi = static_cast<acc_t>(xp[i]);
     const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(gp[i]), xi, m, s, wc, bc);
-    dp[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m, s, wc, mg, mgx));
+    const acc_t d = bn_relu_grad_input(g, xi, m, s, wc, mg, mgx);
+    dp[i] = static_cast<scalar_t>(skip ? d + static_cast<acc_t>(skip[i]) : d);
   };
 #ifdef __AVX2__
   if constexpr (kVec8<scalar_t>) {
@@ -375,7 +378,12 @@ void grad_plane(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp
     run8(n, dp, stream, one, [&](int64_t i) {
       prefetch_ahead(gp + i);
       prefetch_ahead(xp + i);
-      store8(dp + i, grad8(load8(gp + i), load8(xp + i), vm, vs, vw, vb, vmg, vmgx), stream);
+      __m256 d = grad8(load8(gp + i), load8(xp + i), vm, vs, vw, vb, vmg, vmgx);
+      if (skip) {
+        prefetch_ahead(skip + i);
+        d = _mm256_add_ps(d, load8(skip + i));
+      }
+      store8(dp + i, d, stream);
     });
     return;
   }
@@ -383,25 +391,30 @@ void grad_plane(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp
   run8(n, dp, false, one, [](int64_t) {});
 }
 
-// grad_x of NHWC rows [r0, r1).
+// grad_x of NHWC rows [r0, r1), plus skip's where skip is not null.
 template <typename scalar_t, typename acc_t>
 void grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, int64_t r1, int64_t C,
                const acc_t* __restrict__ m, const acc_t* __restrict__ s, const acc_t* __restrict__ wc,
                const acc_t* __restrict__ bc, const acc_t* __restrict__ mg, const acc_t* __restrict__ mgx,
-               bool stream) {
+               bool stream, const scalar_t* skip) {
   auto one = [&](int64_t i, int64_t c) {
     const acc_t xi = static_cast<acc_t>(x[i]);
     const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(dy[i]), xi, m[c], s[c], wc[c], bc[c]);
-    dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]));
+    const acc_t d = bn_relu_grad_input(g, xi, m[c], s[c], wc[c], mg[c], mgx[c]);
+    dx[i] = static_cast<scalar_t>(skip ? d + static_cast<acc_t>(skip[i]) : d);
   };
 #ifdef __AVX2__
   if constexpr (kVec8<scalar_t>) {
     run8_rows<scalar_t>(r0, r1, C, one, [&](int64_t i, int64_t c) {
       prefetch_ahead(dy + i);
       prefetch_ahead(x + i);
-      store8(dx + i, grad8(load8(dy + i), load8(x + i), load8(m + c),
-                           load8(s + c), load8(wc + c), load8(bc + c),
-                           load8(mg + c), load8(mgx + c)), stream);
+      __m256 d = grad8(load8(dy + i), load8(x + i), load8(m + c), load8(s + c), load8(wc + c), load8(bc + c),
+                       load8(mg + c), load8(mgx + c));
+      if (skip) {
+        prefetch_ahead(skip + i);
+        d = _mm256_add_ps(d, load8(skip + i));
+      }
+      store8(dx + i, d, stream);
     });
     return;
   }
@@ -412,13 +425,14 @@ void grad_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const View& v,
                            const acc_t* mean, const acc_t* invstd, const acc_t* w, const acc_t* b,
-                           const acc_t* mean_g, const acc_t* mean_gx) {
+                           const acc_t* mean_g, const acc_t* mean_gx, const scalar_t* skip = nullptr) {
   const bool stream = streams(dx, v);
   elementwise(v, [&](int64_t c, int64_t i0, int64_t n) {
-    grad_plane(dy + i0, x + i0, dx + i0, n, mean[c], invstd[c], w[c], b[c], mean_g[c], mean_gx[c], stream);
+    grad_plane(dy + i0, x + i0, dx + i0, n, mean[c], invstd[c], w[c], b[c], mean_g[c], mean_gx[c], stream,
+               skip ? skip + i0 : nullptr);
     fence_streams(stream);
   }, [&](int64_t r0, int64_t r1) {
-    grad_rows(dy, x, dx, r0, r1, v.C, mean, invstd, w, b, mean_g, mean_gx, stream);
+    grad_rows(dy, x, dx, r0, r1, v.C, mean, invstd, w, b, mean_g, mean_gx, stream, skip);
     fence_streams(stream);
   });
 }
@@ -436,10 +450,11 @@ void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const a
 }
 
 // backward_reduce_kernel, then backward_elemt_kernel with mean_g = sum_g / count and
-// mean_gx = sum_gx / count (training: the statistics depend on x).
+// mean_gx = sum_gx / count (training: the statistics depend on x); skip as grad_plane's.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void train_backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const View& v, const acc_t* mean,
-                           const acc_t* invstd, const acc_t* w, const acc_t* b, acc_t* sum_g, acc_t* sum_gx) {
+                           const acc_t* invstd, const acc_t* w, const acc_t* b, acc_t* sum_g, acc_t* sum_gx,
+                           const scalar_t* skip = nullptr) {
   const acc_t count = static_cast<acc_t>(v.outer * v.inner);
   backward_reduce_kernel(dy, x, v, mean, invstd, w, b, sum_g, sum_gx);
   std::vector<acc_t> mg(v.C), mgx(v.C);
@@ -447,7 +462,7 @@ void train_backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
     mg[c] = sum_g[c] / count;
     mgx[c] = sum_gx[c] / count;
   }
-  backward_elemt_kernel(dy, x, dx, v, mean, invstd, w, b, mg.data(), mgx.data());
+  backward_elemt_kernel(dy, x, dx, v, mean, invstd, w, b, mg.data(), mgx.data(), skip);
 }
 
 // What an op takes besides x, null where it does not: which of bn_relu.h's checks applies,
@@ -564,20 +579,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward
   return {y, mean, var, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& bias) {
-  const auto a = prepare("bn_relu_train_backward", x,
-                         {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+// bn_relu_train_backward, and with grad_skip (not null) bn_relu_train_backward_skip.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward(const char* op, const at::Tensor& grad_out,
+                                                              const at::Tensor& x, const at::Tensor& mean,
+                                                              const at::Tensor& invstd, const at::Tensor& weight,
+                                                              const at::Tensor& bias, const at::Tensor* grad_skip) {
+  const auto a = prepare(op, x, {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  at::Tensor skip;
+  if (grad_skip) {
+    check_same_as_x(op, "grad_skip", *grad_skip, x);
+    skip = grad_skip->contiguous(a.fmt);
+  }
   auto dx = a.like_x();
   auto sum_g = a.per_channel(), sum_gx = a.per_channel();
   FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_train_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     train_backward_kernel(in<scalar_t>(a.dy), in<scalar_t>(a.x), out<scalar_t>(dx), a.v, in<acc_t>(a.mean),
                           in<acc_t>(a.invstd), in<acc_t>(a.weight), in<acc_t>(a.bias), out<acc_t>(sum_g),
-                          out<acc_t>(sum_gx));
+                          out<acc_t>(sum_gx), grad_skip ? in<scalar_t>(skip) : nullptr);
   });
   return {dx, sum_g, sum_gx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias) {
+  return train_backward("bn_relu_train_backward", grad_out, x, mean, invstd, weight, bias, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_skip_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& grad_skip) {
+  return train_backward("bn_relu_train_backward_skip", grad_out, x, mean, invstd, weight, bias, &grad_skip);
 }
 
 // bn_relu_train without autograd (under torch.inference_mode, say): the forward alone.
@@ -597,6 +630,7 @@ TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cpu);
   m.impl("bn_relu_train_forward", &bn_relu_train_forward_cpu);
   m.impl("bn_relu_train_backward", &bn_relu_train_backward_cpu);
+  m.impl("bn_relu_train_backward_skip", &bn_relu_train_backward_skip_cpu);
   m.impl("bn_relu_train", &bn_relu_train_cpu);
 }
 

@@ -165,7 +165,9 @@ __global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const sca
                                       scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
                                       const acc_t* __restrict__ invstd, const acc_t* __restrict__ w,
                                       const acc_t* __restrict__ b, const acc_t* __restrict__ mean_g,
-                                      const acc_t* __restrict__ mean_gx, index_t total, ChannelIndex<index_t> ix) {
+                                      const acc_t* __restrict__ mean_gx, index_t total, ChannelIndex<index_t> ix,
+                                      const scalar_t* __restrict__ skip = nullptr) {
+  // skip (may be null): a residual block's identity-branch gradient, added in this pass
   struct Pair {
     scalar_t x, dy;
   };
@@ -173,7 +175,8 @@ __global__ void backward_elemt_kernel(const scalar_t* __restrict__ dy, const sca
     const index_t c = ix.channel(i);
     const acc_t xi = static_cast<acc_t>(p.x);
     const acc_t g = bn_relu_masked_grad(static_cast<acc_t>(p.dy), xi, mean[c], invstd[c], w[c], b[c]);
-    dx[i] = static_cast<scalar_t>(bn_relu_grad_input(g, xi, mean[c], invstd[c], w[c], mean_g[c], mean_gx[c]));
+    const acc_t d = bn_relu_grad_input(g, xi, mean[c], invstd[c], w[c], mean_g[c], mean_gx[c]);
+    dx[i] = static_cast<scalar_t>(skip ? d + static_cast<acc_t>(skip[i]) : d);
   });
 }
 
@@ -308,15 +311,14 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
   return {sum_g, sum_gx};
 }
 
-at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
-                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  check_bn_relu_backward_args("bn_relu_backward_elemt", grad_in, x_in, mean, invstd, weight, bias, &mean_g,
-                              &mean_gx);
-  TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_elemt: expected a CUDA `x`");
+// grad_x, plus grad_skip where it is defined (bn_relu_train_backward_skip's, checked there).
+at::Tensor elemt(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+                 const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean_g, const at::Tensor& mean_gx,
+                 const at::Tensor& grad_skip) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto d = dense(x_in);
   const auto dy = grad_in.contiguous(d.fmt);
+  const auto skip = grad_skip.defined() ? grad_skip.contiguous(d.fmt) : at::Tensor();
   auto dx = at::empty(d.t.sizes(), d.t.options().memory_format(d.fmt));
   const int64_t total = d.t.numel();
   FASTHG_BN_RELU_DISPATCH(d.t.scalar_type(), "bn_relu_backward_elemt_cuda", [&] {
@@ -329,11 +331,20 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tens
           mean.contiguous().const_data_ptr<acc_t>(), invstd.contiguous().const_data_ptr<acc_t>(),
           weight.contiguous().const_data_ptr<acc_t>(), bias.contiguous().const_data_ptr<acc_t>(),
           mean_g.contiguous().const_data_ptr<acc_t>(), mean_gx.contiguous().const_data_ptr<acc_t>(), total,
-          d.index<index_t>());
+          d.index<index_t>(), skip.defined() ? skip.const_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return dx;
+}
+
+at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean,
+                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
+  check_bn_relu_backward_args("bn_relu_backward_elemt", grad_in, x_in, mean, invstd, weight, bias, &mean_g,
+                              &mean_gx);
+  TORCH_CHECK(x_in.is_cuda(), "bn_relu_backward_elemt: expected a CUDA `x`");
+  return elemt(grad_in, x_in, mean, invstd, weight, bias, mean_g, mean_gx, at::Tensor());
 }
 
 // Training in one call each direction, as on the CPU (csrc/autograd/bn_relu.cpp runs them):
@@ -352,18 +363,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward
   return {bn_relu_forward_cuda(d.t, mean, invstd, weight, bias), mean, var, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& bias) {
-  check_bn_relu_backward_args("bn_relu_train_backward", grad_in, x_in, mean, invstd, weight, bias);
-  TORCH_CHECK(x_in.is_cuda(), "bn_relu_train_backward: expected a CUDA `x`");
+// bn_relu_train_backward, and with grad_skip defined bn_relu_train_backward_skip.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward(const char* op, const at::Tensor& grad_in,
+                                                              const at::Tensor& x_in, const at::Tensor& mean,
+                                                              const at::Tensor& invstd, const at::Tensor& weight,
+                                                              const at::Tensor& bias, const at::Tensor& grad_skip) {
+  check_bn_relu_backward_args(op, grad_in, x_in, mean, invstd, weight, bias);
+  if (grad_skip.defined()) check_same_as_x(op, "grad_skip", grad_skip, x_in);
+  TORCH_CHECK(x_in.is_cuda(), op, ": expected a CUDA `x`");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto d = dense(x_in);
   const auto dy = grad_in.contiguous(d.fmt);
   auto sum_g = at::empty({d.C}, mean.options()), sum_gx = at::empty({d.C}, mean.options());
   auto mean_g = at::empty({d.C}, mean.options()), mean_gx = at::empty({d.C}, mean.options());
   launch_sums(d, dy, x_in.device().index(), mean, invstd, weight, bias, sum_g, sum_gx, mean_g, mean_gx);
-  return {bn_relu_backward_elemt_cuda(dy, d.t, mean, invstd, weight, bias, mean_g, mean_gx), sum_g, sum_gx};
+  return {elemt(dy, d.t, mean, invstd, weight, bias, mean_g, mean_gx, grad_skip), sum_g, sum_gx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias) {
+  return train_backward("bn_relu_train_backward", grad_in, x_in, mean, invstd, weight, bias, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward_skip_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& grad_skip) {
+  return train_backward("bn_relu_train_backward_skip", grad_in, x_in, mean, invstd, weight, bias, grad_skip);
 }
 
 // bn_relu_train without autograd (torch.inference_mode, say): the forward alone.
@@ -386,6 +412,7 @@ TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cuda);
   m.impl("bn_relu_train_forward", &bn_relu_train_forward_cuda);
   m.impl("bn_relu_train_backward", &bn_relu_train_backward_cuda);
+  m.impl("bn_relu_train_backward_skip", &bn_relu_train_backward_skip_cuda);
   m.impl("bn_relu_train", &bn_relu_train_cuda);
 }
 #endif

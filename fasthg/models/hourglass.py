@@ -20,7 +20,10 @@ class Residual(nn.Module):
     state_dict), which recomputes relu(bn(x)) in the backward instead of storing it. On the
     CPU, in either mode, a 1x1 pair that fasthg.ops.bn_relu_conv1x1 runs fused in training
     (the native unit, channels_last, the dtypes of FASTHG_CPU_CONV1X1) goes there
-    (fasthg.ops.fuses_conv1x1)."""
+    (fasthg.ops.fuses_conv1x1). On the CPU the first BN-ReLU otherwise takes the input for
+    both branches (BNReLU.forward_with_skip), so that in native training the skip branch's
+    gradient is added in that BN-ReLU's backward pass rather than in one of autograd's own,
+    and the last convolution adds the skip branch in its epilogue (fasthg.ops.conv_add)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
@@ -34,16 +37,21 @@ class Residual(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = x
+        h = skip = x
         for i in range(0, len(self.body), 2):
             bn, conv = self.body[i], self.body[i + 1]
             # The fused 1x1 unit stores what recompute stores, so on the CPU, where it was
             # measured, it runs in either mode (on a GPU, Triton's in recompute only).
             if self.memory == "recompute" or (h.device.type == "cpu" and ops.fuses_conv1x1(h, bn, conv, self.backend)):
                 h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
+            elif i == 0 and h.device.type == "cpu":  # the skip branch's gradient joins the BN-ReLU's backward pass
+                y, skip = bn.forward_with_skip(h)
+                h = conv(y)
+            elif i == len(self.body) - 2:  # the merge in the convolution's epilogue where it fuses
+                return ops.conv_add(bn(h), conv, self.skip(skip), backend=self.backend)
             else:
                 h = conv(bn(h))
-        return h + self.skip(x)
+        return h + self.skip(skip)
 
 
 def residuals(channels: int, blocks: int, backend: str = "auto", memory: str = "default") -> nn.Module:
@@ -204,8 +212,10 @@ class StackedHourglass(nn.Module):
         return torch.stack(heatmaps, dim=1)
 
     def _next_input(self, i: int, x: torch.Tensor, feat: torch.Tensor, hm: torch.Tensor) -> torch.Tensor:
-        """Stack i+1's input: stack i's input, its remapped features and remapped heatmaps."""
-        return x + self.remap_features[i](feat) + self.remap_heatmaps[i](hm)
+        """Stack i+1's input: stack i's input, its remapped features and remapped heatmaps (each
+        add in its convolution's epilogue where ops.conv_add fuses it)."""
+        x = ops.conv_add(feat, self.remap_features[i], x, backend=self.backend)
+        return ops.conv_add(hm, self.remap_heatmaps[i], x, backend=self.backend)
 
 
 def hg1(**kw) -> StackedHourglass:

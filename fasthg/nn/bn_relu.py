@@ -18,6 +18,15 @@ class BNReLU(FusedBatchNorm2d):
         return ops.bn_relu(x, self.weight, self.bias, rm, rv, use_batch_stats, factor, self.eps,
                            backend=self.backend, sync=self.sync, process_group=self.process_group, out=out)
 
+    def forward_with_skip(self, x):
+        """(self(x), skip) for a residual block whose other branch takes x: give it `skip`
+        (x's values; in native training its gradient joins grad_x in this op's backward pass,
+        fasthg.ops.bn_relu_with_skip)."""
+        self.check_input(x)
+        rm, rv, use_batch_stats, factor = batch_norm_args(self)
+        return ops.bn_relu_with_skip(x, self.weight, self.bias, rm, rv, use_batch_stats, factor, self.eps,
+                                     backend=self.backend, sync=self.sync, process_group=self.process_group)
+
 
 def convert_sync_bn_relu(module: nn.Module, process_group=None) -> nn.Module:
     """Switches every BNReLU (and BNAddReLU) in `module` to cross-process statistics over `process_group`

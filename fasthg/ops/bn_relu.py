@@ -6,7 +6,10 @@ only x and the per-channel statistics and recomputes the ReLU mask from them: on
 pass and one elementwise pass. Native training (without sync, CPU and CUDA) is one op,
 fasthg::bn_relu_train, whose autograd kernel is C++ (csrc/autograd/bn_relu.cpp) and runs each
 direction as one call (fasthg::bn_relu_train_forward / _backward): the same passes, without
-the Python and dispatch between them. Backends: eager (fasthg.ops.reference), native
+the Python and dispatch between them. bn_relu_with_skip is bn_relu for an x that a residual
+block also feeds to its other branch: native training then adds that branch's gradient to
+grad_x in the backward's elementwise pass (fasthg::bn_relu_train_backward_skip), where autograd
+would add it in a pass of its own. Backends: eager (fasthg.ops.reference), native
 (fasthg::bn_relu_* from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as
 fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
@@ -84,6 +87,10 @@ def _fake_train_backward(grad_out, x, mean, invstd, weight, bias):
     return (_fake_like_x(grad_out, x),) + _fake_stats(x)
 
 
+def _fake_train_backward_skip(grad_out, x, mean, invstd, weight, bias, grad_skip):
+    return _fake_train_backward(grad_out, x, mean, invstd, weight, bias)
+
+
 def _fake_train(x, weight, bias, eps):
     return (_fake_like_x(x, x),) + _fake_stats(x)
 
@@ -100,6 +107,7 @@ if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_backward_elemt")(_fake_like_x)
     torch.library.register_fake("fasthg::bn_relu_train_forward")(_fake_train_forward)
     torch.library.register_fake("fasthg::bn_relu_train_backward")(_fake_train_backward)
+    torch.library.register_fake("fasthg::bn_relu_train_backward_skip")(_fake_train_backward_skip)
     torch.library.register_fake("fasthg::bn_relu_train")(_fake_train)
     _OPS["native"] = SimpleNamespace(
         stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
@@ -231,6 +239,55 @@ class _BNReLU(torch.autograd.Function):
         return grad_x, sum_gx, sum_g, None, None, None, None, None, None, None
 
 
+class _BNReLUSkip(torch.autograd.Function):
+    """Native training BN-ReLU of an x that also feeds a residual block's other branch:
+    (y, mean, var, x), x passed through, so that the branch's gradient comes back here and is
+    added to grad_x in the backward's elementwise pass (fasthg::bn_relu_train_backward_skip)
+    rather than by autograd in a pass over three tensors of its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        return y, mean, var, x
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var, grad_skip):
+        if grad_y is None:
+            return grad_skip, None, None, None
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if grad_skip is None:
+            grad_x, sum_g, sum_gx = torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd, weight, bias)
+        else:
+            grad_x, sum_g, sum_gx = torch.ops.fasthg.bn_relu_train_backward_skip(grad_y, x, mean, invstd, weight,
+                                                                                bias, grad_skip)
+        return grad_x, sum_gx, sum_g, None
+
+
+def bn_relu_with_skip(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
+                      momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None):
+    """(bn_relu(x, ...), skip) for an x that a residual block also feeds to its identity (or
+    projection) branch, which should take `skip` instead: skip is x (the same values, a view),
+    but in native training its gradient is added to grad_x in bn_relu's own backward pass
+    instead of by autograd in a pass over three tensors of its own. Elsewhere skip is x itself."""
+    check_args(x, weight, bias, running_mean, running_var, training)
+    fused = (training and not sync and x.requires_grad and torch.is_grad_enabled() and "native" in _OPS
+             and x.device.type in _OPS["native"].train_devices and _backend.resolve(backend, "bn_relu", x) == "native")
+    if not fused:
+        return bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, backend, sync,
+                       process_group), x
+    pdtype = _param_dtype(x)
+    c = x.shape[1]
+    weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
+    bias = x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype)
+    y, mean, var, skip = _BNReLUSkip.apply(x, weight, bias, float(eps))
+    if running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
+    return y, skip
+
+
 def _check_out(out, x, weight, bias, training):
     if training:
         raise ValueError("bn_relu: `out` is for inference (training=False)")
@@ -314,7 +371,8 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
 OP = registry.register(registry.FusedOp(
     name="bn_relu", kernel="bn_relu_forward",
     schemas=("bn_relu_stats", "bn_relu_forward", "bn_relu_forward_into", "bn_relu_backward_reduce",
-             "bn_relu_backward_elemt", "bn_relu_train_forward", "bn_relu_train_backward", "bn_relu_train"),
+             "bn_relu_backward_elemt", "bn_relu_train_forward", "bn_relu_train_backward",
+             "bn_relu_train_backward_skip", "bn_relu_train"),
     reference=reference.bn_relu, fn=bn_relu,
     traffic={"train forward": 3.0, "eval forward": 2.0, "train forward+backward": 8.0},
     bars={"train forward+backward": 1.6}))

@@ -133,6 +133,19 @@ void check_bn_relu(int64_t N, int64_t C, int64_t H, int64_t W, bool cl, int sms,
                                                  b.data(), mg.data(), mgx.data(), total, ix);
   });
   emu::expect_close("grad of x", rdx, dx, std::max(out_tol, 1e-5), shape);
+
+  // with a skip gradient (bn_relu_train_backward_skip): grad_x + skip in the same pass
+  std::vector<scalar_t> skip(total), dxs(total, static_cast<scalar_t>(NAN));
+  std::vector<double> rdxs(total);
+  for (int64_t i = 0; i < total; ++i) {
+    skip[i] = static_cast<scalar_t>(float(dy[(i * 7 + 3) % total]) * 0.5f);
+    rdxs[i] = rdx[i] + double(skip[i]);
+  }
+  launch(blocks, kThreads, [&] {
+    backward_elemt_kernel<scalar_t, float, index_t>(dy.data(), x.data(), dxs.data(), mean.data(), invstd.data(),
+                                                 w.data(), b.data(), mg.data(), mgx.data(), total, ix, skip.data());
+  });
+  emu::expect_close("grad of x + skip", rdxs, dxs, std::max(out_tol, 1e-5), shape);
 }
 
 }  // namespace fasthg

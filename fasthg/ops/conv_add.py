@@ -1,0 +1,85 @@
+"""conv_add(x, conv, residual) = conv(x) + residual: a residual block's last convolution and
+its merge with the skip branch (and a stack's remap convolutions with the input they join).
+
+On the CPU the add runs in oneDNN's convolution epilogue (its binary post-op, which ATen
+exposes as mkldnn._convolution_pointwise), while each output tile is in cache, instead of as
+a pass over three tensors of its own; the sum is rounded once. The backward is the
+convolution's (aten.convolution_backward), and the residual's gradient is grad_out itself.
+Elsewhere, and with backend="eager", it is the composition: conv(x) + residual.
+"""
+import torch
+from torch import nn
+
+from fasthg.ops import _backend
+
+# The dtypes oneDNN's CPU convolution takes with its post-ops on every x86 CPU it supports.
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def reference(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor) -> torch.Tensor:
+    return conv(x) + residual
+
+
+def _pointwise():
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return getattr(mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype conv(x) computes in: autocast's where it is on (as for ATen's convolution)."""
+    if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether conv_add runs fused: a CPU nn.Conv2d with zero padding given as numbers, x and
+    residual channels_last, residual shaped like the output and in the dtype the convolution
+    computes in (float32 or bf16), oneDNN present, and a backend other than eager."""
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if backend == "eager" or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str) or x.device.type != "cpu" or x.dim() != 4 or _pointwise() is None:
+        return False
+    dtype = _compute_dtype(x)
+    if dtype not in _FUSED_DTYPES or residual.dtype != dtype or residual.dim() != 4:
+        return False
+    cl = torch.channels_last
+    if not (x.is_contiguous(memory_format=cl) and residual.is_contiguous(memory_format=cl)):
+        return False
+    n, _, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    out = (n, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return tuple(residual.shape) == out and x.shape[1] == conv.in_channels
+
+
+class _ConvAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return _pointwise().binary(x, residual, weight, bias, padding, stride, dilation, groups, "add",
+                                   None, None, [], None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
+            groups, mask)
+        return gx, gw, gb, grad, None, None, None, None
+
+
+def conv_add(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """conv(x) + residual, the add in the convolution's epilogue where `fuses` says so (the
+    CPU, channels_last, float32 or bf16 autocast); elsewhere the composition."""
+    if not fuses(x, conv, residual, backend):
+        return reference(x, conv, residual)
+    dtype = _compute_dtype(x)
+    weight = conv.weight.to(dtype)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return _ConvAdd.apply(x.to(dtype), weight, bias, residual, list(conv.stride), list(conv.padding),
+                          list(conv.dilation), conv.groups)
