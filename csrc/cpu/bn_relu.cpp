@@ -584,7 +584,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward(const char* op, co
                                                               const at::Tensor& x, const at::Tensor& mean,
                                                               const at::Tensor& invstd, const at::Tensor& weight,
                                                               const at::Tensor& bias, const at::Tensor* grad_skip) {
-  const auto a = prepare(op, x, {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
+  const auto a =
+      prepare(op, x, {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias});
   at::Tensor skip;
   if (grad_skip) {
     check_same_as_x(op, "grad_skip", *grad_skip, x);

@@ -213,7 +213,7 @@ def _why_not(conv: nn.Conv2d, bn: nn.BatchNorm2d, after: Optional[nn.Module]) ->
 
 
 def _fold_sequential(seq: nn.Sequential, prefix: str, folded: List[str]) -> None:
-    from fasthg.nn import BNReLU, MaxPool2x2
+    from fasthg.nn import BNReLU
 
     children = list(seq.named_children())
     i = 0
