@@ -33,7 +33,9 @@ inline void check_max_pool2x2_args(const at::Tensor& x) {
               "max_pool2x2: `x` must have N, C >= 1 and H, W >= 2, got shape ", x.sizes());
 }
 
-inline void check_max_pool2x2_backward_args(const at::Tensor& grad_out, const at::Tensor& x) {
+// grad_skip (may be null): max_pool2x2_backward_skip's, like x.
+inline void check_max_pool2x2_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                            const at::Tensor* grad_skip = nullptr) {
   check_max_pool2x2_args(x);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) &&
                   grad_out.size(2) == x.size(2) / 2 && grad_out.size(3) == x.size(3) / 2,
@@ -44,6 +46,11 @@ inline void check_max_pool2x2_backward_args(const at::Tensor& grad_out, const at
               " and ", x.scalar_type());
   TORCH_CHECK(grad_out.device() == x.device(), "max_pool2x2_backward: `grad_out` and `x` must be on the same device, got ",
               grad_out.device(), " and ", x.device());
+  if (grad_skip)
+    TORCH_CHECK(grad_skip->sizes() == x.sizes() && grad_skip->scalar_type() == x.scalar_type() &&
+                    grad_skip->device() == x.device(),
+                "max_pool2x2_backward_skip: `grad_skip` must match `x` (", x.sizes(), ", ", x.scalar_type(), ", ",
+                x.device(), "), got ", grad_skip->sizes(), ", ", grad_skip->scalar_type(), ", ", grad_skip->device());
 }
 
 }  // namespace fasthg

@@ -22,6 +22,9 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("max_pool2x2(Tensor x) -> Tensor");
   // grad_x: grad_out at each window's maximum (recomputed from x: no indices are kept), 0 elsewhere
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor x) -> Tensor");
+  // the same plus grad_skip in the same pass (x also feeding another branch, whose gradient
+  // autograd would add in a pass of its own)
+  m.def("max_pool2x2_backward_skip(Tensor grad_out, Tensor x, Tensor grad_skip) -> Tensor");
 
   // Fused BatchNorm(+ReLU) over the channels of x [N, C, H, W]; statistics and parameters
   // are float32 whatever x's dtype. Per-channel mean and biased variance of x:

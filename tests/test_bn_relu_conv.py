@@ -322,7 +322,12 @@ def test_recompute_model_trains_like_the_storing_model(layout, dtype, steps, tol
         assert rel_err(b, a) < tol if a.is_floating_point() else torch.equal(a, b), name
 
 
-def test_recompute_model_under_bf16_autocast_matches_the_storing_model():
+def test_recompute_model_under_bf16_autocast_matches_the_storing_model(monkeypatch):
+    # The storing model's merges in oneDNN's epilogue (ops.conv_add) round each sum once, and
+    # recompute's units do not: in bf16 that moves every residual output by an ulp, which this
+    # 2-image model's BNs amplify to ~7% (from the float32 model: 6.9% with conv_add, 8.1%
+    # without; conv_add's own numerics: tests/test_conv_add.py). So both add as recompute does.
+    monkeypatch.setattr(fasthg.ops, "conv_add", lambda x, conv, r, backend="auto": conv(x) + r)
     torch.manual_seed(0)
     default = small(backend="native").to(memory_format=torch.channels_last)
     recompute = copy.deepcopy(default)

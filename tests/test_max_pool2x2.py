@@ -94,6 +94,9 @@ def test_opcheck(device, backend, layout, shape):
     torch.library.opcheck(fwd, (x.requires_grad_(True),))
     grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, device=device)
     torch.library.opcheck(bwd, (grad.contiguous(memory_format=layout), x.detach()))
+    if backend == "native":
+        torch.library.opcheck(torch.ops.fasthg.max_pool2x2_backward_skip,
+                              (grad.contiguous(memory_format=layout), x.detach(), torch.randn_like(x)))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="max_pool2x2"))
@@ -165,6 +168,53 @@ def test_native_backward_checks_its_arguments(grad, x, message):
         pytest.skip("native unavailable")
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fasthg.max_pool2x2_backward(grad, x)
+
+
+def test_native_backward_skip_checks_grad_skip():
+    if "native" not in ops.available("cpu", "max_pool2x2"):
+        pytest.skip("native unavailable")
+    grad, x = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 4, 5)
+    for bad in (torch.randn(1, 3, 4, 4), x.double()):
+        with pytest.raises(RuntimeError, match="`grad_skip` must match `x`"):
+            torch.ops.fasthg.max_pool2x2_backward_skip(grad, x, bad)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(op="max_pool2x2"))
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("use", ["pooled", "skip", "both"])
+def test_with_skip_equals_the_pool_and_its_input(device, backend, dtype, layout, shape, use, poison):
+    """max_pool2x2_with_skip: the pool's values, skip x's, and x's gradient exactly as
+    max_pool2d's plus the skip branch's (the pool's gradient is grad_out's values or 0, so the
+    sum rounds as autograd's add), odd rows and columns, ties and NaN included."""
+    skip_unsupported(device, backend, dtype)
+    x = make(shape, dtype, device, layout).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, skip = ops.max_pool2x2_with_skip(x, backend=backend)
+    y_ref = F.max_pool2d(x_ref, 2, 2)
+    assert_same(y, y_ref)
+    assert_same(skip.detach(), x.detach())
+    assert skip.requires_grad
+    g = torch.Generator().manual_seed(5)
+    gy = torch.randn(y.shape, generator=g).to(device, dtype).contiguous(memory_format=layout)
+    gs = torch.randn(x.shape, generator=g).to(device, dtype).contiguous(memory_format=layout)
+    outs, grads = {"pooled": ((y,), (gy,)), "skip": ((skip,), (gs,)), "both": ((y, skip), (gy, gs))}[use]
+    ref_outs = {"pooled": (y_ref,), "skip": (x_ref,), "both": (y_ref, x_ref)}[use]
+    gx, = torch.autograd.grad(outs, x, grads)
+    want, = torch.autograd.grad(ref_outs, x_ref, grads)
+    assert gx.is_contiguous(memory_format=layout)
+    assert_same(gx, want)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(include_eager=False, op="max_pool2x2"))
+def test_with_skip_gradcheck_and_no_grad(device, backend):
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, device=device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.max_pool2x2_with_skip(t, backend=backend), (x,))
+    with torch.no_grad():
+        assert ops.max_pool2x2_with_skip(x, backend=backend)[1] is x
+    xd = x.detach()
+    assert ops.max_pool2x2_with_skip(xd, backend=backend)[1] is xd
 
 
 @pytest.mark.cuda

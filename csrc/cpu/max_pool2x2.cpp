@@ -116,10 +116,26 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t NC, int64_t H, int64_t
   });
 }
 
+// dst[i] += skip[i], n elements of grad_x just written (still in cache): a residual branch's
+// gradient for the pool's input, added here instead of by autograd in a pass of its own. The
+// pool's gradient is grad_out's values or 0, so the sum rounds as autograd's add would.
 template <typename scalar_t>
-void backward_nchw(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t NC, int64_t H, int64_t W) {
+void add_skip(scalar_t* __restrict__ dst, const scalar_t* __restrict__ skip, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (kVec8<scalar_t>)
+    for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_add_ps(load8(dst + i), load8(skip + i)), false);
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(static_cast<acc_t>(dst[i]) + static_cast<acc_t>(skip[i]));
+}
+
+// skip (may be null): add_skip's, over each task's rows once they are written.
+template <typename scalar_t>
+void backward_nchw(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t NC, int64_t H, int64_t W,
+                   const scalar_t* skip) {
   const int64_t Ho = H / 2, Wo = W / 2;
-  const bool stream = streams(gx, NC * H * W * int64_t(sizeof(scalar_t)), W % 8 == 0);
+  const bool stream = !skip && streams(gx, NC * H * W * int64_t(sizeof(scalar_t)), W % 8 == 0);
   at::parallel_for(0, NC * Ho, std::max<int64_t>(1, kGrain / (4 * Wo)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t nc = r / Ho, i = r % Ho;
@@ -141,7 +157,9 @@ void backward_nchw(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t 
 #endif
       for (; j < Wo; ++j) route(r0, r1, 2 * j, 2 * j + 1, g[j], g0, g1);
       if (W % 2) g0[W - 1] = g1[W - 1] = scalar_t(0);       // the odd last column is in no window
-      if (H % 2 && i == Ho - 1) std::fill(g1 + W, g1 + 2 * W, scalar_t(0));  // nor the odd last row
+      const bool last_row = H % 2 && i == Ho - 1;
+      if (last_row) std::fill(g1 + W, g1 + 2 * W, scalar_t(0));  // nor the odd last row
+      if (skip) add_skip(g0, skip + off, (last_row ? 3 : 2) * W);
     }
     fence_streams(stream);
   });
@@ -169,9 +187,10 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t 
 }
 
 template <typename scalar_t>
-void backward_nhwc(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t N, int64_t C, int64_t H, int64_t W) {
+void backward_nhwc(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t N, int64_t C, int64_t H, int64_t W,
+                   const scalar_t* skip) {
   const int64_t Ho = H / 2, Wo = W / 2;
-  const bool stream = streams(gx, N * H * W * C * int64_t(sizeof(scalar_t)), C % 8 == 0);
+  const bool stream = !skip && streams(gx, N * H * W * C * int64_t(sizeof(scalar_t)), C % 8 == 0);
   at::parallel_for(0, N * Ho * Wo, std::max<int64_t>(1, kGrain / (4 * C)), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t j = p % Wo, i = (p / Wo) % Ho, n = p / (Wo * Ho);
@@ -200,6 +219,10 @@ void backward_nhwc(const scalar_t* go, const scalar_t* x, scalar_t* gx, int64_t 
         scalar_t* g2 = g1 + W * C;
         std::fill(g2, g2 + (last_col ? 3 : 2) * C, scalar_t(0));
       }
+      if (skip) {
+        const int64_t n = (last_col ? 3 : 2) * C;
+        for (int64_t row = 0; row < (last_row ? 3 : 2); ++row) add_skip(g0 + row * W * C, skip + off + row * W * C, n);
+      }
     }
     fence_streams(stream);
   });
@@ -221,21 +244,33 @@ at::Tensor max_pool2x2_cpu(const at::Tensor& x_in) {
   return y;
 }
 
-at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  check_max_pool2x2_backward_args(grad_in, x_in);
+// max_pool2x2_backward, and with grad_skip (not null) max_pool2x2_backward_skip.
+at::Tensor backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor* grad_skip) {
+  check_max_pool2x2_backward_args(grad_in, x_in, grad_skip);
   TORCH_CHECK(x_in.device().is_cpu(), "max_pool2x2_backward: expected CPU tensors");
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt);
   const auto grad = grad_in.contiguous(fmt);
+  const auto skip = grad_skip ? grad_skip->contiguous(fmt) : at::Tensor();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2x2_backward_cpu", [&] {
     const scalar_t *g = grad.const_data_ptr<scalar_t>(), *xs = x.const_data_ptr<scalar_t>();
+    const scalar_t* s = grad_skip ? skip.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
-    if (fmt == at::MemoryFormat::ChannelsLast) backward_nhwc(g, xs, gx, N, C, H, W);
-    else backward_nchw(g, xs, gx, N * C, H, W);
+    if (fmt == at::MemoryFormat::ChannelsLast) backward_nhwc(g, xs, gx, N, C, H, W, s);
+    else backward_nchw(g, xs, gx, N * C, H, W, s);
   });
   return grad_x;
+}
+
+at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in) {
+  return backward(grad_in, x_in, nullptr);
+}
+
+at::Tensor max_pool2x2_backward_skip_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                         const at::Tensor& grad_skip) {
+  return backward(grad_in, x_in, &grad_skip);
 }
 
 }  // namespace
@@ -243,6 +278,7 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("max_pool2x2", &max_pool2x2_cpu);
   m.impl("max_pool2x2_backward", &max_pool2x2_backward_cpu);
+  m.impl("max_pool2x2_backward_skip", &max_pool2x2_backward_skip_cpu);
 }
 
 }  // namespace fasthg

@@ -76,9 +76,13 @@ struct Routed {
   bool last_col, last_row;
 };
 
+// skip (may be null): max_pool2x2_backward_skip's gradient of another branch, added to each
+// element written (the pool's gradient is grad_out's value or 0: the sum rounds as autograd's).
 template <typename scalar_t, bool kChannelsLast, typename index_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                scalar_t* __restrict__ grad_x, Dims<index_t> in, Dims<index_t> out, index_t total) {
+                                scalar_t* __restrict__ grad_x, Dims<index_t> in, Dims<index_t> out, index_t total,
+                                const scalar_t* __restrict__ skip = nullptr) {
+  using acc_t = at::opmath_type<scalar_t>;
   index_t dw, dh;
   steps<kChannelsLast>(in, dw, dh);
   const bool odd_h = in.H.divisor % 2, odd_w = in.W.divisor % 2;
@@ -89,17 +93,19 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, const scalar_
     return Routed<scalar_t, index_t>{o, grad[i], argmax_at(x, o, dw, dh), odd_w && w == last_w, odd_h && h == last_h};
   }, [&](index_t, const Routed<scalar_t, index_t>& r) {
     const scalar_t zero(0);
-    scalar_t* g0 = grad_x + r.o;
-    scalar_t* g1 = g0 + dh;
-    g0[0] = r.k == 0 ? r.g : zero;
-    g0[dw] = r.k == 1 ? r.g : zero;
-    g1[0] = r.k == 2 ? r.g : zero;
-    g1[dw] = r.k == 3 ? r.g : zero;
-    if (r.last_col) g0[2 * dw] = g1[2 * dw] = zero;
+    auto put = [&](index_t at, scalar_t v) {
+      grad_x[at] = skip ? static_cast<scalar_t>(static_cast<acc_t>(v) + static_cast<acc_t>(skip[at])) : v;
+    };
+    const index_t o1 = r.o + dh, o2 = o1 + dh;
+    put(r.o, r.k == 0 ? r.g : zero);
+    put(r.o + dw, r.k == 1 ? r.g : zero);
+    put(o1, r.k == 2 ? r.g : zero);
+    put(o1 + dw, r.k == 3 ? r.g : zero);
+    if (r.last_col) put(r.o + 2 * dw, zero), put(o1 + 2 * dw, zero);
     if (r.last_row) {
-      scalar_t* g2 = g1 + dh;
-      g2[0] = g2[dw] = zero;
-      if (r.last_col) g2[2 * dw] = zero;
+      put(o2, zero);
+      put(o2 + dw, zero);
+      if (r.last_col) put(o2 + 2 * dw, zero);
     }
   });
 }
@@ -134,13 +140,15 @@ at::Tensor max_pool2x2_cuda(const at::Tensor& x_in) {
   return y;
 }
 
-at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  check_max_pool2x2_backward_args(grad_in, x_in);
+// max_pool2x2_backward, and with grad_skip (not null) max_pool2x2_backward_skip.
+at::Tensor backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor* grad_skip) {
+  check_max_pool2x2_backward_args(grad_in, x_in, grad_skip);
   TORCH_CHECK(x_in.is_cuda(), "max_pool2x2_backward: expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = x_in.suggest_memory_format();
   const auto x = x_in.contiguous(fmt);
   const auto grad = grad_in.contiguous(fmt);
+  const auto skip = grad_skip ? grad_skip->contiguous(fmt) : at::Tensor();
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
   const int64_t total = grad.numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -150,7 +158,8 @@ at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_in, const at::Tensor
       auto launch = [&](auto kernel) {
         kernel<<<unrolled_blocks(total, kThreads), kThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            dims_of<index_t>(x), dims_of<index_t>(grad), static_cast<index_t>(total));
+            dims_of<index_t>(x), dims_of<index_t>(grad), static_cast<index_t>(total),
+            grad_skip ? skip.const_data_ptr<scalar_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (fmt == at::MemoryFormat::ChannelsLast) launch(backward_kernel<scalar_t, true, index_t>);
@@ -158,6 +167,15 @@ at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_in, const at::Tensor
     });
   });
   return grad_x;
+}
+
+at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in) {
+  return backward(grad_in, x_in, nullptr);
+}
+
+at::Tensor max_pool2x2_backward_skip_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                          const at::Tensor& grad_skip) {
+  return backward(grad_in, x_in, &grad_skip);
 }
 
 #endif  // FASTHG_HOST_EMULATION
@@ -168,6 +186,7 @@ at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_in, const at::Tensor
 TORCH_LIBRARY_IMPL(fasthg, CUDA, m) {
   m.impl("max_pool2x2", &max_pool2x2_cuda);
   m.impl("max_pool2x2_backward", &max_pool2x2_backward_cuda);
+  m.impl("max_pool2x2_backward_skip", &max_pool2x2_backward_skip_cuda);
 }
 #endif
 

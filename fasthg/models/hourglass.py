@@ -66,7 +66,9 @@ def residuals(channels: int, blocks: int, backend: str = "auto", memory: str = "
 class Hourglass(nn.Module):
     """up1 = res(x); low = res(maxpool2x2(x)) -> hourglass(depth-1) or res -> res;
     out = up1 + nearest_upsample_2x(low), the merge fused by ops.upsample_add, the pool
-    ops.max_pool2x2. Each res is `blocks` residual modules (residuals())."""
+    ops.max_pool2x2. Each res is `blocks` residual modules (residuals()). On the CPU up1 takes
+    x from the pool (ops.max_pool2x2_with_skip), so that in native training its gradient is
+    added in the pool's backward pass rather than in one of autograd's own."""
 
     def __init__(self, depth: int, channels: int, backend: str = "auto", memory: str = "default", blocks: int = 1):
         super().__init__()
@@ -78,10 +80,12 @@ class Hourglass(nn.Module):
         self.low3 = residuals(channels, blocks, backend, memory)
 
     def forward(self, x):
-        up1 = self.up1(x)
         # the native and triton pools keep no indices (their input x is saved by up1 anyway)
-        pooled = ops.max_pool2x2(x, backend=self.backend)
-        return self._merge(self.low3(self.low2(self.low1(pooled))), up1)
+        if x.device.type == "cpu":  # up1's gradient is added in the pool's backward pass
+            pooled, x = ops.max_pool2x2_with_skip(x, backend=self.backend)
+        else:
+            pooled = ops.max_pool2x2(x, backend=self.backend)
+        return self._merge(self.low3(self.low2(self.low1(pooled))), self.up1(x))
 
     def _merge(self, low, up1):
         """up1 + nearest_upsample_2x(low), fused."""

@@ -41,9 +41,14 @@ def _fake_backward(grad_out, x):
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
+def _fake_backward_skip(grad_out, x, grad_skip):
+    return _fake_backward(grad_out, x)
+
+
 if _ext._C is not None:  # (its autograd kernel is C++: csrc/autograd/max_pool2x2.cpp)
     torch.library.register_fake("fasthg::max_pool2x2")(_fake_forward)
     torch.library.register_fake("fasthg::max_pool2x2_backward")(_fake_backward)
+    torch.library.register_fake("fasthg::max_pool2x2_backward_skip")(_fake_backward_skip)
 
 if _backend.triton_available():
     from fasthg.kernels import max_pool2x2 as _tk
@@ -80,9 +85,42 @@ def max_pool2x2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return reference.max_pool2x2(x)
 
 
+class _MaxPool2x2Skip(torch.autograd.Function):
+    """The native pool of an x that also feeds another branch: (y, x), x passed through, so
+    that the branch's gradient comes back here and is added to grad_x in the pool's backward
+    pass (fasthg::max_pool2x2_backward_skip) rather than by autograd in a pass of its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.set_materialize_grads(False)
+        return torch.ops.fasthg.max_pool2x2(x), x
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_skip):
+        if grad_y is None:
+            return grad_skip
+        x, = ctx.saved_tensors
+        if grad_skip is None:
+            return torch.ops.fasthg.max_pool2x2_backward(grad_y, x)
+        return torch.ops.fasthg.max_pool2x2_backward_skip(grad_y, x, grad_skip)
+
+
+def max_pool2x2_with_skip(x: torch.Tensor, backend: str = "auto"):
+    """(max_pool2x2(x), skip) for an x that another branch also takes, which should take
+    `skip` instead: x's values (a view), whose gradient the native backend adds to grad_x in
+    the pool's own backward pass. Without a gradient, or on another backend, skip is x."""
+    check_args(x)
+    which = _backend.resolve(backend, "max_pool2x2", x)
+    if which == "native" and x.requires_grad and torch.is_grad_enabled():
+        return _MaxPool2x2Skip.apply(x)
+    return max_pool2x2(x, backend=which), x
+
+
 # Bytes moved, in full-resolution tensors (x's size): the forward reads x and writes a quarter;
 # the backward reads x and grad_out (a quarter) and writes grad_x.
 OP = registry.register(registry.FusedOp(
-    name="max_pool2x2", kernel="max_pool2x2", schemas=("max_pool2x2", "max_pool2x2_backward"),
+    name="max_pool2x2", kernel="max_pool2x2", schemas=("max_pool2x2", "max_pool2x2_backward", "max_pool2x2_backward_skip"),
     reference=reference.max_pool2x2, fn=max_pool2x2,
     traffic={"forward": 1.25, "forward+backward": 3.5}))
+

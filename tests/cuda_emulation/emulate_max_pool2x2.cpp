@@ -152,6 +152,19 @@ void check_max_pool2x2(int64_t N, int64_t C, int64_t H, int64_t W, unsigned most
         }
   expect_bits("forward", ry, y, shape);
   expect_bits("backward", rgrad_x, grad_x, shape);
+
+  // with a skip gradient (max_pool2x2_backward_skip): every element, the odd last row and
+  // column included, gets skip's value added, rounded once as an add would
+  std::vector<scalar_t> skip(n_in), grad_xs(n_in, static_cast<scalar_t>(NAN)), rskip(n_in);
+  for (int64_t e = 0; e < n_in; ++e) {
+    skip[e] = static_cast<scalar_t>(0.25f * float((e * 7) % 13) - 1.f);
+    rskip[e] = static_cast<scalar_t>(float(rgrad_x[e]) + float(skip[e]));
+  }
+  launch(blocks, kThreads, [&] {
+    backward_kernel<scalar_t, kChannelsLast, index_t>(grad.data(), x.data(), grad_xs.data(), in, out, index_t(n_out),
+                                                      skip.data());
+  });
+  expect_bits("backward + skip", rskip, grad_xs, shape);
 }
 
 template <typename scalar_t>
