@@ -41,7 +41,8 @@ def test_values_and_gradients_against_float64(dtype, layout, cfg, poison):
     conv64.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         xd, rd = x.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
-        assert conv_add_module.fuses(xd, conv, rd) == (layout == torch.channels_last)
+        assert conv_add_module.fuses(xd, conv, rd) == (layout == torch.channels_last
+                                                        and dtype in conv_add_module._fused_dtypes())
         out = ops.conv_add(xd, conv, rd)
     x64, r64 = xd.detach().double().requires_grad_(), rd.detach().double().requires_grad_()
     ref = conv64(x64) + r64
@@ -66,6 +67,17 @@ def test_falls_back_to_the_composition(monkeypatch):
              (x, nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), r, "auto")]
     for xi, ci, ri, backend in cases:
         torch.testing.assert_close(ops.conv_add(xi, ci, ri, backend=backend), ci(xi) + ri)
+
+
+def test_bf16_falls_back_where_onednn_lacks_it(monkeypatch):
+    """On CPUs without oneDNN's native bf16 (AVX2-only), bf16 under autocast is the composition."""
+    monkeypatch.setattr(conv_add_module, "_fused_dtypes", lambda: (torch.float32,))
+    monkeypatch.setattr(conv_add_module._ConvAdd, "apply", lambda *a: pytest.fail("fused"))
+    conv, x, r = make(CONVS[0], torch.channels_last, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb, rb = x.bfloat16(), r.bfloat16()
+        assert not conv_add_module.fuses(xb, conv, rb)
+        torch.testing.assert_close(ops.conv_add(xb, conv, rb), conv(xb) + rb)
 
 
 def test_bad_backend_is_a_clear_error():

@@ -7,14 +7,12 @@ a pass over three tensors of its own; the sum is rounded once. The backward is t
 convolution's (aten.convolution_backward), and the residual's gradient is grad_out itself.
 Elsewhere, and with backend="eager", it is the composition: conv(x) + residual.
 """
+import functools
+
 import torch
 from torch import nn
 
 from fasthg.ops import _backend
-
-# The dtypes oneDNN's CPU convolution takes with its post-ops on every x86 CPU it supports.
-_FUSED_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def reference(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor) -> torch.Tensor:
     return conv(x) + residual
@@ -23,6 +21,14 @@ def reference(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor) -> torch
 def _pointwise():
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return getattr(mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_dtypes() -> tuple:
+    """float32, and bf16 where oneDNN runs it natively (AVX-512 BW/VL/DQ or AVX-NE-CONVERT:
+    on AVX2-only CPUs its bf16 convolutions refuse, and ATen's own path takes over)."""
+    supported = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if supported is not None and supported() else (torch.float32,)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -35,7 +41,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> bool:
     """Whether conv_add runs fused: a CPU nn.Conv2d with zero padding given as numbers, x and
     residual channels_last, residual shaped like the output and in the dtype the convolution
-    computes in (float32 or bf16), oneDNN present, and a backend other than eager."""
+    computes in (float32, or bf16 where oneDNN has it natively), oneDNN present, and a backend
+    other than eager."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
     if backend == "eager" or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
@@ -43,7 +50,7 @@ def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str
     if isinstance(conv.padding, str) or x.device.type != "cpu" or x.dim() != 4 or _pointwise() is None:
         return False
     dtype = _compute_dtype(x)
-    if dtype not in _FUSED_DTYPES or residual.dtype != dtype or residual.dim() != 4:
+    if dtype not in _fused_dtypes() or residual.dtype != dtype or residual.dim() != 4:
         return False
     cl = torch.channels_last
     if not (x.is_contiguous(memory_format=cl) and residual.is_contiguous(memory_format=cl)):
