@@ -132,6 +132,46 @@ def test_gradcheck_float64(backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape,conv_kw", CASES[:3], ids=lambda v: str(v) if isinstance(v, tuple) else None)
+@pytest.mark.parametrize("use", ["out", "skip", "both"])
+def test_with_skip_matches_the_unit_plus_the_branch(backend, layout, shape, conv_kw, use, poison):
+    """bn_relu_conv_with_skip: the unit's output and x's gradient (the skip branch's joining
+    the recomputing unit's BN-ReLU backward) as the float64 composition's, for a loss that reads
+    the output, the skip, or both; skip is x's values."""
+    fmt = LAYOUTS[layout]
+    bn, conv = unit(shape[1], conv_kw, backend=backend)
+    conv = conv.to(memory_format=fmt)
+    bn64, conv64 = copy.deepcopy(bn).double(), copy.deepcopy(conv).double()
+    x64, x = make_x(shape, fmt)
+    x.requires_grad_()
+    x64.requires_grad_()
+    out, skip = ops.bn_relu_conv_with_skip(x, bn, conv, backend=backend)
+    ref = storing(x64, bn64, conv64)
+    assert rel_err(out, ref) < 1e-5 and torch.equal(skip, x)
+    g = torch.Generator().manual_seed(7)
+    go, gs = torch.randn(out.shape, generator=g), torch.randn(x.shape, generator=g).contiguous(memory_format=fmt)
+    outs, grads, refs = {"out": ((out,), (go,), (ref,)), "skip": ((skip,), (gs,), (x64,)),
+                         "both": ((out, skip), (go, gs), (ref, x64))}[use]
+    gx, = torch.autograd.grad(outs, x, grads)
+    want, = torch.autograd.grad(refs, x64, tuple(t.double() for t in grads))
+    assert not gx.isnan().any() and rel_err(gx, want) < 1e-5
+
+
+def test_with_skip_runs_the_skip_backward_in_the_recomputing_unit(monkeypatch):
+    calls = []
+    real = torch.ops.fasthg.bn_relu_train_backward_skip
+    monkeypatch.setattr(torch.ops.fasthg, "bn_relu_train_backward_skip", lambda *a: calls.append(1) or real(*a))
+    bn, conv = unit(5, CASES[1][1], backend="native")
+    x = make_x(CASES[1][0], torch.contiguous_format)[1].requires_grad_()
+    out, skip = ops.bn_relu_conv_with_skip(x, bn, conv, backend="native")
+    (out.sum() + skip.sum()).backward()
+    assert calls == [1] and skip is not x
+    bn.eval()
+    assert ops.bn_relu_conv_with_skip(x, bn, conv, backend="native")[1] is x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_training_unit_saves_x_and_statistics_only(backend):
     """Recomputing backends keep x (and per-channel vectors), not relu(bn(x)); eager stores it."""
     bn, conv = unit(8, dict(out_channels=8, kernel_size=1), backend=backend)

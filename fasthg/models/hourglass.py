@@ -20,10 +20,11 @@ class Residual(nn.Module):
     state_dict), which recomputes relu(bn(x)) in the backward instead of storing it. On the
     CPU, in either mode, a 1x1 pair that fasthg.ops.bn_relu_conv1x1 runs fused in training
     (the native unit, channels_last, the dtypes of FASTHG_CPU_CONV1X1) goes there
-    (fasthg.ops.fuses_conv1x1). On the CPU the first BN-ReLU otherwise takes the input for
-    both branches (BNReLU.forward_with_skip), so that in native training the skip branch's
-    gradient is added in that BN-ReLU's backward pass rather than in one of autograd's own,
-    and the last convolution adds the skip branch in its epilogue (fasthg.ops.conv_add)."""
+    (fasthg.ops.fuses_conv1x1). On the CPU the first BN-ReLU (or recomputing unit) takes the
+    input for both branches (BNReLU.forward_with_skip, ops.bn_relu_conv_with_skip), so that in
+    native training the skip branch's gradient is added in that BN-ReLU's backward pass rather
+    than in one of autograd's own, and the last convolution adds the skip branch in its
+    epilogue (fasthg.ops.conv_add; not in recompute, whose last unit adds after it)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()
@@ -43,7 +44,10 @@ class Residual(nn.Module):
             # The fused 1x1 unit stores what recompute stores, so on the CPU, where it was
             # measured, it runs in either mode (on a GPU, Triton's in recompute only).
             if self.memory == "recompute" or (h.device.type == "cpu" and ops.fuses_conv1x1(h, bn, conv, self.backend)):
-                h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
+                if i == 0 and h.device.type == "cpu":  # (the recomputing unit's skip, as below)
+                    h, skip = ops.bn_relu_conv_with_skip(h, bn, conv, backend=self.backend)
+                else:
+                    h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
             elif i == 0 and h.device.type == "cpu":  # the skip branch's gradient joins the BN-ReLU's backward pass
                 y, skip = bn.forward_with_skip(h)
                 h = conv(y)

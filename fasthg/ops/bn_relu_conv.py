@@ -61,11 +61,13 @@ def _conv_dtype(x):
 class _BNReLUConvRecompute(torch.autograd.Function):
     """Training only. Inputs after x: the BN's weight and bias (in the statistics' dtype), its
     running statistics (None: not tracked), constants, each convolution's (stride, padding,
-    dilation), then each convolution's weight and bias (in the convolution's dtype; bias may
-    be None). One output per convolution, all from the same relu(bn(x))."""
+    dilation), `tee`, then each convolution's weight and bias (in the convolution's dtype; bias
+    may be None). One output per convolution, all from the same relu(bn(x)); with tee, x as
+    well (for a residual block's skip branch, whose gradient then joins the BN-ReLU's backward
+    pass: fasthg::bn_relu_train_backward_skip)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry,
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry, tee,
                 *conv_params):
         ops = _OPS[which]
         if group is None and x.device.type in ops.train_devices:
@@ -84,11 +86,17 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd, *weights)
         ctx.which, ctx.group, ctx.count, ctx.geometry = which, group, count, geometry
         ctx.has_bias = tuple(b is not None for b in biases)
+        ctx.tee = tee
         ctx.set_materialize_grads(False)  # an output nobody used costs no convolution backward
+        if tee:
+            return outs + (x,)
         return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        grad_skip = None
+        if ctx.tee:
+            *grad_outs, grad_skip = grad_outs
         x, weight, bias, mean, invstd, *weights = ctx.saved_tensors
         ops = _OPS[ctx.which]
         need = ctx.needs_input_grad
@@ -96,7 +104,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         y = ops.forward(x, mean, invstd, weight, bias).to(weights[0].dtype)  # the recompute
         grad_y, grad_params = None, []
         for k, (g, w, geo, has_bias) in enumerate(zip(grad_outs, weights, ctx.geometry, ctx.has_bias)):
-            need_w, need_b = need[10 + 2 * k], need[11 + 2 * k]
+            need_w, need_b = need[11 + 2 * k], need[12 + 2 * k]
             if g is None:
                 grad_params += [None, None]
                 continue
@@ -106,18 +114,24 @@ class _BNReLUConvRecompute(torch.autograd.Function):
             if gy is not None:
                 grad_y = gy if grad_y is None else grad_y + gy
         del y
-        grad_x = grad_w = grad_b = None
+        grad_x, grad_w, grad_b = grad_skip, None, None
         if grad_y is not None:
             grad_y = grad_y.to(x.dtype)
             if ctx.group is None and x.device.type in ops.train_devices:
-                grad_x, grad_b, grad_w = torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd, weight,
-                                                                                 bias)
+                if grad_skip is None:
+                    grad_x, grad_b, grad_w = torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd,
+                                                                                     weight, bias)
+                else:
+                    grad_x, grad_b, grad_w = torch.ops.fasthg.bn_relu_train_backward_skip(
+                        grad_y, x, mean, invstd, weight, bias, grad_skip)
             else:
                 grad_b, grad_w = ops.backward_reduce(grad_y, x, mean, invstd, weight, bias)
                 mean_g, mean_gx = _grad_means(grad_b, grad_w, ctx.count, ctx.group)
                 if need[0]:
                     grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, mean_g, mean_gx)
-        return (grad_x, grad_w, grad_b) + (None,) * 7 + tuple(grad_params)
+                    if grad_skip is not None:
+                        grad_x = grad_x + grad_skip
+        return (grad_x, grad_w, grad_b) + (None,) * 8 + tuple(grad_params)
 
 
 def _training_bn(x, bn):
@@ -131,8 +145,9 @@ def _training_bn(x, bn):
     return rm, rv, factor, weight, bias
 
 
-def _recompute(which, x, bn, convs, group):
-    """The recomputing unit on backend `which` (native or triton)."""
+def _recompute(which, x, bn, convs, group, tee=False):
+    """The recomputing unit on backend `which` (native or triton); with tee, x as well (as
+    _BNReLUConvRecompute returns it) after the convolutions' outputs."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
     cdtype = _conv_dtype(x)
     params = []
@@ -145,8 +160,8 @@ def _recompute(which, x, bn, convs, group):
         params += [_as_dtype(conv.weight, cdtype), None if conv.bias is None else _as_dtype(conv.bias, cdtype)]
     geometry = tuple((tuple(m.stride), tuple(m.padding), tuple(m.dilation)) for m in convs)
     out = _BNReLUConvRecompute.apply(x, weight, bias, rm, rv, float(factor), float(bn.eps), which, group, geometry,
-                                     *params)
-    return out if len(convs) > 1 else (out,)
+                                     tee, *params)
+    return out if len(convs) > 1 or tee else (out,)
 
 
 def _stored(backend, x, bn, convs, group):
@@ -241,6 +256,23 @@ def bn_relu_convs(x, bn, convs, backend="auto"):
     return _unit(which, x, bn, convs, group)(which, x, bn, convs, group)
 
 
+def bn_relu_conv_with_skip(x, bn, conv, backend="auto"):
+    """(bn_relu_conv(x, bn, conv, backend), skip) for an x that a residual block also feeds to
+    its skip branch, which should take `skip` instead: x's values (a view), whose gradient the
+    recomputing unit adds in its BN-ReLU's backward pass (fasthg.ops.bn_relu_with_skip's, for
+    this unit). Where another implementation runs (eager, eval, the fused 1x1 unit), skip is x."""
+    check_modules(bn, conv)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.requires_grad and bn.training
+            and torch.is_grad_enabled()):
+        return bn_relu_conv(x, bn, conv, backend), x
+    which = _backend.resolve(backend, "bn_relu", x)
+    group = _sync_group(True, getattr(bn, "process_group", None)) if getattr(bn, "sync", False) else None
+    if x.shape[1] != bn.num_features or _unit(which, x, bn, (conv,), group) is not _recompute:
+        return bn_relu_conv(x, bn, conv, backend), x
+    out, skip = _recompute(which, x, bn, (conv,), group, tee=True)
+    return out, skip
+
+
 def bn_relu_conv(x, bn, conv, backend="auto"):
     """conv(relu(bn(x))), `bn` an nn.BatchNorm2d (fasthg.nn.BNReLU included: its sync and
     process_group apply) and `conv` an nn.Conv2d (groups 1, numeric padding, zero padding mode),
@@ -250,4 +282,4 @@ def bn_relu_conv(x, bn, conv, backend="auto"):
     return bn_relu_convs(x, bn, (conv,), backend)[0]
 
 
-__all__ = ["bn_relu_conv", "bn_relu_convs", "check_modules", "fuses_conv1x1"]
+__all__ = ["bn_relu_conv", "bn_relu_conv_with_skip", "bn_relu_convs", "check_modules", "fuses_conv1x1"]
