@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from fasthg.ops import _backend, _ext, reference, registry
-from fasthg.ops.bn_relu import (_OPS as _BN_RELU_OPS, _as_dtype, _batch_statistics, _grad_means, _param_dtype,
+from fasthg.ops.bn_relu import (_OPS as _BN_RELU_OPS, _affine, _batch_statistics, _grad_means, _param_dtype,
                                 _running_invstd, _sync_group, _update_running_stats, check_args as _check_bn_args)
 from fasthg.ops.layout import memory_format_of
 
@@ -138,10 +138,8 @@ def bn_add_relu(x, residual, weight=None, bias=None, running_mean=None, running_
     group = _sync_group(sync, process_group) if training else None
     if which == "eager" and group is None:
         return reference.bn_add_relu(x, residual, weight, bias, running_mean, running_var, training, momentum, eps)
-    pdtype = _param_dtype(x)
     c = x.shape[1]
-    weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
-    bias = x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype)
+    weight, bias = _affine(x, weight, bias)
     ops = _OPS[which]
     if training and group is None and x.device.type in ops.train_devices:
         y, mean, var = ops.train(x, residual, weight, bias, float(eps))
@@ -150,7 +148,7 @@ def bn_add_relu(x, residual, weight=None, bias=None, running_mean=None, running_
         return y
     if not training and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight, bias))):
         # inference: one elementwise op, without an autograd Function around it
-        return ops.forward(x, residual, *_running_invstd(running_mean, running_var, eps, pdtype), weight, bias)
+        return ops.forward(x, residual, *_running_invstd(running_mean, running_var, eps, weight.dtype), weight, bias)
     return _BNAddReLU.apply(x, residual, weight, bias, running_mean, running_var, bool(training), float(momentum),
                             float(eps), ops, group)
 

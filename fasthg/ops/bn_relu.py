@@ -197,6 +197,21 @@ def _as_dtype(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _affine(x, weight, bias):
+    """The BN's weight and bias in the statistics' dtype: ones and zeros where it has none."""
+    pdtype, c = _param_dtype(x), x.shape[1]
+    return (x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype),
+            x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype))
+
+
+def _train_backward(grad_y, x, mean, invstd, weight, bias, grad_skip=None):
+    """The native one-call training backward, (grad_x, sum_g, sum_g_xhat), with grad_skip
+    (the gradient of a branch that also took x) added to grad_x where it is not None."""
+    if grad_skip is None:
+        return torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd, weight, bias)
+    return torch.ops.fasthg.bn_relu_train_backward_skip(grad_y, x, mean, invstd, weight, bias, grad_skip)
+
+
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """As nn.BatchNorm2d: the unbiased batch variance goes into running_var. (One foreach
     call, half the time of two lerps; mean and var never require grad. `var.mul(f)` rather
@@ -258,11 +273,7 @@ class _BNReLUSkip(torch.autograd.Function):
         if grad_y is None:
             return grad_skip, None, None, None
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        if grad_skip is None:
-            grad_x, sum_g, sum_gx = torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd, weight, bias)
-        else:
-            grad_x, sum_g, sum_gx = torch.ops.fasthg.bn_relu_train_backward_skip(grad_y, x, mean, invstd, weight,
-                                                                                bias, grad_skip)
+        grad_x, sum_g, sum_gx = _train_backward(grad_y, x, mean, invstd, weight, bias, grad_skip)
         return grad_x, sum_gx, sum_g, None
 
 
@@ -278,10 +289,8 @@ def bn_relu_with_skip(x, weight=None, bias=None, running_mean=None, running_var=
     if not fused:
         return bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, backend, sync,
                        process_group), x
-    pdtype = _param_dtype(x)
     c = x.shape[1]
-    weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
-    bias = x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype)
+    weight, bias = _affine(x, weight, bias)
     y, mean, var, skip = _BNReLUSkip.apply(x, weight, bias, float(eps))
     if running_mean is not None:
         _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
@@ -344,10 +353,8 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
     if which == "eager" and group is None:
         y = reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps)
         return y if out is None else out.copy_(y)
-    pdtype = _param_dtype(x)
     c = x.shape[1]
-    weight = x.new_ones(c, dtype=pdtype) if weight is None else _as_dtype(weight, pdtype)
-    bias = x.new_zeros(c, dtype=pdtype) if bias is None else _as_dtype(bias, pdtype)
+    weight, bias = _affine(x, weight, bias)
     ops = _OPS[which]
     if training and group is None and x.device.type in ops.train_devices:
         y, mean, var = ops.train(x, weight, bias, float(eps))
@@ -356,7 +363,7 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
         return y
     if not training and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
         # inference: one elementwise op, without an autograd Function around it
-        stats = _running_invstd(running_mean, running_var, eps, pdtype)
+        stats = _running_invstd(running_mean, running_var, eps, weight.dtype)
         if out is None:
             return ops.forward(x, *stats, weight, bias)
         ops.forward_into(x, *stats, weight, bias, out)

@@ -26,8 +26,8 @@ from torch import nn
 from fasthg.ops import _backend
 from fasthg.ops import conv1x1 as _conv1x1
 from fasthg.ops.conv1x1 import bn_relu_conv1x1
-from fasthg.ops.bn_relu import (_OPS, _as_dtype, _batch_statistics, _grad_means, _param_dtype, _sync_group,
-                                 _update_running_stats, batch_norm_args, bn_relu, check_args)
+from fasthg.ops.bn_relu import (_OPS, _affine, _as_dtype, _batch_statistics, _grad_means, _sync_group,
+                                 _train_backward, _update_running_stats, batch_norm_args, bn_relu, check_args)
 
 _FP_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
@@ -118,12 +118,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         if grad_y is not None:
             grad_y = grad_y.to(x.dtype)
             if ctx.group is None and x.device.type in ops.train_devices:
-                if grad_skip is None:
-                    grad_x, grad_b, grad_w = torch.ops.fasthg.bn_relu_train_backward(grad_y, x, mean, invstd,
-                                                                                     weight, bias)
-                else:
-                    grad_x, grad_b, grad_w = torch.ops.fasthg.bn_relu_train_backward_skip(
-                        grad_y, x, mean, invstd, weight, bias, grad_skip)
+                grad_x, grad_b, grad_w = _train_backward(grad_y, x, mean, invstd, weight, bias, grad_skip)
             else:
                 grad_b, grad_w = ops.backward_reduce(grad_y, x, mean, invstd, weight, bias)
                 mean_g, mean_gx = _grad_means(grad_b, grad_w, ctx.count, ctx.group)
@@ -139,10 +134,7 @@ def _training_bn(x, bn):
     statistics' dtype (ones and zeros where it has none), checked against x for training."""
     rm, rv, _, factor = batch_norm_args(bn)  # (training: batch statistics)
     check_args(x, bn.weight, bn.bias, rm, rv, True)
-    pdtype, c = _param_dtype(x), x.shape[1]
-    weight = x.new_ones(c, dtype=pdtype) if bn.weight is None else _as_dtype(bn.weight, pdtype)
-    bias = x.new_zeros(c, dtype=pdtype) if bn.bias is None else _as_dtype(bn.bias, pdtype)
-    return rm, rv, factor, weight, bias
+    return (rm, rv, factor) + _affine(x, bn.weight, bn.bias)
 
 
 def _recompute(which, x, bn, convs, group, tee=False):
@@ -237,9 +229,9 @@ def fuses_conv1x1(x, bn, conv, backend="auto") -> bool:
     return _fuses_conv1x1(_backend.resolve(backend, "bn_relu", x), x, (conv,), None)
 
 
-def bn_relu_convs(x, bn, convs, backend="auto"):
-    """(conv(relu(bn(x))) for conv in convs): several convolutions reading one BN-ReLU's output
-    (each as bn_relu_conv requires), which the recomputing unit does not store either."""
+def _checked(x, bn, convs, backend):
+    """The concrete backend and the process group (or None) for bn_relu_convs' arguments,
+    after the checks every entry gives."""
     if not convs:
         raise ValueError("bn_relu_convs: `convs` must name at least one convolution")
     for conv in convs:
@@ -251,6 +243,13 @@ def bn_relu_convs(x, bn, convs, backend="auto"):
     group = None
     if bn.training and getattr(bn, "sync", False):
         group = _sync_group(True, getattr(bn, "process_group", None))
+    return which, group
+
+
+def bn_relu_convs(x, bn, convs, backend="auto"):
+    """(conv(relu(bn(x))) for conv in convs): several convolutions reading one BN-ReLU's output
+    (each as bn_relu_conv requires), which the recomputing unit does not store either."""
+    which, group = _checked(x, bn, convs, backend)
     if not (bn.training and torch.is_grad_enabled()):  # nothing is saved for backward
         return _stored(which, x, bn, convs, group)
     return _unit(which, x, bn, convs, group)(which, x, bn, convs, group)
@@ -261,13 +260,9 @@ def bn_relu_conv_with_skip(x, bn, conv, backend="auto"):
     its skip branch, which should take `skip` instead: x's values (a view), whose gradient the
     recomputing unit adds in its BN-ReLU's backward pass (fasthg.ops.bn_relu_with_skip's, for
     this unit). Where another implementation runs (eager, eval, the fused 1x1 unit), skip is x."""
-    check_modules(bn, conv)
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.requires_grad and bn.training
-            and torch.is_grad_enabled()):
-        return bn_relu_conv(x, bn, conv, backend), x
-    which = _backend.resolve(backend, "bn_relu", x)
-    group = _sync_group(True, getattr(bn, "process_group", None)) if getattr(bn, "sync", False) else None
-    if x.shape[1] != bn.num_features or _unit(which, x, bn, (conv,), group) is not _recompute:
+    which, group = _checked(x, bn, (conv,), backend)
+    if (not (x.requires_grad and bn.training and torch.is_grad_enabled())
+            or _unit(which, x, bn, (conv,), group) is not _recompute):
         return bn_relu_conv(x, bn, conv, backend), x
     out, skip = _recompute(which, x, bn, (conv,), group, tee=True)
     return out, skip
