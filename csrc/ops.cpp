@@ -82,6 +82,9 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("bn_relu_conv1x1_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
         "Tensor bn_bias, Tensor conv_weight, bool training) -> (Tensor grad_x, Tensor grad_bn_weight, "
         "Tensor grad_bn_bias, Tensor grad_conv_weight, Tensor grad_conv_bias)");
+  // The weight and bias gradients of a stride-1 convolution with zero padding k // 2 (k odd),
+  // fasthg.ops.conv2d's backward: CPU, AMX for bfloat16 (csrc/cpu/conv2d.cpp).
+  m.def("conv2d_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> (Tensor grad_weight, Tensor grad_bias)");
   // Which GEMM kernel the CPU unit runs for a dtype here: avx512, avx2 or plain
   // (csrc/cpu/gemm_panels.h), or amx for bfloat16 on AMX CPUs (csrc/cpu/brgemm_bf16.h)
   m.def("cpu_gemm_kernel(ScalarType dtype) -> str");

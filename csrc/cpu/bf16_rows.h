@@ -45,5 +45,8 @@ void grad_input(const float* da, const uint16_t* x, int64_t n, const Channels& c
 // s[j] += src[j] for j < n.
 void add(const uint16_t* src, int64_t n, float* s);
 
+// The sum of src[0..n) in float (16 lanes, then across them).
+float sum(const uint16_t* src, int64_t n);
+
 }  // namespace bf16rows
 }  // namespace fasthg

@@ -122,6 +122,12 @@ void add(const uint16_t* src, int64_t n, float* s) {
   }
 }
 
+float sum(const uint16_t* src, int64_t n) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) s = _mm512_add_ps(s, load_bf16(src + j, lanes(j, n)));
+  return _mm512_reduce_add_ps(s);
+}
+
 }  // namespace bf16rows
 }  // namespace fasthg
 #pragma GCC pop_options
@@ -149,6 +155,7 @@ void store(const float*, const float*, int64_t, uint16_t*, float*, float*, bool)
 void masked_grad(const float*, const uint16_t*, int64_t, const Channels&, uint16_t*, float*, float*) {}
 void grad_input(const float*, const uint16_t*, int64_t, const Channels&, const float*, const float*, uint16_t*, bool) {}
 void add(const uint16_t*, int64_t, float*) {}
+float sum(const uint16_t*, int64_t) { return 0.f; }
 }  // namespace bf16rows
 }  // namespace fasthg
 #endif

@@ -32,6 +32,14 @@ void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumu
   }
 }
 
+void gemm_window(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
+                 const c10::BFloat16* b, int64_t kb, int64_t k0, float* c) {
+  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+    const int64_t w = std::min(kBlockN, n - j0);
+    at::native::cpublas::brgemm(m, w, k, lda, w, ldc, accumulate, a, b + j0 * kb + k0 * w, c + j0, /*is_vnni=*/true);
+  }
+}
+
 void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
 namespace {
@@ -70,22 +78,26 @@ C10_ALWAYS_INLINE void transpose8(__m256i v[8]) {
 }
 #endif
 
+// Rows r0 and r1 (null: zeros) interleaved: d[2j + i] = ri[j] for j < n.
+void pair_rows(const u16* r0, const u16* r1, int64_t n, u16* d) {
+  int64_t j = 0;
+  if (!r0 && !r1) {
+    std::memset(d, 0, 2 * n * sizeof(u16));
+    return;
+  }
+#ifdef __AVX2__
+  if (r0 && r1)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * j), pairs8(r0 + j, r1 + j));
+#endif
+  for (; j < n; ++j) {
+    d[2 * j] = r0 ? r0[j] : u16(0);
+    d[2 * j + 1] = r1 ? r1[j] : u16(0);
+  }
+}
+
 // One column block of vnni_pairs: [rows / 2][n][2].
 void pairs_block(const u16* src, int64_t rows, int64_t n, int64_t ld, u16* dst) {
-  for (int64_t p = 0; p < rows; p += 2) {
-    const u16* r0 = src + p * ld;
-    const u16* r1 = p + 1 < rows ? r0 + ld : nullptr;
-    u16* d = dst + p * n;
-    int64_t j = 0;
-#ifdef __AVX2__
-    if (r1)
-      for (; j + 8 <= n; j += 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * j), pairs8(r0 + j, r1 + j));
-#endif
-    for (; j < n; ++j) {
-      d[2 * j] = r0[j];
-      d[2 * j + 1] = r1 ? r1[j] : u16(0);
-    }
-  }
+  for (int64_t p = 0; p < rows; p += 2) pair_rows(src + p * ld, p + 1 < rows ? src + (p + 1) * ld : nullptr, n, dst + p * n);
 }
 
 }  // namespace
@@ -94,6 +106,17 @@ void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, 
   const int64_t k2 = rows + rows % 2;
   for (int64_t j0 = 0; j0 < n; j0 += kBlockN)
     pairs_block(bits(src_) + j0, rows, std::min(kBlockN, n - j0), ld, bits(dst_) + j0 * k2);
+}
+
+void vnni_pairs_of(const c10::BFloat16* const* rows, int64_t count, int64_t n, c10::BFloat16* dst_) {
+  u16* dst = bits(dst_);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+    const int64_t w = std::min(kBlockN, n - j0);
+    for (int64_t p = 0; p < count; p += 2) {
+      const c10::BFloat16 *r0 = rows[p], *r1 = rows[p + 1];
+      pair_rows(r0 ? bits(r0) + j0 : nullptr, r1 ? bits(r1) + j0 : nullptr, w, dst + j0 * count + p * w);
+    }
+  }
 }
 
 void transpose(const c10::BFloat16* src_, int64_t rows, int64_t rows_pad, int64_t n, int64_t ld_src,

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../bn_relu.h"
+#include "aligned_buffer.h"
 #include "bf16_rows.h"
 #include "bn_relu_vec8.h"
 #include "brgemm_bf16.h"
@@ -63,29 +64,6 @@ constexpr const char* kBwd = "bn_relu_conv1x1_backward";
 // Rows (pixels) per tile: the activation tile and the output tile (C channels and Cout
 // columns of floats each) stay in a core's L2 at the hourglass's widths (256).
 constexpr int64_t kTileRows = 192;
-
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// 64-byte aligned storage for the tiles and packed weights: with malloc's 16-byte alignment,
-// AMX tile loads of rows straddling cache lines ran the bf16 forward up to 1.8x slower, in
-// some processes and not others (benchmarks/results/HISTORY.md).
-template <typename T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <typename U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) {
-    void* p = std::aligned_alloc(64, static_cast<size_t>(round_up(static_cast<int64_t>(n * sizeof(T)), 64)));
-    if (!p) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, size_t) { std::free(p); }
-  template <typename U>
-  bool operator==(const Aligned64<U>&) const { return true; }
-};
-template <typename T>
-using Buffer = std::vector<T, Aligned64<T>>;
 
 template <typename T>
 gemm::Kernel<T> kernel_for();

@@ -45,6 +45,7 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.nn import BNAddReLU, BNReLU
+from fasthg.nn.conv2d import is_plain
 from fasthg.ops.bn_relu_conv import check_modules
 
 MEMORY_MODES = ("default", "recompute")
@@ -542,7 +543,7 @@ def _rewrite_bn_relu_conv(root, graphs, path, options, report, before):
                 continue
             where = f"{_join(path, node.target)} -> {conv_node.target}"
             why = None
-            if type(conv) is not nn.Conv2d or _has_hooks(conv):
+            if not is_plain(conv) or _has_hooks(conv):
                 why = f"{type(conv).__name__} is a subclass of Conv2d or has hooks"
             elif conv_node.args != (node,) or conv_node.kwargs:
                 why = "the convolution is called with other arguments"

@@ -43,6 +43,7 @@ from torch import nn
 from fasthg import ops
 from fasthg.models.hourglass import Hourglass, Residual, StackedHourglass
 from fasthg.nn import BNReLU, MaxPool2x2
+from fasthg.nn.conv2d import is_plain
 from fasthg.ops.layout import memory_format_of
 
 # Packed weights kept per module, one per (dtype, input shape); a few shapes cover a run
@@ -219,7 +220,7 @@ def _fold_sequential(seq: nn.Sequential, prefix: str, folded: List[str]) -> None
     i = 0
     while i < len(children) - 1:
         (cname, conv), (bname, bn) = children[i], children[i + 1]
-        if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+        if is_plain(conv) and isinstance(bn, nn.BatchNorm2d):
             after = children[i + 2][1] if i + 2 < len(children) else None
             why = _why_not(conv, bn, after)
             if why:
@@ -240,7 +241,7 @@ def _fold_sequential(seq: nn.Sequential, prefix: str, folded: List[str]) -> None
 
 
 def _packable(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+    return (is_plain(conv) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 

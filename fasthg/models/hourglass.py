@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fasthg import ops
-from fasthg.nn import BNReLU, MaxPool2x2
+from fasthg.nn import BNReLU, Conv2d, MaxPool2x2
 
 
 MEMORY = ("default", "recompute")
@@ -31,11 +31,11 @@ class Residual(nn.Module):
         self.backend, self.memory = backend, memory
         mid = out_channels // 2
         self.body = nn.Sequential(
-            BNReLU(in_channels, backend=backend), nn.Conv2d(in_channels, mid, 1),
-            BNReLU(mid, backend=backend), nn.Conv2d(mid, mid, 3, padding=1),
-            BNReLU(mid, backend=backend), nn.Conv2d(mid, out_channels, 1),
+            BNReLU(in_channels, backend=backend), Conv2d(in_channels, mid, 1, backend=backend),
+            BNReLU(mid, backend=backend), Conv2d(mid, mid, 3, padding=1, backend=backend),
+            BNReLU(mid, backend=backend), Conv2d(mid, out_channels, 1, backend=backend),
         )
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.skip = nn.Identity() if in_channels == out_channels else Conv2d(in_channels, out_channels, 1, backend=backend)
 
     def forward(self, x):
         h = skip = x
@@ -184,12 +184,12 @@ class StackedHourglass(nn.Module):
             self.register_buffer("input_shift", (0.5 - mean) / std, persistent=False)
         self.hourglasses = nn.ModuleList(Hourglass(depth, f, backend, memory, num_blocks) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(residuals(f, num_blocks, backend, memory), nn.Conv2d(f, f, 1), BNReLU(f, backend=backend))
+            nn.Sequential(residuals(f, num_blocks, backend, memory), Conv2d(f, f, 1, backend=backend), BNReLU(f, backend=backend))
             for _ in range(num_stacks))
-        self.heads = nn.ModuleList(nn.Conv2d(f, num_joints, 1) for _ in range(num_stacks))
+        self.heads = nn.ModuleList(Conv2d(f, num_joints, 1, backend=backend) for _ in range(num_stacks))
         # Intermediate supervision: each stack's features and heatmaps re-enter the next.
-        self.remap_features = nn.ModuleList(nn.Conv2d(f, f, 1) for _ in range(num_stacks - 1))
-        self.remap_heatmaps = nn.ModuleList(nn.Conv2d(num_joints, f, 1) for _ in range(num_stacks - 1))
+        self.remap_features = nn.ModuleList(Conv2d(f, f, 1, backend=backend) for _ in range(num_stacks - 1))
+        self.remap_heatmaps = nn.ModuleList(Conv2d(num_joints, f, 1, backend=backend) for _ in range(num_stacks - 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -5,7 +5,7 @@ backward) and the normalised activation y = relu(bn(x)) (for the convolution's w
 gradient). Here autograd saves only x and the per-channel statistics (mean, invstd): the
 forward runs the fused BN-ReLU and the convolution and frees y; the backward recomputes y
 in one fused pass (bn_relu_forward with the saved statistics), runs the convolution's
-backward (aten.convolution_backward), then the fused BN-ReLU backward, which recomputes the
+backward (fasthg.ops.conv2d.backward: ATen's, the weight gradient on AMX where that runs), then the fused BN-ReLU backward, which recomputes the
 ReLU mask from x and the statistics itself. One extra elementwise pass per unit in the
 backward buys half the unit's saved activations (2C instead of 4C per pixel in a bottleneck).
 
@@ -26,6 +26,7 @@ from torch import nn
 from fasthg.ops import _backend
 from fasthg.ops import conv1x1 as _conv1x1
 from fasthg.ops.conv1x1 import bn_relu_conv1x1
+from fasthg.ops.conv2d import backward as conv_backward
 from fasthg.ops.bn_relu import (_OPS, _affine, _as_dtype, _batch_statistics, _grad_means, _sync_group,
                                  _train_backward, _update_running_stats, batch_norm_args, bn_relu, check_args)
 
@@ -108,8 +109,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
             if g is None:
                 grad_params += [None, None]
                 continue
-            gy, gw, gb = torch.ops.aten.convolution_backward(
-                g, y, w, [w.shape[0]] if has_bias else None, *geo, False, [0, 0], 1, [need_y, need_w, need_b])
+            gy, gw, gb = conv_backward(g, y, w, has_bias, *geo, 1, [need_y, need_w, need_b])
             grad_params += [gw, gb]
             if gy is not None:
                 grad_y = gy if grad_y is None else grad_y + gy

@@ -1,10 +1,12 @@
 """conv_add(x, conv, residual) = conv(x) + residual: a residual block's last convolution and
 its merge with the skip branch (and a stack's remap convolutions with the input they join).
+conv is an nn.Conv2d or a fasthg.nn.Conv2d.
 
 On the CPU the add runs in oneDNN's convolution epilogue (its binary post-op, which ATen
 exposes as mkldnn._convolution_pointwise), while each output tile is in cache, instead of as
 a pass over three tensors of its own; the sum is rounded once. The backward is the
-convolution's (aten.convolution_backward), and the residual's gradient is grad_out itself.
+convolution's (fasthg.ops.conv2d.backward: aten.convolution_backward, the weight gradient on
+AMX where that runs), and the residual's gradient is grad_out itself.
 Elsewhere, and with backend="eager", it is the composition: conv(x) + residual.
 """
 import functools
@@ -13,6 +15,15 @@ import torch
 from torch import nn
 
 from fasthg.ops import _backend
+from fasthg.ops.conv2d import backward as conv_backward
+from fasthg.ops.conv2d import compute_dtype
+
+
+def _is_plain(conv) -> bool:
+    from fasthg.nn.conv2d import is_plain  # (fasthg.nn imports fasthg.ops)
+
+    return is_plain(conv)
+
 
 def reference(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor) -> torch.Tensor:
     return conv(x) + residual
@@ -31,13 +42,6 @@ def _fused_dtypes() -> tuple:
     return (torch.float32, torch.bfloat16) if supported is not None and supported() else (torch.float32,)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype conv(x) computes in: autocast's where it is on (as for ATen's convolution)."""
-    if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype
-
-
 def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> bool:
     """Whether conv_add runs fused: a CPU nn.Conv2d with zero padding given as numbers, x and
     residual channels_last, residual shaped like the output and in the dtype the convolution
@@ -45,11 +49,11 @@ def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str
     other than eager."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    if backend == "eager" or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+    if backend == "eager" or not _is_plain(conv) or conv.padding_mode != "zeros":
         return False
     if isinstance(conv.padding, str) or x.device.type != "cpu" or x.dim() != 4 or _pointwise() is None:
         return False
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if dtype not in _fused_dtypes() or residual.dtype != dtype or residual.dim() != 4:
         return False
     cl = torch.channels_last
@@ -73,10 +77,8 @@ class _ConvAdd(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conf
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
-            groups, mask)
+        gx, gw, gb = conv_backward(grad, x, weight, has_bias, stride, padding, dilation, groups,
+                                   ctx.needs_input_grad[:3])
         return gx, gw, gb, grad, None, None, None, None
 
 
@@ -85,7 +87,7 @@ def conv_add(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: 
     CPU, channels_last, float32 or bf16 autocast); elsewhere the composition."""
     if not fuses(x, conv, residual, backend):
         return reference(x, conv, residual)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     weight = conv.weight.to(dtype)
     bias = None if conv.bias is None else conv.bias.to(dtype)
     return _ConvAdd.apply(x.to(dtype), weight, bias, residual, list(conv.stride), list(conv.padding),

@@ -1,0 +1,158 @@
+// CPU kernel of fasthg.ops.conv2d's weight and bias gradients for bfloat16 on AMX CPUs. There
+// oneDNN's bf16 weight gradient takes 2-3x its own forward (1x1 and 3x3, benchmarks/results/
+// HISTORY.md); here it is nine (k^2) batch-reduce GEMMs on the same AMX micro-kernel the
+// forward runs, per band of output rows: dW[kh][kw] += G^T X_(kh,kw), A the band's output
+// gradient transposed (Cout x pixels), B the band's input shifted by (kh - p, kw - p) in VNNI
+// pairs. Image rows are padded to an even width in both, so that a shift by whole rows (kh) is
+// a window of one B per kw, and pairs never straddle two rows. Accumulation in float (bias in
+// double), rounded once into the weight's dtype.
+// Stride 1, zero padding k / 2, dilation 1, one group: the hourglass's convolutions. Other
+// dtypes and CPUs without AMX take ATen's convolution_backward, so that the op is defined
+// everywhere; fasthg.ops.conv2d calls it only where it runs on AMX.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "bf16_rows.h"
+#include "brgemm_bf16.h"
+#include "channel_passes.h"
+
+namespace fasthg {
+namespace {
+
+constexpr const char* kOp = "conv2d_weight_grad";
+
+// Output pixels per band: A (Cout x 512 bf16), the k shifted Bs and the k^2 float
+// accumulators stay in a core's 2 MB L2 at the hourglass's widths (128 channels, 3x3: 1.2 MB).
+constexpr int64_t kBandPixels = 512;
+
+// K per AMX bf16 tile: a band's K rounded up to it, so that brgemm runs no K tail.
+constexpr int64_t kAmxK = 32;
+
+using bf16 = c10::BFloat16;
+
+const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+bool runs_on_amx(const at::Tensor& x, int64_t c, int64_t cout) {
+  static const bool rows = bf16rows::available();
+  return x.scalar_type() == at::kBFloat16 && c % 2 == 0 && cout % 2 == 0 && rows && amx::bf16_available();
+}
+
+// gw [cout][c][k][k] and gb [cout] (x's dtype) from g [n][h][w][cout] and x [n][h][w][c].
+// A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
+// sides to an even width wq, in VNNI pairs once: B, pixel (yy, xs) at row yy wq + xs + p.
+// Tap (kh, kw) pairs output pixel (y, x) with B's row (y + kh) wq + x + kw: a window of B from
+// row kh wq (even), against A_kw = the band's gradient transposed with output pixel (y, x) at
+// column y wq + x + kw (zeros between), one aligned copy of A_0 per kw.
+void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const at::Tensor& gw,
+                     const at::Tensor& gb) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), cout = g.size(1), p = k / 2;
+  const int64_t wq = round_up(w + 2 * p, 2), band = std::clamp(kBandPixels / wq, int64_t(1), h);
+  const int64_t bands = (h + band - 1) / band, taps = k * k;
+  // A's columns and B's rows (pixels), at most: K a multiple of AMX's 32 (A's extra columns zero,
+  // B's extra rows zero, never NaN times zero).
+  const int64_t ka = round_up(band * wq, kAmxK), kb_max = (k - 1) * wq + ka;
+  const bf16* xp = in<bf16>(x);
+  const bf16* gp = in<bf16>(g);
+  // Read before the parallel loop: inside it, get_num_threads is the nested one.
+  std::vector<Buffer<float>> acc(at::get_num_threads());
+  std::vector<std::vector<double>> bias_acc(acc.size());
+  at::parallel_for(0, n * bands, 1, [&](int64_t t0, int64_t t1) {
+    Buffer<float>& dw = acc[at::get_thread_num()];
+    std::vector<double>& db = bias_acc[at::get_thread_num()];
+    dw.resize(taps * cout * c);
+    db.assign(cout, 0.0);
+    Buffer<bf16> a(k * cout * ka), b(kb_max * c);
+    std::vector<const bf16*> rows(kb_max);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t img = t / bands, y0 = (t % bands) * band, r = std::min(band, h - y0);
+      const int64_t kk = round_up(r * wq, kAmxK), kb = (k - 1) * wq + kk;
+      const bf16* xi = xp + img * h * w * c;
+      const bf16* gi = gp + (img * h + y0) * w * cout;
+      for (int64_t y = 0; y < r; ++y) amx::transpose(gi + y * w * cout, w, wq, cout, cout, a.data() + y * wq, kk);
+      for (int64_t j = 0; j < cout; ++j) std::fill(a.data() + j * kk + r * wq, a.data() + (j + 1) * kk, bf16(0.f));
+      for (int64_t j = 0; j < cout; ++j) {
+        const bf16* a0 = a.data() + j * kk;
+        db[j] += bf16rows::sum(bits(a0), r * wq);
+        for (int64_t kw = 1; kw < k; ++kw) {
+          bf16* dst = a.data() + (kw * cout + j) * kk;
+          std::memset(dst, 0, kw * sizeof(bf16));
+          std::memcpy(dst + kw, a0, (kk - kw) * sizeof(bf16));
+        }
+      }
+      for (int64_t i = 0; i < kb; ++i) {
+        const int64_t ys = y0 + i / wq - p, xs = i % wq - p;
+        rows[i] = i < (r + 2 * p) * wq && ys >= 0 && ys < h && xs >= 0 && xs < w ? xi + (ys * w + xs) * c : nullptr;
+      }
+      amx::vnni_pairs_of(rows.data(), kb, c, b.data());
+      for (int64_t kh = 0; kh < k; ++kh)
+        for (int64_t kw = 0; kw < k; ++kw)  // the thread's first band starts its sums
+          amx::gemm_window(cout, c, kk, kk, c, t > t0, a.data() + kw * cout * kk, b.data(), kb, kh * wq,
+                           dw.data() + (kh * k + kw) * cout * c);
+    }
+    amx::release();
+  });
+  bf16* gwp = out<bf16>(gw);
+  bf16* gbp = out<bf16>(gb);
+  at::parallel_for(0, cout, 8, [&](int64_t j0, int64_t j1) {
+    std::vector<float> row(c);
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        std::fill(row.begin(), row.end(), 0.f);
+        for (const auto& part : acc)
+          if (!part.empty())
+            for (int64_t i = 0; i < c; ++i) row[i] += part[(tap * cout + j) * c + i];
+        for (int64_t i = 0; i < c; ++i) gwp[(j * c + i) * taps + tap] = static_cast<bf16>(row[i]);
+      }
+      double v = 0.0;
+      for (const auto& part : bias_acc)
+        if (!part.empty()) v += part[j];
+      gbp[j] = static_cast<bf16>(static_cast<float>(v));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                   const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4, kOp, ": `x` must be 4-D [N, C, H, W], got ", x.sizes());
+  const int64_t k = weight.dim() == 4 ? weight.size(2) : 0;
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(3) == k && k % 2 == 1,
+              kOp, ": `weight` must be [Cout, ", x.size(1), ", k, k] with k odd (stride 1, padding k // 2), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), kOp,
+              ": `weight` must be ", x.scalar_type(), " on ", x.device(), ", got ", weight.scalar_type(), " on ",
+              weight.device());
+  const int64_t cout = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == cout &&
+                  grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3) &&
+                  grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+              kOp, ": `grad_out` must be [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), "] ",
+              x.scalar_type(), " on ", x.device(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  if (!runs_on_amx(x, x.size(1), cout) || x.numel() == 0) {
+    const int64_t p = k / 2;
+    auto grads = at::convolution_backward(grad_out, x, weight, at::IntArrayRef{cout}, {1, 1}, {p, p}, {1, 1}, false,
+                                          {0, 0}, 1, {false, true, true});
+    return {std::get<1>(grads).contiguous(weight.suggest_memory_format()), std::get<2>(grads)};
+  }
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor gc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gb = at::empty({cout}, weight.options());
+  weight_grad_amx(gc, xc, k, gw, gb);
+  return {gw.contiguous(weight.suggest_memory_format()), gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasthg, CPU, m) { m.impl("conv2d_weight_grad", &weight_grad_cpu); }
+
+}  // namespace fasthg

@@ -1,0 +1,118 @@
+"""conv2d(x, conv): the convolution, with its weight and bias gradients from fasthg's AMX kernel
+(fasthg::conv2d_weight_grad, csrc/cpu/conv2d.cpp) where that runs: bfloat16 on AMX CPUs, a
+stride-1 convolution with an odd square kernel, zero padding k // 2, no dilation, one group,
+even channel counts, channels_last input (the hourglass's 1x1 and 3x3 convolutions). There
+oneDNN's bf16 weight gradient takes 2-3x its own forward; the forward and the input gradient
+stay oneDNN's (aten.convolution, aten.convolution_backward). Everywhere else, and with
+backend="eager", it is the module's own forward.
+
+`backward` is the same choice for the other fasthg ops that run a convolution's backward
+(conv_add, the recomputing BN-ReLU-conv unit).
+"""
+import torch
+from torch import nn
+
+from fasthg.ops import _backend, _ext
+
+
+def _amx() -> bool:
+    ops = getattr(torch.ops, "fasthg", None)
+    if _ext.LOAD_ERROR is not None or not hasattr(ops, "conv2d_weight_grad"):
+        return False
+    return torch.ops.fasthg.cpu_gemm_kernel(torch.bfloat16) == "amx"
+
+
+_AMX = _amx()  # once, at import: torch.compile traces through amx_available
+
+
+def amx_available() -> bool:
+    """Whether fasthg's extension is built and runs bf16 GEMMs on AMX here (csrc/cpu/brgemm_bf16.h)."""
+    return _AMX
+
+
+def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    if device_type != "cpu" or dtype != torch.bfloat16 or len(x_shape) != 4 or len(w_shape) != 4:
+        return False
+    cout, cin, k, kw = w_shape
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    if kw != k or k % 2 == 0 or geometry != ((1, 1), (k // 2, k // 2), (1, 1), 1):
+        return False
+    return cin == x_shape[1] and cin % 2 == 0 and cout % 2 == 0 and amx_available()
+
+
+def weight_grad_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
+    """Whether the weight gradient of this convolution of x runs on fasthg's AMX kernel."""
+    dtype = x.dtype if weight.dtype == x.dtype else None
+    return _takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
+
+
+def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups, mask):
+    """aten.convolution_backward(grad, x, weight, ...)'s (grad_x, grad_weight, grad_bias) for
+    the gradients mask asks for, the weight's and bias's from fasthg's kernel where it runs."""
+    mask = [mask[0], mask[1], has_bias and mask[2]]
+    if (mask[1] or mask[2]) and weight_grad_fuses(x, weight, stride, padding, dilation, groups):
+        gx = None
+        if mask[0]:
+            gx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0],
+                                                     groups, [True, False, False])[0]
+        gw, gb = torch.ops.fasthg.conv2d_weight_grad(grad, x, weight)
+        return gx, gw if mask[1] else None, gb if mask[2] else None
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, stride,
+                                               padding, dilation, False, [0, 0], groups, mask)
+
+
+def _fake_weight_grad(grad_out, x, weight):
+    return torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+
+
+if _ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, "fasthg", None), "conv2d_weight_grad"):
+    torch.library.register_fake("fasthg::conv2d_weight_grad", _fake_weight_grad)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of x computes in: autocast's where it is on (as ATen's)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
+    """Whether conv2d takes the AMX weight gradient: a backend other than eager, an nn.Conv2d
+    (or fasthg.nn.Conv2d) with numeric zero padding, x channels_last, gradients wanted, and the
+    geometry and dtype weight_grad_fuses takes."""
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if backend == "eager" or not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str) or not torch.is_grad_enabled() or x.dim() != 4:
+        return False
+    if not (x.requires_grad or conv.weight.requires_grad) or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return _takes(compute_dtype(x), x.device.type, x.shape, conv.weight.shape, conv.stride, conv.padding,
+                  conv.dilation, conv.groups)
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        gx, gw, gb = backward(grad, x, weight, has_bias, stride, padding, dilation, groups, ctx.needs_input_grad[:3])
+        return gx, gw, gb, None, None, None, None
+
+
+def conv2d(x: torch.Tensor, conv: nn.Conv2d, backend: str = "auto") -> torch.Tensor:
+    """conv(x), its weight and bias gradients on fasthg's AMX kernel where `fuses` says so."""
+    if not fuses(x, conv, backend):
+        return nn.Conv2d.forward(conv, x)
+    dtype = compute_dtype(x)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return _Conv2d.apply(x.to(dtype), conv.weight.to(dtype), bias, list(conv.stride), list(conv.padding),
+                         list(conv.dilation), conv.groups)

@@ -1,0 +1,163 @@
+"""fasthg.ops.conv2d / fasthg.nn.Conv2d: the convolution with its weight and bias gradients from
+fasthg::conv2d_weight_grad (AMX bf16 on AMX CPUs, ATen's elsewhere), against float64."""
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from fasthg import ops
+from fasthg.nn import Conv2d
+
+conv2d_module = importlib.import_module("fasthg.ops.conv2d")
+needs_native = pytest.mark.skipif(not hasattr(getattr(torch.ops, "fasthg", None), "conv2d_weight_grad"),
+                                  reason="the extension is not built")
+needs_amx = pytest.mark.skipif(not conv2d_module.amx_available(), reason="no AMX bf16 on this CPU")
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+# (batch, in, out, height, width, kernel): odd sizes, a channel block tail (130 = 2 x 64 + 2),
+# one pixel, several bands of rows (60 rows of 8), rows wider than a band (600), 5x5
+SHAPES = [(2, 6, 10, 7, 9, 3), (2, 6, 10, 7, 9, 1), (1, 4, 2, 1, 1, 3), (3, 8, 6, 5, 6, 5),
+          (2, 130, 66, 3, 5, 3), (1, 4, 6, 60, 8, 3), (1, 2, 2, 3, 600, 3), (2, 16, 256, 4, 4, 1)]
+TOLS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _inputs(shape, dtype, layout, seed):
+    n, cin, cout, h, w, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype).contiguous(memory_format=layout)
+    grad = torch.randn(n, cout, h, w, generator=g).to(dtype).contiguous(memory_format=layout)
+    weight = (torch.randn(cout, cin, k, k, generator=g) * 0.2).to(dtype).contiguous(memory_format=layout)
+    return x, grad, weight
+
+
+def _reference(x, grad, weight):
+    k = weight.shape[-1]
+    _, gw, gb = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), [weight.shape[0]],
+                                                    [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
+                                                    [False, True, True])
+    return gw, gb
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_weight_grad_against_float64(shape, layout, dtype, poison):
+    x, grad, weight = _inputs(shape, dtype, layout, seed=sum(shape))
+    gw, gb = torch.ops.fasthg.conv2d_weight_grad(grad, x, weight)
+    want_w, want_b = _reference(x, grad, weight)
+    assert gw.shape == weight.shape and gw.dtype == dtype and gb.shape == (shape[2],) and gb.dtype == dtype
+    assert not gw.isnan().any() and not gb.isnan().any()
+    assert rel_err(gw, want_w) < TOLS[dtype] and rel_err(gb, want_b) < TOLS[dtype]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", [(4, 64, 32, 16, 16, 3), (2, 128, 64, 8, 12, 1)], ids=str)
+def test_amx_weight_grad_as_close_as_onednns(shape):
+    """Float accumulation rounded once: as far from float64 as oneDNN's own bf16 weight gradient."""
+    x, grad, weight = _inputs(shape, torch.bfloat16, torch.channels_last, seed=1)
+    assert conv2d_module.weight_grad_fuses(x, weight, [1, 1], [shape[-1] // 2] * 2, [1, 1], 1)
+    gw, gb = torch.ops.fasthg.conv2d_weight_grad(grad, x, weight)
+    k = shape[-1]
+    _, ow, ob = torch.ops.aten.convolution_backward(grad, x, weight, [shape[2]], [1, 1], [k // 2, k // 2], [1, 1],
+                                                    False, [0, 0], 1, [False, True, True])
+    want_w, want_b = _reference(x, grad, weight)
+    assert rel_err(gw, want_w) <= 1.5 * rel_err(ow, want_w) + 1e-3
+    assert rel_err(gb, want_b) <= 1.5 * rel_err(ob, want_b) + 1e-3
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_opcheck(dtype):
+    x, grad, weight = _inputs((2, 6, 4, 5, 7, 3), dtype, torch.channels_last, seed=3)
+    torch.library.opcheck(torch.ops.fasthg.conv2d_weight_grad.default, (grad, x, weight))
+
+
+@needs_native
+def test_bad_arguments_are_clear_errors():
+    x, grad, weight = _inputs((2, 6, 4, 5, 7, 3), torch.bfloat16, torch.channels_last, seed=4)
+    op = torch.ops.fasthg.conv2d_weight_grad
+    with pytest.raises(RuntimeError, match="`weight` must be"):
+        op(grad, x, weight[:, :, :2, :2])
+    with pytest.raises(RuntimeError, match="`weight` must be"):
+        op(grad, x, weight.float())
+    with pytest.raises(RuntimeError, match="`grad_out` must be"):
+        op(grad[:, :, :4], x, weight)
+    with pytest.raises(RuntimeError, match="`x` must be 4-D"):
+        op(grad, x[0], weight)
+
+
+def _module_pair(cin, cout, k, seed, **kw):
+    torch.manual_seed(seed)
+    conv = Conv2d(cin, cout, k, padding=k // 2, **kw).to(memory_format=torch.channels_last)
+    ref = nn.Conv2d(cin, cout, k, padding=k // 2, bias=conv.bias is not None).double()
+    ref.load_state_dict({n: v.double() for n, v in conv.state_dict().items()})
+    return conv, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("k,bias", [(3, True), (1, False)])
+def test_module_values_and_gradients_against_float64(dtype, k, bias, poison):
+    """Under bf16 autocast (the weight in float32, as training keeps it) and in float32."""
+    conv, ref = _module_pair(8, 6, k, seed=k, bias=bias)
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        assert conv2d_module.fuses(x, conv) == (dtype == torch.bfloat16 and conv2d_module.amx_available())
+        out = conv(x)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.detach().double().requires_grad_()
+    want = ref(x64)
+    assert rel_err(out, want) < TOLS[dtype]
+    g = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, [x] + list(conv.parameters()), g.to(dtype))
+    exp = torch.autograd.grad(want, [x64] + list(ref.parameters()), g.to(dtype).double())
+    for a, b, t in zip(got, exp, [x] + list(conv.parameters())):
+        assert a.dtype == t.dtype and a.shape == t.shape and not a.isnan().any()
+        assert rel_err(a, b) < TOLS[dtype]
+
+
+def test_module_is_nn_conv2d_where_it_does_not_fuse(monkeypatch):
+    """eager backend, NCHW, float32, float64, stride 2, dilation, groups, even kernels, odd
+    channel counts, no gradient: nn.Conv2d's own forward, exactly."""
+    monkeypatch.setattr(conv2d_module._Conv2d, "apply", lambda *a: pytest.fail("fused"))
+    cl = torch.channels_last
+    cases = [(dict(backend="eager"), cl, True), (dict(), torch.contiguous_format, True),
+             (dict(stride=2), cl, True), (dict(dilation=2, padding=2), cl, True), (dict(groups=2), cl, True),
+             (dict(kernel_size=2, padding=0), cl, True), (dict(out_channels=5), cl, True), (dict(), cl, False)]
+    for kw, layout, grad in cases:
+        args = dict(in_channels=4, out_channels=6, kernel_size=3, padding=1)
+        args.update(kw)
+        backend = args.pop("backend", "auto")
+        torch.manual_seed(0)
+        conv = Conv2d(**args, backend=backend).to(memory_format=cl)
+        plain = nn.Conv2d(**args).to(memory_format=cl)
+        plain.load_state_dict(conv.state_dict())
+        x = torch.randn(2, 4, 8, 8).contiguous(memory_format=layout).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            torch.testing.assert_close(conv(x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(conv(x), plain(x), rtol=0, atol=0)
+    conv = Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(conv, (x,))
+
+
+def test_state_dict_is_nn_conv2ds():
+    assert Conv2d(4, 6, 3).state_dict().keys() == nn.Conv2d(4, 6, 3).state_dict().keys()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), Conv2d(4, 6, 3), backend="fast")
+
+
+@needs_amx
+def test_compiles_fullgraph():
+    conv, _ = _module_pair(8, 6, 3, seed=5)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+        want = conv(x)
+    torch.testing.assert_close(out, want)
+    got = torch.autograd.grad(out.float().sum(), [x, conv.weight])
+    exp = torch.autograd.grad(want.float().sum(), [x, conv.weight])
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b)
