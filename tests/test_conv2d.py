@@ -15,10 +15,11 @@ needs_native = pytest.mark.skipif(not hasattr(getattr(torch.ops, "fasthg", None)
                                   reason="the extension is not built")
 needs_amx = pytest.mark.skipif(not conv2d_module.amx_available(), reason="no AMX bf16 on this CPU")
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
-# (batch, in, out, height, width, kernel): odd sizes, a channel block tail (130 = 2 x 64 + 2),
-# one pixel, several bands of rows (60 rows of 8), rows wider than a band (600), 5x5
-SHAPES = [(2, 6, 10, 7, 9, 3), (2, 6, 10, 7, 9, 1), (1, 4, 2, 1, 1, 3), (3, 8, 6, 5, 6, 5),
-          (2, 130, 66, 3, 5, 3), (1, 4, 6, 60, 8, 3), (1, 2, 2, 3, 600, 3), (2, 16, 256, 4, 4, 1)]
+# (batch, in, out, height, width, kernel): odd sizes, 1x1 with more output channels (the
+# kernel's roles swap) and with fewer, a channel block tail (258 = 256 + 2), one pixel, several
+# bands of rows (120 rows of 8), rows wider than a band (800), 5x5
+SHAPES = [(2, 6, 10, 7, 9, 3), (2, 6, 10, 7, 9, 1), (3, 12, 4, 5, 3, 1), (1, 4, 2, 1, 1, 3), (3, 8, 6, 5, 6, 5),
+          (2, 258, 66, 3, 5, 3), (1, 4, 6, 120, 8, 3), (1, 2, 2, 3, 800, 3), (2, 16, 258, 4, 4, 1)]
 TOLS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

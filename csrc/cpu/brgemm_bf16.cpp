@@ -33,9 +33,9 @@ void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumu
 }
 
 void gemm_window(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
-                 const c10::BFloat16* b, int64_t kb, int64_t k0, float* c) {
-  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
-    const int64_t w = std::min(kBlockN, n - j0);
+                 const c10::BFloat16* b, int64_t kb, int64_t k0, float* c, int64_t block) {
+  for (int64_t j0 = 0; j0 < n; j0 += block) {
+    const int64_t w = std::min(block, n - j0);
     at::native::cpublas::brgemm(m, w, k, lda, w, ldc, accumulate, a, b + j0 * kb + k0 * w, c + j0, /*is_vnni=*/true);
   }
 }
@@ -108,10 +108,11 @@ void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, 
     pairs_block(bits(src_) + j0, rows, std::min(kBlockN, n - j0), ld, bits(dst_) + j0 * k2);
 }
 
-void vnni_pairs_of(const c10::BFloat16* const* rows, int64_t count, int64_t n, c10::BFloat16* dst_) {
+void vnni_pairs_of(const c10::BFloat16* const* rows, int64_t count, int64_t n, c10::BFloat16* dst_,
+                   int64_t block) {
   u16* dst = bits(dst_);
-  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
-    const int64_t w = std::min(kBlockN, n - j0);
+  for (int64_t j0 = 0; j0 < n; j0 += block) {
+    const int64_t w = std::min(block, n - j0);
     for (int64_t p = 0; p < count; p += 2) {
       const c10::BFloat16 *r0 = rows[p], *r1 = rows[p + 1];
       pair_rows(r0 ? bits(r0) + j0 : nullptr, r1 ? bits(r1) + j0 : nullptr, w, dst + j0 * count + p * w);

@@ -28,9 +28,9 @@ void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumu
           const c10::BFloat16* b, float* c);
 
 // gemm with B a k-row window of a larger B operand: rows [k0, k0 + k) (k0 even) of one laid
-// out as above for kb rows.
+// out as above for kb rows, in column blocks of `block`.
 void gemm_window(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
-                 const c10::BFloat16* b, int64_t kb, int64_t k0, float* c);
+                 const c10::BFloat16* b, int64_t kb, int64_t k0, float* c, int64_t block = kBlockN);
 
 // Frees this thread's AMX state: once per parallel chunk, after its last gemm.
 void release();
@@ -39,8 +39,9 @@ void release();
 void vnni_pairs(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* dst);
 
 // B operand rows from pointers: row p is rows[p][0..n) or, where rows[p] is null, zeros;
-// count even.
-void vnni_pairs_of(const c10::BFloat16* const* rows, int64_t count, int64_t n, c10::BFloat16* dst);
+// count even; column blocks of `block`.
+void vnni_pairs_of(const c10::BFloat16* const* rows, int64_t count, int64_t n, c10::BFloat16* dst,
+                   int64_t block = kBlockN);
 
 // dst[j * ld_dst + p] = src[p * ld_src + j] for p < rows, j < n, and zero for rows <= p < rows_pad.
 void transpose(const c10::BFloat16* src, int64_t rows, int64_t rows_pad, int64_t n, int64_t ld_src,

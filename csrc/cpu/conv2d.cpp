@@ -1,11 +1,10 @@
 // CPU kernel of fasthg.ops.conv2d's weight and bias gradients for bfloat16 on AMX CPUs. There
 // oneDNN's bf16 weight gradient takes 2-3x its own forward (1x1 and 3x3, benchmarks/results/
-// HISTORY.md); here it is nine (k^2) batch-reduce GEMMs on the same AMX micro-kernel the
-// forward runs, per band of output rows: dW[kh][kw] += G^T X_(kh,kw), A the band's output
+// HISTORY.md); here it is k^2 GEMMs on the AMX micro-kernel oneDNN's forward runs
+// (brgemm_bf16.h), per band of output rows: dW[kh][kw] += G^T X_(kh,kw), A the band's output
 // gradient transposed (Cout x pixels), B the band's input shifted by (kh - p, kw - p) in VNNI
-// pairs. Image rows are padded to an even width in both, so that a shift by whole rows (kh) is
-// a window of one B per kw, and pairs never straddle two rows. Accumulation in float (bias in
-// double), rounded once into the weight's dtype.
+// pairs. Accumulation in float per thread (the bias in double), rounded once into the weight's
+// dtype.
 // Stride 1, zero padding k / 2, dilation 1, one group: the hourglass's convolutions. Other
 // dtypes and CPUs without AMX take ATen's convolution_backward, so that the op is defined
 // everywhere; fasthg.ops.conv2d calls it only where it runs on AMX.
@@ -31,9 +30,17 @@ namespace {
 
 constexpr const char* kOp = "conv2d_weight_grad";
 
-// Output pixels per band: A (Cout x 512 bf16), the k shifted Bs and the k^2 float
-// accumulators stay in a core's 2 MB L2 at the hourglass's widths (128 channels, 3x3: 1.2 MB).
-constexpr int64_t kBandPixels = 512;
+// Output pixels per band: the k copies of A (Cout x 768 bf16), B and the k^2 float
+// accumulators stay in a core's 2 MB L2 at the hourglass's widths (128 channels, 3x3: 1.4 MB);
+// 512 and 1024 ran within noise, 256 and 2048 slower (HISTORY.md).
+constexpr int64_t kBandPixels = 768;
+
+// B's column block: up to 256 channels in one brgemm call, so that A (the larger operand) is
+// read once per tap (HISTORY.md).
+constexpr int64_t kBlockN = 256;
+
+// Rows of the bias's float partial sums (from the gradient's rows) before they fold into double.
+constexpr int64_t kFoldRows = 16;
 
 // K per AMX bf16 tile: a band's K rounded up to it, so that brgemm runs no K tail.
 constexpr int64_t kAmxK = 32;
@@ -53,51 +60,64 @@ bool runs_on_amx(const at::Tensor& x, int64_t c, int64_t cout) {
 // Tap (kh, kw) pairs output pixel (y, x) with B's row (y + kh) wq + x + kw: a window of B from
 // row kh wq (even), against A_kw = the band's gradient transposed with output pixel (y, x) at
 // column y wq + x + kw (zeros between), one aligned copy of A_0 per kw.
+// A 1x1 convolution with more output than input channels swaps the roles (dW^T = X^T G): the
+// transpose costs about twice the pairing per byte, so the smaller tensor is transposed.
 void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const at::Tensor& gw,
                      const at::Tensor& gb) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), cout = g.size(1), p = k / 2;
+  const bool swap = k == 1 && cout > c;
+  const bf16* ap = in<bf16>(swap ? x : g);  // transposed into A: M = ma channels
+  const bf16* bp = in<bf16>(swap ? g : x);  // paired into B: N = nb channels
+  const int64_t ma = swap ? c : cout, nb = swap ? cout : c;
   const int64_t wq = round_up(w + 2 * p, 2), band = std::clamp(kBandPixels / wq, int64_t(1), h);
   const int64_t bands = (h + band - 1) / band, taps = k * k;
   // A's columns and B's rows (pixels), at most: K a multiple of AMX's 32 (A's extra columns zero,
   // B's extra rows zero, never NaN times zero).
   const int64_t ka = round_up(band * wq, kAmxK), kb_max = (k - 1) * wq + ka;
-  const bf16* xp = in<bf16>(x);
-  const bf16* gp = in<bf16>(g);
   // Read before the parallel loop: inside it, get_num_threads is the nested one.
   std::vector<Buffer<float>> acc(at::get_num_threads());
   std::vector<std::vector<double>> bias_acc(acc.size());
   at::parallel_for(0, n * bands, 1, [&](int64_t t0, int64_t t1) {
     Buffer<float>& dw = acc[at::get_thread_num()];
     std::vector<double>& db = bias_acc[at::get_thread_num()];
-    dw.resize(taps * cout * c);
+    dw.resize(taps * ma * nb);
     db.assign(cout, 0.0);
-    Buffer<bf16> a(k * cout * ka), b(kb_max * c);
+    Buffer<bf16> a(k * ma * ka), b(kb_max * nb);
+    Buffer<float> part(cout, 0.f);
     std::vector<const bf16*> rows(kb_max);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / bands, y0 = (t % bands) * band, r = std::min(band, h - y0);
       const int64_t kk = round_up(r * wq, kAmxK), kb = (k - 1) * wq + kk;
-      const bf16* xi = xp + img * h * w * c;
-      const bf16* gi = gp + (img * h + y0) * w * cout;
-      for (int64_t y = 0; y < r; ++y) amx::transpose(gi + y * w * cout, w, wq, cout, cout, a.data() + y * wq, kk);
-      for (int64_t j = 0; j < cout; ++j) std::fill(a.data() + j * kk + r * wq, a.data() + (j + 1) * kk, bf16(0.f));
-      for (int64_t j = 0; j < cout; ++j) {
-        const bf16* a0 = a.data() + j * kk;
-        db[j] += bf16rows::sum(bits(a0), r * wq);
+      const bf16* ai = ap + (img * h + y0) * w * ma;
+      const bf16* bi = bp + img * h * w * nb;
+      for (int64_t y = 0; y < r; ++y) amx::transpose(ai + y * w * ma, w, wq, ma, ma, a.data() + y * wq, kk);
+      for (int64_t j = 0; j < ma; ++j) {
+        bf16* a0 = a.data() + j * kk;
+        std::fill(a0 + r * wq, a0 + kk, bf16(0.f));
+        if (!swap) db[j] += bf16rows::sum(bits(a0), r * wq);
         for (int64_t kw = 1; kw < k; ++kw) {
-          bf16* dst = a.data() + (kw * cout + j) * kk;
+          bf16* dst = a.data() + (kw * ma + j) * kk;
           std::memset(dst, 0, kw * sizeof(bf16));
           std::memcpy(dst + kw, a0, (kk - kw) * sizeof(bf16));
         }
       }
+      if (swap) {  // the band's gradient rows, in float for kFoldRows rows, then double
+        const bf16* gi = bi + y0 * w * cout;
+        for (int64_t q = 0; q < r * w; ++q) {
+          bf16rows::add(bits(gi + q * cout), cout, part.data());
+          if (q % kFoldRows == kFoldRows - 1 || q == r * w - 1)
+            for (int64_t j = 0; j < cout; ++j) db[j] += part[j], part[j] = 0.f;
+        }
+      }
       for (int64_t i = 0; i < kb; ++i) {
         const int64_t ys = y0 + i / wq - p, xs = i % wq - p;
-        rows[i] = i < (r + 2 * p) * wq && ys >= 0 && ys < h && xs >= 0 && xs < w ? xi + (ys * w + xs) * c : nullptr;
+        rows[i] = i < (r + 2 * p) * wq && ys >= 0 && ys < h && xs >= 0 && xs < w ? bi + (ys * w + xs) * nb : nullptr;
       }
-      amx::vnni_pairs_of(rows.data(), kb, c, b.data());
+      amx::vnni_pairs_of(rows.data(), kb, nb, b.data(), kBlockN);
       for (int64_t kh = 0; kh < k; ++kh)
         for (int64_t kw = 0; kw < k; ++kw)  // the thread's first band starts its sums
-          amx::gemm_window(cout, c, kk, kk, c, t > t0, a.data() + kw * cout * kk, b.data(), kb, kh * wq,
-                           dw.data() + (kh * k + kw) * cout * c);
+          amx::gemm_window(ma, nb, kk, kk, nb, t > t0, a.data() + kw * ma * kk, b.data(), kb, kh * wq,
+                           dw.data() + (kh * k + kw) * ma * nb, kBlockN);
     }
     amx::release();
   });
@@ -108,9 +128,13 @@ void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const 
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t tap = 0; tap < taps; ++tap) {
         std::fill(row.begin(), row.end(), 0.f);
-        for (const auto& part : acc)
-          if (!part.empty())
+        for (const auto& part : acc) {
+          if (part.empty()) continue;
+          if (swap)
+            for (int64_t i = 0; i < c; ++i) row[i] += part[i * cout + j];
+          else
             for (int64_t i = 0; i < c; ++i) row[i] += part[(tap * cout + j) * c + i];
+        }
         for (int64_t i = 0; i < c; ++i) gwp[(j * c + i) * taps + tap] = static_cast<bf16>(row[i]);
       }
       double v = 0.0;
