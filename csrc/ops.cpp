@@ -82,9 +82,12 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("bn_relu_conv1x1_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
         "Tensor bn_bias, Tensor conv_weight, bool training) -> (Tensor grad_x, Tensor grad_bn_weight, "
         "Tensor grad_bn_bias, Tensor grad_conv_weight, Tensor grad_conv_bias)");
-  // The weight and bias gradients of a stride-1 convolution with zero padding k // 2 (k odd),
-  // fasthg.ops.conv2d's backward: CPU, AMX for bfloat16 (csrc/cpu/conv2d.cpp).
-  m.def("conv2d_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> (Tensor grad_weight, Tensor grad_bias)");
+  // The backward of a stride-1 convolution with zero padding k // 2 (k odd, one group),
+  // fasthg.ops.conv2d's: the input gradient where input_grad (else an empty tensor), the weight
+  // and bias gradients. CPU; for bfloat16 on AMX fasthg's own weight gradient (and 1x1 input
+  // gradient), csrc/cpu/conv2d.cpp.
+  m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, bool input_grad) -> "
+        "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Which GEMM kernel the CPU unit runs for a dtype here: avx512, avx2 or plain
   // (csrc/cpu/gemm_panels.h), or amx for bfloat16 on AMX CPUs (csrc/cpu/brgemm_bf16.h)
   m.def("cpu_gemm_kernel(ScalarType dtype) -> str");

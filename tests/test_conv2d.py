@@ -1,5 +1,6 @@
-"""fasthg.ops.conv2d / fasthg.nn.Conv2d: the convolution with its weight and bias gradients from
-fasthg::conv2d_weight_grad (AMX bf16 on AMX CPUs, ATen's elsewhere), against float64."""
+"""fasthg.ops.conv2d / fasthg.nn.Conv2d: the convolution with its backward from
+fasthg::conv2d_backward (AMX bf16 on AMX CPUs: the weight and bias gradients, and a 1x1's input
+gradient; ATen's elsewhere), against float64."""
 import importlib
 
 import pytest
@@ -11,7 +12,7 @@ from fasthg import ops
 from fasthg.nn import Conv2d
 
 conv2d_module = importlib.import_module("fasthg.ops.conv2d")
-needs_native = pytest.mark.skipif(not hasattr(getattr(torch.ops, "fasthg", None), "conv2d_weight_grad"),
+needs_native = pytest.mark.skipif(not hasattr(getattr(torch.ops, "fasthg", None), "conv2d_backward"),
                                   reason="the extension is not built")
 needs_amx = pytest.mark.skipif(not conv2d_module.amx_available(), reason="no AMX bf16 on this CPU")
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -34,59 +35,64 @@ def _inputs(shape, dtype, layout, seed):
 
 def _reference(x, grad, weight):
     k = weight.shape[-1]
-    _, gw, gb = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), [weight.shape[0]],
-                                                    [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
-                                                    [False, True, True])
-    return gw, gb
+    return torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), [weight.shape[0]],
+                                               [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True])
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_weight_grad_against_float64(shape, layout, dtype, poison):
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_backward_against_float64(shape, layout, dtype, input_grad, poison):
     x, grad, weight = _inputs(shape, dtype, layout, seed=sum(shape))
-    gw, gb = torch.ops.fasthg.conv2d_weight_grad(grad, x, weight)
-    want_w, want_b = _reference(x, grad, weight)
+    gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, input_grad)
+    want_x, want_w, want_b = _reference(x, grad, weight)
     assert gw.shape == weight.shape and gw.dtype == dtype and gb.shape == (shape[2],) and gb.dtype == dtype
     assert not gw.isnan().any() and not gb.isnan().any()
     assert rel_err(gw, want_w) < TOLS[dtype] and rel_err(gb, want_b) < TOLS[dtype]
+    if not input_grad:
+        assert gx.numel() == 0
+        return
+    assert gx.shape == x.shape and gx.dtype == dtype and gx.is_contiguous(memory_format=layout)
+    assert not gx.isnan().any() and rel_err(gx, want_x) < TOLS[dtype]
 
 
 @needs_amx
 @pytest.mark.parametrize("shape", [(4, 64, 32, 16, 16, 3), (2, 128, 64, 8, 12, 1)], ids=str)
-def test_amx_weight_grad_as_close_as_onednns(shape):
+def test_amx_backward_as_close_as_onednns(shape):
     """Float accumulation rounded once: as far from float64 as oneDNN's own bf16 weight gradient."""
     x, grad, weight = _inputs(shape, torch.bfloat16, torch.channels_last, seed=1)
     assert conv2d_module.weight_grad_fuses(x, weight, [1, 1], [shape[-1] // 2] * 2, [1, 1], 1)
-    gw, gb = torch.ops.fasthg.conv2d_weight_grad(grad, x, weight)
+    got = torch.ops.fasthg.conv2d_backward(grad, x, weight, True)
     k = shape[-1]
-    _, ow, ob = torch.ops.aten.convolution_backward(grad, x, weight, [shape[2]], [1, 1], [k // 2, k // 2], [1, 1],
-                                                    False, [0, 0], 1, [False, True, True])
-    want_w, want_b = _reference(x, grad, weight)
-    assert rel_err(gw, want_w) <= 1.5 * rel_err(ow, want_w) + 1e-3
-    assert rel_err(gb, want_b) <= 1.5 * rel_err(ob, want_b) + 1e-3
+    onednn = torch.ops.aten.convolution_backward(grad, x, weight, [shape[2]], [1, 1], [k // 2, k // 2], [1, 1],
+                                                 False, [0, 0], 1, [True, True, True])
+    for a, o, want in zip(got, onednn, _reference(x, grad, weight)):
+        assert rel_err(a, want) <= 1.5 * rel_err(o, want) + 1e-3
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_opcheck(dtype):
-    x, grad, weight = _inputs((2, 6, 4, 5, 7, 3), dtype, torch.channels_last, seed=3)
-    torch.library.opcheck(torch.ops.fasthg.conv2d_weight_grad.default, (grad, x, weight))
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_opcheck(dtype, k, input_grad):
+    x, grad, weight = _inputs((2, 6, 4, 5, 7, k), dtype, torch.channels_last, seed=3)
+    torch.library.opcheck(torch.ops.fasthg.conv2d_backward.default, (grad, x, weight, input_grad))
 
 
 @needs_native
 def test_bad_arguments_are_clear_errors():
     x, grad, weight = _inputs((2, 6, 4, 5, 7, 3), torch.bfloat16, torch.channels_last, seed=4)
-    op = torch.ops.fasthg.conv2d_weight_grad
+    op = torch.ops.fasthg.conv2d_backward
     with pytest.raises(RuntimeError, match="`weight` must be"):
-        op(grad, x, weight[:, :, :2, :2])
+        op(grad, x, weight[:, :, :2, :2], True)
     with pytest.raises(RuntimeError, match="`weight` must be"):
-        op(grad, x, weight.float())
+        op(grad, x, weight.float(), True)
     with pytest.raises(RuntimeError, match="`grad_out` must be"):
-        op(grad[:, :, :4], x, weight)
+        op(grad[:, :, :4], x, weight, True)
     with pytest.raises(RuntimeError, match="`x` must be 4-D"):
-        op(grad, x[0], weight)
+        op(grad, x[0], weight, True)
 
 
 def _module_pair(cin, cout, k, seed, **kw):

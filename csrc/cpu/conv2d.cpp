@@ -28,7 +28,7 @@
 namespace fasthg {
 namespace {
 
-constexpr const char* kOp = "conv2d_weight_grad";
+constexpr const char* kOp = "conv2d_backward";
 
 // Output pixels per band: the k copies of A (Cout x 768 bf16), B and the k^2 float
 // accumulators stay in a core's 2 MB L2 at the hourglass's widths (128 channels, 3x3: 1.4 MB);
@@ -42,12 +42,23 @@ constexpr int64_t kBlockN = 256;
 // Rows of the bias's float partial sums (from the gradient's rows) before they fold into double.
 constexpr int64_t kFoldRows = 16;
 
+// Rows of the input gradient's GEMM per call (its float tile: 192 x 256 x 4 bytes).
+constexpr int64_t kDxRows = 192;
+
 // K per AMX bf16 tile: a band's K rounded up to it, so that brgemm runs no K tail.
 constexpr int64_t kAmxK = 32;
 
 using bf16 = c10::BFloat16;
 
 const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
+uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+// w [rows][n] as a B operand (brgemm_bf16.h's layout), 64-byte aligned.
+Buffer<bf16> pairs_of(const bf16* w, int64_t rows, int64_t n) {
+  Buffer<bf16> pairs(round_up(rows, 2) * n);
+  amx::vnni_pairs(w, rows, n, n, pairs.data());
+  return pairs;
+}
 
 bool runs_on_amx(const at::Tensor& x, int64_t c, int64_t cout) {
   static const bool rows = bf16rows::available();
@@ -62,8 +73,11 @@ bool runs_on_amx(const at::Tensor& x, int64_t c, int64_t cout) {
 // column y wq + x + kw (zeros between), one aligned copy of A_0 per kw.
 // A 1x1 convolution with more output than input channels swaps the roles (dW^T = X^T G): the
 // transpose costs about twice the pairing per byte, so the smaller tensor is transposed.
-void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const at::Tensor& gw,
-                     const at::Tensor& gb) {
+// With gx (1x1 only), the input gradient too, per band while its gradient rows are in cache:
+// gx = G W (A the gradient's rows as they lie, B the weight in pairs), rounded once.
+void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gw,
+                  const at::Tensor& gb, const at::Tensor* gx) {
+  const int64_t k = weight.size(2);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), cout = g.size(1), p = k / 2;
   const bool swap = k == 1 && cout > c;
   const bf16* ap = in<bf16>(swap ? x : g);  // transposed into A: M = ma channels
@@ -74,6 +88,10 @@ void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const 
   // A's columns and B's rows (pixels), at most: K a multiple of AMX's 32 (A's extra columns zero,
   // B's extra rows zero, never NaN times zero).
   const int64_t ka = round_up(band * wq, kAmxK), kb_max = (k - 1) * wq + ka;
+  const bf16* gp = in<bf16>(g);
+  bf16* gxp = gx ? out<bf16>(*gx) : nullptr;
+  const Buffer<bf16> wpairs = gx ? pairs_of(in<bf16>(weight), cout, c) : Buffer<bf16>();  // W [cout][c] as B
+  const std::vector<float> zeros(c, 0.f);
   // Read before the parallel loop: inside it, get_num_threads is the nested one.
   std::vector<Buffer<float>> acc(at::get_num_threads());
   std::vector<std::vector<double>> bias_acc(acc.size());
@@ -83,7 +101,7 @@ void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const 
     dw.resize(taps * ma * nb);
     db.assign(cout, 0.0);
     Buffer<bf16> a(k * ma * ka), b(kb_max * nb);
-    Buffer<float> part(cout, 0.f);
+    Buffer<float> part(cout, 0.f), dx(gx ? kDxRows * c : 0);
     std::vector<const bf16*> rows(kb_max);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / bands, y0 = (t % bands) * band, r = std::min(band, h - y0);
@@ -118,6 +136,16 @@ void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const 
         for (int64_t kw = 0; kw < k; ++kw)  // the thread's first band starts its sums
           amx::gemm_window(ma, nb, kk, kk, nb, t > t0, a.data() + kw * ma * kk, b.data(), kb, kh * wq,
                            dw.data() + (kh * k + kw) * ma * nb, kBlockN);
+      if (gxp) {
+        const int64_t m_end = r * w, row0 = (img * h + y0) * w;
+        for (int64_t m0 = 0; m0 < m_end; m0 += kDxRows) {
+          const int64_t mr = std::min(kDxRows, m_end - m0);
+          amx::gemm(mr, c, cout, cout, c, false, gp + (row0 + m0) * cout, wpairs.data(), dx.data());
+          for (int64_t q = 0; q < mr; ++q)
+            bf16rows::store(dx.data() + q * c, zeros.data(), c, bits(gxp + (row0 + m0 + q) * c), nullptr, nullptr,
+                            false);
+        }
+      }
     }
     amx::release();
   });
@@ -145,8 +173,8 @@ void weight_grad_amx(const at::Tensor& g, const at::Tensor& x, int64_t k, const 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                                   const at::Tensor& weight) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                            const at::Tensor& weight, bool input_grad) {
   TORCH_CHECK(x.dim() == 4, kOp, ": `x` must be 4-D [N, C, H, W], got ", x.sizes());
   const int64_t k = weight.dim() == 4 ? weight.size(2) : 0;
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(3) == k && k % 2 == 1,
@@ -155,28 +183,35 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_cpu(const at::Tensor& grad_out, c
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), kOp,
               ": `weight` must be ", x.scalar_type(), " on ", x.device(), ", got ", weight.scalar_type(), " on ",
               weight.device());
-  const int64_t cout = weight.size(0);
+  const int64_t cout = weight.size(0), p = k / 2;
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == cout &&
                   grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3) &&
                   grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
               kOp, ": `grad_out` must be [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), "] ",
               x.scalar_type(), " on ", x.device(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  const auto fmt = x.suggest_memory_format();
+  const at::Tensor none = x.new_empty({0});
   if (!runs_on_amx(x, x.size(1), cout) || x.numel() == 0) {
-    const int64_t p = k / 2;
     auto grads = at::convolution_backward(grad_out, x, weight, at::IntArrayRef{cout}, {1, 1}, {p, p}, {1, 1}, false,
-                                          {0, 0}, 1, {false, true, true});
-    return {std::get<1>(grads).contiguous(weight.suggest_memory_format()), std::get<2>(grads)};
+                                          {0, 0}, 1, {input_grad, true, true});
+    return {input_grad ? std::get<0>(grads).contiguous(fmt) : none,
+            std::get<1>(grads).contiguous(weight.suggest_memory_format()), std::get<2>(grads)};
   }
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor gb = at::empty({cout}, weight.options());
-  weight_grad_amx(gc, xc, k, gw, gb);
-  return {gw.contiguous(weight.suggest_memory_format()), gb};
+  at::Tensor gx = none;
+  if (input_grad && k == 1) gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  backward_amx(gc, xc, weight.contiguous(), gw, gb, input_grad && k == 1 ? &gx : nullptr);
+  if (input_grad && k != 1)  // oneDNN's, at the speed of its forward
+    gx = std::get<0>(at::convolution_backward(gc, xc, weight, at::OptionalIntArrayRef{}, {1, 1}, {p, p}, {1, 1},
+                                              false, {0, 0}, 1, {true, false, false}));
+  return {input_grad ? gx.contiguous(fmt) : none, gw.contiguous(weight.suggest_memory_format()), gb};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fasthg, CPU, m) { m.impl("conv2d_weight_grad", &weight_grad_cpu); }
+TORCH_LIBRARY_IMPL(fasthg, CPU, m) { m.impl("conv2d_backward", &backward_cpu); }
 
 }  // namespace fasthg

@@ -1,9 +1,10 @@
-"""conv2d(x, conv): the convolution, with its weight and bias gradients from fasthg's AMX kernel
-(fasthg::conv2d_weight_grad, csrc/cpu/conv2d.cpp) where that runs: bfloat16 on AMX CPUs, a
+"""conv2d(x, conv): the convolution, with its backward from fasthg's AMX kernel
+(fasthg::conv2d_backward, csrc/cpu/conv2d.cpp) where that runs: bfloat16 on AMX CPUs, a
 stride-1 convolution with an odd square kernel, zero padding k // 2, no dilation, one group,
 even channel counts, channels_last input (the hourglass's 1x1 and 3x3 convolutions). There
-oneDNN's bf16 weight gradient takes 2-3x its own forward; the forward and the input gradient
-stay oneDNN's (aten.convolution, aten.convolution_backward). Everywhere else, and with
+oneDNN's bf16 weight gradient takes 2-3x its own forward; fasthg's computes the weight and
+bias gradients, and for 1x1 convolutions the input gradient in the same pass over the output
+gradient. The forward (and a 3x3 input gradient) stay oneDNN's. Everywhere else, and with
 backend="eager", it is the module's own forward.
 
 `backward` is the same choice for the other fasthg ops that run a convolution's backward
@@ -17,7 +18,7 @@ from fasthg.ops import _backend, _ext
 
 def _amx() -> bool:
     ops = getattr(torch.ops, "fasthg", None)
-    if _ext.LOAD_ERROR is not None or not hasattr(ops, "conv2d_weight_grad"):
+    if _ext.LOAD_ERROR is not None or not hasattr(ops, "conv2d_backward"):
         return False
     return torch.ops.fasthg.cpu_gemm_kernel(torch.bfloat16) == "amx"
 
@@ -48,25 +49,22 @@ def weight_grad_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
 
 def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups, mask):
     """aten.convolution_backward(grad, x, weight, ...)'s (grad_x, grad_weight, grad_bias) for
-    the gradients mask asks for, the weight's and bias's from fasthg's kernel where it runs."""
+    the gradients mask asks for, from fasthg's kernel where it runs."""
     mask = [mask[0], mask[1], has_bias and mask[2]]
     if (mask[1] or mask[2]) and weight_grad_fuses(x, weight, stride, padding, dilation, groups):
-        gx = None
-        if mask[0]:
-            gx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                     groups, [True, False, False])[0]
-        gw, gb = torch.ops.fasthg.conv2d_weight_grad(grad, x, weight)
-        return gx, gw if mask[1] else None, gb if mask[2] else None
+        gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0])
+        return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
     return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, stride,
                                                padding, dilation, False, [0, 0], groups, mask)
 
 
-def _fake_weight_grad(grad_out, x, weight):
-    return torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+def _fake_backward(grad_out, x, weight, input_grad):
+    gx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    return gx, torch.empty_like(weight), weight.new_empty(weight.shape[:1])
 
 
-if _ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, "fasthg", None), "conv2d_weight_grad"):
-    torch.library.register_fake("fasthg::conv2d_weight_grad", _fake_weight_grad)
+if _ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, "fasthg", None), "conv2d_backward"):
+    torch.library.register_fake("fasthg::conv2d_backward", _fake_backward)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
