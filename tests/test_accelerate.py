@@ -631,3 +631,40 @@ def test_recompute_saves_fewer_activations():
     saved = {name: memory.saved_activation_bytes(lambda m=m: m(x), m.parameters())
              for name, m in (("default", default), ("recompute", recompute))}
     assert saved["recompute"] < 0.8 * saved["default"], saved
+
+
+class _OwnConv(nn.Conv2d):
+    """A user's subclass: accelerate leaves it alone."""
+
+
+def test_convolutions_take_fasthgs_backward_in_place():
+    """Every plain nn.Conv2d becomes a fasthg.nn.Conv2d (the same object and parameters), a
+    subclass stays; again: "already"; in bf16 channels_last training the model's values and
+    gradients stay within bf16's error of the original's (fasthg's AMX backward where it runs)."""
+    from fasthg.nn import Conv2d
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 1), _OwnConv(8, 6, 3, padding=1)).to(memory_format=torch.channels_last)
+    model = copy.deepcopy(original)
+    before = model.state_dict(keep_vars=True)
+    convs = [model[0], model[3], model[4]]
+    model, report = fasthg.accelerate(model, return_report=True)
+    assert [type(c) for c in convs] == [Conv2d, Conv2d, _OwnConv] and model[0] is convs[0]
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    assert {c.where for c in report if c.kind == "conv2d"} == {"0", "3"}, str(report)
+    _, again = fasthg.accelerate(model, return_report=True)
+    assert {c.action for c in again if c.kind == "conv2d"} == {"already backward on fasthg"}, str(again)
+    x = torch.randn(2, 4, 40, 36).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for m in (original, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        out.float().square().sum().backward()
+        grads.append((out.float(), [p.grad for p in m.parameters()]))
+    (ref, ref_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(got_grads, ref_grads):
+        assert (a - b).abs().max() <= 3e-2 * b.abs().max()
+    pickle.loads(pickle.dumps(model))

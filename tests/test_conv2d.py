@@ -63,7 +63,6 @@ def test_backward_against_float64(shape, layout, dtype, input_grad, poison):
 def test_amx_backward_as_close_as_onednns(shape):
     """Float accumulation rounded once: as far from float64 as oneDNN's own bf16 weight gradient."""
     x, grad, weight = _inputs(shape, torch.bfloat16, torch.channels_last, seed=1)
-    assert conv2d_module.weight_grad_fuses(x, weight, [1, 1], [shape[-1] // 2] * 2, [1, 1], 1)
     got = torch.ops.fasthg.conv2d_backward(grad, x, weight, True)
     k = shape[-1]
     onednn = torch.ops.aten.convolution_backward(grad, x, weight, [shape[2]], [1, 1], [k // 2, k // 2], [1, 1],
@@ -108,7 +107,7 @@ def _module_pair(cin, cout, k, seed, **kw):
 def test_module_values_and_gradients_against_float64(dtype, k, bias, poison):
     """Under bf16 autocast (the weight in float32, as training keeps it) and in float32."""
     conv, ref = _module_pair(8, 6, k, seed=k, bias=bias)
-    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 8, 48, 47).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         assert conv2d_module.fuses(x, conv) == (dtype == torch.bfloat16 and conv2d_module.amx_available())
         out = conv(x)
@@ -158,9 +157,10 @@ def test_state_dict_is_nn_conv2ds():
 @needs_amx
 def test_compiles_fullgraph():
     conv, _ = _module_pair(8, 6, 3, seed=5)
-    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 8, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
     compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv2d_module.fuses(x, conv)
         out = compiled(x)
         want = conv(x)
     torch.testing.assert_close(out, want)
@@ -168,3 +168,58 @@ def test_compiles_fullgraph():
     exp = torch.autograd.grad(want.float().sum(), [x, conv.weight])
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b)
+
+
+def test_small_maps_keep_onednns_backward():
+    """Too few pixels per weight element (ResNet-50's later stages): nn.Conv2d's backward."""
+    conv, _ = _module_pair(128, 128, 3, seed=6)
+    x = torch.randn(8, 128, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv2d_module.fuses(x, conv)
+        assert not conv2d_module.fuses(x[:1, :, :32, :32], conv)
+
+
+@needs_amx
+@pytest.mark.parametrize("memory", ["default", "recompute"])
+def test_conv_add_and_the_recomputing_unit_take_it(memory, monkeypatch):
+    """conv_add's and bn_relu_conv's backward through fasthg.ops.conv2d.backward (thresholds
+    lowered so that small maps take the AMX kernel), against float64."""
+    monkeypatch.setattr(conv2d_module, "_MIN_PIXELS", 0)
+    monkeypatch.setattr(conv2d_module, "_PIXELS_PER_WEIGHT", 0.0)
+    calls = []
+    real = torch.ops.fasthg.conv2d_backward
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[2].shape)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.fasthg, "conv2d_backward", Spy())
+    torch.manual_seed(7)
+    bn, conv1, conv3 = nn.BatchNorm2d(6), Conv2d(6, 8, 1), Conv2d(6, 6, 3, padding=1)
+    x = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 8, 7, 9).contiguous(memory_format=torch.channels_last)
+    mods = [m.to(memory_format=torch.channels_last) for m in (bn, conv1, conv3)]
+    mods64 = [nn.BatchNorm2d(6).double(), nn.Conv2d(6, 8, 1).double(), nn.Conv2d(6, 6, 3, padding=1).double()]
+    for m, m64 in zip(mods, mods64):
+        m64.load_state_dict({n: v.double() for n, v in m.state_dict().items()})
+
+    def run(x, r, bn, conv1, conv3, fused):
+        if fused and memory == "recompute":
+            h = ops.bn_relu_conv(x, bn, conv3)
+        else:
+            h = conv3(torch.relu(bn(x)))
+        return ops.conv_add(h, conv1, r) if fused else conv1(h) + r
+
+    xb, rb = x.clone().requires_grad_(), r.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(xb, rb, *mods, fused=True)
+    x64, r64 = x.double().requires_grad_(), r.double().requires_grad_()
+    want = run(x64, r64, *mods64, fused=False)
+    assert rel_err(out, want) < 3e-2 and len(calls) == 0
+    g = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, [xb, rb] + [p for m in mods for p in m.parameters()], g.bfloat16())
+    exp = torch.autograd.grad(want, [x64, r64] + [p for m in mods64 for p in m.parameters()], g)
+    assert len(calls) == 2
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < 5e-2

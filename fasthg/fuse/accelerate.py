@@ -19,6 +19,10 @@ and once in eval mode, since forwards may read self.training):
 - memory="recompute": a fused BN-ReLU whose output only feeds an nn.Conv2d -> the
   recomputing unit fasthg.ops.bn_relu_conv(x, bn, conv) (the same modules), which saves x
   and the BN statistics for the backward instead of relu(bn(x)).
+- every nn.Conv2d (not a subclass) becomes a fasthg.nn.Conv2d in place: the same module
+  everywhere, whose backward runs on fasthg.ops.conv2d where that applies (bf16 training on
+  AMX CPUs: stride 1, padding k // 2, one group, channels_last); the report lists them as
+  "backward on fasthg" ("conv2d").
 
 A module whose graph changed gets its rewritten forward by a class swap of that instance (a
 subclass of its own class, generated per instance, as torch.fx.GraphModule does): the object,
@@ -45,7 +49,7 @@ from torch import nn
 
 from fasthg import ops
 from fasthg.nn import BNAddReLU, BNReLU
-from fasthg.nn.conv2d import is_plain
+from fasthg.nn.conv2d import Conv2d, is_plain
 from fasthg.ops.bn_relu_conv import check_modules
 
 MEMORY_MODES = ("default", "recompute")
@@ -54,13 +58,17 @@ MEMORY_MODES = ("default", "recompute")
 # ----------------------------------------------------------------------------- the report
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """One line of the report: `kind` of pattern ("bn_relu", "bn_add_relu", "upsample_add", "trace"), `where`
-    (a module path, or module path:node name), `action` ("fused", "already fused", "left
-    alone", "traced submodules") and `reason`."""
+    """One line of the report: `kind` of pattern ("bn_relu", "bn_add_relu", "upsample_add",
+    "bn_relu_conv", "conv2d", "trace"), `where` (a module path, or module path:node name),
+    `action` ("fused", "already fused", "left alone", "traced submodules", "backward on fasthg",
+    "already backward on fasthg") and `reason`."""
     kind: str
     where: str
     action: str
     reason: str
+
+
+CONV_ACTION = "backward on fasthg"
 
 
 class Report(list):
@@ -144,7 +152,7 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def is_leaf_module(self, m, qualname):
-        if isinstance(m, (BNReLU, BNAddReLU)) or super().is_leaf_module(m, qualname):
+        if isinstance(m, (BNReLU, BNAddReLU, Conv2d)) or super().is_leaf_module(m, qualname):
             return True
         if _has_hooks(m):
             self.hooked.add(qualname)
@@ -667,7 +675,24 @@ def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default",
     before = _restore(model)
     report = Report()
     _accelerate_module(model, "", lambda: _Options(backend, memory, sync_bn), report, before, process_group)
+    _convs_on_fasthg(model, backend, report)
     return (model, report) if return_report else model
+
+
+def _convs_on_fasthg(model: nn.Module, backend: str, report: Report) -> None:
+    """Every nn.Conv2d of the tree (not a subclass) becomes a fasthg.nn.Conv2d in place (the
+    same object: parameters, hooks and state_dict unchanged), those already one take `backend`."""
+    for path, m in model.named_modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = Conv2d
+            action = CONV_ACTION
+        elif type(m) is Conv2d:
+            action = "already " + CONV_ACTION
+        else:
+            continue
+        m.backend = backend
+        report.append(Change("conv2d", path or "<model>", action,
+                             "fasthg.nn.Conv2d: its backward on fasthg.ops.conv2d where that applies"))
 
 
 __all__ = ["Change", "Report", "accelerate", "upsample_add_2x"]

@@ -31,6 +31,10 @@ def amx_available() -> bool:
     return _AMX
 
 
+_MIN_PIXELS = 2048
+_PIXELS_PER_WEIGHT = 0.1
+
+
 def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
     if device_type != "cpu" or dtype != torch.bfloat16 or len(x_shape) != 4 or len(w_shape) != 4:
         return False
@@ -38,7 +42,13 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
     geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
     if kw != k or k % 2 == 0 or geometry != ((1, 1), (k // 2, k // 2), (1, 1), 1):
         return False
-    return cin == x_shape[1] and cin % 2 == 0 and cout % 2 == 0 and amx_available()
+    if cin != x_shape[1] or cin % 2 or cout % 2:
+        return False
+    # Enough pixels per weight element: below, oneDNN's own backward ran as fast or faster (its
+    # parallel split needs no reduction of per-thread weight gradients). Measured on an AMX Xeon
+    # (HISTORY.md): hg2's 64x64 and 1x1 32x32 layers gain, ResNet-50's layers past its first stage lose.
+    pixels = x_shape[0] * x_shape[2] * x_shape[3]
+    return pixels >= max(_MIN_PIXELS, _PIXELS_PER_WEIGHT * cout * cin * k * k) and amx_available()
 
 
 def weight_grad_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
