@@ -48,5 +48,11 @@ void add(const uint16_t* src, int64_t n, float* s);
 // The sum of src[0..n) in float (16 lanes, then across them).
 float sum(const uint16_t* src, int64_t n);
 
+// The AMX operands' layouts (brgemm_bf16.cpp), 32 columns or rows at a time:
+// d[2j + i] = ri[j] for j below the returned count (the largest multiple of 32 <= n).
+int64_t pair_rows(const uint16_t* r0, const uint16_t* r1, int64_t n, uint16_t* d);
+// dst[j * ld_dst + p] = src[p * ld_src + j] for p < 32, j < 16.
+void transpose_block(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst);
+
 }  // namespace bf16rows
 }  // namespace fasthg

@@ -123,9 +123,63 @@ void add(const uint16_t* src, int64_t n, float* s) {
 }
 
 float sum(const uint16_t* src, int64_t n) {
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) s = _mm512_add_ps(s, load_bf16(src + j, lanes(j, n)));
-  return _mm512_reduce_add_ps(s);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;  // four chains: the adds' latency
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    s0 = _mm512_add_ps(s0, load_bf16(src + j, 0xFFFF));
+    s1 = _mm512_add_ps(s1, load_bf16(src + j + 16, 0xFFFF));
+    s2 = _mm512_add_ps(s2, load_bf16(src + j + 32, 0xFFFF));
+    s3 = _mm512_add_ps(s3, load_bf16(src + j + 48, 0xFFFF));
+  }
+  for (; j < n; j += 16) s0 = _mm512_add_ps(s0, load_bf16(src + j, lanes(j, n)));
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+int64_t pair_rows(const uint16_t* r0, const uint16_t* r1, int64_t n, uint16_t* d) {
+  // Output word k of a 32-word half takes input word k / 2 of r0 (k even) or of r1 (k odd).
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512i a = _mm512_loadu_si512(r0 + j), b = _mm512_loadu_si512(r1 + j);
+    _mm512_storeu_si512(d + 2 * j, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_storeu_si512(d + 2 * j + 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+  return j;
+}
+
+void transpose_block(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  // Rows 2i and 2i + 1 as 16 words of pairs, a 16x16 transpose of words (in-lane unpacks of
+  // 32 and 64 bits, then 128-bit lane shuffles), each column's 32 rows stored at once.
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i * ld_src)));
+    const __m512i b =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (2 * i + 1) * ld_src)));
+    r[i] = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+  }
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    r[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    r[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    r[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  // r[4k + m], lane L: column 4L + m of rows 4k .. 4k + 3.
+  for (int m = 0; m < 4; ++m) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    t[4 + m] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    t[8 + m] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    t[12 + m] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+  for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * ld_dst, t[j]);
 }
 
 }  // namespace bf16rows
@@ -156,6 +210,8 @@ void masked_grad(const float*, const uint16_t*, int64_t, const Channels&, uint16
 void grad_input(const float*, const uint16_t*, int64_t, const Channels&, const float*, const float*, uint16_t*, bool) {}
 void add(const uint16_t*, int64_t, float*) {}
 float sum(const uint16_t*, int64_t) { return 0.f; }
+int64_t pair_rows(const uint16_t*, const uint16_t*, int64_t, uint16_t*) { return 0; }
+void transpose_block(const uint16_t*, int64_t, uint16_t*, int64_t) {}
 }  // namespace bf16rows
 }  // namespace fasthg
 #endif

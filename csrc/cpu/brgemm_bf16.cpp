@@ -1,5 +1,7 @@
 #include "brgemm_bf16.h"
 
+#include "bf16_rows.h"
+
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -46,6 +48,12 @@ namespace {
 
 using u16 = uint16_t;
 
+// Whether the AVX-512 layouts of bf16_rows.h run here (every AMX CPU has them).
+bool wide() {
+  static const bool yes = bf16rows::available();
+  return yes;
+}
+
 const u16* bits(const c10::BFloat16* p) { return reinterpret_cast<const u16*>(p); }
 u16* bits(c10::BFloat16* p) { return reinterpret_cast<u16*>(p); }
 
@@ -85,6 +93,7 @@ void pair_rows(const u16* r0, const u16* r1, int64_t n, u16* d) {
     std::memset(d, 0, 2 * n * sizeof(u16));
     return;
   }
+  if (r0 && r1 && wide()) j = bf16rows::pair_rows(r0, r1, n, d);
 #ifdef __AVX2__
   if (r0 && r1)
     for (; j + 8 <= n; j += 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 2 * j), pairs8(r0 + j, r1 + j));
@@ -125,6 +134,9 @@ void transpose(const c10::BFloat16* src_, int64_t rows, int64_t rows_pad, int64_
   const u16* src = bits(src_);
   u16* dst = bits(dst_);
   int64_t p0 = 0;
+  if (wide() && n % 16 == 0)  // 32 rows by 16 columns at a time (AVX-512)
+    for (; p0 + 32 <= rows; p0 += 32)
+      for (int64_t j = 0; j < n; j += 16) bf16rows::transpose_block(src + p0 * ld_src + j, ld_src, dst + j * ld_dst + p0, ld_dst);
 #ifdef __AVX2__
   // 16 rows by 8 columns at a time: row pairs as words, then an 8x8 word transpose gives each
   // column's 16 rows.

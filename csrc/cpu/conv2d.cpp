@@ -69,8 +69,9 @@ bool runs_on_amx(const at::Tensor& x, int64_t c, int64_t cout) {
 // A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
 // sides to an even width wq, in VNNI pairs once: B, pixel (yy, xs) at row yy wq + xs + p.
 // Tap (kh, kw) pairs output pixel (y, x) with B's row (y + kh) wq + x + kw: a window of B from
-// row kh wq (even), against A_kw = the band's gradient transposed with output pixel (y, x) at
-// column y wq + x + kw (zeros between), one aligned copy of A_0 per kw.
+// row kh wq + kw against A_0, the band's gradient transposed with output pixel (y, x) at
+// column y wq + x (zeros between). VNNI windows start at even rows, so odd kw take A_1 (A_0
+// shifted by one column, one aligned copy) and the window from row kh wq + kw - 1.
 // A 1x1 convolution with more output than input channels swaps the roles (dW^T = X^T G): the
 // transpose costs about twice the pairing per byte, so the smaller tensor is transposed.
 // With gx (1x1 only), the input gradient too, per band while its gradient rows are in cache:
@@ -87,7 +88,8 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
   const int64_t bands = (h + band - 1) / band, taps = k * k;
   // A's columns and B's rows (pixels), at most: K a multiple of AMX's 32 (A's extra columns zero,
   // B's extra rows zero, never NaN times zero).
-  const int64_t ka = round_up(band * wq, kAmxK), kb_max = (k - 1) * wq + ka;
+  const int64_t ka = round_up(band * wq, kAmxK), kb_max = round_up((k - 1) * (wq + 1) + ka, 2);
+  const int64_t copies = k > 1 ? 2 : 1;
   const bf16* gp = in<bf16>(g);
   bf16* gxp = gx ? out<bf16>(*gx) : nullptr;
   const Buffer<bf16> wpairs = gx ? pairs_of(in<bf16>(weight), cout, c) : Buffer<bf16>();  // W [cout][c] as B
@@ -100,12 +102,12 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
     std::vector<double>& db = bias_acc[at::get_thread_num()];
     dw.resize(taps * ma * nb);
     db.assign(cout, 0.0);
-    Buffer<bf16> a(k * ma * ka), b(kb_max * nb);
+    Buffer<bf16> a(copies * ma * ka), b(kb_max * nb);
     Buffer<float> part(cout, 0.f), dx(gx ? kDxRows * c : 0);
     std::vector<const bf16*> rows(kb_max);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / bands, y0 = (t % bands) * band, r = std::min(band, h - y0);
-      const int64_t kk = round_up(r * wq, kAmxK), kb = (k - 1) * wq + kk;
+      const int64_t kk = round_up(r * wq, kAmxK), kb = round_up((k - 1) * (wq + 1) + kk, 2);
       const bf16* ai = ap + (img * h + y0) * w * ma;
       const bf16* bi = bp + img * h * w * nb;
       for (int64_t y = 0; y < r; ++y) amx::transpose(ai + y * w * ma, w, wq, ma, ma, a.data() + y * wq, kk);
@@ -113,10 +115,10 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
         bf16* a0 = a.data() + j * kk;
         std::fill(a0 + r * wq, a0 + kk, bf16(0.f));
         if (!swap) db[j] += bf16rows::sum(bits(a0), r * wq);
-        for (int64_t kw = 1; kw < k; ++kw) {
-          bf16* dst = a.data() + (kw * ma + j) * kk;
-          std::memset(dst, 0, kw * sizeof(bf16));
-          std::memcpy(dst + kw, a0, (kk - kw) * sizeof(bf16));
+        if (copies > 1) {
+          bf16* dst = a.data() + (ma + j) * kk;
+          dst[0] = bf16(0.f);
+          std::memcpy(dst + 1, a0, (kk - 1) * sizeof(bf16));
         }
       }
       if (swap) {  // the band's gradient rows, in float for kFoldRows rows, then double
@@ -134,7 +136,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
       amx::vnni_pairs_of(rows.data(), kb, nb, b.data(), kBlockN);
       for (int64_t kh = 0; kh < k; ++kh)
         for (int64_t kw = 0; kw < k; ++kw)  // the thread's first band starts its sums
-          amx::gemm_window(ma, nb, kk, kk, nb, t > t0, a.data() + kw * ma * kk, b.data(), kb, kh * wq,
+          amx::gemm_window(ma, nb, kk, kk, nb, t > t0, a.data() + (kw % 2) * ma * kk, b.data(), kb, kh * wq + kw - kw % 2,
                            dw.data() + (kh * k + kw) * ma * nb, kBlockN);
       if (gxp) {
         const int64_t m_end = r * w, row0 = (img * h + y0) * w;

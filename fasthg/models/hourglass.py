@@ -24,7 +24,9 @@ class Residual(nn.Module):
     input for both branches (BNReLU.forward_with_skip, ops.bn_relu_conv_with_skip), so that in
     native training the skip branch's gradient is added in that BN-ReLU's backward pass rather
     than in one of autograd's own, and the last convolution adds the skip branch in its
-    epilogue (fasthg.ops.conv_add; not in recompute, whose last unit adds after it)."""
+    epilogue (fasthg.ops.conv_add; not in recompute, whose last unit adds after it). Its
+    convolutions are fasthg.nn.Conv2d: nn.Conv2d with fasthg's backward in bf16 training on AMX
+    CPUs (fasthg.ops.conv2d)."""
 
     def __init__(self, in_channels: int, out_channels: int, backend: str = "auto", memory: str = "default"):
         super().__init__()

@@ -1,13 +1,13 @@
-"""Conv2d: nn.Conv2d run by fasthg.ops.conv2d (its weight gradient on AMX where that runs)."""
+"""Conv2d: nn.Conv2d run by fasthg.ops.conv2d (its backward on AMX where that runs)."""
 from torch import nn
 
 from fasthg import ops
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, values and gradients, so the same state_dict) whose weight
-    and bias gradients come from fasthg's AMX kernel in bf16 training on AMX CPUs
-    (fasthg.ops.conv2d.fuses says where); its own forward everywhere else."""
+    """nn.Conv2d (same parameters, values and gradients, so the same state_dict) whose backward
+    comes from fasthg's AMX kernel in bf16 training on AMX CPUs (fasthg.ops.conv2d.fuses says
+    where); nn.Conv2d's own forward everywhere else."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)

@@ -52,7 +52,8 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
 
 
 def weight_grad_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
-    """Whether the weight gradient of this convolution of x runs on fasthg's AMX kernel."""
+    """Whether the backward of this convolution of x runs on fasthg's AMX kernel (bf16, the
+    geometry it has, enough pixels per weight element)."""
     dtype = x.dtype if weight.dtype == x.dtype else None
     return _takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
 
@@ -86,9 +87,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
-    """Whether conv2d takes the AMX weight gradient: a backend other than eager, an nn.Conv2d
-    (or fasthg.nn.Conv2d) with numeric zero padding, x channels_last, gradients wanted, and the
-    geometry and dtype weight_grad_fuses takes."""
+    """Whether conv2d takes fasthg's AMX backward: a backend other than eager, an nn.Conv2d (or
+    fasthg.nn.Conv2d) with numeric zero padding, x channels_last, gradients wanted, and the
+    geometry, dtype and size weight_grad_fuses takes."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
     if backend == "eager" or not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
@@ -117,7 +118,7 @@ class _Conv2d(torch.autograd.Function):
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, backend: str = "auto") -> torch.Tensor:
-    """conv(x), its weight and bias gradients on fasthg's AMX kernel where `fuses` says so."""
+    """conv(x), its backward on fasthg's AMX kernel where `fuses` says so."""
     if not fuses(x, conv, backend):
         return nn.Conv2d.forward(conv, x)
     dtype = compute_dtype(x)
