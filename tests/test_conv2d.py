@@ -223,3 +223,20 @@ def test_conv_add_and_the_recomputing_unit_take_it(memory, monkeypatch):
     assert len(calls) == 2
     for a, b in zip(got, exp):
         assert rel_err(a, b) < 5e-2
+
+
+@needs_native
+def test_one_thread_and_many_agree():
+    """Per-thread accumulators, summed once: the thread count changes only float rounding."""
+    x, grad, weight = _inputs((3, 8, 6, 20, 12, 3), torch.bfloat16, torch.channels_last, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fasthg.conv2d_backward(grad, x, weight, True)
+    finally:
+        torch.set_num_threads(threads)
+    many = torch.ops.fasthg.conv2d_backward(grad, x, weight, True)
+    want = _reference(x, grad, weight)
+    for a, b, ref in zip(one, many, want):
+        assert rel_err(a, ref) < TOLS[torch.bfloat16] and rel_err(b, ref) < TOLS[torch.bfloat16]
+        assert rel_err(a, b) < 1e-2

@@ -1,13 +1,13 @@
-// CPU kernel of fasthg.ops.conv2d's weight and bias gradients for bfloat16 on AMX CPUs. There
-// oneDNN's bf16 weight gradient takes 2-3x its own forward (1x1 and 3x3, benchmarks/results/
-// HISTORY.md); here it is k^2 GEMMs on the AMX micro-kernel oneDNN's forward runs
-// (brgemm_bf16.h), per band of output rows: dW[kh][kw] += G^T X_(kh,kw), A the band's output
-// gradient transposed (Cout x pixels), B the band's input shifted by (kh - p, kw - p) in VNNI
-// pairs. Accumulation in float per thread (the bias in double), rounded once into the weight's
-// dtype.
+// CPU kernel of fasthg.ops.conv2d's backward for bfloat16 on AMX CPUs. There oneDNN's bf16
+// weight gradient takes 2-3x its own forward (1x1 and 3x3, benchmarks/results/HISTORY.md);
+// here it is k^2 GEMMs on the AMX micro-kernel oneDNN's forward runs (brgemm_bf16.h), per band
+// of output rows: dW[kh][kw] += G^T X_(kh,kw), A the band's output gradient transposed (Cout x
+// pixels), B the band's input shifted by (kh - p, kw - p) in VNNI pairs. Accumulation in float
+// per thread (the bias in double), rounded once into the weight's dtype. A 1x1's input
+// gradient comes from the same band pass; a kxk's is oneDNN's (as fast as its forward).
 // Stride 1, zero padding k / 2, dilation 1, one group: the hourglass's convolutions. Other
 // dtypes and CPUs without AMX take ATen's convolution_backward, so that the op is defined
-// everywhere; fasthg.ops.conv2d calls it only where it runs on AMX.
+// everywhere; fasthg.ops.conv2d calls it only where it runs on AMX and pays.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
@@ -30,7 +30,7 @@ namespace {
 
 constexpr const char* kOp = "conv2d_backward";
 
-// Output pixels per band: the k copies of A (Cout x 768 bf16), B and the k^2 float
+// Output pixels per band: the two copies of A (Cout x 768 bf16), B and the k^2 float
 // accumulators stay in a core's 2 MB L2 at the hourglass's widths (128 channels, 3x3: 1.4 MB);
 // 512 and 1024 ran within noise, 256 and 2048 slower (HISTORY.md).
 constexpr int64_t kBandPixels = 768;
@@ -98,10 +98,14 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
   std::vector<Buffer<float>> acc(at::get_num_threads());
   std::vector<std::vector<double>> bias_acc(acc.size());
   at::parallel_for(0, n * bands, 1, [&](int64_t t0, int64_t t1) {
+    // A thread's sums start with its first band (the parallel backend may hand it several ranges).
     Buffer<float>& dw = acc[at::get_thread_num()];
     std::vector<double>& db = bias_acc[at::get_thread_num()];
-    dw.resize(taps * ma * nb);
-    db.assign(cout, 0.0);
+    bool started = !dw.empty();
+    if (!started) {
+      dw.resize(taps * ma * nb);
+      db.assign(cout, 0.0);
+    }
     Buffer<bf16> a(copies * ma * ka), b(kb_max * nb);
     Buffer<float> part(cout, 0.f), dx(gx ? kDxRows * c : 0);
     std::vector<const bf16*> rows(kb_max);
@@ -135,9 +139,10 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
       }
       amx::vnni_pairs_of(rows.data(), kb, nb, b.data(), kBlockN);
       for (int64_t kh = 0; kh < k; ++kh)
-        for (int64_t kw = 0; kw < k; ++kw)  // the thread's first band starts its sums
-          amx::gemm_window(ma, nb, kk, kk, nb, t > t0, a.data() + (kw % 2) * ma * kk, b.data(), kb, kh * wq + kw - kw % 2,
-                           dw.data() + (kh * k + kw) * ma * nb, kBlockN);
+        for (int64_t kw = 0; kw < k; ++kw)
+          amx::gemm_window(ma, nb, kk, kk, nb, started, a.data() + (kw % 2) * ma * kk, b.data(), kb,
+                           kh * wq + kw - kw % 2, dw.data() + (kh * k + kw) * ma * nb, kBlockN);
+      started = true;
       if (gxp) {
         const int64_t m_end = r * w, row0 = (img * h + y0) * w;
         for (int64_t m0 = 0; m0 < m_end; m0 += kDxRows) {
