@@ -9,6 +9,7 @@ import torch
 from conftest import device_backend_params, rel_err, require_backend, sgd_steps_agree
 import fasthg.ops
 from fasthg.models import PRESETS, Residual, StackedHourglass, hg2, hg8
+from fasthg.nn import BNReLU
 
 
 def small(**kw):
@@ -167,6 +168,30 @@ def test_channels_last_model_matches_nchw():
         ref = model(x)
         out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_cpu_runs_nchw_images_channels_last_inside(backend, monkeypatch):
+    """On the CPU the fused model converts NCHW images once and gives NCHW heatmaps back (the
+    eager model runs as written); values and gradients as the eager model's."""
+    torch.manual_seed(0)
+    eager = small(backend="eager").double().train()
+    model = small(backend=backend).double().train()
+    model.load_state_dict(eager.state_dict())
+    seen = []
+    real = BNReLU.forward
+    monkeypatch.setattr(BNReLU, "forward", lambda self, x: seen.append(x.is_contiguous(memory_format=torch.channels_last)) or real(self, x))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = model(x)
+    assert out.is_contiguous() and all(seen) == (backend == "native") and seen
+    ref = eager(x)
+    assert rel_err(out, ref) < 1e-10
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(model.parameters()), g)
+    want = torch.autograd.grad(ref, list(eager.parameters()), g)
+    scale = max(float(w.abs().max()) for w in want)  # (a bias before a BN has a zero gradient)
+    for a, b in zip(got, want):
+        assert float((a - b).abs().max()) <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("backend", ["eager", "auto"])
