@@ -1,4 +1,4 @@
-// The bfloat16 unit's per-row passes (conv1x1.cpp on AMX CPUs) on AVX-512 with AVX512_BF16,
+// The bfloat16 per-row passes of the AMX kernels (conv1x1.cpp, conv2d.cpp, brgemm_bf16.cpp) on AVX-512 with AVX512_BF16,
 // which every AMX CPU has: 16 lanes, bf16 <-> float in one instruction, masked tails. Without
 // them the 8-wide AVX2 rows cost more than the AMX GEMMs they feed (benchmarks/results/
 // HISTORY.md). The same float operations in the same order as bn_relu.h's per-element math

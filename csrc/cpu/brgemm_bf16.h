@@ -1,9 +1,9 @@
-// The bfloat16 GEMMs of the fused 1x1-convolution unit (conv1x1.cpp) on AMX CPUs: oneDNN's
-// batch-reduce GEMM micro-kernel as ATen exposes it (at::native::cpublas::brgemm, AMX tiles,
-// float accumulation), fed from the unit's L2-sized tiles. Its B operand is bf16 in VNNI pairs
-// (two consecutive K rows interleaved per column) and its A operand row-major with K
-// contiguous, so the unit lays its tiles out for it here: pairs for B, a transposed gradient
-// tile as the weight gradient's A.
+// The bfloat16 GEMMs of the fused 1x1-convolution unit (conv1x1.cpp) and of the convolution
+// backward (conv2d.cpp) on AMX CPUs: oneDNN's batch-reduce GEMM micro-kernel as ATen exposes it
+// (at::native::cpublas::brgemm, AMX tiles, float accumulation), fed from L2-sized tiles. Its B
+// operand is bf16 in VNNI pairs (two consecutive K rows interleaved per column) and its A
+// operand row-major with K contiguous, so the kernels lay their tiles out for it here: pairs
+// for B, a transposed gradient tile as the weight gradient's A.
 #pragma once
 
 #include <c10/util/BFloat16.h>
