@@ -26,12 +26,14 @@ bool bf16_available() {
   return yes;
 }
 
+bool bf16_runs(int64_t c, int64_t cout) {
+  static const bool rows = bf16rows::available();
+  return c % 2 == 0 && cout % 2 == 0 && rows && bf16_available();
+}
+
 void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
           const c10::BFloat16* b, float* c) {
-  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
-    const int64_t w = std::min(kBlockN, n - j0);
-    at::native::cpublas::brgemm(m, w, k, lda, w, ldc, accumulate, a, b + j0 * k, c + j0, /*is_vnni=*/true);
-  }
+  gemm_window(m, n, k, lda, ldc, accumulate, a, b, k, 0, c);
 }
 
 void gemm_window(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,

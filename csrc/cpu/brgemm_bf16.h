@@ -17,6 +17,11 @@ namespace amx {
 // kernel for AMX state), unless FASTHG_GEMM names one of the FMA kernels (avx512, avx2, plain).
 bool bf16_available();
 
+// Whether the AMX kernels (conv1x1.cpp, conv2d.cpp) take bfloat16 GEMMs with these channel
+// counts here: bf16_available(), bf16_rows.h's AVX-512 passes, and both counts even (the
+// GEMMs' K runs along them in VNNI pairs).
+bool bf16_runs(int64_t c, int64_t cout);
+
 // B operands are VNNI pairs in column blocks of kBlockN: block q holds columns [q kBlockN,
 // q kBlockN + w) (w = kBlockN, or what is left) as [k / 2][w][2] at offset q kBlockN k. A call
 // per block ran the forward 10% faster than one brgemm over 128 columns (HISTORY.md).

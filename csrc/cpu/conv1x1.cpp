@@ -72,15 +72,13 @@ gemm::Kernel<float> kernel_for<float>() { return gemm::best_float_kernel(); }
 template <>
 gemm::Kernel<double> kernel_for<double>() { return gemm::plain_kernel<double>(); }
 
-// Whether a call's GEMMs run on AMX: bfloat16 where the CPU has it, with both channel counts
-// even (the GEMMs' K runs along them in VNNI pairs).
+// Whether a call's GEMMs run on AMX: bfloat16 where amx::bf16_runs says so.
 template <typename scalar_t>
 constexpr bool kAmxType = std::is_same_v<scalar_t, c10::BFloat16>;
 
 template <typename scalar_t>
 bool on_amx(int64_t c, int64_t cout) {
-  static const bool rows = bf16rows::available();
-  return kAmxType<scalar_t> && c % 2 == 0 && cout % 2 == 0 && rows && amx::bf16_available();
+  return kAmxType<scalar_t> && amx::bf16_runs(c, cout);
 }
 
 // Whether bf16rows' rows of n values stream into `out` (vec8.h's streams() for their 16-wide

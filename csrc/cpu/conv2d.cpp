@@ -60,11 +60,6 @@ Buffer<bf16> pairs_of(const bf16* w, int64_t rows, int64_t n) {
   return pairs;
 }
 
-bool runs_on_amx(const at::Tensor& x, int64_t c, int64_t cout) {
-  static const bool rows = bf16rows::available();
-  return x.scalar_type() == at::kBFloat16 && c % 2 == 0 && cout % 2 == 0 && rows && amx::bf16_available();
-}
-
 // gw [cout][c][k][k] and gb [cout] (x's dtype) from g [n][h][w][cout] and x [n][h][w][c].
 // A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
 // sides to an even width wq, in VNNI pairs once: B, pixel (yy, xs) at row yy wq + xs + p.
@@ -198,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
               x.scalar_type(), " on ", x.device(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
   const auto fmt = x.suggest_memory_format();
   const at::Tensor none = x.new_empty({0});
-  if (!runs_on_amx(x, x.size(1), cout) || x.numel() == 0) {
+  if (x.scalar_type() != at::kBFloat16 || !amx::bf16_runs(x.size(1), cout) || x.numel() == 0) {
     auto grads = at::convolution_backward(grad_out, x, weight, at::IntArrayRef{cout}, {1, 1}, {p, p}, {1, 1}, false,
                                           {0, 0}, 1, {input_grad, true, true});
     return {input_grad ? std::get<0>(grads).contiguous(fmt) : none,

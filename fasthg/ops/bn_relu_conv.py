@@ -27,10 +27,9 @@ from fasthg.ops import _backend
 from fasthg.ops import conv1x1 as _conv1x1
 from fasthg.ops.conv1x1 import bn_relu_conv1x1
 from fasthg.ops.conv2d import backward as conv_backward
+from fasthg.ops.conv2d import compute_dtype  # (relu(bn(x)) has x's dtype)
 from fasthg.ops.bn_relu import (_OPS, _affine, _as_dtype, _batch_statistics, _grad_means, _sync_group,
                                  _train_backward, _update_running_stats, batch_norm_args, bn_relu, check_args)
-
-_FP_AUTOCAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 
 def check_modules(bn, conv):
@@ -49,14 +48,6 @@ def check_modules(bn, conv):
         why = f"in_channels={conv.in_channels} but the BN has {bn.num_features} features"
     if why:
         raise ValueError(f"bn_relu_conv: unsupported convolution {conv}: {why}")
-
-
-def _conv_dtype(x):
-    """The dtype nn.Conv2d would run in on relu(bn(x)) (which has x's dtype): autocast's, if on."""
-    dev = x.device.type
-    if x.dtype in _FP_AUTOCAST and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 class _BNReLUConvRecompute(torch.autograd.Function):
@@ -141,7 +132,7 @@ def _recompute(which, x, bn, convs, group, tee=False):
     """The recomputing unit on backend `which` (native or triton); with tee, x as well (as
     _BNReLUConvRecompute returns it) after the convolutions' outputs."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
-    cdtype = _conv_dtype(x)
+    cdtype = compute_dtype(x)
     params = []
     for conv in convs:
         if conv.weight.dtype != cdtype and not torch.is_autocast_enabled(x.device.type):
@@ -182,7 +173,7 @@ def _fused_conv1x1(which, x, bn, convs, group):
         invstd = torch.rsqrt(var + bn.eps)
     # The convolution's parameters as autocast gives them to nn.Conv2d (a bias rounded to its
     # dtype, too), through differentiable casts.
-    cdtype = _conv_dtype(x)
+    cdtype = compute_dtype(x)
     return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, _as_dtype(conv.weight, cdtype),
                                  None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True,
                                  backend=which)
@@ -204,7 +195,7 @@ def _fuses_conv1x1(which, x, convs, group) -> bool:
             return False
     elif which != "triton" or not all(conv.weight.dtype == x.dtype for conv in convs):
         return False
-    if group is not None or _conv_dtype(x) != x.dtype:
+    if group is not None or compute_dtype(x) != x.dtype:
         return False
     return all(_is_pointwise(conv) and (conv.weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type))
                for conv in convs)

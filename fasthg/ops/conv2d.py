@@ -51,7 +51,7 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
     return pixels >= max(_MIN_PIXELS, _PIXELS_PER_WEIGHT * cout * cin * k * k) and amx_available()
 
 
-def weight_grad_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
+def backward_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
     """Whether the backward of this convolution of x runs on fasthg's AMX kernel (bf16, the
     geometry it has, enough pixels per weight element)."""
     dtype = x.dtype if weight.dtype == x.dtype else None
@@ -62,7 +62,7 @@ def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups,
     """aten.convolution_backward(grad, x, weight, ...)'s (grad_x, grad_weight, grad_bias) for
     the gradients mask asks for, from fasthg's kernel where it runs."""
     mask = [mask[0], mask[1], has_bias and mask[2]]
-    if (mask[1] or mask[2]) and weight_grad_fuses(x, weight, stride, padding, dilation, groups):
+    if (mask[1] or mask[2]) and backward_fuses(x, weight, stride, padding, dilation, groups):
         gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0])
         return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
     return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, stride,
@@ -89,7 +89,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
     """Whether conv2d takes fasthg's AMX backward: a backend other than eager, an nn.Conv2d (or
     fasthg.nn.Conv2d) with numeric zero padding, x channels_last, gradients wanted, and the
-    geometry, dtype and size weight_grad_fuses takes."""
+    geometry, dtype and size backward_fuses takes."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
     if backend == "eager" or not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
