@@ -49,6 +49,7 @@ def test_backward_against_float64(shape, layout, dtype, input_grad, poison):
     gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, input_grad)
     want_x, want_w, want_b = _reference(x, grad, weight)
     assert gw.shape == weight.shape and gw.dtype == dtype and gb.shape == (shape[2],) and gb.dtype == dtype
+    assert gw.is_contiguous(memory_format=layout)  # the weight's layout
     assert not gw.isnan().any() and not gb.isnan().any()
     assert rel_err(gw, want_w) < TOLS[dtype] and rel_err(gb, want_b) < TOLS[dtype]
     if not input_grad:
@@ -177,6 +178,15 @@ def test_small_maps_keep_onednns_backward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not conv2d_module.fuses(x, conv)
         assert not conv2d_module.fuses(x[:1, :, :32, :32], conv)
+        assert not conv2d_module.fuses(x[:, :, :14, :14], nn.Conv2d(128, 1024, 1))
+
+
+def test_small_1x1s_take_the_op_at_any_size():
+    """The hourglass's 1x1s (up to 256x256 weights) take the AMX kernel down to 4x4 maps."""
+    x = torch.randn(4, 256, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for conv in (nn.Conv2d(256, 128, 1), nn.Conv2d(256, 256, 1), nn.Conv2d(256, 16, 1)):
+            assert conv2d_module.fuses(x, conv) == conv2d_module.amx_available()
 
 
 @needs_amx

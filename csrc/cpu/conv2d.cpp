@@ -152,6 +152,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
     amx::release();
   });
   bf16* gwp = out<bf16>(gw);
+  const bool cl = gw.is_contiguous(at::MemoryFormat::ChannelsLast) && !gw.is_contiguous();
   bf16* gbp = out<bf16>(gb);
   at::parallel_for(0, cout, 8, [&](int64_t j0, int64_t j1) {
     std::vector<float> row(c);
@@ -165,7 +166,9 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
           else
             for (int64_t i = 0; i < c; ++i) row[i] += part[(tap * cout + j) * c + i];
         }
-        for (int64_t i = 0; i < c; ++i) gwp[(j * c + i) * taps + tap] = static_cast<bf16>(row[i]);
+        bf16* dst = gwp + (cl ? (j * taps + tap) * c : j * c * taps + tap);
+        const int64_t step = cl ? 1 : taps;
+        for (int64_t i = 0; i < c; ++i) dst[i * step] = static_cast<bf16>(row[i]);
       }
       double v = 0.0;
       for (const auto& part : bias_acc)
@@ -201,15 +204,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   }
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  // the weight's layout (channels_last in a channels_last model): no copy after
+  at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   at::Tensor gb = at::empty({cout}, weight.options());
   at::Tensor gx = none;
   if (input_grad && k == 1) gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  backward_amx(gc, xc, weight.contiguous(), gw, gb, input_grad && k == 1 ? &gx : nullptr);
+  // (the weight's values are read for a 1x1's input gradient only)
+  backward_amx(gc, xc, k == 1 ? weight.contiguous() : weight, gw, gb, input_grad && k == 1 ? &gx : nullptr);
   if (input_grad && k != 1)  // oneDNN's, at the speed of its forward
     gx = std::get<0>(at::convolution_backward(gc, xc, weight, at::OptionalIntArrayRef{}, {1, 1}, {p, p}, {1, 1},
                                               false, {0, 0}, 1, {true, false, false}));
-  return {input_grad ? gx.contiguous(fmt) : none, gw.contiguous(weight.suggest_memory_format()), gb};
+  return {input_grad ? gx.contiguous(fmt) : none, gw, gb};
 }
 
 }  // namespace

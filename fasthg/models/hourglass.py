@@ -217,18 +217,22 @@ class StackedHourglass(nn.Module):
         heatmaps: List[torch.Tensor] = []
         for i in range(self.num_stacks):
             last = i == self.num_stacks - 1
+            # x feeds this stack's hourglass and the next stack's input (and feat the head and
+            # the remap): ops.fork sums their gradients faster than autograd does in bf16
+            x, skip = (x, x) if last else ops.fork(x, backend=self.backend)
             if self.memory == "recompute":  # the features' BN-ReLU output is not stored either
                 res, conv, bn_relu = self.features[i]
                 convs = (self.heads[i],) + (() if last else (self.remap_features[i],))
                 hm, *remapped = ops.bn_relu_convs(conv(res(self.hourglasses[i](x))), bn_relu, convs,
                                                   backend=self.backend)
                 if not last:
-                    x = x + remapped[0] + self.remap_heatmaps[i](hm)
+                    x = skip + remapped[0] + self.remap_heatmaps[i](hm)
             else:
                 feat = self.features[i](self.hourglasses[i](x))
-                hm = self.heads[i](feat)
+                feat, to_head = (feat, feat) if last else ops.fork(feat, backend=self.backend)
+                hm = self.heads[i](to_head)
                 if not last:
-                    x = self._next_input(i, x, feat, hm)
+                    x = self._next_input(i, skip, feat, hm)
             heatmaps.append(hm)
         out = torch.stack(heatmaps, dim=1)
         return out.contiguous() if nchw else out

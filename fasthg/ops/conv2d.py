@@ -33,6 +33,7 @@ def amx_available() -> bool:
 
 _MIN_PIXELS = 2048
 _PIXELS_PER_WEIGHT = 0.1
+_SMALL_1X1_WEIGHTS = 256 * 256
 
 
 def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
@@ -46,8 +47,11 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
         return False
     # Enough pixels per weight element: below, oneDNN's own backward ran as fast or faster (its
     # parallel split needs no reduction of per-thread weight gradients). Measured on an AMX Xeon
-    # (HISTORY.md): hg2's 64x64 and 1x1 32x32 layers gain, ResNet-50's layers past its first stage lose.
+    # (HISTORY.md): hg2's 64x64 and 1x1 32x32 layers gain, ResNet-50's layers past its first stage
+    # lose. 1x1s with up to 256x256 weights (the hourglass's) gained at every size down to 4x4 maps.
     pixels = x_shape[0] * x_shape[2] * x_shape[3]
+    if k == 1 and cout * cin <= _SMALL_1X1_WEIGHTS:
+        return pixels > 0 and amx_available()
     return pixels >= max(_MIN_PIXELS, _PIXELS_PER_WEIGHT * cout * cin * k * k) and amx_available()
 
 

@@ -1,0 +1,72 @@
+"""fasthg.ops.fork: two views of a tensor whose gradients it sums itself (out of place)."""
+import importlib
+
+import pytest
+import torch
+
+from fasthg import ops
+from fasthg.models import StackedHourglass
+
+fork_module = importlib.import_module("fasthg.ops.fork")  # (fasthg.ops.fork is the function)
+
+
+def _bf16_leaf(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+
+
+def test_values_and_gradient_are_the_sum_of_both_branches():
+    t = _bf16_leaf(2, 6, 5, 7, seed=0)
+    a, b = (torch.randn(2, 6, 5, 7).bfloat16().contiguous(memory_format=torch.channels_last) for _ in range(2))
+    u, v = ops.fork(t)
+    assert fork_module.forks(t) and torch.equal(u, t) and torch.equal(v, t)
+    got, = torch.autograd.grad((u * a).sum() + (v * b).sum(), [t])
+    want, = torch.autograd.grad((t * a).sum() + (t * b).sum(), [t])  # autograd's own sum
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_one_branch_without_gradient(which):
+    t = _bf16_leaf(3, 4, 2, 2, seed=1)
+    outs = ops.fork(t)
+    w = torch.randn(3, 4, 2, 2).bfloat16()
+    got, = torch.autograd.grad((outs[which] * w).sum(), [t])
+    assert torch.equal(got, w)
+
+
+def test_where_it_does_not_fork_it_is_the_tensor_itself():
+    t = _bf16_leaf(1, 2, 3, 3, seed=2)
+    for x, backend in ((t, "eager"), (t.detach(), "auto"), (t.float().detach().requires_grad_(), "auto")):
+        u, v = ops.fork(x, backend=backend)
+        assert u is x and v is x
+    with torch.no_grad():
+        assert ops.fork(t)[0] is t
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="backend"):
+        ops.fork(torch.zeros(1), backend="cuda")
+    with pytest.raises(TypeError, match="`t` must be a torch.Tensor"):
+        ops.fork([1.0])
+
+
+def test_hourglass_gradients_equal_autograds_own_sum(monkeypatch):
+    """A 2-stack model in bf16 autocast: forking changes no gradient (both sums round once)."""
+    torch.manual_seed(0)
+    model = StackedHourglass(num_stacks=2, num_features=16, num_joints=4, depth=2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = fork_module._Fork.apply
+    monkeypatch.setattr(fork_module._Fork, "apply", lambda t: calls.append(t.shape) or real(t))
+
+    def grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        return torch.autograd.grad(out.float().square().sum(), list(model.parameters()))
+
+    got = grads()
+    assert len(calls) == 2  # the stack's input and its features
+    monkeypatch.setattr(fork_module, "forks", lambda *a, **k: False)
+    want = grads()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
