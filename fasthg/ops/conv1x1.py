@@ -91,7 +91,8 @@ def cpu_unit_dtypes() -> tuple:
     convolutions convert to float32 and run 1.3-3.6x slower than the unit (benchmarks/results/
     HISTORY.md). On AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively; there the unit's
     bfloat16 GEMMs run on AMX too (native_gemm_kernel), 1.1-1.2x the unfused unit alone at 64x64
-    but at parity in the hg2 training step, and float32 is at parity, so neither is routed.
+    but slower in the hg2 training step than BN-ReLU with fasthg.nn.Conv2d's AMX backward, and
+    float32 is at parity, so neither is routed.
     "all": every dtype; "off": none."""
     choice = os.environ.get("FASTHG_CPU_CONV1X1", "auto")
     if choice not in CPU_UNIT_CHOICES:
