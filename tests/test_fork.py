@@ -70,3 +70,22 @@ def test_hourglass_gradients_equal_autograds_own_sum(monkeypatch):
     want = grads()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_hourglass_compiles():
+    """torch.compile traces the model with its forks (bf16 autocast, CPU; oneDNN's fused
+    convolution has no fake kernel, so not as one graph): values and gradients as the model run
+    eagerly."""
+    torch.manual_seed(1)
+    model = StackedHourglass(num_stacks=2, num_features=16, num_joints=4, depth=2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend="aot_eager")
+    outs, grads = [], []
+    for m in (model, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.float().square().sum(), list(model.parameters())))
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)

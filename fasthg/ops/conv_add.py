@@ -9,8 +9,6 @@ convolution's (fasthg.ops.conv2d.backward: aten.convolution_backward, the weight
 AMX where that runs), and the residual's gradient is grad_out itself.
 Elsewhere, and with backend="eager", it is the composition: conv(x) + residual.
 """
-import functools
-
 import torch
 from torch import nn
 
@@ -29,17 +27,29 @@ def reference(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor) -> torch
     return conv(x) + residual
 
 
-def _pointwise():
+def _find_pointwise():
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return getattr(mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_dtypes() -> tuple:
+def _find_fused_dtypes() -> tuple:
     """float32, and bf16 where oneDNN runs it natively (AVX-512 BW/VL/DQ or AVX-NE-CONVERT:
     on AVX2-only CPUs its bf16 convolutions refuse, and ATen's own path takes over)."""
     supported = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
     return (torch.float32, torch.bfloat16) if supported is not None and supported() else (torch.float32,)
+
+
+# Once, at import: torch.compile does not trace torch.backends' probes (fullgraph would break).
+_POINTWISE = _find_pointwise()
+_FUSED_DTYPES = _find_fused_dtypes()
+
+
+def _pointwise():
+    return _POINTWISE
+
+
+def _fused_dtypes() -> tuple:
+    return _FUSED_DTYPES
 
 
 def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> bool:
