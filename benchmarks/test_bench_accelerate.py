@@ -18,6 +18,7 @@ from torch import nn
 
 import fasthg
 from fasthg.bench import LAYOUTS, ModelCase, interleaved_samples, speedup, spread
+from fasthg.fuse import channels_last
 
 IMAGE, FEATURES, JOINTS, STACKS, DEPTH = 256, 256, 16, 2, 4
 
@@ -86,7 +87,9 @@ def steps(device, batch, layout):
     models = {"plain": plain, "accelerated": fasthg.accelerate(copy.deepcopy(plain))}
     fns = {}
     for name, model in models.items():
-        model.to(memory_format=layout).train()
+        if not channels_last.has_it(model):  # (accelerate's layout step, on the CPU: its own layout inside)
+            model.to(memory_format=layout)
+        model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
         def step(model=model, opt=opt):

@@ -255,8 +255,9 @@ def build(name, seed=0):
 def pair(name, layout=torch.contiguous_format):
     original, x = build(name)
     accelerated, report = fasthg.accelerate(copy.deepcopy(original), return_report=True)
-    return (original.to(memory_format=layout), accelerated.to(memory_format=layout),
-            x.contiguous(memory_format=layout), report)
+    if layout is not torch.contiguous_format:  # (NCHW: the layout accelerate left, channels_last on the CPU)
+        accelerated = accelerated.to(memory_format=layout)
+    return original.to(memory_format=layout), accelerated, x.contiguous(memory_format=layout), report
 
 
 def close(a, b, tol=1e-4, what="", scale=None):
@@ -345,9 +346,11 @@ def test_torchvision_resnets_fuse_every_bn_and_train_as_the_original(arch):
     for a, b in zip(buffers, ref_buffers):
         close(a, b, tol=1e-10)
     if arch == "resnet18":  # float32 errs no more than eager float32 does against float64
-        errs = {}
-        for name, model in (("eager", copy.deepcopy(original)), ("accelerated", copy.deepcopy(accelerated))):
-            outs, grads, _ = run_steps(model.float(), x.float(), steps=1)
+        errs = {}  # (eager in the layout accelerate chose: oneDNN's float32 convolutions err more channels_last)
+        eager = copy.deepcopy(original).to(memory_format=torch.channels_last)
+        eager_x = x.contiguous(memory_format=torch.channels_last)
+        for name, model, inp in (("eager", eager, eager_x), ("accelerated", copy.deepcopy(accelerated), x)):
+            outs, grads, _ = run_steps(model.float(), inp.float(), steps=1)
             pairs = [(outs[0], ref_outs[0])] + list(zip(grads[0], ref_grads[0]))  # the first step's
             errs[name] = [float((a.double() - b).norm() / b.norm()) for a, b in pairs]
         assert all(a <= 2 * e + 1e-6 for a, e in zip(errs["accelerated"], errs["eager"])), errs
@@ -668,3 +671,75 @@ def test_convolutions_take_fasthgs_backward_in_place():
     for a, b in zip(got_grads, ref_grads):
         assert (a - b).abs().max() <= 3e-2 * b.abs().max()
     pickle.loads(pickle.dumps(model))
+
+
+# ----------------------------------------------------------------------------- the layout step
+class _Outputs(nn.Module):
+    """A model whose outputs are a dict, a tuple and a 4-D tensor, and that can be told to fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fail = nn.Conv2d(3, 4, 3, padding=1), False
+
+    def forward(self, x, scale=1.0):
+        if self.fail:
+            raise RuntimeError("asked to fail")
+        y = self.conv(x) * scale
+        return {"map": y, "pair": (y + 1, y.mean((2, 3)))}
+
+
+def test_cpu_models_run_channels_last_inside_and_answer_in_the_inputs_layout():
+    """accelerate (channels_last="auto") on a CPU model: 4-D parameters and inputs channels_last,
+    outputs NCHW after NCHW inputs and channels_last after channels_last ones, and the same
+    values and gradients (float64, where the convolution is layout-blind) as the original."""
+    original, x = build("resnet_basic")
+    original = original.double()
+    accelerated, report = fasthg.accelerate(copy.deepcopy(original), return_report=True)
+    assert [(c.kind, c.action) for c in report if c.kind == "layout"] == [("layout", "channels_last")]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in accelerated.parameters() if p.dim() == 4)
+    assert [k for k in accelerated.state_dict()] == [k for k in original.state_dict()]
+    xd = x.double()
+    ref_outs, ref_grads, ref_buffers = run_steps(original, xd)
+    outs, grads, buffers = run_steps(accelerated, xd)
+    for a, b in zip(outs + [g for gs in grads for g in gs] + buffers,
+                    ref_outs + [g for gs in ref_grads for g in gs] + ref_buffers):
+        close(a, b, tol=1e-10, scale=max(float(b.abs().max()), 1.0))
+    y = accelerated(xd)
+    assert not accelerated._fasthg_nchw_calls
+    assert torch.equal(accelerated(xd.contiguous(memory_format=torch.channels_last)), y)
+
+
+def test_layout_step_outputs_pickling_failures_and_a_second_call():
+    torch.manual_seed(0)
+    model, report = fasthg.accelerate(_Outputs(), return_report=True)
+    x = torch.randn(2, 3, 5, 6)
+    want = _Outputs()
+    want.load_state_dict(model.state_dict())
+    for m in (model, pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        out = m(x, scale=2.0)
+        ref = want(x, scale=2.0)
+        assert out["map"].is_contiguous() and out["pair"][0].is_contiguous()
+        torch.testing.assert_close(out["map"], ref["map"])
+        torch.testing.assert_close(out["pair"][1], ref["pair"][1])
+        m.fail = True
+        with pytest.raises(RuntimeError, match="asked to fail"):
+            m(x)
+        m.fail = False
+        assert m._fasthg_nchw_calls == [] and m(x)["map"].is_contiguous()
+        cl = m(x.contiguous(memory_format=torch.channels_last))["map"]  # channels_last in, channels_last out
+        assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    again, second = fasthg.accelerate(model, return_report=True)
+    assert [c.action for c in second if c.kind == "layout"] == ["already channels_last"]
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+
+
+def test_layout_choices():
+    kept, report = fasthg.accelerate(_Outputs(), channels_last=False, return_report=True)
+    assert not any(c.kind == "layout" for c in report) and not kept._forward_pre_hooks
+    assert kept.conv.weight.is_contiguous() and not kept.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    no_convs = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    _, report = fasthg.accelerate(no_convs, return_report=True)
+    assert not any(c.kind == "layout" for c in report)  # "auto": nothing to gain without convolutions
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="channels_last"):
+            fasthg.accelerate(_Outputs(), channels_last=bad)

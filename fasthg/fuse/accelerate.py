@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasthg import ops
+from fasthg.fuse import channels_last as layout
 from fasthg.nn import BNAddReLU, BNReLU
 from fasthg.nn.conv2d import Conv2d, is_plain
 from fasthg.ops.bn_relu_conv import check_modules
@@ -59,9 +60,10 @@ MEMORY_MODES = ("default", "recompute")
 @dataclasses.dataclass(frozen=True)
 class Change:
     """One line of the report: `kind` of pattern ("bn_relu", "bn_add_relu", "upsample_add",
-    "bn_relu_conv", "conv2d", "trace"), `where` (a module path, or module path:node name),
-    `action` ("fused", "already fused", "left alone", "traced submodules", "backward on fasthg",
-    "already backward on fasthg") and `reason`."""
+    "bn_relu_conv", "conv2d", "trace", "layout"), `where` (a module path, or module path:node
+    name), `action` ("fused", "already fused", "left alone", "traced submodules", "backward on
+    fasthg", "already backward on fasthg", "channels_last", "already channels_last") and
+    `reason`."""
     kind: str
     where: str
     action: str
@@ -652,7 +654,7 @@ def _accelerate_module(module, path, options_of, report, before, process_group):
 
 
 def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default", sync_bn: bool = False,
-               process_group=None, return_report: bool = False):
+               process_group=None, return_report: bool = False, channels_last="auto"):
     """Replaces, in place, the patterns of `model` that fasthg has fused ops for (see the module
     docstring) and returns `model`, or `(model, report)` with return_report=True (a Report:
     a list of Change, printable as a table). state_dict keys and values are unchanged; calling
@@ -663,7 +665,10 @@ def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default",
     BN-ReLU -> Conv2d runs as fasthg.ops.bn_relu_conv, which keeps x and the BN statistics for
     the backward instead of the activation (less memory, one more pass). sync_bn=True: the
     fused BN-ReLUs merge their training statistics over `process_group` (default: all
-    processes), like nn.SyncBatchNorm (for DistributedDataParallel)."""
+    processes), like nn.SyncBatchNorm (for DistributedDataParallel). channels_last ("auto", True
+    or False): the model's 4-D parameters and inputs channels_last, its 4-D outputs given back
+    NCHW after NCHW inputs (fasthg.fuse.channels_last); "auto" does it for a CPU model with
+    convolutions."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: `model` must be a torch.nn.Module, got {type(model).__name__}")
     if backend not in ops.BACKENDS:
@@ -672,10 +677,16 @@ def accelerate(model: nn.Module, backend: str = "auto", memory: str = "default",
         raise ValueError(f"accelerate: `memory` must be one of {MEMORY_MODES}, got {memory!r}")
     if not isinstance(sync_bn, bool):
         raise ValueError(f"accelerate: `sync_bn` must be True or False, got {sync_bn!r}")
+    to_channels_last = layout.wanted(model, channels_last)
     before = _restore(model)
     report = Report()
     _accelerate_module(model, "", lambda: _Options(backend, memory, sync_bn), report, before, process_group)
     _convs_on_fasthg(model, backend, report)
+    if to_channels_last:
+        action = "already channels_last" if layout.has_it(model) else "channels_last"
+        layout.convert(model)
+        report.append(Change("layout", "<model>", action,
+                             "4-D parameters and inputs channels_last, outputs NCHW after NCHW inputs"))
     return (model, report) if return_report else model
 
 
