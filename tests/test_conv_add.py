@@ -42,7 +42,7 @@ def test_values_and_gradients_against_float64(dtype, layout, cfg, poison):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         xd, rd = x.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
         assert conv_add_module.fuses(xd, conv, rd) == (layout == torch.channels_last
-                                                        and dtype in conv_add_module._fused_dtypes())
+                                                        and dtype in conv_add_module._FUSED_DTYPES)
         out = ops.conv_add(xd, conv, rd)
     x64, r64 = xd.detach().double().requires_grad_(), rd.detach().double().requires_grad_()
     ref = conv64(x64) + r64
@@ -71,7 +71,7 @@ def test_falls_back_to_the_composition(monkeypatch):
 
 def test_bf16_falls_back_where_onednn_lacks_it(monkeypatch):
     """On CPUs without oneDNN's native bf16 (AVX2-only), bf16 under autocast is the composition."""
-    monkeypatch.setattr(conv_add_module, "_fused_dtypes", lambda: (torch.float32,))
+    monkeypatch.setattr(conv_add_module, "_FUSED_DTYPES", (torch.float32,))
     monkeypatch.setattr(conv_add_module._ConvAdd, "apply", lambda *a: pytest.fail("fused"))
     conv, x, r = make(CONVS[0], torch.channels_last, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -26,10 +26,17 @@ bool bf16_available() {
   return yes;
 }
 
-bool bf16_runs(int64_t c, int64_t cout) {
-  static const bool rows = bf16rows::available();
-  return c % 2 == 0 && cout % 2 == 0 && rows && bf16_available();
+namespace {
+
+// Whether the AVX-512 layouts of bf16_rows.h run here (every AMX CPU has them).
+bool wide() {
+  static const bool yes = bf16rows::available();
+  return yes;
 }
+
+}  // namespace
+
+bool bf16_runs(int64_t c, int64_t cout) { return c % 2 == 0 && cout % 2 == 0 && wide() && bf16_available(); }
 
 void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate, const c10::BFloat16* a,
           const c10::BFloat16* b, float* c) {
@@ -49,12 +56,6 @@ void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 namespace {
 
 using u16 = uint16_t;
-
-// Whether the AVX-512 layouts of bf16_rows.h run here (every AMX CPU has them).
-bool wide() {
-  static const bool yes = bf16rows::available();
-  return yes;
-}
 
 const u16* bits(const c10::BFloat16* p) { return reinterpret_cast<const u16*>(p); }
 u16* bits(c10::BFloat16* p) { return reinterpret_cast<u16*>(p); }
@@ -117,6 +118,12 @@ void vnni_pairs(const c10::BFloat16* src_, int64_t rows, int64_t n, int64_t ld, 
   const int64_t k2 = rows + rows % 2;
   for (int64_t j0 = 0; j0 < n; j0 += kBlockN)
     pairs_block(bits(src_) + j0, rows, std::min(kBlockN, n - j0), ld, bits(dst_) + j0 * k2);
+}
+
+Buffer<c10::BFloat16> vnni_pairs(const c10::BFloat16* src, int64_t rows, int64_t n) {
+  Buffer<c10::BFloat16> pairs((rows + rows % 2) * n);
+  vnni_pairs(src, rows, n, n, pairs.data());
+  return pairs;
 }
 
 void vnni_pairs_of(const c10::BFloat16* const* rows, int64_t count, int64_t n, c10::BFloat16* dst_,

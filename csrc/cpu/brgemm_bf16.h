@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "aligned_buffer.h"
+
 namespace fasthg {
 namespace amx {
 
@@ -42,6 +44,8 @@ void release();
 
 // src [rows][n] (row stride ld) as a B operand (k = rows rounded up to even, the extra row zero).
 void vnni_pairs(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* dst);
+// The same for a dense src [rows][n], into a new 64-byte aligned buffer.
+Buffer<c10::BFloat16> vnni_pairs(const c10::BFloat16* src, int64_t rows, int64_t n);
 
 // B operand rows from pointers: row p is rows[p][0..n) or, where rows[p] is null, zeros;
 // count even; column blocks of `block`.

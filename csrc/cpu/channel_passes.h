@@ -164,6 +164,21 @@ C10_ALWAYS_INLINE double hsum(__m256d v) {
 // centred (masked gradients), so the doubles carry the precision across rows.
 constexpr int64_t kFloatRows = 16;
 
+// The same two levels for per-row epilogues (the AMX kernels' per-channel sums, any math
+// type T): partials added for kFloatRows rows, then folded into double totals, since a
+// double accumulation per element cost more than the rest of an epilogue.
+// total[k] += part[k] (in double), part[k] = 0, for k < n.
+template <typename T>
+void fold(T* __restrict part, double* __restrict total, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    total[k] += static_cast<double>(part[k]);
+    part[k] = T(0);
+  }
+}
+
+// Whether row r (of a tile of `rows`) ends a group of kFloatRows, or the tile.
+inline bool fold_due(int64_t r, int64_t rows) { return r % kFloatRows == kFloatRows - 1 || r == rows - 1; }
+
 // Sums over rows [r0, r1) of f(r, v, p) for V vectors v of 8 channels, f adding Q float
 // quantities into p[0..Q); every kFloatRows rows they fold into acc[v][2q], acc[v][2q+1]
 // (the low and high halves, in double).

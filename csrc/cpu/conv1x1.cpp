@@ -114,24 +114,7 @@ struct BnParams {
   }
 };
 
-// The epilogues' per-channel sums add rows in the math type for kFoldRows rows, then fold
-// into double (as the BN-ReLU kernels' two-level sums do): a double accumulation per element
-// cost more than the rest of the epilogue.
-constexpr int64_t kFoldRows = 16;
-
-// total[k] += part[k] (in double), part[k] = 0, for k < n.
-template <typename T>
-void fold(T* __restrict part, double* __restrict total, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
-    total[k] += static_cast<double>(part[k]);
-    part[k] = T(0);
-  }
-}
-
-// Whether row r (of a tile of `rows`) ends a group of kFoldRows, or the tile.
-inline bool fold_due(int64_t r, int64_t rows) { return r % kFoldRows == kFoldRows - 1 || r == rows - 1; }
-
-// After row r: two sets of partials (null totals: none kept) folded when due.
+// After row r: two sets of partials (null totals: none kept) folded when due (channel_passes.h).
 template <typename T>
 void fold_two(int64_t r, int64_t rows, T* p0, T* p1, double* t0, double* t1, int64_t n) {
   if (t0 && fold_due(r, rows)) {
@@ -287,20 +270,16 @@ Buffer<T> weight_panels(const scalar_t* src, int64_t k, int64_t n, int64_t rs, i
 }
 
 // W [Cout][C] as the AMX GEMM's B in VNNI pairs: W^T (the forward's, K = C) or W (the
-// backward's, K = Cout).
+// backward's, K = Cout); empty for the types that do not run on AMX.
 template <typename scalar_t>
 Buffer<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool transposed) {
-  Buffer<scalar_t> pairs(cout * c);
   if constexpr (kAmxType<scalar_t>) {
-    if (transposed) {
-      Buffer<scalar_t> wt(c * cout);
-      amx::transpose(w, cout, cout, c, c, wt.data(), cout);
-      amx::vnni_pairs(wt.data(), c, cout, cout, pairs.data());
-    } else {
-      amx::vnni_pairs(w, cout, c, c, pairs.data());
-    }
+    if (!transposed) return amx::vnni_pairs(w, cout, c);
+    Buffer<scalar_t> wt(c * cout);
+    amx::transpose(w, cout, cout, c, c, wt.data(), cout);
+    return amx::vnni_pairs(wt.data(), c, cout);
   }
-  return pairs;
+  return Buffer<scalar_t>();
 }
 
 // The weight gradient [Cout][C] from the threads' partials (row stride ld; empty: a thread

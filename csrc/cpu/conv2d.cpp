@@ -39,9 +39,6 @@ constexpr int64_t kBandPixels = 768;
 // read once per tap (HISTORY.md).
 constexpr int64_t kBlockN = 256;
 
-// Rows of the bias's float partial sums (from the gradient's rows) before they fold into double.
-constexpr int64_t kFoldRows = 16;
-
 // Rows of the input gradient's GEMM per call (its float tile: 192 x 256 x 4 bytes).
 constexpr int64_t kDxRows = 192;
 
@@ -52,13 +49,6 @@ using bf16 = c10::BFloat16;
 
 const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
 uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
-
-// w [rows][n] as a B operand (brgemm_bf16.h's layout), 64-byte aligned.
-Buffer<bf16> pairs_of(const bf16* w, int64_t rows, int64_t n) {
-  Buffer<bf16> pairs(round_up(rows, 2) * n);
-  amx::vnni_pairs(w, rows, n, n, pairs.data());
-  return pairs;
-}
 
 // gw [cout][c][k][k] and gb [cout] (x's dtype) from g [n][h][w][cout] and x [n][h][w][c].
 // A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
@@ -87,7 +77,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
   const int64_t copies = k > 1 ? 2 : 1;
   const bf16* gp = in<bf16>(g);
   bf16* gxp = gx ? out<bf16>(*gx) : nullptr;
-  const Buffer<bf16> wpairs = gx ? pairs_of(in<bf16>(weight), cout, c) : Buffer<bf16>();  // W [cout][c] as B
+  const Buffer<bf16> wpairs = gx ? amx::vnni_pairs(in<bf16>(weight), cout, c) : Buffer<bf16>();  // W [cout][c] as B
   const std::vector<float> zeros(c, 0.f);
   // Read before the parallel loop: inside it, get_num_threads is the nested one.
   std::vector<Buffer<float>> acc(at::get_num_threads());
@@ -120,12 +110,11 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
           std::memcpy(dst + 1, a0, (kk - 1) * sizeof(bf16));
         }
       }
-      if (swap) {  // the band's gradient rows, in float for kFoldRows rows, then double
+      if (swap) {  // the band's gradient rows, in float for kFloatRows rows, then double
         const bf16* gi = bi + y0 * w * cout;
         for (int64_t q = 0; q < r * w; ++q) {
           bf16rows::add(bits(gi + q * cout), cout, part.data());
-          if (q % kFoldRows == kFoldRows - 1 || q == r * w - 1)
-            for (int64_t j = 0; j < cout; ++j) db[j] += part[j], part[j] = 0.f;
+          if (fold_due(q, r * w)) fold(part.data(), db.data(), cout);
         }
       }
       for (int64_t i = 0; i < kb; ++i) {

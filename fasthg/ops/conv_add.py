@@ -44,14 +44,6 @@ _POINTWISE = _find_pointwise()
 _FUSED_DTYPES = _find_fused_dtypes()
 
 
-def _pointwise():
-    return _POINTWISE
-
-
-def _fused_dtypes() -> tuple:
-    return _FUSED_DTYPES
-
-
 def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> bool:
     """Whether conv_add runs fused: a CPU nn.Conv2d with zero padding given as numbers, x and
     residual channels_last, residual shaped like the output and in the dtype the convolution
@@ -61,10 +53,10 @@ def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
     if backend == "eager" or not _is_plain(conv) or conv.padding_mode != "zeros":
         return False
-    if isinstance(conv.padding, str) or x.device.type != "cpu" or x.dim() != 4 or _pointwise() is None:
+    if isinstance(conv.padding, str) or x.device.type != "cpu" or x.dim() != 4 or _POINTWISE is None:
         return False
     dtype = compute_dtype(x)
-    if dtype not in _fused_dtypes() or residual.dtype != dtype or residual.dim() != 4:
+    if dtype not in _FUSED_DTYPES or residual.dtype != dtype or residual.dim() != 4:
         return False
     cl = torch.channels_last
     if not (x.is_contiguous(memory_format=cl) and residual.is_contiguous(memory_format=cl)):
@@ -80,7 +72,7 @@ class _ConvAdd(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight)
         ctx.conf = (stride, padding, dilation, groups, bias is not None)
-        return _pointwise().binary(x, residual, weight, bias, padding, stride, dilation, groups, "add",
+        return _POINTWISE.binary(x, residual, weight, bias, padding, stride, dilation, groups, "add",
                                    None, None, [], None)
 
     @staticmethod
