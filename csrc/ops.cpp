@@ -85,8 +85,10 @@ TORCH_LIBRARY(fasthg, m) {
   // The backward of a stride-1 convolution with zero padding k // 2 (k odd, one group),
   // fasthg.ops.conv2d's: the input gradient where input_grad (else an empty tensor), the weight
   // and bias gradients. CPU; for bfloat16 on AMX fasthg's own weight gradient (and 1x1 input
-  // gradient), csrc/cpu/conv2d.cpp.
-  m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, bool input_grad) -> "
+  // gradient), csrc/cpu/conv2d.cpp. The weight and bias gradients in grad_weight_dtype: the
+  // weight's (None) or float32 (a float32 parameter cast for autocast takes its gradient so).
+  m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, bool input_grad, "
+        "ScalarType? grad_weight_dtype=None) -> "
         "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Which GEMM kernel the CPU unit runs for a dtype here: avx512, avx2 or plain
   // (csrc/cpu/gemm_panels.h), or amx for bfloat16 on AMX CPUs (csrc/cpu/brgemm_bf16.h)

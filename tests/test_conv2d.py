@@ -172,21 +172,58 @@ def test_compiles_fullgraph():
 
 
 def test_small_maps_keep_onednns_backward():
-    """Too few pixels per weight element (ResNet-50's later stages): nn.Conv2d's backward."""
-    conv, _ = _module_pair(128, 128, 3, seed=6)
-    x = torch.randn(8, 128, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
+    """Too few pixels per weight element for larger weights (ResNet-50's later stages):
+    nn.Conv2d's backward."""
+    x = torch.randn(8, 256, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not conv2d_module.fuses(x, conv)
-        assert not conv2d_module.fuses(x[:1, :, :32, :32], conv)
-        assert not conv2d_module.fuses(x[:, :, :14, :14], nn.Conv2d(128, 1024, 1))
+        assert not conv2d_module.fuses(x, nn.Conv2d(256, 256, 3, padding=1))
+        assert not conv2d_module.fuses(x[:1, :, :8, :8], nn.Conv2d(256, 256, 3, padding=1))
+        assert not conv2d_module.fuses(x, nn.Conv2d(256, 1024, 1))
 
 
-def test_small_1x1s_take_the_op_at_any_size():
-    """The hourglass's 1x1s (up to 256x256 weights) take the AMX kernel down to 4x4 maps."""
+def test_small_weights_take_the_op_at_any_size():
+    """The hourglass's 1x1s (up to 256x256 weights) and 3x3s (128x128) take the AMX kernel
+    down to 4x4 maps."""
     x = torch.randn(4, 256, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for conv in (nn.Conv2d(256, 128, 1), nn.Conv2d(256, 256, 1), nn.Conv2d(256, 16, 1)):
             assert conv2d_module.fuses(x, conv) == conv2d_module.amx_available()
+        x3 = torch.randn(4, 128, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+        assert conv2d_module.fuses(x3, nn.Conv2d(128, 128, 3, padding=1)) == conv2d_module.amx_available()
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(2, 6, 10, 7, 9, 3), (2, 16, 258, 4, 4, 1), (3, 12, 4, 5, 3, 1)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_float32_weight_gradient_of_bf16_operands(shape, layout, poison):
+    """grad_weight_dtype=float32 (float32 parameters under autocast): the weight and bias
+    gradients are the float sums themselves, an order closer to float64 than bf16's rounding."""
+    x, grad, weight = _inputs(shape, torch.bfloat16, layout, seed=11)
+    gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, True, torch.float32)
+    want_x, want_w, want_b = _reference(x, grad, weight)
+    assert gw.dtype == gb.dtype == torch.float32 and gx.dtype == torch.bfloat16
+    assert gw.is_contiguous(memory_format=layout) and not gw.isnan().any() and not gb.isnan().any()
+    assert rel_err(gw, want_w) < 1e-4 and rel_err(gb, want_b) < 1e-4
+    assert rel_err(gx, want_x) < TOLS[torch.bfloat16]
+    with pytest.raises(RuntimeError, match="`grad_weight_dtype` must be"):
+        torch.ops.fasthg.conv2d_backward(grad, x, weight, True, torch.float16)
+
+
+@needs_amx
+def test_autocast_parameters_get_their_gradient_without_a_cast():
+    """Under autocast the Function takes the float32 parameters and casts them itself: their
+    gradients come straight from the kernel in float32 (no bf16 rounding, no cast node)."""
+    conv, ref = _module_pair(8, 6, 3, seed=12)
+    x = torch.randn(2, 8, 48, 47).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    weight_node, bias_node = [f for f, _ in out.grad_fn.next_functions if f is not None]
+    assert type(weight_node).__name__ == type(bias_node).__name__ == "AccumulateGrad"
+    g = torch.randn(out.shape, dtype=torch.float64)
+    gw, gb = torch.autograd.grad(out, [conv.weight, conv.bias], g.to(out.dtype))
+    assert gw.dtype == gb.dtype == torch.float32
+    want_w, want_b = torch.autograd.grad(ref(x.bfloat16().double()), [ref.weight, ref.bias], g.bfloat16().double())
+    assert rel_err(gw, want_w) < 1e-4 and rel_err(gb, want_b) < 1e-4
 
 
 @needs_amx

@@ -8,6 +8,7 @@
 // Stride 1, zero padding k / 2, dilation 1, one group: the hourglass's convolutions. Other
 // dtypes and CPUs without AMX take ATen's convolution_backward, so that the op is defined
 // everywhere; fasthg.ops.conv2d calls it only where it runs on AMX and pays.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -50,7 +52,37 @@ using bf16 = c10::BFloat16;
 const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
 uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
 
-// gw [cout][c][k][k] and gb [cout] (x's dtype) from g [n][h][w][cout] and x [n][h][w][c].
+// The threads' float sums (and double bias sums) into gw [cout][c][k][k] (channels_last where
+// cl) and gb, rounded once into T: the weight's dtype, or float32 for float32 parameters under
+// autocast (their gradient then skips a bf16 rounding and autograd's cast back).
+template <typename T>
+void reduce_weight_grads(const std::vector<Buffer<float>>& acc, const std::vector<std::vector<double>>& bias_acc,
+                         int64_t cout, int64_t c, int64_t taps, bool swap, bool cl, T* gwp, T* gbp) {
+  at::parallel_for(0, cout, 8, [&](int64_t j0, int64_t j1) {
+    std::vector<float> row(c);
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        std::fill(row.begin(), row.end(), 0.f);
+        for (const auto& part : acc) {
+          if (part.empty()) continue;
+          if (swap)
+            for (int64_t i = 0; i < c; ++i) row[i] += part[i * cout + j];
+          else
+            for (int64_t i = 0; i < c; ++i) row[i] += part[(tap * cout + j) * c + i];
+        }
+        T* dst = gwp + (cl ? (j * taps + tap) * c : j * c * taps + tap);
+        const int64_t step = cl ? 1 : taps;
+        for (int64_t i = 0; i < c; ++i) dst[i * step] = static_cast<T>(row[i]);
+      }
+      double v = 0.0;
+      for (const auto& part : bias_acc)
+        if (!part.empty()) v += part[j];
+      gbp[j] = static_cast<T>(static_cast<float>(v));
+    }
+  });
+}
+
+// gw [cout][c][k][k] and gb [cout] (bf16 or float: reduce_weight_grads) from g [n][h][w][cout] and x [n][h][w][c].
 // A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
 // sides to an even width wq, in VNNI pairs once: B, pixel (yy, xs) at row yy wq + xs + p.
 // Tap (kh, kw) pairs output pixel (y, x) with B's row (y + kh) wq + x + kw: a window of B from
@@ -140,35 +172,17 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
     }
     amx::release();
   });
-  bf16* gwp = out<bf16>(gw);
   const bool cl = gw.is_contiguous(at::MemoryFormat::ChannelsLast) && !gw.is_contiguous();
-  bf16* gbp = out<bf16>(gb);
-  at::parallel_for(0, cout, 8, [&](int64_t j0, int64_t j1) {
-    std::vector<float> row(c);
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        std::fill(row.begin(), row.end(), 0.f);
-        for (const auto& part : acc) {
-          if (part.empty()) continue;
-          if (swap)
-            for (int64_t i = 0; i < c; ++i) row[i] += part[i * cout + j];
-          else
-            for (int64_t i = 0; i < c; ++i) row[i] += part[(tap * cout + j) * c + i];
-        }
-        bf16* dst = gwp + (cl ? (j * taps + tap) * c : j * c * taps + tap);
-        const int64_t step = cl ? 1 : taps;
-        for (int64_t i = 0; i < c; ++i) dst[i * step] = static_cast<bf16>(row[i]);
-      }
-      double v = 0.0;
-      for (const auto& part : bias_acc)
-        if (!part.empty()) v += part[j];
-      gbp[j] = static_cast<bf16>(static_cast<float>(v));
-    }
-  });
+  AT_DISPATCH_SWITCH(gw.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
+    reduce_weight_grads<scalar_t>(acc, bias_acc, cout, c, taps, swap, cl, out<scalar_t>(gw), out<scalar_t>(gb));
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    reduce_weight_grads<scalar_t>(acc, bias_acc, cout, c, taps, swap, cl, out<scalar_t>(gw), out<scalar_t>(gb));
+  }));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                                            const at::Tensor& weight, bool input_grad) {
+                                                            const at::Tensor& weight, bool input_grad,
+                                                            std::optional<at::ScalarType> grad_weight_dtype) {
   TORCH_CHECK(x.dim() == 4, kOp, ": `x` must be 4-D [N, C, H, W], got ", x.sizes());
   const int64_t k = weight.dim() == 4 ? weight.size(2) : 0;
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(3) == k && k % 2 == 1,
@@ -177,6 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), kOp,
               ": `weight` must be ", x.scalar_type(), " on ", x.device(), ", got ", weight.scalar_type(), " on ",
               weight.device());
+  const at::ScalarType gw_dtype = grad_weight_dtype.value_or(weight.scalar_type());
+  TORCH_CHECK(gw_dtype == weight.scalar_type() || gw_dtype == at::kFloat, kOp,
+              ": `grad_weight_dtype` must be the weight's dtype (", weight.scalar_type(), ") or float32, got ",
+              gw_dtype);
   const int64_t cout = weight.size(0), p = k / 2;
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == cout &&
                   grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3) &&
@@ -189,13 +207,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
     auto grads = at::convolution_backward(grad_out, x, weight, at::IntArrayRef{cout}, {1, 1}, {p, p}, {1, 1}, false,
                                           {0, 0}, 1, {input_grad, true, true});
     return {input_grad ? std::get<0>(grads).contiguous(fmt) : none,
-            std::get<1>(grads).contiguous(weight.suggest_memory_format()), std::get<2>(grads)};
+            std::get<1>(grads).to(gw_dtype).contiguous(weight.suggest_memory_format()),
+            std::get<2>(grads).to(gw_dtype)};
   }
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
   // the weight's layout (channels_last in a channels_last model): no copy after
-  at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
-  at::Tensor gb = at::empty({cout}, weight.options());
+  const auto gw_options = weight.options().dtype(gw_dtype);
+  at::Tensor gw = at::empty(weight.sizes(), gw_options.memory_format(weight.suggest_memory_format()));
+  at::Tensor gb = at::empty({cout}, gw_options);
   at::Tensor gx = none;
   if (input_grad && k == 1) gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   // (the weight's values are read for a 1x1's input gradient only)

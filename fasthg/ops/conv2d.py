@@ -33,7 +33,9 @@ def amx_available() -> bool:
 
 _MIN_PIXELS = 2048
 _PIXELS_PER_WEIGHT = 0.1
-_SMALL_1X1_WEIGHTS = 256 * 256
+# cout * cin of the weights (per kernel size) that fasthg's backward took at every map size
+# measured: the hourglass's 1x1s (up to 256x256) and 3x3s (128x128) down to 4x4 maps.
+_SMALL_WEIGHTS = {1: 256 * 256, 3: 128 * 128}
 
 
 def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
@@ -48,9 +50,9 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
     # Enough pixels per weight element: below, oneDNN's own backward ran as fast or faster (its
     # parallel split needs no reduction of per-thread weight gradients). Measured on an AMX Xeon
     # (HISTORY.md): hg2's 64x64 and 1x1 32x32 layers gain, ResNet-50's layers past its first stage
-    # lose. 1x1s with up to 256x256 weights (the hourglass's) gained at every size down to 4x4 maps.
+    # lose; small weights gained at every size (_SMALL_WEIGHTS).
     pixels = x_shape[0] * x_shape[2] * x_shape[3]
-    if k == 1 and cout * cin <= _SMALL_1X1_WEIGHTS:
+    if cout * cin <= _SMALL_WEIGHTS.get(k, 0):
         return pixels > 0 and amx_available()
     return pixels >= max(_MIN_PIXELS, _PIXELS_PER_WEIGHT * cout * cin * k * k) and amx_available()
 
@@ -62,20 +64,25 @@ def backward_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilat
     return _takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
 
 
-def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups, mask):
+def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups, mask, param_dtype=None):
     """aten.convolution_backward(grad, x, weight, ...)'s (grad_x, grad_weight, grad_bias) for
-    the gradients mask asks for, from fasthg's kernel where it runs."""
+    the gradients mask asks for, from fasthg's kernel where it runs; the weight and bias
+    gradients in param_dtype (the parameters' own dtype, where weight is their autocast cast)."""
     mask = [mask[0], mask[1], has_bias and mask[2]]
     if (mask[1] or mask[2]) and backward_fuses(x, weight, stride, padding, dilation, groups):
-        gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0])
+        gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0], param_dtype)
         return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
-    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, stride,
-                                               padding, dilation, False, [0, 0], groups, mask)
+    gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None,
+                                                     stride, padding, dilation, False, [0, 0], groups, mask)
+    if param_dtype is not None:
+        gw, gb = [None if g is None else g.to(param_dtype) for g in (gw, gb)]
+    return gx, gw, gb
 
 
-def _fake_backward(grad_out, x, weight, input_grad):
+def _fake_backward(grad_out, x, weight, input_grad, grad_weight_dtype=None):
     gx = torch.empty_like(x) if input_grad else x.new_empty(0)
-    return gx, torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+    dtype = grad_weight_dtype or weight.dtype
+    return gx, torch.empty_like(weight, dtype=dtype), weight.new_empty(weight.shape[:1], dtype=dtype)
 
 
 if _ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, "fasthg", None), "conv2d_backward"):
@@ -106,19 +113,35 @@ def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
                   conv.dilation, conv.groups)
 
 
+def save_cast(ctx, x, weight, bias, dtype, stride, padding, dilation, groups):
+    """The forward half of a convolution's autograd Function (_Conv2d, conv_add's): the weight
+    and bias cast to the compute dtype here, inside the Function, so that their gradients come
+    back from `backward_grads` in the parameters' dtype (float32 under autocast straight from
+    fasthg's kernel: no bf16 rounding and no autograd cast back, ~1% of hg2's bf16 step)."""
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    ctx.save_for_backward(x, w)
+    ctx.conf = (stride, padding, dilation, groups, bias is not None, weight.dtype)
+    return w, b
+
+
+def backward_grads(ctx, grad):
+    """(grad_x, grad_weight, grad_bias) of a Function whose forward ran save_cast."""
+    x, w = ctx.saved_tensors
+    stride, padding, dilation, groups, has_bias, param_dtype = ctx.conf
+    return backward(grad, x, w, has_bias, stride, padding, dilation, groups, ctx.needs_input_grad[:3],
+                    param_dtype if param_dtype != w.dtype else None)
+
+
 class _Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding, dilation, groups, bias is not None)
-        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    def forward(ctx, x, weight, bias, dtype, stride, padding, dilation, groups):
+        w, b = save_cast(ctx, x, weight, bias, dtype, stride, padding, dilation, groups)
+        return torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conf
-        gx, gw, gb = backward(grad, x, weight, has_bias, stride, padding, dilation, groups, ctx.needs_input_grad[:3])
-        return gx, gw, gb, None, None, None, None
+        return backward_grads(ctx, grad) + (None,) * 5
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, backend: str = "auto") -> torch.Tensor:
@@ -126,6 +149,5 @@ def conv2d(x: torch.Tensor, conv: nn.Conv2d, backend: str = "auto") -> torch.Ten
     if not fuses(x, conv, backend):
         return nn.Conv2d.forward(conv, x)
     dtype = compute_dtype(x)
-    bias = None if conv.bias is None else conv.bias.to(dtype)
-    return _Conv2d.apply(x.to(dtype), conv.weight.to(dtype), bias, list(conv.stride), list(conv.padding),
+    return _Conv2d.apply(x.to(dtype), conv.weight, conv.bias, dtype, list(conv.stride), list(conv.padding),
                          list(conv.dilation), conv.groups)

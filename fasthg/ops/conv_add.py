@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from fasthg.ops import _backend
-from fasthg.ops.conv2d import backward as conv_backward
-from fasthg.ops.conv2d import compute_dtype
+from fasthg.ops.conv2d import backward_grads, compute_dtype, save_cast
 
 
 def _is_plain(conv) -> bool:
@@ -69,19 +68,14 @@ def fuses(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str
 
 class _ConvAdd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding, dilation, groups, bias is not None)
-        return _POINTWISE.binary(x, residual, weight, bias, padding, stride, dilation, groups, "add",
-                                   None, None, [], None)
+    def forward(ctx, x, weight, bias, residual, dtype, stride, padding, dilation, groups):
+        w, b = save_cast(ctx, x, weight, bias, dtype, stride, padding, dilation, groups)
+        return _POINTWISE.binary(x, residual, w, b, padding, stride, dilation, groups, "add", None, None, [], None)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conf
-        gx, gw, gb = conv_backward(grad, x, weight, has_bias, stride, padding, dilation, groups,
-                                   ctx.needs_input_grad[:3])
-        return gx, gw, gb, grad, None, None, None, None
+        gx, gw, gb = backward_grads(ctx, grad)
+        return gx, gw, gb, grad, None, None, None, None, None
 
 
 def conv_add(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -90,7 +84,5 @@ def conv_add(x: torch.Tensor, conv: nn.Module, residual: torch.Tensor, backend: 
     if not fuses(x, conv, residual, backend):
         return reference(x, conv, residual)
     dtype = compute_dtype(x)
-    weight = conv.weight.to(dtype)
-    bias = None if conv.bias is None else conv.bias.to(dtype)
-    return _ConvAdd.apply(x.to(dtype), weight, bias, residual, list(conv.stride), list(conv.padding),
-                          list(conv.dilation), conv.groups)
+    return _ConvAdd.apply(x.to(dtype), conv.weight, conv.bias, residual, dtype, list(conv.stride),
+                          list(conv.padding), list(conv.dilation), conv.groups)
