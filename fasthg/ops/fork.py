@@ -3,14 +3,15 @@ place rather than by autograd's own accumulation.
 
 Autograd sums the gradients of a tensor with two consumers in place (old.add_(new)). On the
 CPU ATen's in-place bfloat16 add ran at half the speed of its out-of-place one (4x256x64x64,
-AMX Xeon: 2.5 against 1.3 ms, benchmarks/results/HISTORY.md); the stacked hourglass has two
-such tensors per stack boundary at full resolution (a stack's input, which its hourglass and
+AMX Xeon: 2.5 against 1.3 ms, benchmarks/results/HISTORY.md), and fasthg's upsample_add at
+scale 1 (the same sum in one pass) at twice the out-of-place one's. The stacked hourglass has
+two such tensors per stack boundary at full resolution (a stack's input, which its hourglass and
 the next stack's input take, and its features, which the heatmap head and the remap take).
 Elsewhere (other dtypes and devices, no gradient, backend="eager") it is (t, t) itself.
 """
 import torch
 
-from fasthg.ops import _backend
+from fasthg.ops import _backend, registry
 
 
 class _Fork(torch.autograd.Function):
@@ -23,6 +24,10 @@ class _Fork(torch.autograd.Function):
     def backward(ctx, g1, g2):
         if g1 is None or g2 is None:
             return g2 if g1 is None else g1
+        if g1.dim() == 4 and g1.shape == g2.shape and registry.has_native("upsample_add", g1.device.type):
+            # upsample_add at scale 1 is the add in one pass, each sum rounded once as ATen's, at
+            # twice ATen's out-of-place bf16 speed (HISTORY.md)
+            return torch.ops.fasthg.upsample_add(g1, g2)
         return g1 + g2
 
 
