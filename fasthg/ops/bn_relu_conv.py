@@ -53,14 +53,16 @@ def check_modules(bn, conv):
 class _BNReLUConvRecompute(torch.autograd.Function):
     """Training only. Inputs after x: the BN's weight and bias (in the statistics' dtype), its
     running statistics (None: not tracked), constants, each convolution's (stride, padding,
-    dilation), `tee`, then each convolution's weight and bias (in the convolution's dtype; bias
-    may be None). One output per convolution, all from the same relu(bn(x)); with tee, x as
+    dilation), `tee`, the dtype the convolutions compute in, then each convolution's weight and
+    bias as the module holds them (bias may be None): cast here, so that their gradients come
+    back in their own dtype from fasthg.ops.conv2d.backward (under autocast float32 straight
+    from the AMX kernel, as nn.Conv2d's through fasthg.ops.conv2d). One output per convolution, all from the same relu(bn(x)); with tee, x as
     well (for a residual block's skip branch, whose gradient then joins the BN-ReLU's backward
     pass: fasthg::bn_relu_train_backward_skip)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry, tee,
-                *conv_params):
+                dtype, *conv_params):
         ops = _OPS[which]
         if group is None and x.device.type in ops.train_devices:
             y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward(x, weight, bias, eps)
@@ -70,8 +72,10 @@ class _BNReLUConvRecompute(torch.autograd.Function):
             y = ops.forward(x, mean, invstd, weight, bias)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        weights, biases = conv_params[0::2], conv_params[1::2]
-        y = y.to(weights[0].dtype)
+        weights = [w.to(dtype) for w in conv_params[0::2]]
+        biases = [None if b is None else b.to(dtype) for b in conv_params[1::2]]
+        ctx.param_dtypes = tuple(w.dtype for w in conv_params[0::2])
+        y = y.to(dtype)
         outs = tuple(torch.ops.aten.convolution(y, w, b, *g, False, [0, 0], 1)
                      for w, b, g in zip(weights, biases, geometry))
         # y dies here: only x and the statistics (and the parameters) are kept.
@@ -96,11 +100,12 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         y = ops.forward(x, mean, invstd, weight, bias).to(weights[0].dtype)  # the recompute
         grad_y, grad_params = None, []
         for k, (g, w, geo, has_bias) in enumerate(zip(grad_outs, weights, ctx.geometry, ctx.has_bias)):
-            need_w, need_b = need[11 + 2 * k], need[12 + 2 * k]
+            need_w, need_b = need[12 + 2 * k], need[13 + 2 * k]
             if g is None:
                 grad_params += [None, None]
                 continue
-            gy, gw, gb = conv_backward(g, y, w, has_bias, *geo, 1, [need_y, need_w, need_b])
+            param_dtype = ctx.param_dtypes[k] if ctx.param_dtypes[k] != w.dtype else None
+            gy, gw, gb = conv_backward(g, y, w, has_bias, *geo, 1, [need_y, need_w, need_b], param_dtype)
             grad_params += [gw, gb]
             if gy is not None:
                 grad_y = gy if grad_y is None else grad_y + gy
@@ -117,7 +122,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
                     grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, mean_g, mean_gx)
                     if grad_skip is not None:
                         grad_x = grad_x + grad_skip
-        return (grad_x, grad_w, grad_b) + (None,) * 8 + tuple(grad_params)
+        return (grad_x, grad_w, grad_b) + (None,) * 9 + tuple(grad_params)
 
 
 def _training_bn(x, bn):
@@ -138,12 +143,10 @@ def _recompute(which, x, bn, convs, group, tee=False):
         if conv.weight.dtype != cdtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"bn_relu_conv: `x` is {x.dtype} but the convolution's weight is {conv.weight.dtype} "
                              "(use autocast, or convert the model)")
-        # Differentiable casts, outside the Function: autograd casts their gradients back, as
-        # it does for autocast's own casts of nn.Conv2d's parameters.
-        params += [_as_dtype(conv.weight, cdtype), None if conv.bias is None else _as_dtype(conv.bias, cdtype)]
+        params += [conv.weight, conv.bias]
     geometry = tuple((tuple(m.stride), tuple(m.padding), tuple(m.dilation)) for m in convs)
     out = _BNReLUConvRecompute.apply(x, weight, bias, rm, rv, float(factor), float(bn.eps), which, group, geometry,
-                                     tee, *params)
+                                     tee, cdtype, *params)
     return out if len(convs) > 1 or tee else (out,)
 
 
