@@ -282,3 +282,53 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path, backend):
     assert len(history) == 1 and history[0]["loss"] > 0 and history[0]["loss"] < float("inf")
     assert all(p.dtype == torch.float32 for p in checkpoint.read(str(tmp_path / "last.pt"))["model"].values()
                if p.is_floating_point())
+
+
+def test_optimizer_options_by_device():
+    """torch's fused CPU kernels for Adam and SGD, the foreach loop for RMSprop (no fused one);
+    on a GPU torch's defaults, capturable for CUDA graphs."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.optimizer_options("adam", cpu) == train.optimizer_options("sgd", cpu) == {"fused": True}
+    assert train.optimizer_options("rmsprop", cpu) == {"foreach": True}
+    assert train.optimizer_options("adam", cuda) == {} and train.optimizer_options("sgd", cuda, True) == {}
+    assert train.optimizer_options("rmsprop", cuda, True) == {"capturable": True}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop"])
+def test_fused_cpu_optimizer_steps_as_torchs_default_loop(tmp_path, optimizer):
+    """The fused (or foreach) step against torch's default per-parameter loop from the same
+    state: the same update up to float rounding."""
+    trainer = Trainer(tiny(tmp_path / "run", optimizer=optimizer))
+    fused = trainer.optimizer
+    group = fused.param_groups[0]
+    assert group.get("fused") is True or group.get("foreach") is True
+    params = [p for p in trainer.model.parameters()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    plain = type(fused)(twins, **{k: v for k, v in group.items()
+                                  if k not in ("params", "fused", "foreach", "initial_lr")})
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_runs_this_machines_optimizer_not_the_checkpoints(tmp_path):
+    """A checkpoint from a run with torch's default optimizer loop (an older fasthg, or another
+    device) resumes on the CPU with the fused step."""
+    first = Trainer(tiny(tmp_path / "a", epochs=1))
+    first.fit()
+    path = tmp_path / "a" / "last.pt"
+    state = checkpoint.read(str(path))
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    torch.save(state, str(path))
+    again = Trainer(tiny(tmp_path / "a", epochs=2))
+    again.resume(str(path))
+    assert all(g["fused"] is True for g in again.optimizer.param_groups)
+    again.fit()
+    assert again.epoch == 2
