@@ -215,7 +215,7 @@ def benchmark_shapes(preset: str = "hg2", image_size: int = 256) -> Dict[str, Li
 
 class ModelCase:
     """A preset's training step (forward under autocast to `dtype` unless float32, MSE loss
-    over every stack, backward, SGD) and inference forward (eval mode, no grad) per backend,
+    over every stack, backward, SGD as fasthg train runs it) and inference forward (eval mode, no grad) per backend,
     all from the same weights, with model and images in `layout`: `step[b]` and `infer[b]`
     are the timed calls. Call `eval()` before timing `infer`."""
 
@@ -235,7 +235,11 @@ class ModelCase:
             m.load_state_dict(base.state_dict())
             m = m.to(memory_format=layout)
             self.models[b], self._forwards[b] = m, (compiled(m, device) if b == "compile" else m)
-        self._optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4) for b, m in self.models.items()}
+        from fasthg.train.trainer import optimizer_options  # (the training loop's imports are many)
+
+        # SGD run as fasthg train runs it on this device (torch's fused CPU kernel on a CPU)
+        sgd = optimizer_options("sgd", device)
+        self._optims = {b: torch.optim.SGD(m.parameters(), lr=1e-4, **sgd) for b, m in self.models.items()}
         self._device_type = device.type
         self.step = {b: (lambda b=b: self._step(b)) for b in self.models}
         self.infer = {b: (lambda b=b: self._infer(b)) for b in self.models}
