@@ -82,7 +82,8 @@ void reduce_weight_grads(const std::vector<Buffer<float>>& acc, const std::vecto
   });
 }
 
-// gw [cout][c][k][k] and gb [cout] (bf16 or float: reduce_weight_grads) from g [n][h][w][cout] and x [n][h][w][c].
+// gw [cout][c][k][k] and gb [cout] (bf16 or float: reduce_weight_grads) from g [n][h][w][cout]
+// and x [n][h][w][c].
 // A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
 // sides to an even width wq, in VNNI pairs once: B, pixel (yy, xs) at row yy wq + xs + p.
 // Tap (kh, kw) pairs output pixel (y, x) with B's row (y + kh) wq + x + kw: a window of B from

@@ -215,9 +215,9 @@ def benchmark_shapes(preset: str = "hg2", image_size: int = 256) -> Dict[str, Li
 
 class ModelCase:
     """A preset's training step (forward under autocast to `dtype` unless float32, MSE loss
-    over every stack, backward, SGD as fasthg train runs it) and inference forward (eval mode, no grad) per backend,
-    all from the same weights, with model and images in `layout`: `step[b]` and `infer[b]`
-    are the timed calls. Call `eval()` before timing `infer`."""
+    over every stack, backward, SGD as fasthg train runs it) and inference forward (eval mode,
+    no grad) per backend, all from the same weights, with model and images in `layout`:
+    `step[b]` and `infer[b]` are the timed calls. Call `eval()` before timing `infer`."""
 
     def __init__(self, preset: str, device, backends, batch: int, image_size: int,
                  layout=torch.contiguous_format, dtype=torch.float32):

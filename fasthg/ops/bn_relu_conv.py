@@ -56,9 +56,9 @@ class _BNReLUConvRecompute(torch.autograd.Function):
     dilation), `tee`, the dtype the convolutions compute in, then each convolution's weight and
     bias as the module holds them (bias may be None): cast here, so that their gradients come
     back in their own dtype from fasthg.ops.conv2d.backward (under autocast float32 straight
-    from the AMX kernel, as nn.Conv2d's through fasthg.ops.conv2d). One output per convolution, all from the same relu(bn(x)); with tee, x as
-    well (for a residual block's skip branch, whose gradient then joins the BN-ReLU's backward
-    pass: fasthg::bn_relu_train_backward_skip)."""
+    from the AMX kernel, as fasthg.ops.conv2d's). One output per convolution, all from the same
+    relu(bn(x)); with tee, x as well (for a residual block's skip branch, whose gradient then
+    joins the BN-ReLU's backward pass: fasthg::bn_relu_train_backward_skip)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry, tee,

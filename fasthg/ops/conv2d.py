@@ -117,7 +117,7 @@ def save_cast(ctx, x, weight, bias, dtype, stride, padding, dilation, groups):
     """The forward half of a convolution's autograd Function (_Conv2d, conv_add's): the weight
     and bias cast to the compute dtype here, inside the Function, so that their gradients come
     back from `backward_grads` in the parameters' dtype (float32 under autocast straight from
-    fasthg's kernel: no bf16 rounding and no autograd cast back, ~1% of hg2's bf16 step)."""
+    fasthg's kernel: no bf16 rounding and no autograd cast back)."""
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     ctx.save_for_backward(x, w)
