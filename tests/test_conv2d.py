@@ -210,6 +210,25 @@ def test_float32_weight_gradient_of_bf16_operands(shape, layout, poison):
 
 
 @needs_amx
+def test_half_parameters_under_bf16_autocast_get_half_gradients():
+    """Parameters in a dtype the kernel does not write (float16) get their gradients cast, as
+    autograd's own cast back would give them."""
+    conv, ref = _module_pair(8, 6, 3, seed=13)
+    conv = conv.half()
+    x = torch.randn(2, 8, 48, 47).half().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv2d_module.fuses(x, conv)
+        out = conv(x)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    gx, gw, gb = torch.autograd.grad(out, [x, conv.weight, conv.bias], g.to(out.dtype))
+    assert gx.dtype == gw.dtype == gb.dtype == torch.float16
+    ref.load_state_dict({n: v.double() for n, v in conv.state_dict().items()})
+    want_w, want_b = torch.autograd.grad(ref(x.detach().bfloat16().double()), [ref.weight, ref.bias],
+                                         g.bfloat16().double())
+    assert rel_err(gw, want_w) < TOLS[torch.bfloat16] and rel_err(gb, want_b) < TOLS[torch.bfloat16]
+
+
+@needs_amx
 def test_autocast_parameters_get_their_gradient_without_a_cast():
     """Under autocast the Function takes the float32 parameters and casts them itself: their
     gradients come straight from the kernel in float32 (no bf16 rounding, no cast node)."""

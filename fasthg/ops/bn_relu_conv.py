@@ -104,8 +104,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
             if g is None:
                 grad_params += [None, None]
                 continue
-            param_dtype = ctx.param_dtypes[k] if ctx.param_dtypes[k] != w.dtype else None
-            gy, gw, gb = conv_backward(g, y, w, has_bias, *geo, 1, [need_y, need_w, need_b], param_dtype)
+            gy, gw, gb = conv_backward(g, y, w, has_bias, *geo, 1, [need_y, need_w, need_b], ctx.param_dtypes[k])
             grad_params += [gw, gb]
             if gy is not None:
                 grad_y = gy if grad_y is None else grad_y + gy

@@ -70,11 +70,14 @@ def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups,
     gradients in param_dtype (the parameters' own dtype, where weight is their autocast cast)."""
     mask = [mask[0], mask[1], has_bias and mask[2]]
     if (mask[1] or mask[2]) and backward_fuses(x, weight, stride, padding, dilation, groups):
-        gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0], param_dtype)
-        return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
-    gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None,
-                                                     stride, padding, dilation, False, [0, 0], groups, mask)
-    if param_dtype is not None:
+        # the kernel writes float32 from its float sums itself; other dtypes are cast below
+        direct = torch.float32 if param_dtype == torch.float32 else None
+        gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0], direct)
+        gx, gw, gb = gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
+    else:
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None,
+                                                         stride, padding, dilation, False, [0, 0], groups, mask)
+    if param_dtype is not None:  # (.to of the dtype a tensor has is the tensor itself)
         gw, gb = [None if g is None else g.to(param_dtype) for g in (gw, gb)]
     return gx, gw, gb
 
@@ -129,8 +132,7 @@ def backward_grads(ctx, grad):
     """(grad_x, grad_weight, grad_bias) of a Function whose forward ran save_cast."""
     x, w = ctx.saved_tensors
     stride, padding, dilation, groups, has_bias, param_dtype = ctx.conf
-    return backward(grad, x, w, has_bias, stride, padding, dilation, groups, ctx.needs_input_grad[:3],
-                    param_dtype if param_dtype != w.dtype else None)
+    return backward(grad, x, w, has_bias, stride, padding, dilation, groups, ctx.needs_input_grad[:3], param_dtype)
 
 
 class _Conv2d(torch.autograd.Function):
