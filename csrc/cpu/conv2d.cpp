@@ -8,7 +8,6 @@
 // Stride 1, zero padding k / 2, dilation 1, one group: the hourglass's convolutions. Other
 // dtypes and CPUs without AMX take ATen's convolution_backward, so that the op is defined
 // everywhere; fasthg.ops.conv2d calls it only where it runs on AMX and pays.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
@@ -174,11 +173,10 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
     amx::release();
   });
   const bool cl = gw.is_contiguous(at::MemoryFormat::ChannelsLast) && !gw.is_contiguous();
-  AT_DISPATCH_SWITCH(gw.scalar_type(), kOp, AT_DISPATCH_CASE(at::kFloat, [&] {
-    reduce_weight_grads<scalar_t>(acc, bias_acc, cout, c, taps, swap, cl, out<scalar_t>(gw), out<scalar_t>(gb));
-  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    reduce_weight_grads<scalar_t>(acc, bias_acc, cout, c, taps, swap, cl, out<scalar_t>(gw), out<scalar_t>(gb));
-  }));
+  if (gw.scalar_type() == at::kFloat)  // (backward_cpu allows float32 or the weight's bf16)
+    reduce_weight_grads(acc, bias_acc, cout, c, taps, swap, cl, out<float>(gw), out<float>(gb));
+  else
+    reduce_weight_grads(acc, bias_acc, cout, c, taps, swap, cl, out<bf16>(gw), out<bf16>(gb));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
