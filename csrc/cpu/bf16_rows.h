@@ -20,30 +20,31 @@ struct Channels {
 // Whether this CPU has AVX512_BF16 (with AVX512BW and VL).
 bool available();
 
-// dst[k] = bf16(relu((x[k] - mean) * scale + bias)) for k < n.
-void activation(const uint16_t* x, int64_t n, const Channels& ch, uint16_t* dst);
+// The passes below but activation_pairs take `rows` consecutive rows of n values (row r of
+// each operand at r * n).
 
-// The activation of rows x0 and x1 (null: a zero row) as VNNI pairs: dst[2k + i] = row i's.
+// dst = bf16(relu((x - mean) * scale + bias)).
+void activation(const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, uint16_t* dst);
+
+// The activation of rows x0 and x1 (null: a zero row) of n values as VNNI pairs: dst[2k + i] = row i's.
 void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst);
 
-// y[j] = bf16(c[j] + bias[j]); with s non-null, the stored values and their squares added
-// into s and s2. stream: y is 32-byte aligned and n a multiple of 16 (streamed past the cache;
-// the caller fences).
-void store(const float* c, const float* bias, int64_t n, uint16_t* y, float* s, float* s2, bool stream);
+// y = bf16(c + bias); with s non-null, the stored values and their squares added into s and
+// s2 (per channel, row after row).
+void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, float* s, float* s2);
 
-// g[k] = bf16(da[k] where the pre-activation of x[k] is > 0 or NaN, else 0) (g null: not
-// stored); the rounded values added into sg and their products with xhat = (x - mean) * invstd
-// into sgx.
-void masked_grad(const float* da, const uint16_t* x, int64_t n, const Channels& ch, uint16_t* g, float* sg,
+// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), not stored: its values
+// added into sg and their products with xhat = (x - mean) * invstd into sgx.
+void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, float* sg,
                  float* sgx);
 
-// gx[k] = bf16(scale * ((g - mean_g) - xhat * mean_gx)), g as masked_grad rounds it: the BN's
-// input gradient (bn_relu.h's bn_relu_grad_input). stream: as store's.
-void grad_input(const float* da, const uint16_t* x, int64_t n, const Channels& ch, const float* mean_g,
-                const float* mean_gx, uint16_t* gx, bool stream);
+// gx = bf16(scale * ((g - mean_g) - xhat * mean_gx)), g as masked_grad rounds it: the BN's
+// input gradient (bn_relu.h's bn_relu_grad_input).
+void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
+                const float* mean_gx, uint16_t* gx);
 
-// s[j] += src[j] for j < n.
-void add(const uint16_t* src, int64_t n, float* s);
+// s[j] += src[r * n + j], row after row.
+void add(const uint16_t* src, int64_t rows, int64_t n, float* s);
 
 // The sum of src[0..n) in float (16 lanes, then across them).
 float sum(const uint16_t* src, int64_t n);

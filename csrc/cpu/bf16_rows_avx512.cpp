@@ -1,11 +1,15 @@
 // bf16_rows.h's passes, compiled for AVX-512 + AVX512_BF16 (only called where available()).
 #include "bf16_rows.h"
 
+#include <algorithm>
+#include <type_traits>
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 // GCC 12's own intrinsics (their _mm512_undefined operands) trip this warning.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 namespace fasthg {
@@ -17,47 +21,99 @@ inline __mmask16 lanes(int64_t k, int64_t n) {
   return n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
 }
 
-inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+// The passes run f(k, m) for each 16 lanes from k, f templated on whether all 16 are in
+// (Full: plain loads and stores) or only those in m (the tail): a masked store does not
+// forward to a later load of the same address, which the running sums' loads waited on.
+template <typename F>
+inline __attribute__((always_inline)) void each16(int64_t n, F f) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) f(std::true_type{}, k, __mmask16(0xFFFF));
+  if (k < n) f(std::false_type{}, k, lanes(k, n));
 }
 
-inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+template <bool Full>
+inline __attribute__((always_inline)) __m512 load(const float* p, __mmask16 m) {
+  return Full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
 
-// 16 bf16 into dst: streamed (all lanes; the caller checked alignment and width), else the lanes in m.
-inline void put(uint16_t* dst, __m256i h, __mmask16 m, bool stream) {
-  if (stream)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), h);
+template <bool Full>
+inline __attribute__((always_inline)) void store(float* p, __m512 v, __mmask16 m) {
+  if (Full)
+    _mm512_storeu_ps(p, v);
   else
-    _mm256_mask_storeu_epi16(dst, m, h);
+    _mm512_mask_storeu_ps(p, m, v);
 }
 
 inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
-// relu((x - mean) * scale + bias): max_ps returns its second operand for a NaN, as the scalar
-// y < 0 ? 0 : y does.
-inline __m512 value(__m512 x, const Channels& ch, int64_t k, __mmask16 m) {
-  const __m512 y = _mm512_add_ps(
-      _mm512_mul_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, ch.mean + k)), _mm512_maskz_loadu_ps(m, ch.scale + k)),
-      _mm512_maskz_loadu_ps(m, ch.bias + k));
-  return _mm512_max_ps(_mm512_setzero_ps(), y);
+template <bool Full>
+inline __attribute__((always_inline)) __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return from_bf16(Full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p));
 }
 
-// da where the pre-activation (x - mean) * scale + bias, d = x - mean, is > 0 or NaN (not
-// <= 0), else 0, rounded to bf16.
-inline __m256i masked(const float* da, __m512 d, const Channels& ch, int64_t k, __mmask16 m) {
-  const __m512 pre =
-      _mm512_add_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.scale + k)), _mm512_maskz_loadu_ps(m, ch.bias + k));
-  const __mmask16 pass = _mm512_mask_cmp_ps_mask(m, pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
-  return to_bf16(_mm512_maskz_mov_ps(pass, _mm512_maskz_loadu_ps(m, da + k)));
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+// 16 bf16 into dst, the lanes in m.
+template <bool Full>
+inline __attribute__((always_inline)) void put(uint16_t* dst, __m256i h, __mmask16 m) {
+  if (Full)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+  else
+    _mm256_mask_storeu_epi16(dst, m, h);
+}
+
+// The BN's constants for 16 lanes from channel k.
+template <bool Full>
+struct Lanes {
+  __m512 mean, scale, bias, invstd;
+  Lanes(const Channels& ch, int64_t k, __mmask16 m)
+      : mean(load<Full>(ch.mean + k, m)), scale(load<Full>(ch.scale + k, m)), bias(load<Full>(ch.bias + k, m)),
+        invstd(load<Full>(ch.invstd + k, m)) {}
+  // relu((x - mean) * scale + bias): max_ps returns its second operand for a NaN, as the
+  // scalar y < 0 ? 0 : y does.
+  __m512 value(__m512 x) const {
+    return _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, mean), scale), bias));
+  }
+  // da where the pre-activation d * scale + bias (d = x - mean) is > 0 or NaN (not <= 0),
+  // else 0, rounded to bf16.
+  __m256i masked(__m512 da, __m512 d, __mmask16 m) const {
+    const __mmask16 pass =
+        _mm512_mask_cmp_ps_mask(m, _mm512_add_ps(_mm512_mul_ps(d, scale), bias), _mm512_setzero_ps(), _CMP_NLE_UQ);
+    return to_bf16(_mm512_maskz_mov_ps(pass, da));
+  }
+};
+
+// The row passes take rows [0, rows) kRowBlock at a time, each 16 lanes of a block with its
+// channels' constants and running sums loaded once (the sums then added row by row in the
+// same order as one row at a time).
+constexpr int64_t kRowBlock = 4;
+
+template <typename F>
+inline __attribute__((always_inline)) void each_block(int64_t rows, F f) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) f(r0, std::min(kRowBlock, rows - r0));
+}
+
+// x comes from memory, in tiles between AMX GEMMs that leave the hardware prefetchers nothing
+// to follow: each block prefetches its own lines' worth kAheadBytes further on (vec8.h's
+// distance; a prefetch past the end of x does not fault).
+constexpr int64_t kAheadBytes = 2048;
+
+inline __attribute__((always_inline)) void ahead(const uint16_t* x, int64_t r0, int64_t nr, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(x + r0 * n) + kAheadBytes;
+  for (int64_t o = 0; o < nr * n * 2; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
 }  // namespace
 
-void activation(const uint16_t* x, int64_t n, const Channels& ch, uint16_t* dst) {
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = lanes(k, n);
-    _mm256_mask_storeu_epi16(dst + k, m, to_bf16(value(load_bf16(x + k, m), ch, k, m)));
-  }
+void activation(const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, uint16_t* dst) {
+  each_block(rows, [&](int64_t r0, int64_t r1) {
+    ahead(x, r0, r1, n);
+    each16(n, [&](auto full, int64_t k, __mmask16 m) {
+      constexpr bool F = decltype(full)::value;
+      const Lanes<F> c(ch, k, m);
+      for (int64_t r = r0; r < r0 + r1; ++r) put<F>(dst + r * n + k, to_bf16(c.value(load_bf16<F>(x + r * n + k, m))), m);
+    });
+  });
 }
 
 void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst) {
@@ -65,73 +121,100 @@ void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const C
   // permutation interleaves them.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = lanes(k, n);
-    const __m512 a0 = value(load_bf16(x0 + k, m), ch, k, m);
-    const __m512 a1 = x1 ? value(load_bf16(x1 + k, m), ch, k, m) : _mm512_setzero_ps();
+  each16(n, [&](auto full, int64_t k, __mmask16 m) {
+    constexpr bool F = decltype(full)::value;
+    const Lanes<F> c(ch, k, m);
+    const __m512 a0 = c.value(load_bf16<F>(x0 + k, m));
+    const __m512 a1 = x1 ? c.value(load_bf16<F>(x1 + k, m)) : _mm512_setzero_ps();
     const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
-    _mm512_mask_storeu_epi32(dst + 2 * k, m, pairs);
-  }
+    if (F)
+      _mm512_storeu_si512(dst + 2 * k, pairs);
+    else
+      _mm512_mask_storeu_epi32(dst + 2 * k, m, pairs);
+  });
 }
 
-void store(const float* c, const float* bias, int64_t n, uint16_t* y, float* s, float* s2, bool stream) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = lanes(j, n);
-    const __m256i h = to_bf16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, c + j), _mm512_maskz_loadu_ps(m, bias + j)));
-    put(y + j, h, m, stream);
-    if (s) {
-      const __m512 v = from_bf16(h);  // the value as stored
-      _mm512_mask_storeu_ps(s + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), v));
-      _mm512_mask_storeu_ps(s2 + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s2 + j), _mm512_mul_ps(v, v)));
-    }
-  }
+void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, float* s, float* s2) {
+  each_block(rows, [&](int64_t r0, int64_t r1) {
+    each16(n, [&](auto full, int64_t j, __mmask16 m) {
+      constexpr bool F = decltype(full)::value;
+      const __m512 b = load<F>(bias + j, m);
+      __m512 a0 = s ? load<F>(s + j, m) : b, a1 = s ? load<F>(s2 + j, m) : b;
+      for (int64_t r = r0; r < r0 + r1; ++r) {
+        const __m256i h = to_bf16(_mm512_add_ps(load<F>(c + r * n + j, m), b));
+        put<F>(y + r * n + j, h, m);
+        const __m512 v = from_bf16(h);  // the value as stored
+        a0 = _mm512_add_ps(a0, v);
+        a1 = _mm512_add_ps(a1, _mm512_mul_ps(v, v));
+      }
+      if (s) {
+        store<F>(s + j, a0, m);
+        store<F>(s2 + j, a1, m);
+      }
+    });
+  });
 }
 
-void masked_grad(const float* da, const uint16_t* x, int64_t n, const Channels& ch, uint16_t* g, float* sg,
+void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, float* sg,
                  float* sgx) {
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = lanes(k, n);
-    const __m512 d = _mm512_sub_ps(load_bf16(x + k, m), _mm512_maskz_loadu_ps(m, ch.mean + k));
-    const __m256i h = masked(da, d, ch, k, m);
-    if (g) _mm256_mask_storeu_epi16(g + k, m, h);
-    const __m512 gv = from_bf16(h);
-    const __m512 xhat = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.invstd + k));
-    _mm512_mask_storeu_ps(sg + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sg + k), gv));
-    _mm512_mask_storeu_ps(sgx + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sgx + k), _mm512_mul_ps(gv, xhat)));
-  }
+  each_block(rows, [&](int64_t r0, int64_t r1) {
+    ahead(x, r0, r1, n);
+    each16(n, [&](auto full, int64_t k, __mmask16 m) {
+      constexpr bool F = decltype(full)::value;
+      const Lanes<F> c(ch, k, m);
+      __m512 a0 = load<F>(sg + k, m), a1 = load<F>(sgx + k, m);
+      for (int64_t r = r0; r < r0 + r1; ++r) {
+        const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
+        const __m512 gv = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
+        a0 = _mm512_add_ps(a0, gv);
+        a1 = _mm512_add_ps(a1, _mm512_mul_ps(gv, _mm512_mul_ps(d, c.invstd)));
+      }
+      store<F>(sg + k, a0, m);
+      store<F>(sgx + k, a1, m);
+    });
+  });
 }
 
-void grad_input(const float* da, const uint16_t* x, int64_t n, const Channels& ch, const float* mean_g,
-                const float* mean_gx, uint16_t* gx, bool stream) {
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = lanes(k, n);
-    const __m512 d = _mm512_sub_ps(load_bf16(x + k, m), _mm512_maskz_loadu_ps(m, ch.mean + k));
-    const __m512 g = from_bf16(masked(da, d, ch, k, m));
-    const __m512 xhat = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, ch.invstd + k));
-    const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(g, _mm512_maskz_loadu_ps(m, mean_g + k)),
-                                         _mm512_mul_ps(xhat, _mm512_maskz_loadu_ps(m, mean_gx + k)));
-    const __m256i h = to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, ch.scale + k), centred));
-    put(gx + k, h, m, stream);
-  }
+void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
+                const float* mean_gx, uint16_t* gx) {
+  each_block(rows, [&](int64_t r0, int64_t r1) {
+    ahead(x, r0, r1, n);
+    each16(n, [&](auto full, int64_t k, __mmask16 m) {
+      constexpr bool F = decltype(full)::value;
+      const Lanes<F> c(ch, k, m);
+      const __m512 mg = load<F>(mean_g + k, m), mgx = load<F>(mean_gx + k, m);
+      for (int64_t r = r0; r < r0 + r1; ++r) {
+        const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
+        const __m512 g = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
+        const __m512 xhat = _mm512_mul_ps(d, c.invstd);
+        const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(g, mg), _mm512_mul_ps(xhat, mgx));
+        put<F>(gx + r * n + k, to_bf16(_mm512_mul_ps(c.scale, centred)), m);
+      }
+    });
+  });
 }
 
-void add(const uint16_t* src, int64_t n, float* s) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = lanes(j, n);
-    _mm512_mask_storeu_ps(s + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), load_bf16(src + j, m)));
-  }
+void add(const uint16_t* src, int64_t rows, int64_t n, float* s) {
+  each_block(rows, [&](int64_t r0, int64_t r1) {
+    each16(n, [&](auto full, int64_t j, __mmask16 m) {
+      constexpr bool F = decltype(full)::value;
+      __m512 a = load<F>(s + j, m);
+      for (int64_t r = r0; r < r0 + r1; ++r) a = _mm512_add_ps(a, load_bf16<F>(src + r * n + j, m));
+      store<F>(s + j, a, m);
+    });
+  });
 }
 
 float sum(const uint16_t* src, int64_t n) {
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;  // four chains: the adds' latency
   int64_t j = 0;
   for (; j + 64 <= n; j += 64) {
-    s0 = _mm512_add_ps(s0, load_bf16(src + j, 0xFFFF));
-    s1 = _mm512_add_ps(s1, load_bf16(src + j + 16, 0xFFFF));
-    s2 = _mm512_add_ps(s2, load_bf16(src + j + 32, 0xFFFF));
-    s3 = _mm512_add_ps(s3, load_bf16(src + j + 48, 0xFFFF));
+    s0 = _mm512_add_ps(s0, load_bf16<true>(src + j, 0xFFFF));
+    s1 = _mm512_add_ps(s1, load_bf16<true>(src + j + 16, 0xFFFF));
+    s2 = _mm512_add_ps(s2, load_bf16<true>(src + j + 32, 0xFFFF));
+    s3 = _mm512_add_ps(s3, load_bf16<true>(src + j + 48, 0xFFFF));
   }
-  for (; j < n; j += 16) s0 = _mm512_add_ps(s0, load_bf16(src + j, lanes(j, n)));
+  for (; j < n; j += 16) s0 = _mm512_add_ps(s0, load_bf16<false>(src + j, lanes(j, n)));
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
@@ -203,12 +286,13 @@ bool available() {
 namespace fasthg {
 namespace bf16rows {
 bool available() { return false; }
-void activation(const uint16_t*, int64_t, const Channels&, uint16_t*) {}
+void activation(const uint16_t*, int64_t, int64_t, const Channels&, uint16_t*) {}
 void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
-void store(const float*, const float*, int64_t, uint16_t*, float*, float*, bool) {}
-void masked_grad(const float*, const uint16_t*, int64_t, const Channels&, uint16_t*, float*, float*) {}
-void grad_input(const float*, const uint16_t*, int64_t, const Channels&, const float*, const float*, uint16_t*, bool) {}
-void add(const uint16_t*, int64_t, float*) {}
+void store(const float*, const float*, int64_t, int64_t, uint16_t*, float*, float*) {}
+void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, float*, float*) {}
+void grad_input(const float*, const uint16_t*, int64_t, int64_t, const Channels&, const float*, const float*,
+                uint16_t*) {}
+void add(const uint16_t*, int64_t, int64_t, float*) {}
 float sum(const uint16_t*, int64_t) { return 0.f; }
 int64_t pair_rows(const uint16_t*, const uint16_t*, int64_t, uint16_t*) { return 0; }
 void transpose_block(const uint16_t*, int64_t, uint16_t*, int64_t) {}

@@ -179,6 +179,13 @@ void fold(T* __restrict part, double* __restrict total, int64_t n) {
 // Whether row r (of a tile of `rows`) ends a group of kFloatRows, or the tile.
 inline bool fold_due(int64_t r, int64_t rows) { return r % kFloatRows == kFloatRows - 1 || r == rows - 1; }
 
+// f(r, n) for the groups of kFloatRows rows [r, r + n) of a tile of `rows`, in order: a pass
+// over a group's rows, then its fold.
+template <typename F>
+void in_float_groups(int64_t rows, F f) {
+  for (int64_t r = 0; r < rows; r += kFloatRows) f(r, std::min(kFloatRows, rows - r));
+}
+
 // Sums over rows [r0, r1) of f(r, v, p) for V vectors v of 8 channels, f adding Q float
 // quantities into p[0..Q); every kFloatRows rows they fold into acc[v][2q], acc[v][2q+1]
 // (the low and high halves, in double).

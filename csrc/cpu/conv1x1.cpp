@@ -81,17 +81,6 @@ bool on_amx(int64_t c, int64_t cout) {
   return kAmxType<scalar_t> && amx::bf16_runs(c, cout);
 }
 
-// Whether bf16rows' rows of n values stream into `out` (vec8.h's streams() for their 16-wide
-// stores: n a multiple of 16, out 32-byte aligned).
-inline bool streams_bf16(const void* out, int64_t bytes, int64_t n) {
-#ifdef __AVX2__
-  return bytes >= kStreamBytes && n % 16 == 0 && aligned32(out);
-#else
-  (void)out, (void)bytes, (void)n;  // (bf16rows runs on AVX-512 CPUs only)
-  return false;
-#endif
-}
-
 inline const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 inline uint16_t* bits(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
@@ -329,10 +318,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   scalar_t* yp = out<scalar_t>(y);
   ThreadSums acc(2, sums ? cout : 0);
   const int64_t tiles = (rows_total + tile - 1) / tile;
-  // y is written once and read by the next layer much later: streamed past the cache.
+  // The FMA path streams float y past the cache; AMX's bf16 y stays in it, for the next BN
+  // (streamed, the unit ran 1.1-1.3x slower at 64x64: benchmarks/results/HISTORY.md).
   const int64_t y_bytes = y.numel() * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = streams(yp, y_bytes, cout % 8 == 0);
-  const bool stream16 = amx && streams_bf16(yp, y_bytes, cout);  // bf16rows' stores
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffer<T> a(amx ? 0 : tile * c), cbuf(tile * np);
     Buffer<scalar_t> abf(amx ? tile * c : 0);
@@ -346,12 +335,12 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       if (amx) {
         if constexpr (kAmxType<scalar_t>) {
           const bf16rows::Channels ch = bn.channels();
-          for (int64_t r = 0; r < rows; ++r) bf16rows::activation(bits(xp + (m0 + r) * c), c, ch, bits(abf.data() + r * c));
-          amx::gemm(rows, cout, c, c, np, false, abf.data(), wv.data(), cbuf.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            bf16rows::store(cbuf.data() + r * np, bias, cout, bits(yp + (m0 + r) * cout), ps, ps2, stream16);
-            fold_two(r, rows, ps, ps2, s, s2, cout);
-          }
+          bf16rows::activation(bits(xp + m0 * c), rows, c, ch, bits(abf.data()));
+          amx::gemm(rows, cout, c, c, np, false, abf.data(), wv.data(), cbuf.data());  // (np = cout)
+          in_float_groups(rows, [&](int64_t r, int64_t n) {
+            bf16rows::store(cbuf.data() + r * np, bias, n, cout, bits(yp + (m0 + r) * cout), ps, ps2);
+            fold_two(r + n - 1, rows, ps, ps2, s, s2, cout);
+          });
         }
         continue;
       }
@@ -365,7 +354,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
         fold_two(r, rows, ps, ps2, s, s2, cout);
       }
     }
-    fence_streams(stream || stream16);
+    fence_streams(stream);
     if (amx) amx::release();
   });
   if (sums)
@@ -459,15 +448,15 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), r2 = round_up(rows, 2);
       const scalar_t *gy = gyp + m0 * cout, *xt = xp + m0 * c;
-      for (int64_t r = 0; r < rows; ++r) {
-        bf16rows::add(bits(gy + r * cout), cout, psb);
-        if (fold_due(r, rows)) fold(psb, sb, cout);
-      }
+      in_float_groups(rows, [&](int64_t r, int64_t n) {
+        bf16rows::add(bits(gy + r * cout), n, cout, psb);
+        fold(psb, sb, cout);
+      });
       amx::gemm(rows, c, cout, cout, c, false, gy, wv.data(), da.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), c, ch, nullptr, psg, psgx);
-        fold_two(r, rows, psg, psgx, sg, sgx, c);
-      }
+      in_float_groups(rows, [&](int64_t r, int64_t n) {
+        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, psg, psgx);
+        fold_two(r + n - 1, rows, psg, psgx, sg, sgx, c);
+      });
       for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
         const int64_t w = std::min(amx::kBlockN, c - j0);
         const bf16rows::Channels chj = bn.channels(j0);
@@ -494,17 +483,13 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
     }
   }
   scalar_t* gxp = out<scalar_t>(grad_x);
-  const bool stream = streams_bf16(gxp, grad_x.numel() * 2, c);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffer<float> da(tile * c);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0);
       amx::gemm(rows, c, cout, cout, c, false, gyp + m0 * cout, wv.data(), da.data());
-      for (int64_t r = 0; r < rows; ++r)
-        bf16rows::grad_input(da.data() + r * c, bits(xp + (m0 + r) * c), c, ch, mean_g.data(), mean_gx.data(),
-                             bits(gxp + (m0 + r) * c), stream);
+      bf16rows::grad_input(da.data(), bits(xp + m0 * c), rows, c, ch, mean_g.data(), mean_gx.data(), bits(gxp + m0 * c));
     }
-    fence_streams(stream);
     amx::release();
   });
 }

@@ -144,10 +144,10 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
       }
       if (swap) {  // the band's gradient rows, in float for kFloatRows rows, then double
         const bf16* gi = bi + y0 * w * cout;
-        for (int64_t q = 0; q < r * w; ++q) {
-          bf16rows::add(bits(gi + q * cout), cout, part.data());
-          if (fold_due(q, r * w)) fold(part.data(), db.data(), cout);
-        }
+        in_float_groups(r * w, [&](int64_t q, int64_t n) {
+          bf16rows::add(bits(gi + q * cout), n, cout, part.data());
+          fold(part.data(), db.data(), cout);
+        });
       }
       for (int64_t i = 0; i < kb; ++i) {
         const int64_t ys = y0 + i / wq - p, xs = i % wq - p;
@@ -164,9 +164,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
         for (int64_t m0 = 0; m0 < m_end; m0 += kDxRows) {
           const int64_t mr = std::min(kDxRows, m_end - m0);
           amx::gemm(mr, c, cout, cout, c, false, gp + (row0 + m0) * cout, wpairs.data(), dx.data());
-          for (int64_t q = 0; q < mr; ++q)
-            bf16rows::store(dx.data() + q * c, zeros.data(), c, bits(gxp + (row0 + m0 + q) * c), nullptr, nullptr,
-                            false);
+          bf16rows::store(dx.data(), zeros.data(), mr, c, bits(gxp + (row0 + m0) * c), nullptr, nullptr);
         }
       }
     }
