@@ -74,7 +74,9 @@ TORCH_LIBRARY(fasthg, m) {
   // conv1x1(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight) + conv_bias, the
   // activation never stored; with out_stats, y's per-channel sum and sum of squares (else empty).
   // `training` is for autograd (the backward's BN terms), as in Triton's twin.
-  // conv_weight [Cout, C, 1, 1] in x's dtype; statistics, BN parameters and conv_bias float32.
+  // conv_weight [Cout, C, 1, 1] in x's dtype or in the statistics' (float32: cast inside, as
+  // autocast would, and its gradient returned in float32 from the kernels' float sums);
+  // statistics, BN parameters and conv_bias float32 (float64 for float64 x).
   m.def("bn_relu_conv1x1_forward(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "Tensor conv_weight, Tensor conv_bias, bool training, bool out_stats) -> (Tensor y, Tensor sum, Tensor sum_sq)");
   // Its backward from x (the activation recomputed): BatchNorm's training backward (the batch

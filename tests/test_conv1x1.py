@@ -290,6 +290,39 @@ def test_native_bfloat16_with_even_channels(shape, training, layout, poison):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [EVEN_SHAPES[1], SHAPES[2]], ids=["even", "odd"])
+def test_native_float32_weight_gets_a_float32_gradient(shape, dtype, poison):
+    """A float32 conv_weight (a parameter under autocast) is cast inside the native kernels (AMX
+    for bf16 at even channels, the FMA GEMMs otherwise): y as with the weight cast first, and
+    its gradient in float32 from the float sums, which rounded to x's dtype is the gradient of
+    the cast weight, and is not itself rounded so."""
+    ref, t = make_inputs(shape, dtype, "cpu", torch.channels_last)
+    wide = dict(t, conv_w=t["conv_w"].float())
+    (y32, s32, _), g32 = run(wide, True, fn=op_of("native"))
+    (y16, s16, _), g16 = run(t, True, fn=op_of("native"))
+    (ry, _, _), rg = run(ref, True, fn=reference.bn_relu_conv1x1)
+    assert torch.equal(y32, y16) and torch.equal(s32, s16)
+    assert g32["conv_w"].dtype == torch.float32 and g16["conv_w"].dtype == dtype
+    assert torch.equal(g32["conv_w"].to(dtype), g16["conv_w"])
+    assert not torch.equal(g32["conv_w"].to(dtype).float(), g32["conv_w"])
+    for k in LEAVES:
+        assert rel_err(g32[k], rg[k]) < TOL[dtype], (k, rel_err(g32[k], rg[k]))
+    torch.library.opcheck(conv1x1._native_forward_op, (t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"],
+                                                       wide["conv_w"], t["conv_b"], True, True))
+    torch.library.opcheck(conv1x1._native_backward_op, (t["gy"], t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"],
+                                                        wide["conv_w"], True))
+
+
+@needs_native
+def test_native_rejects_a_weight_of_another_dtype():
+    _, t = make_inputs(SHAPES[2], torch.bfloat16, "cpu", torch.channels_last)
+    with pytest.raises(RuntimeError, match="`conv_weight` must be BFloat16 .like `x`. or Float"):
+        conv1x1._native_forward_op(t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"].half(),
+                                   t["conv_b"], True, False)
+
+
+@needs_native
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_native_bfloat16_ops_pass_opcheck(layout):
     """The bf16 ops at even channel counts (the AMX kernels where the CPU has them)."""

@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -64,6 +65,14 @@ constexpr const char* kBwd = "bn_relu_conv1x1_backward";
 // Rows (pixels) per tile: the activation tile and the output tile (C channels and Cout
 // columns of floats each) stay in a core's L2 at the hourglass's widths (256).
 constexpr int64_t kTileRows = 192;
+
+// Rows per tile, a multiple of `multiple`: at most about kTileRows, in a number of tiles the
+// threads share evenly (parallel_for gives each a run of them), so that small maps keep every
+// core busy to the end (4x16x16 split 576/448 rows between two threads in tiles of 192).
+inline int64_t tile_rows(int64_t rows_total, int64_t multiple) {
+  const int64_t tiles = round_up((rows_total + kTileRows - 1) / kTileRows, at::get_num_threads());
+  return round_up((rows_total + tiles - 1) / tiles, multiple);
+}
 
 template <typename T>
 gemm::Kernel<T> kernel_for();
@@ -271,17 +280,25 @@ Buffer<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool t
   return Buffer<scalar_t>();
 }
 
-// The weight gradient [Cout][C] from the threads' partials (row stride ld; empty: a thread
-// that had no tile).
-template <typename T, typename scalar_t>
-void store_weight_grad(const std::vector<Buffer<T>>& dw, int64_t cout, int64_t c, int64_t ld, scalar_t* gw) {
-  for (int64_t j = 0; j < cout; ++j)
-    for (int64_t k = 0; k < c; ++k) {
-      T v = T(0);
-      for (const auto& part : dw)
-        if (!part.empty()) v += part[j * ld + k];
-      gw[j * c + k] = static_cast<scalar_t>(v);
+// The weight gradient [Cout][C] into gw (dense, in its dtype: x's, or the math type's for a
+// weight given so) from the threads' partials (row stride ld; empty: a thread that had no
+// tile), summed into the first one in thread order, then converted by ATen's vectorised copy.
+template <typename T>
+void store_weight_grad(std::vector<Buffer<T>>& dw, int64_t cout, int64_t c, int64_t ld, const at::Tensor& gw) {
+  T* total = nullptr;
+  for (auto& part : dw) {
+    if (part.empty()) continue;
+    if (!total) {
+      total = part.data();
+      continue;
     }
+    const T* __restrict p = part.data();
+    T* __restrict t = total;
+    for (int64_t i = 0; i < cout * ld; ++i) t[i] += p[i];
+  }
+  TORCH_INTERNAL_ASSERT(total, "bn_relu_conv1x1: no thread summed a weight gradient");
+  const auto type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+  gw.view({cout, c}).copy_(at::from_blob(total, {cout, ld}, at::TensorOptions().dtype(type)).narrow(1, 0, c));
 }
 
 // Per-thread double sums over channels, `sets` of `width`, each set laid out as sum_parts
@@ -308,7 +325,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
   const bool amx = on_amx<scalar_t>(c, cout);
-  const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = round_up(kTileRows, kern.mr);
+  const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = tile_rows(rows_total, amx ? 16 : kern.mr);
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
   // W^T as B
   const Buffer<T> wp = amx ? Buffer<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);
@@ -372,7 +389,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   using T = at::opmath_type<scalar_t>;
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const int64_t tile = round_up(kTileRows, kern.mr);
+  const int64_t tile = tile_rows(rows_total, kern.mr);
   const int64_t nc = round_up(c, kern.nr);     // grad-activation columns (and dW's)
   const int64_t ga = round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
@@ -417,7 +434,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   acc.store(0, out<T>(sum_g), c);
   acc.store(1, out<T>(sum_gx), c);
   acc.store(2, out<T>(grad_b), cout);
-  store_weight_grad(dw, cout, c, nc, out<scalar_t>(grad_w));
+  store_weight_grad(dw, cout, c, nc, grad_w);
 }
 
 // The bfloat16 backward on AMX, grad_x itself rather than the masked gradient g, in two walks
@@ -431,7 +448,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
                   const at::Tensor& grad_w, const at::Tensor& grad_b) {
   using scalar_t = c10::BFloat16;
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const int64_t tile = kTileRows, tiles = (rows_total + tile - 1) / tile, tile2 = round_up(tile, 2);
+  const int64_t tile = tile_rows(rows_total, 16), tiles = (rows_total + tile - 1) / tile, tile2 = round_up(tile, 2);
   const Buffer<scalar_t> wv = weight_pairs(in<scalar_t>(conv_w), cout, c, false);  // W as B
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
@@ -472,7 +489,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
   acc.store(0, out<float>(sum_g), c);
   acc.store(1, out<float>(sum_gx), c);
   acc.store(2, out<float>(grad_b), cout);
-  store_weight_grad(dw, cout, c, c, out<scalar_t>(grad_w));
+  store_weight_grad(dw, cout, c, c, grad_w);
   // The means of g and g * xhat in float, as the FMA path takes them (sum.div(count)).
   Buffer<float> mean_g(c, 0.f), mean_gx(c, 0.f);
   if (training) {
@@ -501,9 +518,15 @@ void check_unit_args(const char* op, const at::Tensor& x, const at::Tensor& mean
                   conv_w.size(0) > 0,
               op, ": `conv_weight` must be [Cout, ", x.size(1), ", 1, 1] (a 1x1 convolution of the channels of `x`), got ",
               conv_w.sizes());
-  TORCH_CHECK(conv_w.scalar_type() == x.scalar_type() && conv_w.device() == x.device(), op,
-              ": `conv_weight` must be ", x.scalar_type(), " on ", x.device(), " like `x`, got ",
-              conv_w.scalar_type(), " on ", conv_w.device());
+  TORCH_CHECK((conv_w.scalar_type() == x.scalar_type() || conv_w.scalar_type() == mean.scalar_type()) &&
+                  conv_w.device() == x.device(),
+              op, ": `conv_weight` must be ", x.scalar_type(), " (like `x`) or ", mean.scalar_type(),
+              " (like the statistics) on ", x.device(), ", got ", conv_w.scalar_type(), " on ", conv_w.device());
+}
+
+// The weight as the GEMMs take it: x's dtype (a float32 weight cast here, as autocast would).
+at::Tensor compute_weight(const at::Tensor& conv_w, const at::Tensor& x) {
+  return conv_w.to(x.scalar_type()).contiguous();
 }
 
 at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
@@ -525,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
   at::Tensor sums[2] = {at::empty({out_stats ? cout : 0}, popts), at::empty({out_stats ? cout : 0}, popts)};
   FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kFwd, [&] {
     forward_kernel<scalar_t>(xc, mean.contiguous(), invstd.contiguous(), bn_w.contiguous(), bn_b.contiguous(),
-                             conv_w.contiguous(), conv_b.contiguous(), y, out_stats ? sums : nullptr);
+                             compute_weight(conv_w, x), conv_b.contiguous(), y, out_stats ? sums : nullptr);
   });
   return {y.contiguous(x.suggest_memory_format()), sums[0], sums[1]};
 }
@@ -543,17 +566,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const at::Tensor xc = nhwc(x), gyc = nhwc(grad_y);
   const auto popts = mean.options();
   at::Tensor sum_g = at::empty({c}, popts), sum_gx = at::empty({c}, popts), grad_b = at::empty({cout}, popts);
+  // The weight's gradient in the weight's dtype: a float32 weight's straight from the float sums.
   at::Tensor grad_w = at::empty(conv_w.sizes(), conv_w.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), w = bn_w.contiguous(), b = bn_b.contiguous();
+  const at::Tensor cw = compute_weight(conv_w, x);
   if (x.scalar_type() == at::kBFloat16 && on_amx<c10::BFloat16>(c, cout)) {
     at::Tensor grad_x = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
-    backward_amx(gyc, xc, BnParams<float>(m, s, w, b), conv_w.contiguous(), training, grad_x, sum_g, sum_gx, grad_w,
-                 grad_b);
+    backward_amx(gyc, xc, BnParams<float>(m, s, w, b), cw, training, grad_x, sum_g, sum_gx, grad_w, grad_b);
     return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
   }
   at::Tensor g = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
   FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kBwd, [&] {
-    backward_kernel<scalar_t>(gyc, xc, m, s, w, b, conv_w.contiguous(), g, sum_g, sum_gx, grad_w, grad_b);
+    backward_kernel<scalar_t>(gyc, xc, m, s, w, b, cw, g, sum_g, sum_gx, grad_w, grad_b);
   });
   // The BN's elementwise backward on the masked gradient (masking again is a no-op). In eval
   // the statistics are constants: no mean terms.

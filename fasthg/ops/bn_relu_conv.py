@@ -173,10 +173,11 @@ def _fused_conv1x1(which, x, bn, convs, group):
         if rm is not None:
             _update_running_stats(rm, rv, mean, var, x.numel() // x.shape[1], float(factor))
         invstd = torch.rsqrt(var + bn.eps)
-    # The convolution's parameters as autocast gives them to nn.Conv2d (a bias rounded to its
-    # dtype, too), through differentiable casts.
+    # The bias as autocast gives it to nn.Conv2d (rounded to its dtype), through a
+    # differentiable cast; the weight as the module holds it: bn_relu_conv1x1 casts it to x's
+    # dtype (the native kernels inside, a float32 weight's gradient then in float32).
     cdtype = compute_dtype(x)
-    return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, _as_dtype(conv.weight, cdtype),
+    return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, conv.weight,
                                  None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True,
                                  backend=which)
                  for conv in convs)

@@ -136,7 +136,7 @@ def _fake_backward(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, tra
     p = _param_dtype(x)
     c, cout = x.shape[1], conv_weight.shape[0]
     return (torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty(c, dtype=p), x.new_empty(c, dtype=p),
-            x.new_empty((cout, c, 1, 1)), x.new_empty(cout, dtype=p))
+            conv_weight.new_empty((cout, c, 1, 1)), x.new_empty(cout, dtype=p))
 
 
 def _setup_context(ctx, inputs, output):
@@ -206,18 +206,22 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     x: float32, float16, bfloat16 (not in the Triton interpreter) or float64; the statistics and
     BN parameters are used in float32 (float64 for float64 x), and the convolution runs in x's
     dtype with float32 accumulation (conv_weight is cast to x's dtype, as autocast does; the
-    native kernels round relu(bn(x)) to x's dtype first, as a stored activation would be). NCHW
-    x is copied to channels_last for the kernels (and y back to NCHW).
+    native kernels round relu(bn(x)) to x's dtype first, as a stored activation would be). The
+    native kernels take a float32 (float64) conv_weight as it is, cast it inside and return its
+    gradient in float32 from their float sums, not rounded to x's dtype and cast back. NCHW x is
+    copied to channels_last for the kernels (and y back to NCHW).
 
     backend: "native" (CPU tensors; float32, float16, bfloat16 and float64, computed in float32
     or float64; bfloat16's GEMMs on AMX where the CPU has it, with float32 accumulation),
     "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto" (native on the CPU
     where the extension is built, else Triton)."""
     check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias)
-    op = _OPS[resolve(backend, x)]()
+    which = resolve(backend, x)
+    op = _OPS[which]()
     p = _param_dtype(x)
     cout = conv_weight.shape[0]
     bias = x.new_zeros(cout, dtype=p) if conv_bias is None else conv_bias.to(p)
-    y, s, s2 = op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), conv_weight.to(x.dtype), bias,
-                  bool(training), bool(out_stats))
+    weight = conv_weight if which == "native" and conv_weight.dtype == p else conv_weight.to(x.dtype)
+    y, s, s2 = op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), weight, bias, bool(training),
+                  bool(out_stats))
     return (y, s, s2) if out_stats else y
