@@ -90,9 +90,10 @@ def cpu_unit_dtypes() -> tuple:
     measured to win: bfloat16 and float16 on CPUs without bfloat16 instructions, whose oneDNN
     convolutions convert to float32 and run 1.3-3.6x slower than the unit (benchmarks/results/
     HISTORY.md). On AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively; there the unit's
-    bfloat16 GEMMs run on AMX too (native_gemm_kernel), 1.1-1.2x the unfused unit alone at 64x64
-    but slower in the hg2 training step than BN-ReLU with fasthg.nn.Conv2d's AMX backward, and
-    float32 is at parity, so neither is routed.
+    bfloat16 GEMMs run on AMX too (native_gemm_kernel), 1.1-1.5x the unfused unit alone, but in
+    the hg2 training step at parity with BN-ReLU and fasthg.nn.Conv2d's AMX backward (the
+    unit's own statistics pass over x, and the residual add oneDNN's convolution fuses and it
+    does not), as is float32 (within the step's noise), so neither is routed.
     "all": every dtype; "off": none."""
     choice = os.environ.get("FASTHG_CPU_CONV1X1", "auto")
     if choice not in CPU_UNIT_CHOICES:
