@@ -143,9 +143,11 @@ void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t*
       for (int64_t r = r0; r < r0 + r1; ++r) {
         const __m256i h = to_bf16(_mm512_add_ps(load<F>(c + r * n + j, m), b));
         put<F>(y + r * n + j, h, m);
-        const __m512 v = from_bf16(h);  // the value as stored
-        a0 = _mm512_add_ps(a0, v);
-        a1 = _mm512_add_ps(a1, _mm512_mul_ps(v, v));
+        if (s) {
+          const __m512 v = from_bf16(h);  // the value as stored
+          a0 = _mm512_add_ps(a0, v);
+          a1 = _mm512_add_ps(a1, _mm512_mul_ps(v, v));
+        }
       }
       if (s) {
         store<F>(s + j, a0, m);

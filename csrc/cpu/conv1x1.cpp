@@ -336,7 +336,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   ThreadSums acc(2, sums ? cout : 0);
   const int64_t tiles = (rows_total + tile - 1) / tile;
   // The FMA path streams float y past the cache; AMX's bf16 y stays in it, for the next BN
-  // (streamed, the unit ran 1.1-1.3x slower at 64x64: benchmarks/results/HISTORY.md).
+  // (streamed, the forward took 1.5x as long at 128->256 64x64: benchmarks/results/HISTORY.md).
   const int64_t y_bytes = y.numel() * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = streams(yp, y_bytes, cout % 8 == 0);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
