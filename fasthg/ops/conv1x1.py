@@ -208,8 +208,9 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     BN parameters are used in float32 (float64 for float64 x), and the convolution runs in x's
     dtype with float32 accumulation (conv_weight is cast to x's dtype, as autocast does; the
     native kernels round relu(bn(x)) to x's dtype first, as a stored activation would be). The
-    native kernels take a float32 (float64) conv_weight as it is, cast it inside and return its
-    gradient in float32 from their float sums, not rounded to x's dtype and cast back. NCHW x is
+    native kernels take a conv_weight in the statistics' dtype (float32 for float16 and bfloat16
+    x) as it is, cast it inside and return its gradient in that dtype from their float sums,
+    not rounded to x's dtype and cast back. NCHW x is
     copied to channels_last for the kernels (and y back to NCHW).
 
     backend: "native" (CPU tensors; float32, float16, bfloat16 and float64, computed in float32
