@@ -80,9 +80,10 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("bn_relu_conv1x1_forward(Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
         "Tensor conv_weight, Tensor conv_bias, bool training, bool out_stats) -> (Tensor y, Tensor sum, Tensor sum_sq)");
   // Its backward from x (the activation recomputed): BatchNorm's training backward (the batch
-  // statistics' gradient terms) when training, else the eval one.
+  // statistics' gradient terms) when training, else the eval one; grad_skip (like x), the
+  // gradient of a residual branch that also took x, is added into grad_x.
   m.def("bn_relu_conv1x1_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor bn_weight, "
-        "Tensor bn_bias, Tensor conv_weight, bool training) -> (Tensor grad_x, Tensor grad_bn_weight, "
+        "Tensor bn_bias, Tensor conv_weight, bool training, Tensor? grad_skip=None) -> (Tensor grad_x, Tensor grad_bn_weight, "
         "Tensor grad_bn_bias, Tensor grad_conv_weight, Tensor grad_conv_bias)");
   // The backward of a stride-1 convolution with zero padding k // 2 (k odd, one group),
   // fasthg.ops.conv2d's: the input gradient where input_grad (else an empty tensor), the weight

@@ -171,6 +171,29 @@ def test_with_skip_runs_the_skip_backward_in_the_recomputing_unit(monkeypatch):
     assert ops.bn_relu_conv_with_skip(x, bn, conv, backend="native")[1] is x
 
 
+@pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_skip_runs_the_skip_backward_in_the_fused_unit(dtype, monkeypatch, poison):
+    """Where the 1x1 unit runs fused (channels_last, FASTHG_CPU_CONV1X1=all), the skip branch's
+    gradient goes to the native unit's backward (its grad_skip), and x's gradient is the
+    storing composition's plus the branch's."""
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
+    skips = []
+    real = fasthg.ops.conv1x1._native_backward_op
+    monkeypatch.setattr(fasthg.ops.conv1x1, "_native_backward_op", lambda *a: skips.append(a[-1] is not None) or real(*a))
+    torch.manual_seed(0)
+    bn, conv = BNReLU(16).to(dtype), nn.Conv2d(16, 8, 1).to(dtype)
+    x = torch.randn(2, 16, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, skip = ops.bn_relu_conv_with_skip(x, bn, conv, backend="native")
+    assert skip is not x and torch.equal(skip, x)
+    go, gs = torch.randn_like(out), torch.randn_like(x)
+    gx, = torch.autograd.grad((out, skip), x, (go, gs))
+    assert skips == [True]
+    x64 = x.detach().double().requires_grad_()
+    want, = torch.autograd.grad(storing(x64, copy.deepcopy(bn).double(), copy.deepcopy(conv).double()), x64, go.double())
+    assert not gx.isnan().any() and rel_err(gx, want + gs.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_unit_saves_x_and_statistics_only(backend):
     """Recomputing backends keep x (and per-channel vectors), not relu(bn(x)); eager stores it."""

@@ -194,6 +194,8 @@ def test_custom_ops_pass_opcheck(target, layout):
     for training, out_stats in ((True, True), (False, False)):
         torch.library.opcheck(forward, (*args, training, out_stats))
     torch.library.opcheck(backward, (t["gy"], *args[:6], True))
+    if target[1] == "native":  # (with a skip branch's gradient)
+        torch.library.opcheck(backward, (t["gy"], *args[:6], True, t["x"].clone()))
 
 
 def test_bad_input_is_refused_naming_the_argument():
@@ -314,6 +316,44 @@ def test_native_float32_weight_gets_a_float32_gradient(shape, dtype, poison):
                                                         wide["conv_w"], True))
 
 
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [SHAPES[2], EVEN_SHAPES[1]], ids=["odd", "even"])
+def test_with_skip_adds_the_branch_gradient_to_grad_x(target, layout, shape, poison):
+    """bn_relu_conv1x1_with_skip: y, the statistics and skip (x's values) as the unit's; grad_x
+    the float64 composition's plus the skip branch's gradient (the native AMX path adds it in its
+    grad_x pass, before the rounding), the parameters' gradients the unit's; a loss on skip alone
+    gives grad_x the branch's gradient as it is."""
+    device, backend = target
+    for dtype in dtypes(device, backend):
+        ref, t = make_inputs(shape, dtype, device, layout)
+        g = torch.Generator().manual_seed(3)
+        gs64 = torch.randn(ref["x"].shape, generator=g, dtype=torch.float64).to(dtype).double()
+        gs = gs64.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+        leaves = {k: t[k].clone().requires_grad_(True) for k in LEAVES}
+        args = (leaves["x"], t["mean"], t["invstd"], leaves["bn_w"], leaves["bn_b"], leaves["conv_w"], leaves["conv_b"])
+        (y, s, s2), skip = conv1x1.bn_relu_conv1x1_with_skip(*args, True, True, backend=backend)
+        grads = dict(zip(LEAVES, torch.autograd.grad((y, skip), list(leaves.values()), (t["gy"], gs))))
+        (uy, us, us2), ugrads = run(t, True, fn=op_of(backend))
+        _, rgrads = run(ref, True, fn=reference.bn_relu_conv1x1)
+        assert torch.equal(y, uy) and torch.equal(s, us) and torch.equal(s2, us2) and torch.equal(skip, t["x"])
+        for k in LEAVES[1:]:
+            assert torch.equal(grads[k], ugrads[k]), k
+        assert not grads["x"].isnan().any() and grads["x"].is_contiguous(memory_format=layout)
+        assert rel_err(grads["x"], rgrads["x"] + gs64) < TOL[dtype], (dtype, rel_err(grads["x"], rgrads["x"] + gs64))
+        gx, = torch.autograd.grad(conv1x1.bn_relu_conv1x1_with_skip(*args, backend=backend)[1], leaves["x"], gs)
+        assert torch.equal(gx, gs)
+
+
+@needs_native
+def test_native_backward_refuses_a_bad_grad_skip():
+    _, t = make_inputs(SHAPES[0], torch.float32, "cpu", torch.channels_last)
+    args = (t["gy"], t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], True)
+    for bad in (t["x"][:, :2], t["x"].double()):
+        with pytest.raises(RuntimeError, match="`grad_skip` must be like `x`"):
+            conv1x1._native_backward_op(*args, bad)
+
+
 @needs_native
 def test_native_rejects_a_weight_of_another_dtype():
     _, t = make_inputs(SHAPES[2], torch.bfloat16, "cpu", torch.channels_last)
@@ -331,6 +371,7 @@ def test_native_bfloat16_ops_pass_opcheck(layout):
     for training, out_stats in ((True, True), (False, False)):
         torch.library.opcheck(conv1x1._native_forward_op, (*args, training, out_stats))
         torch.library.opcheck(conv1x1._native_backward_op, (t["gy"], *args[:6], training))
+        torch.library.opcheck(conv1x1._native_backward_op, (t["gy"], *args[:6], training, t["x"].clone()))
 
 
 @needs_native

@@ -4,6 +4,7 @@
 // the Python backward) cost more than the kernels at the hourglass's 4x4 and 8x8 levels.
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "op.h"
@@ -37,11 +38,11 @@ class Conv1x1Unit : public torch::autograd::Function<Conv1x1Unit> {
     if (!grads[0].defined()) return {none, none, none, none, none, none, none, none, none};
     const auto saved = ctx->get_saved_variables();
     static const auto op =
-        typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(Args, Args, Args, Args, Args,
-                                                                                         Args, Args, bool)>(
+        typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            Args, Args, Args, Args, Args, Args, Args, bool, const std::optional<at::Tensor>&)>(
             "fasthg::bn_relu_conv1x1_backward");
     auto [dx, dbn_w, dbn_b, dconv_w, dconv_b] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                                        saved[5], ctx->saved_data["training"].toBool());
+                                                        saved[5], ctx->saved_data["training"].toBool(), std::nullopt);
     return {dx, none, none, dbn_w, dbn_b, dconv_w, dconv_b, none, none};
   }
 };

@@ -38,10 +38,11 @@ void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t*
 void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, float* sg,
                  float* sgx);
 
-// gx = bf16(scale * ((g - mean_g) - xhat * mean_gx)), g as masked_grad rounds it: the BN's
-// input gradient (bn_relu.h's bn_relu_grad_input).
+// gx = bf16(scale * ((g - mean_g) - xhat * mean_gx) [+ skip]), g as masked_grad rounds it: the
+// BN's input gradient (bn_relu.h's bn_relu_grad_input), plus, where skip is not null, the
+// gradient of another branch that took x, added before the one rounding (as bn_relu.cpp's).
 void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
-                const float* mean_gx, uint16_t* gx);
+                const float* mean_gx, const uint16_t* skip, uint16_t* gx);
 
 // s[j] += src[r * n + j], row after row.
 void add(const uint16_t* src, int64_t rows, int64_t n, float* s);

@@ -178,9 +178,10 @@ void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, co
 }
 
 void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
-                const float* mean_gx, uint16_t* gx) {
+                const float* mean_gx, const uint16_t* skip, uint16_t* gx) {
   each_block(rows, [&](int64_t r0, int64_t r1) {
     ahead(x, r0, r1, n);
+    if (skip) ahead(skip, r0, r1, n);
     each16(n, [&](auto full, int64_t k, __mmask16 m) {
       constexpr bool F = decltype(full)::value;
       const Lanes<F> c(ch, k, m);
@@ -190,7 +191,9 @@ void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, con
         const __m512 g = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
         const __m512 xhat = _mm512_mul_ps(d, c.invstd);
         const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(g, mg), _mm512_mul_ps(xhat, mgx));
-        put<F>(gx + r * n + k, to_bf16(_mm512_mul_ps(c.scale, centred)), m);
+        __m512 d_x = _mm512_mul_ps(c.scale, centred);
+        if (skip) d_x = _mm512_add_ps(d_x, load_bf16<F>(skip + r * n + k, m));
+        put<F>(gx + r * n + k, to_bf16(d_x), m);
       }
     });
   });
@@ -293,7 +296,7 @@ void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&
 void store(const float*, const float*, int64_t, int64_t, uint16_t*, float*, float*) {}
 void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, float*, float*) {}
 void grad_input(const float*, const uint16_t*, int64_t, int64_t, const Channels&, const float*, const float*,
-                uint16_t*) {}
+                const uint16_t*, uint16_t*) {}
 void add(const uint16_t*, int64_t, int64_t, float*) {}
 float sum(const uint16_t*, int64_t) { return 0.f; }
 int64_t pair_rows(const uint16_t*, const uint16_t*, int64_t, uint16_t*) { return 0; }

@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -444,8 +445,8 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
 // with the BN's training terms (none in eval). A second GEMM on AMX costs less than writing g
 // and reading it back (benchmarks/results/HISTORY.md).
 void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<float>& bn, const at::Tensor& conv_w,
-                  bool training, const at::Tensor& grad_x, const at::Tensor& sum_g, const at::Tensor& sum_gx,
-                  const at::Tensor& grad_w, const at::Tensor& grad_b) {
+                  bool training, const at::Tensor* grad_skip, const at::Tensor& grad_x, const at::Tensor& sum_g,
+                  const at::Tensor& sum_gx, const at::Tensor& grad_w, const at::Tensor& grad_b) {
   using scalar_t = c10::BFloat16;
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
   const int64_t tile = tile_rows(rows_total, 16), tiles = (rows_total + tile - 1) / tile, tile2 = round_up(tile, 2);
@@ -500,12 +501,14 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
     }
   }
   scalar_t* gxp = out<scalar_t>(grad_x);
+  const scalar_t* skp = grad_skip ? in<scalar_t>(*grad_skip) : nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Buffer<float> da(tile * c);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0);
       amx::gemm(rows, c, cout, cout, c, false, gyp + m0 * cout, wv.data(), da.data());
-      bf16rows::grad_input(da.data(), bits(xp + m0 * c), rows, c, ch, mean_g.data(), mean_gx.data(), bits(gxp + m0 * c));
+      bf16rows::grad_input(da.data(), bits(xp + m0 * c), rows, c, ch, mean_g.data(), mean_gx.data(),
+                           skp ? bits(skp + m0 * c) : nullptr, bits(gxp + m0 * c));
     }
     amx::release();
   });
@@ -555,7 +558,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& bn_w, const at::Tensor& bn_b, const at::Tensor& conv_w, bool training) {
+    const at::Tensor& bn_w, const at::Tensor& bn_b, const at::Tensor& conv_w, bool training,
+    const std::optional<at::Tensor>& grad_skip) {
   check_unit_args(kBwd, x, mean, invstd, bn_w, bn_b, conv_w);
   const int64_t c = x.size(1), cout = conv_w.size(0);
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) && grad_y.size(1) == cout &&
@@ -563,7 +567,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                   grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               kBwd, ": `grad_y` must be [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), "] ",
               x.scalar_type(), " on ", x.device(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
+  if (grad_skip)
+    TORCH_CHECK(grad_skip->sizes() == x.sizes() && grad_skip->scalar_type() == x.scalar_type() &&
+                    grad_skip->device() == x.device(),
+                kBwd, ": `grad_skip` must be like `x` (", x.sizes(), " ", x.scalar_type(), " on ", x.device(), "), got ",
+                grad_skip->sizes(), " ", grad_skip->scalar_type(), " on ", grad_skip->device());
   const at::Tensor xc = nhwc(x), gyc = nhwc(grad_y);
+  const at::Tensor skip = grad_skip ? nhwc(*grad_skip) : at::Tensor();
   const auto popts = mean.options();
   at::Tensor sum_g = at::empty({c}, popts), sum_gx = at::empty({c}, popts), grad_b = at::empty({cout}, popts);
   // The weight's gradient in the weight's dtype: a float32 weight's straight from the float sums.
@@ -572,7 +582,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const at::Tensor cw = compute_weight(conv_w, x);
   if (x.scalar_type() == at::kBFloat16 && on_amx<c10::BFloat16>(c, cout)) {
     at::Tensor grad_x = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
-    backward_amx(gyc, xc, BnParams<float>(m, s, w, b), cw, training, grad_x, sum_g, sum_gx, grad_w, grad_b);
+    backward_amx(gyc, xc, BnParams<float>(m, s, w, b), cw, training, grad_skip ? &skip : nullptr, grad_x, sum_g,
+                 sum_gx, grad_w, grad_b);
     return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
   }
   at::Tensor g = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -589,6 +600,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   at::Tensor grad_x = elemt.call(g, xc, m, s, w, b, mean_g, mean_gx);
+  // (a pass of its own here: bn_relu_backward_elemt takes no skip; the AMX path adds it in
+  // its grad_x pass)
+  if (grad_skip) grad_x.add_(skip);
   return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
 }
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from fasthg.ops import _backend
 from fasthg.ops import conv1x1 as _conv1x1
-from fasthg.ops.conv1x1 import bn_relu_conv1x1
+from fasthg.ops.conv1x1 import bn_relu_conv1x1, bn_relu_conv1x1_with_skip
 from fasthg.ops.conv2d import backward as conv_backward
 from fasthg.ops.conv2d import compute_dtype  # (relu(bn(x)) has x's dtype)
 from fasthg.ops.bn_relu import (_OPS, _affine, _as_dtype, _batch_statistics, _grad_means, _sync_group,
@@ -161,12 +161,13 @@ def _is_pointwise(conv):
     return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
 
 
-def _fused_conv1x1(which, x, bn, convs, group):
+def _fused_conv1x1(which, x, bn, convs, group, tee=False):
     """The fused unit for 1x1 convolutions, fasthg.ops.bn_relu_conv1x1 on backend `which`
     (native: the CPU's kernels; triton): relu(bn(x)) is formed as the GEMM reads it, and its
     backward recomputes it from x and the statistics, so it is never stored. The statistics
     come from one pass over x; their gradient terms are the kernel's BN training backward
-    (linear in the output gradient, so several convolutions sum)."""
+    (linear in the output gradient, so several convolutions sum). With tee (one convolution),
+    (out, skip) as _recompute's: bn_relu_conv1x1_with_skip."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
     with torch.no_grad():
         mean, var = _OPS[which].stats(x)
@@ -177,10 +178,11 @@ def _fused_conv1x1(which, x, bn, convs, group):
     # differentiable cast; the weight as the module holds it: bn_relu_conv1x1 casts it to x's
     # dtype (the native kernels inside, a float32 weight's gradient then in float32).
     cdtype = compute_dtype(x)
-    return tuple(bn_relu_conv1x1(x, mean, invstd, weight, bias, conv.weight,
-                                 None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True,
-                                 backend=which)
+    unit = bn_relu_conv1x1_with_skip if tee else bn_relu_conv1x1
+    outs = tuple(unit(x, mean, invstd, weight, bias, conv.weight,
+                      None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True, backend=which)
                  for conv in convs)
+    return outs[0] if tee else outs
 
 
 def _fuses_conv1x1(which, x, convs, group) -> bool:
@@ -252,13 +254,14 @@ def bn_relu_convs(x, bn, convs, backend="auto"):
 def bn_relu_conv_with_skip(x, bn, conv, backend="auto"):
     """(bn_relu_conv(x, bn, conv, backend), skip) for an x that a residual block also feeds to
     its skip branch, which should take `skip` instead: x's values (a view), whose gradient the
-    recomputing unit adds in its BN-ReLU's backward pass (fasthg.ops.bn_relu_with_skip's, for
-    this unit). Where another implementation runs (eager, eval, the fused 1x1 unit), skip is x."""
+    training unit adds in its own backward: the recomputing unit's BN-ReLU backward pass
+    (fasthg.ops.bn_relu_with_skip's, for this unit), the fused 1x1 unit's grad_x pass. Where
+    nothing is saved for backward, or eager runs, skip is x."""
     which, group = _checked(x, bn, (conv,), backend)
-    if (not (x.requires_grad and bn.training and torch.is_grad_enabled())
-            or _unit(which, x, bn, (conv,), group) is not _recompute):
+    impl = _unit(which, x, bn, (conv,), group)
+    if not (x.requires_grad and bn.training and torch.is_grad_enabled()) or impl is _stored:
         return bn_relu_conv(x, bn, conv, backend), x
-    out, skip = _recompute(which, x, bn, (conv,), group, tee=True)
+    out, skip = impl(which, x, bn, (conv,), group, tee=True)
     return out, skip
 
 

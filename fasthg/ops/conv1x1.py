@@ -133,7 +133,7 @@ def _fake_forward(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, t
     return y, x.new_empty(k, dtype=_param_dtype(x)), x.new_empty(k, dtype=_param_dtype(x))
 
 
-def _fake_backward(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, training):
+def _fake_backward(grad_y, x, mean, invstd, bn_weight, bn_bias, conv_weight, training, grad_skip=None):
     p = _param_dtype(x)
     c, cout = x.shape[1], conv_weight.shape[0]
     return (torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty(c, dtype=p), x.new_empty(c, dtype=p),
@@ -192,6 +192,34 @@ if native_available():
 _OPS = {"native": lambda: _native_forward_op, "triton": lambda: _forward_op}
 
 
+class _WithSkip(torch.autograd.Function):
+    """The unit on backend `which`, with x passed through as a fourth output, `skip`, for a
+    residual branch that also takes x: that branch's gradient comes back here and joins grad_x
+    in the unit's backward (the native kernels add it in their grad_x pass), where autograd
+    would add it in a pass over three tensors of its own."""
+
+    @staticmethod
+    def forward(ctx, x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats, which):
+        y, s, s2 = _OPS[which]()(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats)
+        ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
+        ctx.training, ctx.which = training, which
+        ctx.mark_non_differentiable(s, s2)
+        ctx.set_materialize_grads(False)
+        return y, s, s2, x
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_sum, _grad_sumsq, grad_skip):
+        if grad_y is None:
+            return (grad_skip,) + (None,) * 9
+        args = (grad_y,) + ctx.saved_tensors + (ctx.training,)
+        if ctx.which == "native":
+            dx, dbw, dbb, dw, db = _native_backward_op(*args, grad_skip)
+        else:
+            dx, dbw, dbb, dw, db = _backward_op(*args)
+            dx = dx if grad_skip is None else dx + grad_skip
+        return dx, None, None, dbw, dbb, dw, db, None, None, None
+
+
 def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training=True, out_stats=False,
                     backend="auto"):
     """y = conv2d(relu((x - mean) * invstd * bn_weight + bn_bias), conv_weight, conv_bias) for a 1x1
@@ -217,13 +245,28 @@ def bn_relu_conv1x1(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias,
     or float64; bfloat16's GEMMs on AMX where the CPU has it, with float32 accumulation),
     "triton" (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), or "auto" (native on the CPU
     where the extension is built, else Triton)."""
+    which, args = _prepared(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, backend)
+    y, s, s2 = _OPS[which]()(*args, bool(training), bool(out_stats))
+    return (y, s, s2) if out_stats else y
+
+
+def _prepared(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, backend):
+    """The backend and the ops' tensor arguments, checked, in the dtypes the ops take."""
     check_args(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias)
     which = resolve(backend, x)
-    op = _OPS[which]()
     p = _param_dtype(x)
     cout = conv_weight.shape[0]
     bias = x.new_zeros(cout, dtype=p) if conv_bias is None else conv_bias.to(p)
     weight = conv_weight if which == "native" and conv_weight.dtype == p else conv_weight.to(x.dtype)
-    y, s, s2 = op(x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), weight, bias, bool(training),
-                  bool(out_stats))
-    return (y, s, s2) if out_stats else y
+    return which, (x, mean.to(p), invstd.to(p), bn_weight.to(p), bn_bias.to(p), weight, bias)
+
+
+def bn_relu_conv1x1_with_skip(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training=True,
+                              out_stats=False, backend="auto"):
+    """(bn_relu_conv1x1(x, ...), skip) for an x that a residual block also feeds to its other
+    branch, which should take `skip` instead: skip has x's values, and its gradient is added to
+    grad_x in the unit's own backward (on the native AMX path in its grad_x pass) rather than by
+    autograd in a pass of its own. Arguments and the first result as bn_relu_conv1x1's."""
+    which, args = _prepared(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, backend)
+    y, s, s2, skip = _WithSkip.apply(*args, bool(training), bool(out_stats), which)
+    return ((y, s, s2) if out_stats else y), skip
