@@ -435,6 +435,16 @@ def test_torch_compile_traces_it_whole():
     assert all(torch.allclose(got_grads[k], grads[k], rtol=1e-6, atol=0) for k in LEAVES)
 
 
+def test_auto_routes_units_by_the_cpu_and_the_skip_branch(monkeypatch):
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "auto")
+    monkeypatch.setattr(conv1x1, "_CPU_COMPUTES_BF16", True)
+    assert conv1x1.cpu_unit_dtypes() == () and conv1x1.cpu_unit_dtypes(with_skip=True) == (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(conv1x1, "_CPU_COMPUTES_BF16", False)
+    assert conv1x1.cpu_unit_dtypes() == conv1x1.cpu_unit_dtypes(with_skip=True) == (torch.float16, torch.bfloat16)
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "off")
+    assert conv1x1.cpu_unit_dtypes(with_skip=True) == ()
+
+
 @needs_native
 def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
     from fasthg.cli import info
@@ -443,7 +453,7 @@ def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
     unit = info.collect()["conv1x1_unit_cpu"]
     kernels = {"float32": torch.ops.fasthg.cpu_gemm_kernel(torch.float32),
                "bfloat16": torch.ops.fasthg.cpu_gemm_kernel(torch.bfloat16)}
-    assert unit == {"gemm_kernel": kernels, "training_dtypes": []}
+    assert unit == {"gemm_kernel": kernels, "training_dtypes": [], "training_dtypes_with_skip": []}
     assert kernels["float32"] in ("avx512", "avx2", "plain") and kernels["bfloat16"] in ("amx", kernels["float32"])
     assert torch.ops.fasthg.cpu_gemm_kernel(torch.float64) == "plain"
     # odd channel counts keep bf16 on the FMA kernels (AMX's K runs in pairs)
@@ -452,7 +462,12 @@ def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
     assert conv1x1.native_gemm_kernel(torch.float32, 256, 128) == kernels["float32"]
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
     text = info.render(info.collect())
-    assert "float32, float16, bfloat16, float64 in it" in text
+    assert "float32, float16, bfloat16, float64 in it, float32, float16, bfloat16, float64 where its input" in text
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "auto")
+    auto = info.collect()["conv1x1_unit_cpu"]
+    # CPUs that compute bf16 route the units with a skip branch (bf16 and float32), the others bf16 and half
+    assert set(auto["training_dtypes"]) <= set(auto["training_dtypes_with_skip"])
+    assert "bfloat16" in auto["training_dtypes_with_skip"]
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "sometimes")
     with pytest.raises(ValueError, match="FASTHG_CPU_CONV1X1 must be one of"):
         info.collect()

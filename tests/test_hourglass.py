@@ -144,6 +144,20 @@ def test_native_conv1x1_unit_model_trains_like_eager_in_float64(memory, monkeypa
 
 
 @pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
+def test_auto_routes_the_first_unit_of_each_residual_module_on_a_cpu_computing_bf16(monkeypatch):
+    """FASTHG_CPU_CONV1X1=auto where the CPU computes bf16: a float32 channels_last model in
+    training runs each residual module's first 1x1 unit (the one whose input feeds the skip
+    branch) in the native unit with the skip, and its last one (whose residual add oneDNN's
+    convolution fuses) not."""
+    calls = _unit_calls(monkeypatch)
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "auto")
+    monkeypatch.setattr(fasthg.ops.conv1x1, "_CPU_COMPUTES_BF16", True)
+    m = small(backend="native").train().to(memory_format=torch.channels_last)
+    m(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)).square().mean().backward()
+    assert calls == ["tee"] * sum(isinstance(r, Residual) for r in m.modules())
+
+
+@pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
 def test_native_conv1x1_unit_model_in_float32_errs_no_more_than_eager(monkeypatch):
     """DESIGN's rule for whole models: in float32 the model with the native 1x1 unit is no
     further from the float64 model than the eager float32 model is (outputs and gradients of

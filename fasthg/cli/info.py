@@ -36,7 +36,9 @@ def collect() -> dict:
     if conv1x1.native_available():
         kernels = {dtype_name(d): torch.ops.fasthg.cpu_gemm_kernel(d) for d in (torch.float32, torch.bfloat16)}
         info["conv1x1_unit_cpu"] = {"gemm_kernel": kernels,
-                                    "training_dtypes": [dtype_name(d) for d in conv1x1.cpu_unit_dtypes()]}
+                                    "training_dtypes": [dtype_name(d) for d in conv1x1.cpu_unit_dtypes()],
+                                    "training_dtypes_with_skip": [dtype_name(d)
+                                                                  for d in conv1x1.cpu_unit_dtypes(with_skip=True)]}
     from fasthg.deploy import runtimes
 
     info["runtimes"] = {name: runtimes.version(name) if runtimes.installed(name) else None
@@ -64,7 +66,9 @@ def render(info: dict) -> str:
         ("conv1x1 unit (CPU)", "not built" if not info.get("conv1x1_unit_cpu") else
          "GEMM " + ", ".join(f"{k} ({d})" for d, k in info["conv1x1_unit_cpu"]["gemm_kernel"].items())
          + '; the models train '
-         f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes"]) or "no dtype"} in it (FASTHG_CPU_CONV1X1)'),
+         f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes"]) or "no dtype"} in it, '
+         f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes_with_skip"]) or "no dtype"} where its input '
+         'also feeds a residual branch (FASTHG_CPU_CONV1X1)'),
         ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
         ("inference runtimes", ", ".join(f"{n} {v or 'not installed'}" for n, v in info.get("runtimes", {}).items())
          + " (fasthg eval/predict --runtime; pip install 'fasthg[deploy]')"),

@@ -45,12 +45,13 @@ class Residual(nn.Module):
             bn, conv = self.body[i], self.body[i + 1]
             # The fused 1x1 unit stores what recompute stores, so on the CPU, where it was
             # measured, it runs in either mode (on a GPU, Triton's in recompute only).
-            if self.memory == "recompute" or (h.device.type == "cpu" and ops.fuses_conv1x1(h, bn, conv, self.backend)):
-                if i == 0 and h.device.type == "cpu":  # (the recomputing unit's skip, as below)
+            cpu = h.device.type == "cpu"
+            if self.memory == "recompute" or (cpu and ops.fuses_conv1x1(h, bn, conv, self.backend, i == 0)):
+                if i == 0 and cpu:  # (the unit's skip, as below)
                     h, skip = ops.bn_relu_conv_with_skip(h, bn, conv, backend=self.backend)
                 else:
                     h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
-            elif i == 0 and h.device.type == "cpu":  # the skip branch's gradient joins the BN-ReLU's backward pass
+            elif i == 0 and cpu:  # the skip branch's gradient joins the BN-ReLU's backward pass
                 y, skip = bn.forward_with_skip(h)
                 h = conv(y)
             elif i == len(self.body) - 2:  # the merge in the convolution's epilogue where it fuses

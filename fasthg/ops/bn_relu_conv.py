@@ -185,17 +185,18 @@ def _fused_conv1x1(which, x, bn, convs, group, tee=False):
     return outs[0] if tee else outs
 
 
-def _fuses_conv1x1(which, x, convs, group) -> bool:
+def _fuses_conv1x1(which, x, convs, group, with_skip=False) -> bool:
     """Whether backend `which` runs these convolutions in bn_relu_conv1x1: every one 1x1 and
     in x's dtype (or autocast's, where that is x's: the unit casts the weight, as autocast
     would), the BN not synced (the kernels' backward reduces over the local batch only); on
     the CPU, one convolution, x channels_last (the kernels' layout: NCHW would cost a
-    conversion each way) in one of fasthg.ops.conv1x1.cpu_unit_dtypes(), and the native unit
-    built; Triton where it runs."""
+    conversion each way) in one of fasthg.ops.conv1x1.cpu_unit_dtypes(with_skip) (with_skip:
+    x also feeds a residual branch, bn_relu_conv_with_skip), and the native unit built; Triton
+    where it runs."""
     if which == "native":
         # one convolution per unit (several would each recompute the activation and run the
         # BN's backward), in the dtypes where the unit pays (cpu_unit_dtypes)
-        if not (x.device.type == "cpu" and len(convs) == 1 and x.dtype in _conv1x1.cpu_unit_dtypes()
+        if not (x.device.type == "cpu" and len(convs) == 1 and x.dtype in _conv1x1.cpu_unit_dtypes(with_skip)
                 and _conv1x1.native_available() and x.is_contiguous(memory_format=torch.channels_last)):
             return False
     elif which != "triton" or not all(conv.weight.dtype == x.dtype for conv in convs):
@@ -206,23 +207,24 @@ def _fuses_conv1x1(which, x, convs, group) -> bool:
                for conv in convs)
 
 
-def _unit(which, x, bn, convs, group):
+def _unit(which, x, bn, convs, group, with_skip=False):
     """The implementation that runs the training unit on concrete backend `which`: the one
     place where a backend picks its kernels. 1x1 convolutions go to the fused unit where
     _fuses_conv1x1 says so; the rest recomputes around the stock convolution."""
     if which == "eager":
         return _stored
-    if _fuses_conv1x1(which, x, convs, group):
+    if _fuses_conv1x1(which, x, convs, group, with_skip):
         return _fused_conv1x1
     return _recompute
 
 
-def fuses_conv1x1(x, bn, conv, backend="auto") -> bool:
-    """Whether bn_relu_conv(x, bn, conv, backend) runs bn_relu_conv1x1's fused kernels in
-    training (the models use it to route their 1x1 units there in either memory mode)."""
+def fuses_conv1x1(x, bn, conv, backend="auto", with_skip=False) -> bool:
+    """Whether bn_relu_conv(x, bn, conv, backend) (with_skip: bn_relu_conv_with_skip) runs
+    bn_relu_conv1x1's fused kernels in training (the models use it to route their 1x1 units
+    there in either memory mode)."""
     if not (bn.training and torch.is_grad_enabled()) or getattr(bn, "sync", False):
         return False
-    return _fuses_conv1x1(_backend.resolve(backend, "bn_relu", x), x, (conv,), None)
+    return _fuses_conv1x1(_backend.resolve(backend, "bn_relu", x), x, (conv,), None, with_skip)
 
 
 def _checked(x, bn, convs, backend):
@@ -258,7 +260,7 @@ def bn_relu_conv_with_skip(x, bn, conv, backend="auto"):
     (fasthg.ops.bn_relu_with_skip's, for this unit), the fused 1x1 unit's grad_x pass. Where
     nothing is saved for backward, or eager runs, skip is x."""
     which, group = _checked(x, bn, (conv,), backend)
-    impl = _unit(which, x, bn, (conv,), group)
+    impl = _unit(which, x, bn, (conv,), group, with_skip=True)
     if not (x.requires_grad and bn.training and torch.is_grad_enabled()) or impl is _stored:
         return bn_relu_conv(x, bn, conv, backend), x
     out, skip = impl(which, x, bn, (conv,), group, tee=True)

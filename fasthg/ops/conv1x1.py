@@ -84,17 +84,17 @@ CPU_UNIT_CHOICES = ("auto", "all", "off")
 _CPU_COMPUTES_BF16 = cpu_computes_bf16()  # probed once, not inside a graph torch.compile traces
 
 
-def cpu_unit_dtypes() -> tuple:
+def cpu_unit_dtypes(with_skip: bool = False) -> tuple:
     """The activation dtypes whose 1x1 BN-ReLU-conv units training runs in the native CPU unit
     (fasthg.ops.fuses_conv1x1), by FASTHG_CPU_CONV1X1: "auto" (the default) where it was
     measured to win: bfloat16 and float16 on CPUs without bfloat16 instructions, whose oneDNN
     convolutions convert to float32 and run 1.3-3.6x slower than the unit (benchmarks/results/
     HISTORY.md). On AMX or AVX512_BF16 CPUs oneDNN computes bfloat16 natively; there the unit's
-    bfloat16 GEMMs run on AMX too (native_gemm_kernel), 1.1-1.5x the unfused unit alone, but in
-    the hg2 training step at parity with BN-ReLU and fasthg.nn.Conv2d's AMX backward (the
-    unit's own statistics pass over x, and the residual add oneDNN's convolution fuses and it
-    does not), as is float32 (within the step's noise), so neither is routed.
-    "all": every dtype; "off": none."""
+    bfloat16 GEMMs run on AMX too (native_gemm_kernel), and it wins (bfloat16 and float32) where
+    its input also feeds a residual branch (with_skip: a residual module's first unit, whose
+    skip gradient it adds in its own grad_x pass); a unit without one (the module's last, whose
+    residual add oneDNN's convolution fuses and the unit does not) is at parity in the hg2 step
+    and is not routed. "all": every dtype, every unit; "off": none."""
     choice = os.environ.get("FASTHG_CPU_CONV1X1", "auto")
     if choice not in CPU_UNIT_CHOICES:
         raise ValueError(f"FASTHG_CPU_CONV1X1 must be one of {CPU_UNIT_CHOICES}, got {choice!r}")
@@ -102,7 +102,9 @@ def cpu_unit_dtypes() -> tuple:
         return ()
     if choice == "all":
         return (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    return () if _CPU_COMPUTES_BF16 else (torch.float16, torch.bfloat16)
+    if _CPU_COMPUTES_BF16:
+        return (torch.float32, torch.bfloat16) if with_skip else ()
+    return (torch.float16, torch.bfloat16)
 
 
 def resolve(backend: str, x) -> str:
