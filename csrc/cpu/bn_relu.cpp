@@ -28,6 +28,7 @@
 #endif
 
 #include "../bn_relu.h"
+#include "bn_relu_cpu.h"
 #include "channel_passes.h"
 #include "vec8.h"
 #include "bn_relu_vec8.h"
@@ -550,20 +551,31 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
   return {sum_g, sum_gx};
 }
 
-at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                                      const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  const auto a = prepare("bn_relu_backward_elemt", x,
+at::Tensor backward_elemt(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                          const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& mean_g, const at::Tensor& mean_gx, const at::Tensor* grad_skip) {
+  const auto a = prepare(op, x,
                          {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias,
                           .mean_g = &mean_g, .mean_gx = &mean_gx});
+  at::Tensor skip;
+  if (grad_skip) {
+    check_same_as_x(op, "grad_skip", *grad_skip, x);
+    skip = grad_skip->contiguous(a.fmt);
+  }
   auto dx = a.like_x();
   FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_elemt_kernel(in<scalar_t>(a.dy), in<scalar_t>(a.x), out<scalar_t>(dx), a.v, in<acc_t>(a.mean),
                           in<acc_t>(a.invstd), in<acc_t>(a.weight), in<acc_t>(a.bias), in<acc_t>(a.mean_g),
-                          in<acc_t>(a.mean_gx));
+                          in<acc_t>(a.mean_gx), grad_skip ? in<scalar_t>(skip) : nullptr);
   });
   return dx;
+}
+
+at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& mean_g, const at::Tensor& mean_gx) {
+  return backward_elemt("bn_relu_backward_elemt", grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cpu(
@@ -622,6 +634,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tenso
 }
 
 }  // namespace
+
+at::Tensor bn_relu_backward_elemt_skip_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                           const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                           const at::Tensor& mean_g, const at::Tensor& mean_gx,
+                                           const at::Tensor& grad_skip) {
+  return backward_elemt("bn_relu_backward_elemt", grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx,
+                        &grad_skip);
+}
 
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("bn_relu_stats", &bn_relu_stats_cpu);

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../bn_relu.h"
+#include "bn_relu_cpu.h"
 #include "aligned_buffer.h"
 #include "bf16_rows.h"
 #include "bn_relu_vec8.h"
@@ -599,10 +600,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                           .findSchemaOrThrow("fasthg::bn_relu_backward_elemt", "")
                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  at::Tensor grad_x = elemt.call(g, xc, m, s, w, b, mean_g, mean_gx);
-  // (a pass of its own here: bn_relu_backward_elemt takes no skip; the AMX path adds it in
-  // its grad_x pass)
-  if (grad_skip) grad_x.add_(skip);
+  at::Tensor grad_x = grad_skip ? bn_relu_backward_elemt_skip_cpu(g, xc, m, s, w, b, mean_g, mean_gx, skip)
+                               : elemt.call(g, xc, m, s, w, b, mean_g, mean_gx);
   return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
 }
 
