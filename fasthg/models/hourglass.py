@@ -20,7 +20,7 @@ class Residual(nn.Module):
     state_dict), which recomputes relu(bn(x)) in the backward instead of storing it. On the
     CPU, in either mode, a 1x1 pair that fasthg.ops.bn_relu_conv1x1 runs fused in training
     (the native unit, channels_last, the dtypes of FASTHG_CPU_CONV1X1) goes there
-    (fasthg.ops.fuses_conv1x1). On the CPU the first BN-ReLU (or recomputing unit) takes the
+    (fasthg.ops.fuses_conv1x1). On the CPU the first BN-ReLU (or recomputing or fused unit) takes the
     input for both branches (BNReLU.forward_with_skip, ops.bn_relu_conv_with_skip), so that in
     native training the skip branch's gradient is added in that BN-ReLU's backward pass rather
     than in one of autograd's own, and the last convolution adds the skip branch in its
