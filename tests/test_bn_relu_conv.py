@@ -460,20 +460,25 @@ def test_recompute_model_compiles_fullgraph():
         assert torch.equal(a, b)
 
 
-def test_recompute_model_saves_less_for_backward():
+def test_recompute_model_saves_less_for_backward(monkeypatch):
     """The BN-ReLU-conv units keep 2C instead of 4C per pixel: the whole forward at least a
-    third less here. The eager backend stores everything in either mode; the native pools keep
-    no indices in either (fasthg.ops.max_pool2x2)."""
+    third less here than the default model without the fused 1x1 unit (FASTHG_CPU_CONV1X1=off),
+    which stores what recompute stores, so that the default model with the units `auto` routes
+    saves no more than without. The eager backend stores everything in either mode; the native
+    pools keep no indices in either (fasthg.ops.max_pool2x2)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     saved = {}
-    for backend, memory in (("native", "default"), ("native", "recompute"), ("eager", "default"),
-                            ("eager", "recompute")):
+    for backend, memory, units in (("native", "default", "off"), ("native", "recompute", "off"),
+                                   ("native", "default", "auto"), ("eager", "default", "auto"),
+                                   ("eager", "recompute", "auto")):
+        monkeypatch.setenv("FASTHG_CPU_CONV1X1", units)
         m = small(backend=backend, memory=memory, num_features=32)
-        saved[backend, memory] = saved_activation_bytes(lambda: m(x), m.parameters())
-    assert saved["native", "recompute"] < 0.67 * saved["native", "default"]
-    assert saved["eager", "recompute"] == saved["eager", "default"]
-    assert saved["native", "default"] < saved["eager", "default"]
+        saved[backend, memory, units] = saved_activation_bytes(lambda: m(x), m.parameters())
+    assert saved["native", "recompute", "off"] < 0.67 * saved["native", "default", "off"]
+    assert saved["native", "default", "auto"] <= saved["native", "default", "off"]
+    assert saved["eager", "recompute", "auto"] == saved["eager", "default", "auto"]
+    assert saved["native", "default", "auto"] < saved["eager", "default", "auto"]
 
 
 def test_checkpoint_of_a_default_model_loads_into_a_recompute_model(tmp_path):
