@@ -202,12 +202,12 @@ class _WithSkip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats, which):
-        y, s, s2 = _OPS[which]()(x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats)
-        ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, conv_weight)
-        ctx.training, ctx.which = training, which
-        ctx.mark_non_differentiable(s, s2)
+        inputs = (x, mean, invstd, bn_weight, bn_bias, conv_weight, conv_bias, training, out_stats)
+        out = _OPS[which]()(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.which = which
         ctx.set_materialize_grads(False)
-        return y, s, s2, x
+        return (*out, x)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_sum, _grad_sumsq, grad_skip):
