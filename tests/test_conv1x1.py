@@ -462,12 +462,15 @@ def test_fasthg_info_names_the_gemm_kernel_and_the_routed_dtypes(monkeypatch):
     assert conv1x1.native_gemm_kernel(torch.float32, 256, 128) == kernels["float32"]
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
     text = info.render(info.collect())
-    assert "float32, float16, bfloat16, float64 in it, float32, float16, bfloat16, float64 where its input" in text
+    assert "train float32, float16, bfloat16, float64 in it (FASTHG_CPU_CONV1X1)" in text
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "auto")
     auto = info.collect()["conv1x1_unit_cpu"]
     # CPUs that compute bf16 route the units with a skip branch (bf16 and float32), the others bf16 and half
     assert set(auto["training_dtypes"]) <= set(auto["training_dtypes_with_skip"])
     assert "bfloat16" in auto["training_dtypes_with_skip"]
+    monkeypatch.setattr(conv1x1, "_CPU_COMPUTES_BF16", True)
+    assert ("train float32, bfloat16 in it where its input also feeds a residual branch, no dtype elsewhere"
+            in info.render(info.collect()))
     monkeypatch.setenv("FASTHG_CPU_CONV1X1", "sometimes")
     with pytest.raises(ValueError, match="FASTHG_CPU_CONV1X1 must be one of"):
         info.collect()

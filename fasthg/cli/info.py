@@ -53,6 +53,14 @@ def collect() -> dict:
     return info
 
 
+def _routed(unit: dict) -> str:
+    """Which dtypes the models train in the conv1x1 unit, in words."""
+    every, with_skip = (", ".join(unit[k]) or "no dtype" for k in ("training_dtypes", "training_dtypes_with_skip"))
+    if every == with_skip:
+        return f"{every} in it"
+    return f"{with_skip} in it where its input also feeds a residual branch, {every} elsewhere"
+
+
 def render(info: dict) -> str:
     rows = [
         ("fasthg", info["fasthg"]),
@@ -65,10 +73,7 @@ def render(info: dict) -> str:
         ("CPU threads", info["cpu_threads"]),
         ("conv1x1 unit (CPU)", "not built" if not info.get("conv1x1_unit_cpu") else
          "GEMM " + ", ".join(f"{k} ({d})" for d, k in info["conv1x1_unit_cpu"]["gemm_kernel"].items())
-         + '; the models train '
-         f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes"]) or "no dtype"} in it, '
-         f'{", ".join(info["conv1x1_unit_cpu"]["training_dtypes_with_skip"]) or "no dtype"} where its input '
-         'also feeds a residual branch (FASTHG_CPU_CONV1X1)'),
+         + f'; the models train {_routed(info["conv1x1_unit_cpu"])} (FASTHG_CPU_CONV1X1)'),
         ("CUDA devices", ", ".join(info["cuda_devices"]) or "none visible"),
         ("inference runtimes", ", ".join(f"{n} {v or 'not installed'}" for n, v in info.get("runtimes", {}).items())
          + " (fasthg eval/predict --runtime; pip install 'fasthg[deploy]')"),
