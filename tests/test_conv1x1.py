@@ -350,7 +350,7 @@ def test_native_backward_refuses_a_bad_grad_skip():
     _, t = make_inputs(SHAPES[0], torch.float32, "cpu", torch.channels_last)
     args = (t["gy"], t["x"], t["mean"], t["invstd"], t["bn_w"], t["bn_b"], t["conv_w"], True)
     for bad in (t["x"][:, :2], t["x"].double()):
-        with pytest.raises(RuntimeError, match="`grad_skip` must be like `x`"):
+        with pytest.raises(RuntimeError, match="bn_relu_conv1x1_backward: `grad_skip` must match `x`"):
             conv1x1._native_backward_op(*args, bad)
 
 

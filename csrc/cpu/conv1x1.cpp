@@ -568,11 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                   grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               kBwd, ": `grad_y` must be [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), "] ",
               x.scalar_type(), " on ", x.device(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
-  if (grad_skip)
-    TORCH_CHECK(grad_skip->sizes() == x.sizes() && grad_skip->scalar_type() == x.scalar_type() &&
-                    grad_skip->device() == x.device(),
-                kBwd, ": `grad_skip` must be like `x` (", x.sizes(), " ", x.scalar_type(), " on ", x.device(), "), got ",
-                grad_skip->sizes(), " ", grad_skip->scalar_type(), " on ", grad_skip->device());
+  if (grad_skip) check_same_as_x(kBwd, "grad_skip", *grad_skip, x);
   const at::Tensor xc = nhwc(x), gyc = nhwc(grad_y);
   const at::Tensor skip = grad_skip ? nhwc(*grad_skip) : at::Tensor();
   const auto popts = mean.options();
