@@ -551,9 +551,13 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(
   return {sum_g, sum_gx};
 }
 
-at::Tensor backward_elemt(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                          const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                          const at::Tensor& mean_g, const at::Tensor& mean_gx, const at::Tensor* grad_skip) {
+}  // namespace
+
+at::Tensor bn_relu_backward_elemt_skip_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                           const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                           const at::Tensor& mean_g, const at::Tensor& mean_gx,
+                                           const at::Tensor* grad_skip) {
+  const char* op = "bn_relu_backward_elemt";
   const auto a = prepare(op, x,
                          {.grad_out = &grad_out, .mean = &mean, .invstd = &invstd, .weight = &weight, .bias = &bias,
                           .mean_g = &mean_g, .mean_gx = &mean_gx});
@@ -572,10 +576,12 @@ at::Tensor backward_elemt(const char* op, const at::Tensor& grad_out, const at::
   return dx;
 }
 
+namespace {
+
 at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                       const at::Tensor& mean_g, const at::Tensor& mean_gx) {
-  return backward_elemt("bn_relu_backward_elemt", grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx, nullptr);
+  return bn_relu_backward_elemt_skip_cpu(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cpu(
@@ -634,14 +640,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tenso
 }
 
 }  // namespace
-
-at::Tensor bn_relu_backward_elemt_skip_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                                           const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                                           const at::Tensor& mean_g, const at::Tensor& mean_gx,
-                                           const at::Tensor& grad_skip) {
-  return backward_elemt("bn_relu_backward_elemt", grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx,
-                        &grad_skip);
-}
 
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("bn_relu_stats", &bn_relu_stats_cpu);

@@ -14,7 +14,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
@@ -592,12 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const double count = static_cast<double>(x.numel() / c);
   const at::Tensor mean_g = training ? sum_g.div(count) : at::zeros({c}, popts);
   const at::Tensor mean_gx = training ? sum_gx.div(count) : at::zeros({c}, popts);
-  static auto elemt = c10::Dispatcher::singleton()
-                          .findSchemaOrThrow("fasthg::bn_relu_backward_elemt", "")
-                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  at::Tensor grad_x = grad_skip ? bn_relu_backward_elemt_skip_cpu(g, xc, m, s, w, b, mean_g, mean_gx, skip)
-                               : elemt.call(g, xc, m, s, w, b, mean_g, mean_gx);
+  at::Tensor grad_x = bn_relu_backward_elemt_skip_cpu(g, xc, m, s, w, b, mean_g, mean_gx, grad_skip ? &skip : nullptr);
   return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
 }
 
