@@ -53,6 +53,13 @@ TORCH_LIBRARY(fasthg, m) {
   // Training with autograd (CPU and CUDA): y, mean and (biased) var of bn_relu_train_forward, its
   // backward bn_relu_train_backward (csrc/autograd/bn_relu.cpp)
   m.def("bn_relu_train(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor var)");
+  // The same two with the statistics from x's per-channel sum and sum of squares (float32,
+  // float64 for float64 x; the conv1x1 unit's out_stats) instead of a pass over x: mean and
+  // var = E[x^2] - mean^2 in double, the pass after all where that cancels (CPU)
+  m.def("bn_relu_train_forward_sums(Tensor x, Tensor sum, Tensor sum_sq, Tensor weight, Tensor bias, float eps) -> "
+        "(Tensor y, Tensor mean, Tensor var, Tensor invstd)");
+  m.def("bn_relu_train_sums(Tensor x, Tensor sum, Tensor sum_sq, Tensor weight, Tensor bias, float eps) -> "
+        "(Tensor y, Tensor mean, Tensor var)");
 
   // Fused BatchNorm+add+ReLU, a residual block's end; statistics from bn_relu_stats.
   // y = max(0, (x - mean) * invstd * weight + bias + residual), residual like x

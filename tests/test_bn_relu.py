@@ -75,6 +75,133 @@ def test_native_cpu_nhwc_chunks_and_threads(dtype, shape, poison):
     test_training_forward_backward_and_running_stats("cpu", "native", dtype, torch.channels_last, shape, poison)
 
 
+def channel_sums(x, dtype=None):
+    """x's per-channel (sum, sum of squares), summed in float64, in the statistics' dtype (as
+    the conv1x1 unit's out_stats gives them)."""
+    x64 = x.detach().double()
+    p = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x64.sum((0, 2, 3)).to(p), x64.square().sum((0, 2, 3)).to(p)
+
+
+def native_cpu():
+    if "native" not in fasthg.ops.available("cpu", "bn_relu"):
+        pytest.skip("native unavailable")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_cpu_statistics_from_sums(dtype, layout, shape, poison):
+    """bn_relu(sums=x's sums) in native CPU training: y, the running statistics and the
+    gradients of x, weight and bias as the float64 reference's (the BN's backward takes the
+    gradient through the statistics; the sums get none)."""
+    native_cpu()
+    c = shape[1]
+    x64, x = make_x(shape, dtype, "cpu", layout, seed=4)
+    g = torch.Generator().manual_seed(5)
+    w64, b64 = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64)
+    rm64, rv64 = torch.randn(c, dtype=torch.float64, generator=g), torch.rand(c, dtype=torch.float64, generator=g) + 0.5
+    p = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = w64.to(p).requires_grad_(), b64.to(p).requires_grad_()
+    rm, rv = rm64.to(p), rv64.to(p)
+    sums = channel_sums(x)
+    for t in (x, x64, w64, b64):
+        t.requires_grad_(True)
+    y = ops.bn_relu(x, w, b, rm, rv, training=True, backend="native", sums=sums)
+    ref = reference(x64, w64, b64, rm64, rv64, True)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+    assert rel_err(y, ref) < TOL[dtype]
+    assert rel_err(rm, rm64) < 1e-6 and rel_err(rv, rv64) < 1e-6
+    gy = torch.randn(shape, dtype=torch.float64, generator=g).to(dtype).contiguous(memory_format=layout)
+    got = torch.autograd.grad(y, (x, w, b), gy)
+    want = torch.autograd.grad(ref, (x64, w64, b64), gy.double())
+    assert not got[0].isnan().any()
+    for a, e in zip(got, want):
+        assert rel_err(a, e) < max(TOL[dtype], 1e-5)
+
+
+def test_native_cpu_sums_are_what_the_statistics_come_from():
+    """The statistics are the sums' (those of another tensor give that tensor's), and the
+    running statistics follow them: the op does not pass over x for them."""
+    native_cpu()
+    _, x = make_x((3, 6, 5, 7), torch.float32, "cpu", torch.channels_last, seed=1)
+    other = x * 3 + 1
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    rm, rv, rm2, rv2 = torch.zeros(6), torch.ones(6), torch.zeros(6), torch.ones(6)
+    y = ops.bn_relu(x, w, b, rm, rv, training=True, backend="native", sums=channel_sums(other))
+    ops.bn_relu(other, w, b, rm2, rv2, training=True, backend="native")
+    mean, var = other.double().mean((0, 2, 3)), other.double().var((0, 2, 3), unbiased=False)
+    want = torch.relu((x.double() - mean[None, :, None, None]) / (var[None, :, None, None] + 1e-5).sqrt()
+                      * w.double()[None, :, None, None] + b.double()[None, :, None, None])
+    assert rel_err(y, want) < 1e-6
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+
+
+@pytest.mark.parametrize("case", ["offset", "constant", "nan"])
+def test_native_cpu_sums_that_cancel_take_the_pass_over_x(case, poison):
+    """Where E[x^2] - mean^2 from float32 sums would lose the variance (a mean 1e3 standard
+    deviations out; a constant channel) or the sums are not finite, the statistics come from
+    the pass over x after all: the result is bn_relu's without sums, bit for bit."""
+    native_cpu()
+    _, x = make_x((2, 5, 6, 7), torch.float32, "cpu", torch.channels_last, seed=2)
+    if case == "offset":
+        x[:, 2] += 1e3
+    elif case == "constant":
+        x[:, 3] = 0.75
+    sums = channel_sums(x)
+    if case == "nan":
+        sums[1][4] = float("nan")
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    y = ops.bn_relu(x, w, b, training=True, backend="native", sums=sums)
+    assert torch.equal(y, ops.bn_relu(x, w, b, training=True, backend="native"))
+    if case == "offset":  # (what the sums alone would have given: far off)
+        mean = sums[0].double() / 84
+        var = sums[1].double() / 84 - mean * mean
+        assert rel_err(var[2], x[:, 2].double().var(unbiased=False)) > 1e-4
+
+
+def test_native_cpu_sums_gradcheck_float64():
+    """gradcheck with the sums computed from x inside the function, as a unit computes them
+    from what it writes: the numerical gradient moves them with x."""
+    native_cpu()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
+    b = torch.randn(3, dtype=torch.float64, generator=g) * 0.1
+    f = lambda x, w, b: ops.bn_relu(x, w, b, backend="native", sums=(x.sum((0, 2, 3)), x.square().sum((0, 2, 3))))  # noqa: E731
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (x, w, b)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_native_cpu_sums_opcheck(layout):
+    native_cpu()
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=layout)
+    s, s2 = channel_sums(x)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    torch.library.opcheck(torch.ops.fasthg.bn_relu_train_forward_sums, (x, s, s2, w, b, 1e-5))
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.fasthg.bn_relu_train_sums, (x.clone().requires_grad_(), s, s2, wg, bg, 1e-5))
+    torch.library.opcheck(torch.ops.fasthg.bn_relu_train_sums, (x, s, s2, wg, bg, 1e-5))
+
+
+def test_bad_sums_are_a_clear_error():
+    x = torch.randn(2, 3, 4, 4)
+    good = channel_sums(x)
+    for sums, message in [(good[0], "`sums` must be a pair of tensors"),
+                          ((good[0], good[1][:2]), r"`sums` must be two \(3,\) torch.float32 tensors"),
+                          ((good[0].double(), good[1]), "`sums` must be two"),
+                          ((good[0], None), "`sums` must be a pair of tensors")]:
+        with pytest.raises(ValueError, match=message):
+            ops.bn_relu(x, sums=sums)
+    native_cpu()
+    w, b = torch.ones(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="`sum_sq` must be a 1-D tensor of 3"):
+        torch.ops.fasthg.bn_relu_train_forward_sums(x, good[0], good[1][:2], w, b, 1e-5)
+    with pytest.raises(RuntimeError, match="`sum` must be Float"):
+        torch.ops.fasthg.bn_relu_train_sums(x, good[0].double(), good[1], w, b, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_native_cpu_half_precision_rounds_as_float(dtype, layout, poison):

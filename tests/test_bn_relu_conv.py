@@ -194,6 +194,33 @@ def test_with_skip_runs_the_skip_backward_in_the_fused_unit(dtype, monkeypatch, 
     assert not gx.isnan().any() and rel_err(gx, want + gs.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
+@pytest.mark.parametrize("case", ["bf16", "fp16", "float32", "nchw", "eager", "eval"])
+def test_with_skip_out_stats_gives_the_outputs_sums_where_the_bf16_unit_runs(case, monkeypatch, poison):
+    """out_stats=True: ((out, sums), skip), sums the output's per-channel sum and sum of squares
+    (float32, from the fused unit's epilogue) where the native unit runs fused in bf16 or fp16;
+    None elsewhere (float32 keeps eager's double-summed statistics; NCHW and eager do not fuse;
+    eval saves nothing). The output is the one without out_stats."""
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case, torch.float32)
+    torch.manual_seed(0)
+    bn, conv = BNReLU(16).to(dtype), nn.Conv2d(16, 8, 1).to(dtype)
+    fmt = torch.contiguous_format if case == "nchw" else torch.channels_last
+    x = torch.randn(2, 16, 5, 7, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    backend = "eager" if case == "eager" else "native"
+    if case == "eval":
+        bn.eval()
+    (out, sums), skip = ops.bn_relu_conv_with_skip(x, bn, conv, backend=backend, out_stats=True)
+    plain, _ = ops.bn_relu_conv_with_skip(x, copy.deepcopy(bn).train(case != "eval"), conv, backend=backend)
+    assert torch.equal(out, plain) and torch.equal(skip, x)
+    if case not in ("bf16", "fp16"):
+        assert sums is None
+        return
+    o64 = out.detach().double()
+    assert sums[0].dtype == sums[1].dtype == torch.float32 and not sums[0].requires_grad
+    assert rel_err(sums[0], o64.sum((0, 2, 3))) < 1e-6 and rel_err(sums[1], o64.square().sum((0, 2, 3))) < 1e-6
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_unit_saves_x_and_statistics_only(backend):
     """Recomputing backends keep x (and per-channel vectors), not relu(bn(x)); eager stores it."""

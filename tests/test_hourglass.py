@@ -144,6 +144,38 @@ def test_native_conv1x1_unit_model_trains_like_eager_in_float64(memory, monkeypa
 
 
 @pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
+@pytest.mark.parametrize("memory", ["default", "recompute"])
+def test_bf16_first_units_feed_their_sums_to_the_next_bn(memory, monkeypatch):
+    """Under bf16 autocast each residual module's first unit (fused) hands its output's sums to
+    the next BN-ReLU, which takes its statistics from them (bn_relu_train_sums; in recompute,
+    the recomputing unit's bn_relu_train_forward_sums): a training step's output, gradients and
+    running statistics as without the sums, to bf16's rounding."""
+    monkeypatch.setenv("FASTHG_CPU_CONV1X1", "all")
+    name = "bn_relu_train_sums" if memory == "default" else "bn_relu_train_forward_sums"
+    calls = []
+    real = getattr(torch.ops.fasthg, name)
+    monkeypatch.setattr(torch.ops.fasthg, name, lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    start = small(backend="native", memory=memory).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    results = []
+    for feed in (True, False):
+        if not feed:
+            monkeypatch.setattr(sys.modules["fasthg.ops.bn_relu_conv"], "_SUMS_DTYPES", ())
+        m = copy.deepcopy(start)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        out.float().square().mean().backward()
+        results.append((out, torch.cat([p.grad.flatten() for p in m.parameters()]),
+                        torch.cat([b.float().flatten() for b in m.buffers()])))
+        if feed:
+            assert len(calls) == sum(isinstance(r, Residual) for r in m.modules())
+    (out, grads, bufs), (out0, grads0, bufs0) = results
+    assert len(calls) == sum(isinstance(r, Residual) for r in start.modules())  # (none without the feed)
+    assert rel_err(out, out0) < 1e-2 and rel_err(grads, grads0) < 1e-3 and rel_err(bufs, bufs0) < 1e-5
+
+
+@pytest.mark.skipif(not fasthg.ops.conv1x1.native_available(), reason="the extension is not built")
 def test_auto_routes_the_first_unit_of_each_residual_module_on_a_cpu_computing_bf16(monkeypatch):
     """FASTHG_CPU_CONV1X1=auto where the CPU computes bf16: a float32 channels_last model in
     training runs each residual module's first 1x1 unit (the one whose input feeds the skip

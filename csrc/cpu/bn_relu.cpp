@@ -450,6 +450,30 @@ void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const a
   forward_kernel(x, y, v, mean, invstd, w, b);
 }
 
+// Where E[x^2] - mean^2 keeps less than this share of E[x^2] (a mean large against the
+// spread), the float32 sums' rounding (~1e-7 of E[x^2]) would reach 1e-4 of the variance:
+// the statistics come from the pass over x instead.
+constexpr double kSumsCancel = 1e-3;
+
+// train_forward_kernel with the statistics from x's per-channel sum and sum of squares (the
+// conv1x1 unit takes them as it writes x), in double: no statistics pass over x unless a
+// channel cancels (kSumsCancel) or its sums are not finite.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void train_forward_sums_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* sum, const acc_t* sum_sq,
+                               const acc_t* w, const acc_t* b, double eps, acc_t* mean, acc_t* var, acc_t* invstd) {
+  const double n = static_cast<double>(v.outer * v.inner);
+  bool pass = false;
+  for (int64_t c = 0; c < v.C; ++c) {
+    const double m = static_cast<double>(sum[c]) / n, e2 = static_cast<double>(sum_sq[c]) / n, d = e2 - m * m;
+    pass |= !(d >= kSumsCancel * e2) || !std::isfinite(e2);  // (NaN sums included)
+    mean[c] = static_cast<acc_t>(m);
+    var[c] = static_cast<acc_t>(d);
+  }
+  if (pass) stats_kernel(x, v, mean, var);
+  for (int64_t c = 0; c < v.C; ++c) invstd[c] = bn_relu_invstd(var[c], static_cast<acc_t>(eps));
+  forward_kernel(x, y, v, mean, invstd, w, b);
+}
+
 // backward_reduce_kernel, then backward_elemt_kernel with mean_g = sum_g / count and
 // mean_gx = sum_gx / count (training: the statistics depend on x); skip as grad_plane's.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -597,6 +621,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward
   return {y, mean, var, invstd};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_sums_cpu(
+    const at::Tensor& x, const at::Tensor& sum, const at::Tensor& sum_sq, const at::Tensor& weight,
+    const at::Tensor& bias, double eps) {
+  const char* op = "bn_relu_train_forward_sums";
+  const auto a = prepare(op, x, {.weight = &weight, .bias = &bias});
+  check_bn_relu_channel(op, "sum", sum, x);
+  check_bn_relu_channel(op, "sum_sq", sum_sq, x);
+  auto y = a.like_x();
+  auto mean = a.per_channel(), var = a.per_channel(), invstd = a.per_channel();
+  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_train_forward_sums_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    train_forward_sums_kernel(in<scalar_t>(a.x), out<scalar_t>(y), a.v, in<acc_t>(sum.contiguous()),
+                              in<acc_t>(sum_sq.contiguous()), in<acc_t>(a.weight), in<acc_t>(a.bias), eps,
+                              out<acc_t>(mean), out<acc_t>(var), out<acc_t>(invstd));
+  });
+  return {y, mean, var, invstd};
+}
+
 // bn_relu_train_backward, and with grad_skip (not null) bn_relu_train_backward_skip.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward(const char* op, const at::Tensor& grad_out,
                                                               const at::Tensor& x, const at::Tensor& mean,
@@ -639,6 +681,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_cpu(const at::Tenso
   return {y, mean, var};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_sums_cpu(const at::Tensor& x, const at::Tensor& sum,
+                                                                      const at::Tensor& sum_sq, const at::Tensor& weight,
+                                                                      const at::Tensor& bias, double eps) {
+  auto [y, mean, var, invstd] = bn_relu_train_forward_sums_cpu(x, sum, sum_sq, weight, bias, eps);
+  return {y, mean, var};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
@@ -651,6 +700,8 @@ TORCH_LIBRARY_IMPL(fasthg, CPU, m) {
   m.impl("bn_relu_train_backward", &bn_relu_train_backward_cpu);
   m.impl("bn_relu_train_backward_skip", &bn_relu_train_backward_skip_cpu);
   m.impl("bn_relu_train", &bn_relu_train_cpu);
+  m.impl("bn_relu_train_forward_sums", &bn_relu_train_forward_sums_cpu);
+  m.impl("bn_relu_train_sums", &bn_relu_train_sums_cpu);
 }
 
 }  // namespace fasthg

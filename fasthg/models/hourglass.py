@@ -13,6 +13,11 @@ from fasthg.nn import BNReLU, Conv2d, MaxPool2x2
 MEMORY = ("default", "recompute")
 
 
+def _bn(bn, h, sums):
+    """bn(h), with h's sums where a unit gave them (BNReLU's `sums`)."""
+    return bn(h) if sums is None else bn(h, sums=sums)
+
+
 class Residual(nn.Module):
     """BN-ReLU-conv1x1(C/2) -> BN-ReLU-conv3x3(C/2) -> BN-ReLU-conv1x1(C), plus the input
     (through a 1x1 conv when the channel counts differ). Paper Fig. 4. memory="recompute"
@@ -24,7 +29,9 @@ class Residual(nn.Module):
     input for both branches (BNReLU.forward_with_skip, ops.bn_relu_conv_with_skip), so that in
     native training the skip branch's gradient is added in that BN-ReLU's backward pass rather
     than in one of autograd's own, and the last convolution adds the skip branch in its
-    epilogue (fasthg.ops.conv_add; not in recompute, whose last unit adds after it). Its
+    epilogue (fasthg.ops.conv_add; not in recompute, whose last unit adds after it). A fused
+    first unit in bf16 also hands its output's per-channel sums to the next BN-ReLU, which
+    takes its statistics from them instead of a pass over that output. Its
     convolutions are fasthg.nn.Conv2d: nn.Conv2d with fasthg's backward in bf16 training on AMX
     CPUs (fasthg.ops.conv2d)."""
 
@@ -41,23 +48,25 @@ class Residual(nn.Module):
 
     def forward(self, x):
         h = skip = x
+        sums = None  # h's per-channel sums, where the unit that wrote h took them
         for i in range(0, len(self.body), 2):
             bn, conv = self.body[i], self.body[i + 1]
             # The fused 1x1 unit stores what recompute stores, so on the CPU, where it was
             # measured, it runs in either mode (on a GPU, Triton's in recompute only).
             cpu = h.device.type == "cpu"
             if self.memory == "recompute" or (cpu and ops.fuses_conv1x1(h, bn, conv, self.backend, i == 0)):
-                if i == 0 and cpu:  # (the unit's skip, as below)
-                    h, skip = ops.bn_relu_conv_with_skip(h, bn, conv, backend=self.backend)
-                else:
-                    h = ops.bn_relu_conv(h, bn, conv, backend=self.backend)
+                if i == 0 and cpu:  # (the unit's skip, as below; its output's sums for the next BN)
+                    (h, sums), skip = ops.bn_relu_conv_with_skip(h, bn, conv, backend=self.backend, out_stats=True)
+                    continue
+                h = ops.bn_relu_conv(h, bn, conv, backend=self.backend, sums=sums)
             elif i == 0 and cpu:  # the skip branch's gradient joins the BN-ReLU's backward pass
                 y, skip = bn.forward_with_skip(h)
                 h = conv(y)
             elif i == len(self.body) - 2:  # the merge in the convolution's epilogue where it fuses
-                return ops.conv_add(bn(h), conv, self.skip(skip), backend=self.backend)
+                return ops.conv_add(_bn(bn, h, sums), conv, self.skip(skip), backend=self.backend)
             else:
-                h = conv(bn(h))
+                h = conv(_bn(bn, h, sums))
+            sums = None
         return h + self.skip(skip)
 
 

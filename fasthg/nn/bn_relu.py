@@ -10,13 +10,16 @@ class BNReLU(FusedBatchNorm2d):
     """nn.BatchNorm2d followed by ReLU, fused: nn.BatchNorm2d's arguments, parameters and
     buffers, plus `backend`, `sync` and `process_group` (fasthg.nn.fused_bn)."""
 
-    def forward(self, x, out=None):
+    def forward(self, x, out=None, sums=None):
         """out: for inference (eval mode, running statistics, no gradient), a tensor like x
-        that the result is written into (fasthg.ops.bn_relu's `out`)."""
+        that the result is written into (fasthg.ops.bn_relu's `out`). sums: x's per-channel
+        sum and sum of squares from the op that wrote it, for the batch statistics in native
+        CPU training (fasthg.ops.bn_relu's `sums`)."""
         self.check_input(x)
         rm, rv, use_batch_stats, factor = batch_norm_args(self)  # exactly as nn.BatchNorm2d
         return ops.bn_relu(x, self.weight, self.bias, rm, rv, use_batch_stats, factor, self.eps,
-                           backend=self.backend, sync=self.sync, process_group=self.process_group, out=out)
+                           backend=self.backend, sync=self.sync, process_group=self.process_group, out=out,
+                           sums=sums)
 
     def forward_with_skip(self, x):
         """(self(x), skip) for a residual block whose other branch takes x: give it `skip`

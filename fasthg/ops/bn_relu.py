@@ -9,7 +9,9 @@ direction as one call (fasthg::bn_relu_train_forward / _backward): the same pass
 the Python and dispatch between them. bn_relu_with_skip is bn_relu for an x that a residual
 block also feeds to its other branch: native training then adds that branch's gradient to
 grad_x in the backward's elementwise pass (fasthg::bn_relu_train_backward_skip), where autograd
-would add it in a pass of its own. Backends: eager (fasthg.ops.reference), native
+would add it in a pass of its own. Native CPU training can take the batch statistics from x's
+per-channel sums (`sums`, which the fused conv1x1 unit gives as it writes x) instead of a pass
+over x (fasthg::bn_relu_train_sums). Backends: eager (fasthg.ops.reference), native
 (fasthg::bn_relu_* from csrc/, CPU and CUDA), triton (kernels/bn_relu.py as
 fasthg::bn_relu_*_triton).
 Statistics and parameters are float32 (float64 for float64 x) whatever x's dtype.
@@ -95,6 +97,14 @@ def _fake_train(x, weight, bias, eps):
     return (_fake_like_x(x, x),) + _fake_stats(x)
 
 
+def _fake_train_forward_sums(x, sum, sum_sq, weight, bias, eps):
+    return _fake_train_forward(x, weight, bias, eps)
+
+
+def _fake_train_sums(x, sum, sum_sq, weight, bias, eps):
+    return _fake_train(x, weight, bias, eps)
+
+
 # Per backend, its four ops; on `train_devices`, training without sync is `train` instead.
 _OPS = {"eager": SimpleNamespace(stats=reference.bn_relu_stats, forward=reference.bn_relu_forward,
                                  backward_reduce=reference.bn_relu_backward_reduce,
@@ -109,6 +119,8 @@ if _ext._C is not None:
     torch.library.register_fake("fasthg::bn_relu_train_backward")(_fake_train_backward)
     torch.library.register_fake("fasthg::bn_relu_train_backward_skip")(_fake_train_backward_skip)
     torch.library.register_fake("fasthg::bn_relu_train")(_fake_train)
+    torch.library.register_fake("fasthg::bn_relu_train_forward_sums")(_fake_train_forward_sums)
+    torch.library.register_fake("fasthg::bn_relu_train_sums")(_fake_train_sums)
     _OPS["native"] = SimpleNamespace(
         stats=torch.ops.fasthg.bn_relu_stats, forward=torch.ops.fasthg.bn_relu_forward,
         forward_into=torch.ops.fasthg.bn_relu_forward_into,
@@ -336,16 +348,34 @@ def batch_norm_args(bn):
     return (bn.running_mean if track else None), (bn.running_var if track else None), use_batch_stats, factor
 
 
+def _check_sums(sums, x):
+    if sums is None:
+        return
+    if not (isinstance(sums, (tuple, list)) and len(sums) == 2 and all(isinstance(t, torch.Tensor) for t in sums)):
+        raise ValueError(f"bn_relu: `sums` must be a pair of tensors (sum, sum of squares), got {type(sums).__name__}")
+    c, p = x.shape[1], _param_dtype(x)
+    for t in sums:
+        if t.shape != (c,) or t.dtype != p or t.device != x.device:
+            raise ValueError(f"bn_relu: `sums` must be two ({c},) {p} tensors on {x.device} (x's channels), got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+
+
 def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
-            momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None, out=None):
+            momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None, out=None, sums=None):
     """relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),
     fused. weight/bias None mean affine=False; running stats None mean batch statistics only.
     `momentum` is the weight of the new batch in the running average (as in F.batch_norm).
     sync=True (training only) merges the statistics over `process_group` (default: all
     processes) so that every process normalises with those of the whole global batch.
     out (inference only: eval mode, no gradient): a tensor like x, dense in x's memory format
-    and apart from x, that the result is written into (and returned) instead of a new one."""
+    and apart from x, that the result is written into (and returned) instead of a new one.
+    sums (training): x's per-channel (sum, sum of squares), float32 (float64 for float64 x),
+    as fasthg.ops.bn_relu_conv1x1(out_stats=True) gives them with x: native CPU training
+    without sync takes the batch statistics from them (mean, and E[x^2] - mean^2 in double;
+    a pass over x where that cancels) instead of a pass over x. They must be x's own: the
+    other backends and paths compute their own and ignore them."""
     check_args(x, weight, bias, running_mean, running_var, training)
+    _check_sums(sums, x)
     if out is not None:
         _check_out(out, x, weight, bias, training)
     which = _backend.resolve(backend, "bn_relu", x)
@@ -357,7 +387,10 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
     weight, bias = _affine(x, weight, bias)
     ops = _OPS[which]
     if training and group is None and x.device.type in ops.train_devices:
-        y, mean, var = ops.train(x, weight, bias, float(eps))
+        if sums is not None and which == "native" and x.device.type == "cpu":
+            y, mean, var = torch.ops.fasthg.bn_relu_train_sums(x, sums[0], sums[1], weight, bias, float(eps))
+        else:
+            y, mean, var = ops.train(x, weight, bias, float(eps))
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
         return y
@@ -379,7 +412,7 @@ OP = registry.register(registry.FusedOp(
     name="bn_relu", kernel="bn_relu_forward",
     schemas=("bn_relu_stats", "bn_relu_forward", "bn_relu_forward_into", "bn_relu_backward_reduce",
              "bn_relu_backward_elemt", "bn_relu_train_forward", "bn_relu_train_backward",
-             "bn_relu_train_backward_skip", "bn_relu_train"),
+             "bn_relu_train_backward_skip", "bn_relu_train", "bn_relu_train_forward_sums", "bn_relu_train_sums"),
     reference=reference.bn_relu, fn=bn_relu,
     traffic={"train forward": 3.0, "eval forward": 2.0, "train forward+backward": 8.0},
     bars={"train forward+backward": 1.6}))

@@ -58,14 +58,18 @@ class _BNReLUConvRecompute(torch.autograd.Function):
     back in their own dtype from fasthg.ops.conv2d.backward (under autocast float32 straight
     from the AMX kernel, as fasthg.ops.conv2d's). One output per convolution, all from the same
     relu(bn(x)); with tee, x as well (for a residual block's skip branch, whose gradient then
-    joins the BN-ReLU's backward pass: fasthg::bn_relu_train_backward_skip)."""
+    joins the BN-ReLU's backward pass: fasthg::bn_relu_train_backward_skip). `sums`: x's
+    per-channel sums for the statistics (fasthg.ops.bn_relu's), or None."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, which, group, geometry, tee,
-                dtype, *conv_params):
+                sums, dtype, *conv_params):
         ops = _OPS[which]
         if group is None and x.device.type in ops.train_devices:
-            y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward(x, weight, bias, eps)
+            if _takes_sums(which, x, sums):
+                y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward_sums(x, *sums, weight, bias, eps)
+            else:
+                y, mean, var, invstd = torch.ops.fasthg.bn_relu_train_forward(x, weight, bias, eps)
             count = x.numel() // x.shape[1]
         else:
             mean, var, invstd, count = _batch_statistics(ops, x, eps, group)
@@ -100,7 +104,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         y = ops.forward(x, mean, invstd, weight, bias).to(weights[0].dtype)  # the recompute
         grad_y, grad_params = None, []
         for k, (g, w, geo, has_bias) in enumerate(zip(grad_outs, weights, ctx.geometry, ctx.has_bias)):
-            need_w, need_b = need[12 + 2 * k], need[13 + 2 * k]
+            need_w, need_b = need[13 + 2 * k], need[14 + 2 * k]
             if g is None:
                 grad_params += [None, None]
                 continue
@@ -121,7 +125,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
                     grad_x = ops.backward_elemt(grad_y, x, mean, invstd, weight, bias, mean_g, mean_gx)
                     if grad_skip is not None:
                         grad_x = grad_x + grad_skip
-        return (grad_x, grad_w, grad_b) + (None,) * 9 + tuple(grad_params)
+        return (grad_x, grad_w, grad_b) + (None,) * 10 + tuple(grad_params)
 
 
 def _training_bn(x, bn):
@@ -132,7 +136,13 @@ def _training_bn(x, bn):
     return (rm, rv, factor) + _affine(x, bn.weight, bn.bias)
 
 
-def _recompute(which, x, bn, convs, group, tee=False):
+def _takes_sums(which, x, sums):
+    """Whether the BN-ReLU takes its statistics from x's sums: given, and the native CPU kernels
+    (fasthg.ops.bn_relu's `sums`)."""
+    return sums is not None and which == "native" and x.device.type == "cpu"
+
+
+def _recompute(which, x, bn, convs, group, tee=False, sums=None):
     """The recomputing unit on backend `which` (native or triton); with tee, x as well (as
     _BNReLUConvRecompute returns it) after the convolutions' outputs."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
@@ -145,15 +155,15 @@ def _recompute(which, x, bn, convs, group, tee=False):
         params += [conv.weight, conv.bias]
     geometry = tuple((tuple(m.stride), tuple(m.padding), tuple(m.dilation)) for m in convs)
     out = _BNReLUConvRecompute.apply(x, weight, bias, rm, rv, float(factor), float(bn.eps), which, group, geometry,
-                                     tee, cdtype, *params)
+                                     tee, sums, cdtype, *params)
     return out if len(convs) > 1 or tee else (out,)
 
 
-def _stored(backend, x, bn, convs, group):
+def _stored(backend, x, bn, convs, group, sums=None):
     """The storing composition: fused (or eager) BN-ReLU, then the convolutions."""
     rm, rv, batch_stats, factor = batch_norm_args(bn)
     y = bn_relu(x, bn.weight, bn.bias, rm, rv, batch_stats, factor, bn.eps, backend=backend,
-                sync=group is not None, process_group=group)
+                sync=group is not None, process_group=group, sums=sums)
     return tuple(conv(y) for conv in convs)
 
 
@@ -161,13 +171,14 @@ def _is_pointwise(conv):
     return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
 
 
-def _fused_conv1x1(which, x, bn, convs, group, tee=False):
+def _fused_conv1x1(which, x, bn, convs, group, tee=False, sums=None, out_stats=False):
     """The fused unit for 1x1 convolutions, fasthg.ops.bn_relu_conv1x1 on backend `which`
     (native: the CPU's kernels; triton): relu(bn(x)) is formed as the GEMM reads it, and its
     backward recomputes it from x and the statistics, so it is never stored. The statistics
-    come from one pass over x; their gradient terms are the kernel's BN training backward
-    (linear in the output gradient, so several convolutions sum). With tee (one convolution),
-    (out, skip) as _recompute's: bn_relu_conv1x1_with_skip."""
+    come from one pass over x (`sums`, for a BN-ReLU of its own, go unused); their gradient
+    terms are the kernel's BN training backward (linear in the output gradient, so several
+    convolutions sum). With tee (one convolution), (out, skip) as _recompute's:
+    bn_relu_conv1x1_with_skip; with out_stats too, ((out, (sum, sum_sq)), skip)."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
     with torch.no_grad():
         mean, var = _OPS[which].stats(x)
@@ -180,8 +191,12 @@ def _fused_conv1x1(which, x, bn, convs, group, tee=False):
     cdtype = compute_dtype(x)
     unit = bn_relu_conv1x1_with_skip if tee else bn_relu_conv1x1
     outs = tuple(unit(x, mean, invstd, weight, bias, conv.weight,
-                      None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True, backend=which)
+                      None if conv.bias is None else _as_dtype(conv.bias, cdtype), training=True,
+                      out_stats=out_stats, backend=which)
                  for conv in convs)
+    if out_stats:  # (tee: one convolution)
+        (y, s, s2), skip = outs[0]
+        return (y, (s, s2)), skip
     return outs[0] if tee else outs
 
 
@@ -244,36 +259,52 @@ def _checked(x, bn, convs, backend):
     return which, group
 
 
-def bn_relu_convs(x, bn, convs, backend="auto"):
+def bn_relu_convs(x, bn, convs, backend="auto", sums=None):
     """(conv(relu(bn(x))) for conv in convs): several convolutions reading one BN-ReLU's output
     (each as bn_relu_conv requires), which the recomputing unit does not store either."""
     which, group = _checked(x, bn, convs, backend)
     if not (bn.training and torch.is_grad_enabled()):  # nothing is saved for backward
-        return _stored(which, x, bn, convs, group)
-    return _unit(which, x, bn, convs, group)(which, x, bn, convs, group)
+        return _stored(which, x, bn, convs, group, sums)
+    return _unit(which, x, bn, convs, group)(which, x, bn, convs, group, sums=sums)
 
 
-def bn_relu_conv_with_skip(x, bn, conv, backend="auto"):
+# The dtypes whose unit outputs' sums feed the next BN-ReLU (out_stats): their own rounding
+# (2^-8, 2^-11) dwarfs what the float32 sums cost its statistics; float32 keeps eager's
+# double-summed statistics.
+_SUMS_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def bn_relu_conv_with_skip(x, bn, conv, backend="auto", out_stats=False):
     """(bn_relu_conv(x, bn, conv, backend), skip) for an x that a residual block also feeds to
     its skip branch, which should take `skip` instead: x's values (a view), whose gradient the
     training unit adds in its own backward: the recomputing unit's BN-ReLU backward pass
     (fasthg.ops.bn_relu_with_skip's, for this unit), the fused 1x1 unit's grad_x pass. Where
-    nothing is saved for backward, or eager runs, skip is x."""
+    nothing is saved for backward, or eager runs, skip is x. out_stats=True makes the first
+    result (out, sums): where the native fused 1x1 unit runs in bfloat16 or float16, sums is
+    out's per-channel (sum, sum of squares) from its epilogue, for the next BN-ReLU's
+    statistics (fasthg.ops.bn_relu's `sums`, bn_relu_conv's); else None."""
     which, group = _checked(x, bn, (conv,), backend)
     impl = _unit(which, x, bn, (conv,), group, with_skip=True)
     if not (x.requires_grad and bn.training and torch.is_grad_enabled()) or impl is _stored:
-        return bn_relu_conv(x, bn, conv, backend), x
+        out = bn_relu_conv(x, bn, conv, backend)
+        return ((out, None) if out_stats else out), x
+    if not out_stats:
+        return impl(which, x, bn, (conv,), group, tee=True)
+    if impl is _fused_conv1x1 and which == "native" and x.dtype in _SUMS_DTYPES:
+        return impl(which, x, bn, (conv,), group, tee=True, out_stats=True)
     out, skip = impl(which, x, bn, (conv,), group, tee=True)
-    return out, skip
+    return (out, None), skip
 
 
-def bn_relu_conv(x, bn, conv, backend="auto"):
+def bn_relu_conv(x, bn, conv, backend="auto", sums=None):
     """conv(relu(bn(x))), `bn` an nn.BatchNorm2d (fasthg.nn.BNReLU included: its sync and
     process_group apply) and `conv` an nn.Conv2d (groups 1, numeric padding, zero padding mode),
     following bn.training exactly as fasthg.nn.BNReLU does. In training, the native and triton
     backends save only x and the BN statistics for backward and recompute relu(bn(x)) there;
-    eager stores it (plain composition). The modules' own parameters and buffers are used."""
-    return bn_relu_convs(x, bn, (conv,), backend)[0]
+    eager stores it (plain composition). The modules' own parameters and buffers are used.
+    sums: x's per-channel (sum, sum of squares) from the op that wrote x, for the BN's batch
+    statistics where a native CPU BN-ReLU computes them (fasthg.ops.bn_relu's `sums`)."""
+    return bn_relu_convs(x, bn, (conv,), backend, sums)[0]
 
 
 __all__ = ["bn_relu_conv", "bn_relu_conv_with_skip", "bn_relu_convs", "check_modules", "fuses_conv1x1"]
