@@ -286,17 +286,7 @@ Buffer<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool t
 // tile), summed into the first one in thread order, then converted by ATen's vectorised copy.
 template <typename T>
 void store_weight_grad(std::vector<Buffer<T>>& dw, int64_t cout, int64_t c, int64_t ld, const at::Tensor& gw) {
-  T* total = nullptr;
-  for (auto& part : dw) {
-    if (part.empty()) continue;
-    if (!total) {
-      total = part.data();
-      continue;
-    }
-    const T* __restrict p = part.data();
-    T* __restrict t = total;
-    for (int64_t i = 0; i < cout * ld; ++i) t[i] += p[i];
-  }
+  T* total = sum_into_first(dw, cout * ld);
   TORCH_INTERNAL_ASSERT(total, "bn_relu_conv1x1: no thread summed a weight gradient");
   const auto type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
   gw.view({cout, c}).copy_(at::from_blob(total, {cout, ld}, at::TensorOptions().dtype(type)).narrow(1, 0, c));

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,37 +52,30 @@ using bf16 = c10::BFloat16;
 const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
 uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
 
-// The threads' float sums (and double bias sums) into gw [cout][c][k][k] (channels_last where
-// cl) and gb, rounded once into T: the weight's dtype, or float32 for float32 parameters under
-// autocast (their gradient then skips a bf16 rounding and autograd's cast back).
-template <typename T>
-void reduce_weight_grads(const std::vector<Buffer<float>>& acc, const std::vector<std::vector<double>>& bias_acc,
-                         int64_t cout, int64_t c, int64_t taps, bool swap, bool cl, T* gwp, T* gbp) {
-  at::parallel_for(0, cout, 8, [&](int64_t j0, int64_t j1) {
-    std::vector<float> row(c);
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        std::fill(row.begin(), row.end(), 0.f);
-        for (const auto& part : acc) {
-          if (part.empty()) continue;
-          if (swap)
-            for (int64_t i = 0; i < c; ++i) row[i] += part[i * cout + j];
-          else
-            for (int64_t i = 0; i < c; ++i) row[i] += part[(tap * cout + j) * c + i];
-        }
-        T* dst = gwp + (cl ? (j * taps + tap) * c : j * c * taps + tap);
-        const int64_t step = cl ? 1 : taps;
-        for (int64_t i = 0; i < c; ++i) dst[i * step] = static_cast<T>(row[i]);
-      }
-      double v = 0.0;
-      for (const auto& part : bias_acc)
-        if (!part.empty()) v += part[j];
-      gbp[j] = static_cast<T>(static_cast<float>(v));
-    }
-  });
+// The threads' float sums (summed into the first in thread order) into gw [cout][c][k][k] in
+// its layout and dtype by ATen's vectorised copy (the weight's dtype, or float32 for float32
+// parameters under autocast: their gradient then skips a bf16 rounding and autograd's cast
+// back); their double bias sums into gb, through float.
+void store_weight_grads(std::vector<Scratch<float>>& acc, const std::vector<std::vector<double>>& bias_acc,
+                        int64_t cout, int64_t c, int64_t k, bool swap, const at::Tensor& gw, const at::Tensor& gb) {
+  float* total = sum_into_first(acc, k * k * cout * c);
+  TORCH_INTERNAL_ASSERT(total, kOp, ": no thread summed a weight gradient");
+  const auto f = at::TensorOptions().dtype(at::kFloat);
+  if (swap)  // dW^T [c][cout]
+    gw.copy_(at::from_blob(total, {c, cout}, f).t().unsqueeze(2).unsqueeze(3));
+  else  // [kh][kw][cout][c]
+    gw.copy_(at::from_blob(total, {k, k, cout, c}, f).permute({2, 3, 0, 1}));
+  at::Tensor bias = at::empty({cout}, f);
+  for (int64_t j = 0; j < cout; ++j) {
+    double v = 0.0;
+    for (const auto& part : bias_acc)
+      if (!part.empty()) v += part[j];
+    out<float>(bias)[j] = static_cast<float>(v);
+  }
+  gb.copy_(bias);
 }
 
-// gw [cout][c][k][k] and gb [cout] (bf16 or float: reduce_weight_grads) from g [n][h][w][cout]
+// gw [cout][c][k][k] and gb [cout] (bf16 or float: store_weight_grads) from g [n][h][w][cout]
 // and x [n][h][w][c].
 // A band of r output rows takes r + 2p input rows, each padded with p zero pixels on both
 // sides to an even width wq, in VNNI pairs once: B, pixel (yy, xs) at row yy wq + xs + p.
@@ -112,18 +106,18 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
   const Buffer<bf16> wpairs = gx ? amx::vnni_pairs(in<bf16>(weight), cout, c) : Buffer<bf16>();  // W [cout][c] as B
   const std::vector<float> zeros(c, 0.f);
   // Read before the parallel loop: inside it, get_num_threads is the nested one.
-  std::vector<Buffer<float>> acc(at::get_num_threads());
+  std::vector<Scratch<float>> acc(at::get_num_threads());  // (each thread's first band writes it all)
   std::vector<std::vector<double>> bias_acc(acc.size());
   at::parallel_for(0, n * bands, 1, [&](int64_t t0, int64_t t1) {
     // A thread's sums start with its first band (the parallel backend may hand it several ranges).
-    Buffer<float>& dw = acc[at::get_thread_num()];
+    Scratch<float>& dw = acc[at::get_thread_num()];
     std::vector<double>& db = bias_acc[at::get_thread_num()];
     bool started = !dw.empty();
     if (!started) {
       dw.resize(taps * ma * nb);
       db.assign(cout, 0.0);
     }
-    Buffer<bf16> a(copies * ma * ka), b(kb_max * nb);
+    Scratch<bf16> a(copies * ma * ka), b(kb_max * nb);  // (each band writes what its GEMMs read)
     Buffer<float> part(cout, 0.f), dx(gx ? kDxRows * c : 0);
     std::vector<const bf16*> rows(kb_max);
     for (int64_t t = t0; t < t1; ++t) {
@@ -170,11 +164,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
     }
     amx::release();
   });
-  const bool cl = gw.is_contiguous(at::MemoryFormat::ChannelsLast) && !gw.is_contiguous();
-  if (gw.scalar_type() == at::kFloat)  // (backward_cpu allows float32 or the weight's bf16)
-    reduce_weight_grads(acc, bias_acc, cout, c, taps, swap, cl, out<float>(gw), out<float>(gb));
-  else
-    reduce_weight_grads(acc, bias_acc, cout, c, taps, swap, cl, out<bf16>(gw), out<bf16>(gb));
+  store_weight_grads(acc, bias_acc, cout, c, k, swap, gw, gb);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
