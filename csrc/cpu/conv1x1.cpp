@@ -284,8 +284,9 @@ Buffer<scalar_t> weight_pairs(const scalar_t* w, int64_t cout, int64_t c, bool t
 // The weight gradient [Cout][C] into gw (dense, in its dtype: x's, or the math type's for a
 // weight given so) from the threads' partials (row stride ld; empty: a thread that had no
 // tile), summed into the first one in thread order, then converted by ATen's vectorised copy.
-template <typename T>
-void store_weight_grad(std::vector<Buffer<T>>& dw, int64_t cout, int64_t c, int64_t ld, const at::Tensor& gw) {
+template <typename Vec>
+void store_weight_grad(std::vector<Vec>& dw, int64_t cout, int64_t c, int64_t ld, const at::Tensor& gw) {
+  using T = typename Vec::value_type;
   T* total = sum_into_first(dw, cout * ld);
   TORCH_INTERNAL_ASSERT(total, "bn_relu_conv1x1: no thread summed a weight gradient");
   const auto type = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
@@ -331,8 +332,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const int64_t y_bytes = y.numel() * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = streams(yp, y_bytes, cout % 8 == 0);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    Buffer<T> a(amx ? 0 : tile * c), cbuf(tile * np);
-    Buffer<scalar_t> abf(amx ? tile * c : 0);
+    Buffer<T> a(amx ? 0 : tile * c);
+    Scratch<T> cbuf(tile * np);  // (each tile's GEMM writes the rows its store reads)
+    Scratch<scalar_t> abf(amx ? tile * c : 0);
     double* s = sums ? acc.mine(0) : nullptr;
     double* s2 = sums ? acc.mine(1) : nullptr;
     Buffer<T> part(sums ? 2 * cout : 0, T(0));
@@ -444,13 +446,17 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
   const bf16rows::Channels ch = bn.channels();
-  std::vector<Buffer<float>> dw(at::get_num_threads());  // dW [cout][c] per thread
+  std::vector<Scratch<float>> dw(at::get_num_threads());  // dW [cout][c] per thread
   ThreadSums acc(3, std::max(c, cout));
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    Buffer<float>& dwt = dw[at::get_thread_num()];
-    if (dwt.empty()) dwt.assign(cout * c, 0.f);
-    Buffer<float> da(tile * c), part(2 * c + cout, 0.f);
-    Buffer<scalar_t> apairs(tile2 * c), gtr(cout * tile2);
+    // A thread's dW starts with its first tile (the parallel backend may hand it several ranges).
+    Scratch<float>& dwt = dw[at::get_thread_num()];
+    bool started = !dwt.empty();
+    if (!started) dwt.resize(cout * c);
+    // (each tile writes what its GEMMs read)
+    Scratch<float> da(tile * c);
+    Buffer<float> part(2 * c + cout, 0.f);
+    Scratch<scalar_t> apairs(tile2 * c), gtr(cout * tile2);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
     float *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
@@ -473,7 +479,8 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
                                      chj, bits(apairs.data() + j0 * r2 + p * w));
       }
       amx::transpose(gy, rows, r2, cout, cout, gtr.data(), r2);
-      amx::gemm(cout, c, r2, r2, c, true, gtr.data(), apairs.data(), dwt.data());
+      amx::gemm(cout, c, r2, r2, c, started, gtr.data(), apairs.data(), dwt.data());
+      started = true;
     }
     amx::release();
   });
@@ -493,7 +500,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
   scalar_t* gxp = out<scalar_t>(grad_x);
   const scalar_t* skp = grad_skip ? in<scalar_t>(*grad_skip) : nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    Buffer<float> da(tile * c);
+    Scratch<float> da(tile * c);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0);
       amx::gemm(rows, c, cout, cout, c, false, gyp + m0 * cout, wv.data(), da.data());
