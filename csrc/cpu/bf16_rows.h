@@ -29,14 +29,18 @@ void activation(const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, 
 // The activation of rows x0 and x1 (null: a zero row) of n values as VNNI pairs: dst[2k + i] = row i's.
 void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst);
 
-// y = bf16(c + bias); with s non-null, the stored values and their squares added into s and
-// s2 (per channel, row after row).
-void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, float* s, float* s2);
+// The passes that sum over rows (store with s, masked_grad, add) take one group of at most
+// kFloatRows rows (channel_passes.h): each channel's sum in float, row after row, then folded
+// into the double totals.
 
-// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), not stored: its values
-// added into sg and their products with xhat = (x - mean) * invstd into sgx.
-void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, float* sg,
-                 float* sgx);
+// y = bf16(c + bias); with s non-null, the stored values' sum and their squares' added into s
+// and s2 (per channel).
+void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, double* s, double* s2);
+
+// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), not stored: the sum of its
+// values added into sg and of their products with xhat = (x - mean) * invstd into sgx.
+void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, double* sg,
+                 double* sgx);
 
 // gx = bf16(scale * ((g - mean_g) - xhat * mean_gx) [+ skip]), g as masked_grad rounds it: the
 // BN's input gradient (bn_relu.h's bn_relu_grad_input), plus, where skip is not null, the
@@ -44,8 +48,8 @@ void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, co
 void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
                 const float* mean_gx, const uint16_t* skip, uint16_t* gx);
 
-// s[j] += src[r * n + j], row after row.
-void add(const uint16_t* src, int64_t rows, int64_t n, float* s);
+// s[j] += the sum of src[r * n + j] over the rows.
+void add(const uint16_t* src, int64_t rows, int64_t n, double* s);
 
 // The sum of src[0..n) in float (16 lanes, then across them).
 float sum(const uint16_t* src, int64_t n);

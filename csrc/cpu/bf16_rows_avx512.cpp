@@ -83,6 +83,21 @@ struct Lanes {
   }
 };
 
+// total[k .. k + 16) += v's lanes in double, those in m: a group's float sums folded into
+// the running totals (channel_passes.h's fold, from registers).
+template <bool Full>
+inline __attribute__((always_inline)) void fold16(double* total, __m512 v, __mmask16 m) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+  if (Full) {
+    _mm512_storeu_pd(total, _mm512_add_pd(_mm512_loadu_pd(total), lo));
+    _mm512_storeu_pd(total + 8, _mm512_add_pd(_mm512_loadu_pd(total + 8), hi));
+  } else {
+    const __mmask8 ml = static_cast<__mmask8>(m), mh = static_cast<__mmask8>(m >> 8);
+    _mm512_mask_storeu_pd(total, ml, _mm512_add_pd(_mm512_maskz_loadu_pd(ml, total), lo));
+    _mm512_mask_storeu_pd(total + 8, mh, _mm512_add_pd(_mm512_maskz_loadu_pd(mh, total + 8), hi));
+  }
+}
+
 // The row passes take rows [0, rows) kRowBlock at a time, each 16 lanes of a block with its
 // channels' constants and running sums loaded once (the sums then added row by row in the
 // same order as one row at a time).
@@ -134,46 +149,48 @@ void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const C
   });
 }
 
-void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, float* s, float* s2) {
-  each_block(rows, [&](int64_t r0, int64_t r1) {
-    each16(n, [&](auto full, int64_t j, __mmask16 m) {
-      constexpr bool F = decltype(full)::value;
-      const __m512 b = load<F>(bias + j, m);
-      __m512 a0 = s ? load<F>(s + j, m) : b, a1 = s ? load<F>(s2 + j, m) : b;
-      for (int64_t r = r0; r < r0 + r1; ++r) {
-        const __m256i h = to_bf16(_mm512_add_ps(load<F>(c + r * n + j, m), b));
-        put<F>(y + r * n + j, h, m);
-        if (s) {
-          const __m512 v = from_bf16(h);  // the value as stored
-          a0 = _mm512_add_ps(a0, v);
-          a1 = _mm512_add_ps(a1, _mm512_mul_ps(v, v));
-        }
-      }
-      if (s) {
-        store<F>(s + j, a0, m);
-        store<F>(s2 + j, a1, m);
-      }
+void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, double* s, double* s2) {
+  if (!s) {
+    each_block(rows, [&](int64_t r0, int64_t r1) {
+      each16(n, [&](auto full, int64_t j, __mmask16 m) {
+        constexpr bool F = decltype(full)::value;
+        const __m512 b = load<F>(bias + j, m);
+        for (int64_t r = r0; r < r0 + r1; ++r) put<F>(y + r * n + j, to_bf16(_mm512_add_ps(load<F>(c + r * n + j, m), b)), m);
+      });
     });
+    return;
+  }
+  each16(n, [&](auto full, int64_t j, __mmask16 m) {
+    constexpr bool F = decltype(full)::value;
+    const __m512 b = load<F>(bias + j, m);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256i h = to_bf16(_mm512_add_ps(load<F>(c + r * n + j, m), b));
+      put<F>(y + r * n + j, h, m);
+      const __m512 v = from_bf16(h);  // the value as stored
+      a0 = _mm512_add_ps(a0, v);
+      a1 = _mm512_add_ps(a1, _mm512_mul_ps(v, v));
+    }
+    fold16<F>(s + j, a0, m);
+    fold16<F>(s2 + j, a1, m);
   });
 }
 
-void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, float* sg,
-                 float* sgx) {
-  each_block(rows, [&](int64_t r0, int64_t r1) {
-    ahead(x, r0, r1, n);
-    each16(n, [&](auto full, int64_t k, __mmask16 m) {
-      constexpr bool F = decltype(full)::value;
-      const Lanes<F> c(ch, k, m);
-      __m512 a0 = load<F>(sg + k, m), a1 = load<F>(sgx + k, m);
-      for (int64_t r = r0; r < r0 + r1; ++r) {
-        const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
-        const __m512 gv = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
-        a0 = _mm512_add_ps(a0, gv);
-        a1 = _mm512_add_ps(a1, _mm512_mul_ps(gv, _mm512_mul_ps(d, c.invstd)));
-      }
-      store<F>(sg + k, a0, m);
-      store<F>(sgx + k, a1, m);
-    });
+void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, double* sg,
+                 double* sgx) {
+  ahead(x, 0, rows, n);
+  each16(n, [&](auto full, int64_t k, __mmask16 m) {
+    constexpr bool F = decltype(full)::value;
+    const Lanes<F> c(ch, k, m);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
+      const __m512 gv = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
+      a0 = _mm512_add_ps(a0, gv);
+      a1 = _mm512_add_ps(a1, _mm512_mul_ps(gv, _mm512_mul_ps(d, c.invstd)));
+    }
+    fold16<F>(sg + k, a0, m);
+    fold16<F>(sgx + k, a1, m);
   });
 }
 
@@ -199,14 +216,12 @@ void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, con
   });
 }
 
-void add(const uint16_t* src, int64_t rows, int64_t n, float* s) {
-  each_block(rows, [&](int64_t r0, int64_t r1) {
-    each16(n, [&](auto full, int64_t j, __mmask16 m) {
-      constexpr bool F = decltype(full)::value;
-      __m512 a = load<F>(s + j, m);
-      for (int64_t r = r0; r < r0 + r1; ++r) a = _mm512_add_ps(a, load_bf16<F>(src + r * n + j, m));
-      store<F>(s + j, a, m);
-    });
+void add(const uint16_t* src, int64_t rows, int64_t n, double* s) {
+  each16(n, [&](auto full, int64_t j, __mmask16 m) {
+    constexpr bool F = decltype(full)::value;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) a = _mm512_add_ps(a, load_bf16<F>(src + r * n + j, m));
+    fold16<F>(s + j, a, m);
   });
 }
 
@@ -293,11 +308,11 @@ namespace bf16rows {
 bool available() { return false; }
 void activation(const uint16_t*, int64_t, int64_t, const Channels&, uint16_t*) {}
 void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
-void store(const float*, const float*, int64_t, int64_t, uint16_t*, float*, float*) {}
-void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, float*, float*) {}
+void store(const float*, const float*, int64_t, int64_t, uint16_t*, double*, double*) {}
+void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, double*, double*) {}
 void grad_input(const float*, const uint16_t*, int64_t, int64_t, const Channels&, const float*, const float*,
                 const uint16_t*, uint16_t*) {}
-void add(const uint16_t*, int64_t, int64_t, float*) {}
+void add(const uint16_t*, int64_t, int64_t, double*) {}
 float sum(const uint16_t*, int64_t) { return 0.f; }
 int64_t pair_rows(const uint16_t*, const uint16_t*, int64_t, uint16_t*) { return 0; }
 void transpose_block(const uint16_t*, int64_t, uint16_t*, int64_t) {}

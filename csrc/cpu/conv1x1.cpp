@@ -337,9 +337,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     Scratch<scalar_t> abf(amx ? tile * c : 0);
     double* s = sums ? acc.mine(0) : nullptr;
     double* s2 = sums ? acc.mine(1) : nullptr;
-    Buffer<T> part(sums ? 2 * cout : 0, T(0));
-    T* ps = sums ? part.data() : nullptr;
-    T* ps2 = sums ? part.data() + cout : nullptr;
+    // the FMA path's float partials (the AMX path's passes keep their own)
+    Buffer<T> part(sums && !amx ? 2 * cout : 0, T(0));
+    T* ps = sums && !amx ? part.data() : nullptr;
+    T* ps2 = sums && !amx ? part.data() + cout : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
       if (amx) {
@@ -348,8 +349,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
           bf16rows::activation(bits(xp + m0 * c), rows, c, ch, bits(abf.data()));
           amx::gemm(rows, cout, c, c, np, false, abf.data(), wv.data(), cbuf.data());  // (np = cout)
           in_float_groups(rows, [&](int64_t r, int64_t n) {
-            bf16rows::store(cbuf.data() + r * np, bias, n, cout, bits(yp + (m0 + r) * cout), ps, ps2);
-            fold_two(r + n - 1, rows, ps, ps2, s, s2, cout);
+            bf16rows::store(cbuf.data() + r * np, bias, n, cout, bits(yp + (m0 + r) * cout), s, s2);
           });
         }
         continue;
@@ -455,21 +455,15 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
     if (!started) dwt.resize(cout * c);
     // (each tile writes what its GEMMs read)
     Scratch<float> da(tile * c);
-    Buffer<float> part(2 * c + cout, 0.f);
     Scratch<scalar_t> apairs(tile2 * c), gtr(cout * tile2);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
-    float *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), r2 = round_up(rows, 2);
       const scalar_t *gy = gyp + m0 * cout, *xt = xp + m0 * c;
-      in_float_groups(rows, [&](int64_t r, int64_t n) {
-        bf16rows::add(bits(gy + r * cout), n, cout, psb);
-        fold(psb, sb, cout);
-      });
+      in_float_groups(rows, [&](int64_t r, int64_t n) { bf16rows::add(bits(gy + r * cout), n, cout, sb); });
       amx::gemm(rows, c, cout, cout, c, false, gy, wv.data(), da.data());
       in_float_groups(rows, [&](int64_t r, int64_t n) {
-        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, psg, psgx);
-        fold_two(r + n - 1, rows, psg, psgx, sg, sgx, c);
+        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, sg, sgx);
       });
       for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
         const int64_t w = std::min(amx::kBlockN, c - j0);

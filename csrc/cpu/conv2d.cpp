@@ -118,7 +118,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
       db.assign(cout, 0.0);
     }
     Scratch<bf16> a(copies * ma * ka), b(kb_max * nb);  // (each band writes what its GEMMs read)
-    Buffer<float> part(cout, 0.f), dx(gx ? kDxRows * c : 0);
+    Buffer<float> dx(gx ? kDxRows * c : 0);
     std::vector<const bf16*> rows(kb_max);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / bands, y0 = (t % bands) * band, r = std::min(band, h - y0);
@@ -138,10 +138,7 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
       }
       if (swap) {  // the band's gradient rows, in float for kFloatRows rows, then double
         const bf16* gi = bi + y0 * w * cout;
-        in_float_groups(r * w, [&](int64_t q, int64_t n) {
-          bf16rows::add(bits(gi + q * cout), n, cout, part.data());
-          fold(part.data(), db.data(), cout);
-        });
+        in_float_groups(r * w, [&](int64_t q, int64_t n) { bf16rows::add(bits(gi + q * cout), n, cout, db.data()); });
       }
       for (int64_t i = 0; i < kb; ++i) {
         const int64_t ys = y0 + i / wq - p, xs = i % wq - p;
