@@ -98,9 +98,9 @@ inline __attribute__((always_inline)) void fold16(double* total, __m512 v, __mma
   }
 }
 
-// The row passes take rows [0, rows) kRowBlock at a time, each 16 lanes of a block with its
-// channels' constants and running sums loaded once (the sums then added row by row in the
-// same order as one row at a time).
+// The elementwise passes take rows [0, rows) kRowBlock at a time, each 16 lanes of a block
+// with its channels' constants loaded once; the summing ones take their group's rows for each
+// 16 lanes, the sums in registers (fold16).
 constexpr int64_t kRowBlock = 4;
 
 template <typename F>

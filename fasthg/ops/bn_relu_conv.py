@@ -175,9 +175,9 @@ def _fused_conv1x1(which, x, bn, convs, group, tee=False, sums=None, out_stats=F
     """The fused unit for 1x1 convolutions, fasthg.ops.bn_relu_conv1x1 on backend `which`
     (native: the CPU's kernels; triton): relu(bn(x)) is formed as the GEMM reads it, and its
     backward recomputes it from x and the statistics, so it is never stored. The statistics
-    come from one pass over x (`sums`, for a BN-ReLU of its own, go unused); their gradient
-    terms are the kernel's BN training backward (linear in the output gradient, so several
-    convolutions sum). With tee (one convolution), (out, skip) as _recompute's:
+    come from one pass over x (given `sums` are not used here); their gradient terms are the
+    kernel's BN training backward (linear in the output gradient, so several convolutions
+    sum). With tee (one convolution), (out, skip) as _recompute's:
     bn_relu_conv1x1_with_skip; with out_stats too, ((out, (sum, sum_sq)), skip)."""
     rm, rv, factor, weight, bias = _training_bn(x, bn)
     with torch.no_grad():
