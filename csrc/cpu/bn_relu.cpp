@@ -438,38 +438,37 @@ void backward_elemt_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   });
 }
 
-// The training forward and backward in one call each: the same passes, without the Python
-// and dispatch between them. (Running each NCHW channel's reduction and elementwise pass
-// back to back, its planes still in L2, was faster on inputs in cache but slower from DRAM:
-// a channel's planes lie an image apart, short streams for the prefetchers.)
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* w, const acc_t* b,
-                          double eps, acc_t* mean, acc_t* var, acc_t* invstd) {
-  stats_kernel(x, v, mean, var);
-  for (int64_t c = 0; c < v.C; ++c) invstd[c] = bn_relu_invstd(var[c], static_cast<acc_t>(eps));
-  forward_kernel(x, y, v, mean, invstd, w, b);
-}
-
 // Where E[x^2] - mean^2 keeps less than this share of E[x^2] (a mean large against the
 // spread), the float32 sums' rounding (~1e-7 of E[x^2]) would reach 1e-4 of the variance:
 // the statistics come from the pass over x instead.
 constexpr double kSumsCancel = 1e-3;
 
-// train_forward_kernel with the statistics from x's per-channel sum and sum of squares (the
-// conv1x1 unit takes them as it writes x), in double: no statistics pass over x unless a
-// channel cancels (kSumsCancel) or its sums are not finite.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void train_forward_sums_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* sum, const acc_t* sum_sq,
-                               const acc_t* w, const acc_t* b, double eps, acc_t* mean, acc_t* var, acc_t* invstd) {
-  const double n = static_cast<double>(v.outer * v.inner);
-  bool pass = false;
-  for (int64_t c = 0; c < v.C; ++c) {
+// Mean and biased variance from n values' per-channel sum and sum of squares, in double;
+// false where a channel cancels (kSumsCancel) or its sums are not finite (NaN included).
+template <typename acc_t>
+bool stats_from_sums(const acc_t* sum, const acc_t* sum_sq, double n, int64_t C, acc_t* mean, acc_t* var) {
+  bool usable = true;
+  for (int64_t c = 0; c < C; ++c) {
     const double m = static_cast<double>(sum[c]) / n, e2 = static_cast<double>(sum_sq[c]) / n, d = e2 - m * m;
-    pass |= !(d >= kSumsCancel * e2) || !std::isfinite(e2);  // (NaN sums included)
+    usable &= d >= kSumsCancel * e2 && std::isfinite(e2);
     mean[c] = static_cast<acc_t>(m);
     var[c] = static_cast<acc_t>(d);
   }
-  if (pass) stats_kernel(x, v, mean, var);
+  return usable;
+}
+
+// The training forward and backward in one call each: the same passes, without the Python
+// and dispatch between them. (Running each NCHW channel's reduction and elementwise pass
+// back to back, its planes still in L2, was faster on inputs in cache but slower from DRAM:
+// a channel's planes lie an image apart, short streams for the prefetchers.)
+// The statistics from a pass over x or, with sum (and sum_sq) not null, from x's per-channel
+// sums (the conv1x1 unit takes them as it writes x) unless stats_from_sums refuses them.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void train_forward_kernel(const scalar_t* x, scalar_t* y, const View& v, const acc_t* w, const acc_t* b,
+                          double eps, acc_t* mean, acc_t* var, acc_t* invstd, const acc_t* sum = nullptr,
+                          const acc_t* sum_sq = nullptr) {
+  if (!sum || !stats_from_sums(sum, sum_sq, static_cast<double>(v.outer * v.inner), v.C, mean, var))
+    stats_kernel(x, v, mean, var);
   for (int64_t c = 0; c < v.C; ++c) invstd[c] = bn_relu_invstd(var[c], static_cast<acc_t>(eps));
   forward_kernel(x, y, v, mean, invstd, w, b);
 }
@@ -608,35 +607,39 @@ at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tens
   return bn_relu_backward_elemt_skip_cpu(grad_out, x, mean, invstd, weight, bias, mean_g, mean_gx, nullptr);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  const auto a = prepare("bn_relu_train_forward", x, {.weight = &weight, .bias = &bias});
+// bn_relu_train_forward, and with sum and sum_sq (not null) bn_relu_train_forward_sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_forward(const char* op, const at::Tensor& x,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps,
+                                                                         const at::Tensor* sum, const at::Tensor* sum_sq) {
+  const auto a = prepare(op, x, {.weight = &weight, .bias = &bias});
+  at::Tensor s, s2;
+  if (sum) {
+    check_bn_relu_channel(op, "sum", *sum, x);
+    check_bn_relu_channel(op, "sum_sq", *sum_sq, x);
+    s = sum->contiguous();
+    s2 = sum_sq->contiguous();
+  }
   auto y = a.like_x();
   auto mean = a.per_channel(), var = a.per_channel(), invstd = a.per_channel();
   FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_train_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     train_forward_kernel(in<scalar_t>(a.x), out<scalar_t>(y), a.v, in<acc_t>(a.weight), in<acc_t>(a.bias), eps,
-                         out<acc_t>(mean), out<acc_t>(var), out<acc_t>(invstd));
+                         out<acc_t>(mean), out<acc_t>(var), out<acc_t>(invstd), sum ? in<acc_t>(s) : nullptr,
+                         sum ? in<acc_t>(s2) : nullptr);
   });
   return {y, mean, var, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  return train_forward("bn_relu_train_forward", x, weight, bias, eps, nullptr, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_train_forward_sums_cpu(
     const at::Tensor& x, const at::Tensor& sum, const at::Tensor& sum_sq, const at::Tensor& weight,
     const at::Tensor& bias, double eps) {
-  const char* op = "bn_relu_train_forward_sums";
-  const auto a = prepare(op, x, {.weight = &weight, .bias = &bias});
-  check_bn_relu_channel(op, "sum", sum, x);
-  check_bn_relu_channel(op, "sum_sq", sum_sq, x);
-  auto y = a.like_x();
-  auto mean = a.per_channel(), var = a.per_channel(), invstd = a.per_channel();
-  FASTHG_BN_RELU_DISPATCH(a.x.scalar_type(), "bn_relu_train_forward_sums_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    train_forward_sums_kernel(in<scalar_t>(a.x), out<scalar_t>(y), a.v, in<acc_t>(sum.contiguous()),
-                              in<acc_t>(sum_sq.contiguous()), in<acc_t>(a.weight), in<acc_t>(a.bias), eps,
-                              out<acc_t>(mean), out<acc_t>(var), out<acc_t>(invstd));
-  });
-  return {y, mean, var, invstd};
+  return train_forward("bn_relu_train_forward_sums", x, weight, bias, eps, &sum, &sum_sq);
 }
 
 // bn_relu_train_backward, and with grad_skip (not null) bn_relu_train_backward_skip.

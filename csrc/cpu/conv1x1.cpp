@@ -338,9 +338,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     double* s = sums ? acc.mine(0) : nullptr;
     double* s2 = sums ? acc.mine(1) : nullptr;
     // the FMA path's float partials (the AMX path's passes keep their own)
-    Buffer<T> part(sums && !amx ? 2 * cout : 0, T(0));
-    T* ps = sums && !amx ? part.data() : nullptr;
-    T* ps2 = sums && !amx ? part.data() + cout : nullptr;
+    const bool partials = sums && !amx;
+    Buffer<T> part(partials ? 2 * cout : 0, T(0));
+    T* ps = partials ? part.data() : nullptr;
+    T* ps2 = partials ? part.data() + cout : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
       if (amx) {

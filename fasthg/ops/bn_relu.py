@@ -360,6 +360,12 @@ def _check_sums(sums, x):
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _takes_sums(which, x, sums):
+    """Whether a training BN-ReLU takes its statistics from x's sums: given, and the native CPU
+    kernels (fasthg::bn_relu_train_sums, bn_relu_train_forward_sums)."""
+    return sums is not None and which == "native" and x.device.type == "cpu"
+
+
 def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
             momentum=0.1, eps=1e-5, backend="auto", sync=False, process_group=None, out=None, sums=None):
     """relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),
@@ -387,7 +393,7 @@ def bn_relu(x, weight=None, bias=None, running_mean=None, running_var=None, trai
     weight, bias = _affine(x, weight, bias)
     ops = _OPS[which]
     if training and group is None and x.device.type in ops.train_devices:
-        if sums is not None and which == "native" and x.device.type == "cpu":
+        if _takes_sums(which, x, sums):
             y, mean, var = torch.ops.fasthg.bn_relu_train_sums(x, sums[0], sums[1], weight, bias, float(eps))
         else:
             y, mean, var = ops.train(x, weight, bias, float(eps))

@@ -29,7 +29,8 @@ from fasthg.ops.conv1x1 import bn_relu_conv1x1, bn_relu_conv1x1_with_skip
 from fasthg.ops.conv2d import backward as conv_backward
 from fasthg.ops.conv2d import compute_dtype  # (relu(bn(x)) has x's dtype)
 from fasthg.ops.bn_relu import (_OPS, _affine, _as_dtype, _batch_statistics, _grad_means, _sync_group,
-                                 _train_backward, _update_running_stats, batch_norm_args, bn_relu, check_args)
+                                 _takes_sums, _train_backward, _update_running_stats, batch_norm_args, bn_relu,
+                                 check_args)
 
 
 def check_modules(bn, conv):
@@ -134,12 +135,6 @@ def _training_bn(x, bn):
     rm, rv, _, factor = batch_norm_args(bn)  # (training: batch statistics)
     check_args(x, bn.weight, bn.bias, rm, rv, True)
     return (rm, rv, factor) + _affine(x, bn.weight, bn.bias)
-
-
-def _takes_sums(which, x, sums):
-    """Whether the BN-ReLU takes its statistics from x's sums: given, and the native CPU kernels
-    (fasthg.ops.bn_relu's `sums`)."""
-    return sums is not None and which == "native" and x.device.type == "cpu"
 
 
 def _recompute(which, x, bn, convs, group, tee=False, sums=None):
