@@ -37,15 +37,17 @@ void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const C
 // and s2 (per channel).
 void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, double* s, double* s2);
 
-// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), not stored: the sum of its
-// values added into sg and of their products with xhat = (x - mean) * invstd into sgx.
+// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), stored where g is not
+// null: the sum of its values added into sg and of their products with xhat = (x - mean) *
+// invstd into sgx.
 void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, double* sg,
-                 double* sgx);
+                 double* sgx, uint16_t* g);
 
-// gx = bf16(scale * ((g - mean_g) - xhat * mean_gx) [+ skip]), g as masked_grad rounds it: the
-// BN's input gradient (bn_relu.h's bn_relu_grad_input), plus, where skip is not null, the
-// gradient of another branch that took x, added before the one rounding (as bn_relu.cpp's).
-void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
+// gx = bf16(scale * ((g - mean_g) - xhat * mean_gx) [+ skip]), g as masked_grad stores it (gx
+// may be g): the BN's input gradient (bn_relu.h's bn_relu_grad_input), plus, where skip is not
+// null, the gradient of another branch that took x, added before the one rounding (as
+// bn_relu.cpp's).
+void grad_input(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
                 const float* mean_gx, const uint16_t* skip, uint16_t* gx);
 
 // s[j] += the sum of src[r * n + j] over the rows.

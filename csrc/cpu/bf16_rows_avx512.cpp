@@ -177,7 +177,7 @@ void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t*
 }
 
 void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, double* sg,
-                 double* sgx) {
+                 double* sgx, uint16_t* g) {
   ahead(x, 0, rows, n);
   each16(n, [&](auto full, int64_t k, __mmask16 m) {
     constexpr bool F = decltype(full)::value;
@@ -185,7 +185,9 @@ void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, co
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
-      const __m512 gv = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
+      const __m256i h = c.masked(load<F>(da + r * n + k, m), d, m);
+      if (g) put<F>(g + r * n + k, h, m);
+      const __m512 gv = from_bf16(h);
       a0 = _mm512_add_ps(a0, gv);
       a1 = _mm512_add_ps(a1, _mm512_mul_ps(gv, _mm512_mul_ps(d, c.invstd)));
     }
@@ -194,10 +196,11 @@ void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, co
   });
 }
 
-void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
+void grad_input(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, const float* mean_g,
                 const float* mean_gx, const uint16_t* skip, uint16_t* gx) {
   each_block(rows, [&](int64_t r0, int64_t r1) {
     ahead(x, r0, r1, n);
+    ahead(g, r0, r1, n);
     if (skip) ahead(skip, r0, r1, n);
     each16(n, [&](auto full, int64_t k, __mmask16 m) {
       constexpr bool F = decltype(full)::value;
@@ -205,9 +208,9 @@ void grad_input(const float* da, const uint16_t* x, int64_t rows, int64_t n, con
       const __m512 mg = load<F>(mean_g + k, m), mgx = load<F>(mean_gx + k, m);
       for (int64_t r = r0; r < r0 + r1; ++r) {
         const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
-        const __m512 g = from_bf16(c.masked(load<F>(da + r * n + k, m), d, m));
+        const __m512 gv = load_bf16<F>(g + r * n + k, m);
         const __m512 xhat = _mm512_mul_ps(d, c.invstd);
-        const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(g, mg), _mm512_mul_ps(xhat, mgx));
+        const __m512 centred = _mm512_sub_ps(_mm512_sub_ps(gv, mg), _mm512_mul_ps(xhat, mgx));
         __m512 d_x = _mm512_mul_ps(c.scale, centred);
         if (skip) d_x = _mm512_add_ps(d_x, load_bf16<F>(skip + r * n + k, m));
         put<F>(gx + r * n + k, to_bf16(d_x), m);
@@ -309,8 +312,8 @@ bool available() { return false; }
 void activation(const uint16_t*, int64_t, int64_t, const Channels&, uint16_t*) {}
 void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
 void store(const float*, const float*, int64_t, int64_t, uint16_t*, double*, double*) {}
-void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, double*, double*) {}
-void grad_input(const float*, const uint16_t*, int64_t, int64_t, const Channels&, const float*, const float*,
+void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, double*, double*, uint16_t*) {}
+void grad_input(const uint16_t*, const uint16_t*, int64_t, int64_t, const Channels&, const float*, const float*,
                 const uint16_t*, uint16_t*) {}
 void add(const uint16_t*, int64_t, int64_t, double*) {}
 float sum(const uint16_t*, int64_t) { return 0.f; }

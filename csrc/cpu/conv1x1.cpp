@@ -432,11 +432,12 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
 }
 
 // The bfloat16 backward on AMX, grad_x itself rather than the masked gradient g, in two walks
-// over the tiles. The first takes the conv bias's and the BN's sums and the weight gradient
-// (dW += G^T act, the activation in pairs, the gradient tile transposed); the second
-// recomputes g = relu'(G W), rounded to bf16 as the composition stores it, and writes grad_x
-// with the BN's training terms (none in eval). A second GEMM on AMX costs less than writing g
-// and reading it back (benchmarks/results/HISTORY.md).
+// over the tiles. The first writes g = relu'(G W), rounded to bf16 as the composition stores
+// it, into grad_x's memory and takes the conv bias's and the BN's sums and the weight gradient
+// (dW += G^T act, the activation in pairs, the gradient tile transposed); the second turns g
+// into grad_x in place with the BN's training terms (none in eval). g comes back from the
+// last-level cache: reading it costs less than recomputing G W on AMX from the output
+// gradient (benchmarks/results/HISTORY.md).
 void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<float>& bn, const at::Tensor& conv_w,
                   bool training, const at::Tensor* grad_skip, const at::Tensor& grad_x, const at::Tensor& sum_g,
                   const at::Tensor& sum_gx, const at::Tensor& grad_w, const at::Tensor& grad_b) {
@@ -449,6 +450,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
   const bf16rows::Channels ch = bn.channels();
   std::vector<Scratch<float>> dw(at::get_num_threads());  // dW [cout][c] per thread
   ThreadSums acc(3, std::max(c, cout));
+  scalar_t* gxp = out<scalar_t>(grad_x);  // g, then grad_x in place
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     // A thread's dW starts with its first tile (the parallel backend may hand it several ranges).
     Scratch<float>& dwt = dw[at::get_thread_num()];
@@ -464,7 +466,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
       in_float_groups(rows, [&](int64_t r, int64_t n) { bf16rows::add(bits(gy + r * cout), n, cout, sb); });
       amx::gemm(rows, c, cout, cout, c, false, gy, wv.data(), da.data());
       in_float_groups(rows, [&](int64_t r, int64_t n) {
-        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, sg, sgx);
+        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, sg, sgx, bits(gxp + (m0 + r) * c));
       });
       for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
         const int64_t w = std::min(amx::kBlockN, c - j0);
@@ -492,17 +494,13 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
       mean_gx[k] = in<float>(sum_gx)[k] / count;
     }
   }
-  scalar_t* gxp = out<scalar_t>(grad_x);
   const scalar_t* skp = grad_skip ? in<scalar_t>(*grad_skip) : nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<float> da(tile * c);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0);
-      amx::gemm(rows, c, cout, cout, c, false, gyp + m0 * cout, wv.data(), da.data());
-      bf16rows::grad_input(da.data(), bits(xp + m0 * c), rows, c, ch, mean_g.data(), mean_gx.data(),
+      bf16rows::grad_input(bits(gxp + m0 * c), bits(xp + m0 * c), rows, c, ch, mean_g.data(), mean_gx.data(),
                            skp ? bits(skp + m0 * c) : nullptr, bits(gxp + m0 * c));
     }
-    amx::release();
   });
 }
 
