@@ -37,11 +37,20 @@ void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const C
 // and s2 (per channel).
 void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, double* s, double* s2);
 
-// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), stored where g is not
-// null: the sum of its values added into sg and of their products with xhat = (x - mean) *
-// invstd into sgx.
+// Where masked_grad puts the activation of its rows, as activation_pairs forms it: a tile of
+// `rows` rows (even) in column blocks of `block` channels, block q's [rows / 2][w][2] at
+// tile + q * block * rows (w = block, or what is left of n), masked_grad's first row at row0 (even).
+struct Pairs {
+  uint16_t* tile;
+  int64_t rows, block, row0;
+};
+
+// g = bf16(da where the pre-activation of x is > 0 or NaN, else 0), stored: the sum of its
+// values added into sg and of their products with xhat = (x - mean) * invstd into sgx; and
+// the activation relu(pre-activation) of the same rows into act (the weight gradient's
+// operand, from the x it has read).
 void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, double* sg,
-                 double* sgx, uint16_t* g);
+                 double* sgx, uint16_t* g, const Pairs& act);
 
 // gx = bf16(scale * ((g - mean_g) - xhat * mean_gx) [+ skip]), g as masked_grad stores it (gx
 // may be g): the BN's input gradient (bn_relu.h's bn_relu_grad_input), plus, where skip is not

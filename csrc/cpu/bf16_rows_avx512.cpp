@@ -69,19 +69,34 @@ struct Lanes {
   Lanes(const Channels& ch, int64_t k, __mmask16 m)
       : mean(load<Full>(ch.mean + k, m)), scale(load<Full>(ch.scale + k, m)), bias(load<Full>(ch.bias + k, m)),
         invstd(load<Full>(ch.invstd + k, m)) {}
+  // The pre-activation d * scale + bias of d = x - mean.
+  __m512 pre(__m512 d) const { return _mm512_add_ps(_mm512_mul_ps(d, scale), bias); }
   // relu((x - mean) * scale + bias): max_ps returns its second operand for a NaN, as the
   // scalar y < 0 ? 0 : y does.
-  __m512 value(__m512 x) const {
-    return _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, mean), scale), bias));
-  }
-  // da where the pre-activation d * scale + bias (d = x - mean) is > 0 or NaN (not <= 0),
-  // else 0, rounded to bf16.
-  __m256i masked(__m512 da, __m512 d, __mmask16 m) const {
-    const __mmask16 pass =
-        _mm512_mask_cmp_ps_mask(m, _mm512_add_ps(_mm512_mul_ps(d, scale), bias), _mm512_setzero_ps(), _CMP_NLE_UQ);
+  static __m512 relu(__m512 pre) { return _mm512_max_ps(_mm512_setzero_ps(), pre); }
+  __m512 value(__m512 x) const { return relu(pre(_mm512_sub_ps(x, mean))); }
+  // da where the pre-activation is > 0 or NaN (not <= 0), else 0, rounded to bf16.
+  static __m256i masked(__m512 da, __m512 pre, __mmask16 m) {
+    const __mmask16 pass = _mm512_mask_cmp_ps_mask(m, pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
     return to_bf16(_mm512_maskz_mov_ps(pass, da));
   }
 };
+
+// Two rows' 16 values as 16 VNNI pairs: cvtne2ps puts row 0's in the low half and row 1's in
+// the high one; the permutation interleaves them.
+inline __m512i pairs(__m512 a0, __m512 a1) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
+}
+
+template <bool Full>
+inline __attribute__((always_inline)) void put_pairs(uint16_t* dst, __m512i v, __mmask16 m) {
+  if (Full)
+    _mm512_storeu_si512(dst, v);
+  else
+    _mm512_mask_storeu_epi32(dst, m, v);
+}
 
 // total[k .. k + 16) += v's lanes in double, those in m: a group's float sums folded into
 // the running totals (channel_passes.h's fold, from registers).
@@ -132,20 +147,12 @@ void activation(const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, 
 }
 
 void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst) {
-  // cvtne2ps puts row 0's 16 values in the low half and row 1's in the high one; the
-  // permutation interleaves them.
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   each16(n, [&](auto full, int64_t k, __mmask16 m) {
     constexpr bool F = decltype(full)::value;
     const Lanes<F> c(ch, k, m);
     const __m512 a0 = c.value(load_bf16<F>(x0 + k, m));
     const __m512 a1 = x1 ? c.value(load_bf16<F>(x1 + k, m)) : _mm512_setzero_ps();
-    const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
-    if (F)
-      _mm512_storeu_si512(dst + 2 * k, pairs);
-    else
-      _mm512_mask_storeu_epi32(dst + 2 * k, m, pairs);
+    put_pairs<F>(dst + 2 * k, pairs(a0, a1), m);
   });
 }
 
@@ -177,22 +184,31 @@ void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t*
 }
 
 void masked_grad(const float* da, const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, double* sg,
-                 double* sgx, uint16_t* g) {
+                 double* sgx, uint16_t* g, const Pairs& act) {
   ahead(x, 0, rows, n);
   each16(n, [&](auto full, int64_t k, __mmask16 m) {
     constexpr bool F = decltype(full)::value;
     const Lanes<F> c(ch, k, m);
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean);
-      const __m256i h = c.masked(load<F>(da + r * n + k, m), d, m);
-      if (g) put<F>(g + r * n + k, h, m);
+    const int64_t j0 = k - k % act.block, w = std::min(act.block, n - j0);
+    uint16_t* a = act.tile + j0 * act.rows + act.row0 * w + 2 * (k - j0);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    // Row r's g, its sums, and its activation.
+    auto row = [&](int64_t r) {
+      const __m512 d = _mm512_sub_ps(load_bf16<F>(x + r * n + k, m), c.mean), p = c.pre(d);
+      const __m256i h = c.masked(load<F>(da + r * n + k, m), p, m);
+      put<F>(g + r * n + k, h, m);
       const __m512 gv = from_bf16(h);
-      a0 = _mm512_add_ps(a0, gv);
-      a1 = _mm512_add_ps(a1, _mm512_mul_ps(gv, _mm512_mul_ps(d, c.invstd)));
+      s0 = _mm512_add_ps(s0, gv);
+      s1 = _mm512_add_ps(s1, _mm512_mul_ps(gv, _mm512_mul_ps(d, c.invstd)));
+      return Lanes<F>::relu(p);
+    };
+    for (int64_t r = 0; r < rows; r += 2) {
+      const __m512 a0 = row(r);
+      const __m512 a1 = r + 1 < rows ? row(r + 1) : _mm512_setzero_ps();
+      put_pairs<F>(a + r * w, pairs(a0, a1), m);
     }
-    fold16<F>(sg + k, a0, m);
-    fold16<F>(sgx + k, a1, m);
+    fold16<F>(sg + k, s0, m);
+    fold16<F>(sgx + k, s1, m);
   });
 }
 
@@ -312,7 +328,8 @@ bool available() { return false; }
 void activation(const uint16_t*, int64_t, int64_t, const Channels&, uint16_t*) {}
 void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
 void store(const float*, const float*, int64_t, int64_t, uint16_t*, double*, double*) {}
-void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, double*, double*, uint16_t*) {}
+void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, double*, double*, uint16_t*,
+                 const Pairs&) {}
 void grad_input(const uint16_t*, const uint16_t*, int64_t, int64_t, const Channels&, const float*, const float*,
                 const uint16_t*, uint16_t*) {}
 void add(const uint16_t*, int64_t, int64_t, double*) {}

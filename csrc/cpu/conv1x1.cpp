@@ -465,16 +465,11 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
       const scalar_t *gy = gyp + m0 * cout, *xt = xp + m0 * c;
       in_float_groups(rows, [&](int64_t r, int64_t n) { bf16rows::add(bits(gy + r * cout), n, cout, sb); });
       amx::gemm(rows, c, cout, cout, c, false, gy, wv.data(), da.data());
+      static_assert(kFloatRows % 2 == 0, "masked_grad's activation pairs start on even rows");
       in_float_groups(rows, [&](int64_t r, int64_t n) {
-        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, sg, sgx, bits(gxp + (m0 + r) * c));
+        bf16rows::masked_grad(da.data() + r * c, bits(xt + r * c), n, c, ch, sg, sgx, bits(gxp + (m0 + r) * c),
+                              {bits(apairs.data()), r2, amx::kBlockN, r});
       });
-      for (int64_t j0 = 0; j0 < c; j0 += amx::kBlockN) {  // B's column blocks (brgemm_bf16.h)
-        const int64_t w = std::min(amx::kBlockN, c - j0);
-        const bf16rows::Channels chj = bn.channels(j0);
-        for (int64_t p = 0; p < rows; p += 2)
-          bf16rows::activation_pairs(bits(xt + p * c + j0), p + 1 < rows ? bits(xt + (p + 1) * c + j0) : nullptr, w,
-                                     chj, bits(apairs.data() + j0 * r2 + p * w));
-      }
       amx::transpose(gy, rows, r2, cout, cout, gtr.data(), r2);
       amx::gemm(cout, c, r2, r2, c, started, gtr.data(), apairs.data(), dwt.data());
       started = true;
