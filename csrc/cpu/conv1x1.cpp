@@ -67,13 +67,23 @@ constexpr const char* kBwd = "bn_relu_conv1x1_backward";
 // columns of floats each) stay in a core's L2 at the hourglass's widths (256).
 constexpr int64_t kTileRows = 192;
 
-// Rows per tile, a multiple of `multiple`: at most about kTileRows, in a number of tiles the
-// threads share evenly (parallel_for gives each a run of them), so that small maps keep every
-// core busy to the end (4x16x16 split 576/448 rows between two threads in tiles of 192).
-inline int64_t tile_rows(int64_t rows_total, int64_t multiple) {
-  const int64_t tiles = round_up((rows_total + kTileRows - 1) / kTileRows, at::get_num_threads());
-  return round_up((rows_total + tiles - 1) / tiles, multiple);
-}
+// The tiles of rows_total rows: each thread's share (parallel_for over count() hands thread p
+// the tiles [p k, (p + 1) k)) equal to within `multiple` rows, in k tiles of at most about
+// kTileRows, a multiple of `multiple` but each share's last. (One run of equal tiles over all
+// rows left a short tile at the end: 4x32x32 split 2112/1984 rows between two threads.)
+struct Tiles {
+  int64_t total, share, k, rows;  // rows: a tile's most
+  Tiles(int64_t rows_total, int64_t multiple)
+      : total(rows_total), share(round_up((rows_total + at::get_num_threads() - 1) / at::get_num_threads(), multiple)),
+        k((share + kTileRows - 1) / kTileRows), rows(round_up((share + k - 1) / k, multiple)) {}
+  int64_t count() const { return k * at::get_num_threads(); }
+  // Tile t's first row and its rows (none: past the end).
+  int64_t first(int64_t t) const { return t / k * share + t % k * rows; }
+  int64_t size(int64_t t) const {
+    const int64_t m0 = first(t), end = std::min(total, (t / k + 1) * share);
+    return std::max<int64_t>(0, std::min(m0 + rows, end) - m0);
+  }
+};
 
 template <typename T>
 gemm::Kernel<T> kernel_for();
@@ -317,7 +327,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
   const bool amx = on_amx<scalar_t>(c, cout);
-  const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = tile_rows(rows_total, amx ? 16 : kern.mr);
+  const Tiles tiles(rows_total, amx ? 16 : kern.mr);
+  const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = tiles.rows;
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
   // W^T as B
   const Buffer<T> wp = amx ? Buffer<T>() : weight_panels<scalar_t, T>(in<scalar_t>(conv_w), c, cout, 1, c, kern.nr);
@@ -326,12 +337,11 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const scalar_t* xp = in<scalar_t>(x);
   scalar_t* yp = out<scalar_t>(y);
   ThreadSums acc(2, sums ? cout : 0);
-  const int64_t tiles = (rows_total + tile - 1) / tile;
   // The FMA path streams float y past the cache; AMX's bf16 y stays in it, for the next BN
   // (streamed, the forward took 1.5x as long at 128->256 64x64: benchmarks/results/HISTORY.md).
   const int64_t y_bytes = y.numel() * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = streams(yp, y_bytes, cout % 8 == 0);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
     Buffer<T> a(amx ? 0 : tile * c);
     Scratch<T> cbuf(tile * np);  // (each tile's GEMM writes the rows its store reads)
     Scratch<scalar_t> abf(amx ? tile * c : 0);
@@ -343,7 +353,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     T* ps = partials ? part.data() : nullptr;
     T* ps2 = partials ? part.data() + cout : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
+      const int64_t m0 = tiles.first(t), rows = tiles.size(t), rows_p = round_up(rows, kern.mr);
+      if (rows == 0) continue;
       if (amx) {
         if constexpr (kAmxType<scalar_t>) {
           const bf16rows::Channels ch = bn.channels();
@@ -357,9 +368,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       }
       activation_rows(xp + m0 * c, rows, c, bn, a.data());
       std::fill(a.begin() + rows * c, a.begin() + rows_p * c, T(0));
-      const int64_t next = std::min(tile, std::max<int64_t>(0, rows_total - m0 - tile));
-      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + (m0 + tile) * c,
-               (t + 1 < t1 ? next : 0) * c * static_cast<int64_t>(sizeof(scalar_t)));
+      const int64_t next = t + 1 < t1 ? tiles.size(t + 1) : 0;
+      kern.run(a.data(), c, 1, wp.data(), cbuf.data(), np, rows_p, np, c, false, xp + tiles.first(t + 1) * c,
+               next * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r) {
         store_row(cbuf.data() + r * np, bias, yp + (m0 + r) * cout, cout, ps, ps2, stream);
         fold_two(r, rows, ps, ps2, s, s2, cout);
@@ -383,7 +394,8 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   using T = at::opmath_type<scalar_t>;
   const gemm::Kernel<T> kern = kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const int64_t tile = tile_rows(rows_total, kern.mr);
+  const Tiles tiles(rows_total, kern.mr);
+  const int64_t tile = tiles.rows;
   const int64_t nc = round_up(c, kern.nr);     // grad-activation columns (and dW's)
   const int64_t ga = round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
@@ -394,8 +406,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   const int nthreads = at::get_num_threads();
   std::vector<Buffer<T>> dw(nthreads);  // dW [ga][nc] per thread, summed after
   ThreadSums acc(3, std::max(c, cout));
-  const int64_t tiles = (rows_total + tile - 1) / tile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
     Buffer<T>& dwt = dw[at::get_thread_num()];
     if (dwt.empty()) dwt.assign(ga * nc, T(0));
     Buffer<T> gt(tile * ga), act(tile * nc), cbuf(tile * nc);
@@ -403,7 +414,8 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
     Buffer<T> part(2 * c + cout, T(0));
     T *psg = part.data(), *psgx = psg + c, *psb = psgx + c;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), rows_p = round_up(rows, kern.mr);
+      const int64_t m0 = tiles.first(t), rows = tiles.size(t), rows_p = round_up(rows, kern.mr);
+      if (rows == 0) continue;
       // The gradient tile in the math type, zero-padded to ga columns and rows_p rows; the
       // conv bias's gradient summed on the way.
       for (int64_t r = 0; r < rows; ++r) {
@@ -413,11 +425,11 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       std::fill(gt.begin() + rows * ga, gt.begin() + rows_p * ga, T(0));
       // dW[co][k] += sum_r G[r][co] * act[r][k]: G read column-major, the activation recomputed.
       activation_panels(xp + m0 * c, rows, c, kern.nr, bn, act.data());
-      const int64_t next = t + 1 < t1 ? std::min(tile, rows_total - m0 - tile) : 0;
-      kern.run(gt.data(), 1, ga, act.data(), dwt.data(), nc, ga, nc, rows, true, gyp + (m0 + tile) * cout,
+      const int64_t next = t + 1 < t1 ? tiles.size(t + 1) : 0, m1 = tiles.first(t + 1);
+      kern.run(gt.data(), 1, ga, act.data(), dwt.data(), nc, ga, nc, rows, true, gyp + m1 * cout,
                next * cout * static_cast<int64_t>(sizeof(scalar_t)));
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
-      kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + (m0 + tile) * c,
+      kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + m1 * c,
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
       for (int64_t r = 0; r < rows; ++r) {
         masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, psg, psgx);
@@ -443,7 +455,8 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
                   const at::Tensor& sum_gx, const at::Tensor& grad_w, const at::Tensor& grad_b) {
   using scalar_t = c10::BFloat16;
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const int64_t tile = tile_rows(rows_total, 16), tiles = (rows_total + tile - 1) / tile, tile2 = round_up(tile, 2);
+  const Tiles tiles(rows_total, 16);
+  const int64_t tile = tiles.rows, tile2 = round_up(tile, 2);
   const Buffer<scalar_t> wv = weight_pairs(in<scalar_t>(conv_w), cout, c, false);  // W as B
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
@@ -451,17 +464,19 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
   std::vector<Scratch<float>> dw(at::get_num_threads());  // dW [cout][c] per thread
   ThreadSums acc(3, std::max(c, cout));
   scalar_t* gxp = out<scalar_t>(grad_x);  // g, then grad_x in place
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    // A thread's dW starts with its first tile (the parallel backend may hand it several ranges).
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
+    // A thread's dW starts with its first tile (the parallel backend may hand it several
+    // ranges, and a range may hold no rows: then it keeps none).
     Scratch<float>& dwt = dw[at::get_thread_num()];
     bool started = !dwt.empty();
-    if (!started) dwt.resize(cout * c);
     // (each tile writes what its GEMMs read)
     Scratch<float> da(tile * c);
     Scratch<scalar_t> apairs(tile2 * c), gtr(cout * tile2);
     double *sg = acc.mine(0), *sgx = acc.mine(1), *sb = acc.mine(2);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0), r2 = round_up(rows, 2);
+      const int64_t m0 = tiles.first(t), rows = tiles.size(t), r2 = round_up(rows, 2);
+      if (rows == 0) continue;
+      if (!started) dwt.resize(cout * c);
       const scalar_t *gy = gyp + m0 * cout, *xt = xp + m0 * c;
       in_float_groups(rows, [&](int64_t r, int64_t n) { bf16rows::add(bits(gy + r * cout), n, cout, sb); });
       amx::gemm(rows, c, cout, cout, c, false, gy, wv.data(), da.data());
@@ -490,9 +505,10 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
     }
   }
   const scalar_t* skp = grad_skip ? in<scalar_t>(*grad_skip) : nullptr;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = t * tile, rows = std::min(tile, rows_total - m0);
+      const int64_t m0 = tiles.first(t), rows = tiles.size(t);
+      if (rows == 0) continue;
       bf16rows::grad_input(bits(gxp + m0 * c), bits(xp + m0 * c), rows, c, ch, mean_g.data(), mean_gx.data(),
                            skp ? bits(skp + m0 * c) : nullptr, bits(gxp + m0 * c));
     }
