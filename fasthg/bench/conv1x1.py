@@ -118,9 +118,7 @@ def run(device: str = "auto", levels=LEVELS, units=UNITS, batch: int = 16, dtype
                             med, spreads = medians_and_spreads(interleaved_samples(fns, dev, warmup, repeats))
                         for b in fns:
                             kind = {"triton": "fused", "native": "native"}.get(b, "unfused")
-                            amx = kind == "native" and unit.native_gemm_kernel(dtype, cin, cout) == "amx"
-                            bwd = "native amx" if amx else kind
-                            byts = moved[f"{kind} forward"] + (moved[f"{bwd} backward"] if mode != "forward" else 0)
+                            byts = moved[f"{kind} forward"] + (moved[f"{kind} backward"] if mode != "forward" else 0)
                             byts += x_bytes if kind == "fused" else 0  # Triton's rows time x's statistics too
                             rows.append({"op": "bn_relu_conv1x1", "dtype": dtype_name(dtype), "level": hw,
                                          "cin": cin, "cout": cout, "batch": batch, "mode": mode, "backend": b,

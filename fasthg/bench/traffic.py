@@ -71,11 +71,10 @@ def bn_relu_conv1x1_bytes(n: int, h: int, w: int, cin: int, cout: int, itemsize:
         "fused eval backward": (y + x + wt + x) + (y + x + wt) + grad_parts + dw_parts,
         "fused backward partials": grad_parts + dw_parts,
         # the native CPU unit (csrc/cpu/conv1x1.cpp), x's statistics pass included | one pass
-        # over the tiles (grad_y, x; the masked gradient written), BN-ReLU's elementwise pass
+        # over the tiles (grad_y, x; the masked gradient written), then BN-ReLU's elementwise
+        # pass (on AMX a second walk over the tiles, in place: the same bytes)
         "native forward": x + (x + wt + y),
         "native backward": (y + x + wt + x) + (x + x + x),
-        # bfloat16 on AMX: two walks over grad_y and x, the second writing grad_x
-        "native amx backward": 2 * (y + x) + wt + x,
         # stats, normalise, conv, next stats | conv dgrad, wgrad, bias grad, BN reduce, BN elemt
         "unfused launches": (4, 5),
         # forward, finalize | data reduce, finalize, data dx, weight, 2 finalizes (+2 tiny divisions)
