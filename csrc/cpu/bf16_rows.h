@@ -20,14 +20,10 @@ struct Channels {
 // Whether this CPU has AVX512_BF16 (with AVX512BW and VL).
 bool available();
 
-// The passes below but activation_pairs take `rows` consecutive rows of n values (row r of
-// each operand at r * n).
+// The passes below take `rows` consecutive rows of n values (row r of each operand at r * n).
 
 // dst = bf16(relu((x - mean) * scale + bias)).
 void activation(const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, uint16_t* dst);
-
-// The activation of rows x0 and x1 (null: a zero row) of n values as VNNI pairs: dst[2k + i] = row i's.
-void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst);
 
 // The passes that sum over rows (store with s, masked_grad, add) take one group of at most
 // kFloatRows rows (channel_passes.h): each channel's sum in float, row after row, then folded
@@ -37,9 +33,10 @@ void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const C
 // and s2 (per channel).
 void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, double* s, double* s2);
 
-// Where masked_grad puts the activation of its rows, as activation_pairs forms it: a tile of
-// `rows` rows (even) in column blocks of `block` channels, block q's [rows / 2][w][2] at
-// tile + q * block * rows (w = block, or what is left of n), masked_grad's first row at row0 (even).
+// Where masked_grad puts the activation of its rows, bf16 in VNNI pairs (an AMX B operand,
+// brgemm_bf16.h): a tile of `rows` rows (even) in column blocks of `block` channels, block q's
+// [rows / 2][w][2] at tile + q * block * rows (w = block, or what is left of n), masked_grad's
+// first row at row0 (even).
 struct Pairs {
   uint16_t* tile;
   int64_t rows, block, row0;

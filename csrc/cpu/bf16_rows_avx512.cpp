@@ -146,16 +146,6 @@ void activation(const uint16_t* x, int64_t rows, int64_t n, const Channels& ch, 
   });
 }
 
-void activation_pairs(const uint16_t* x0, const uint16_t* x1, int64_t n, const Channels& ch, uint16_t* dst) {
-  each16(n, [&](auto full, int64_t k, __mmask16 m) {
-    constexpr bool F = decltype(full)::value;
-    const Lanes<F> c(ch, k, m);
-    const __m512 a0 = c.value(load_bf16<F>(x0 + k, m));
-    const __m512 a1 = x1 ? c.value(load_bf16<F>(x1 + k, m)) : _mm512_setzero_ps();
-    put_pairs<F>(dst + 2 * k, pairs(a0, a1), m);
-  });
-}
-
 void store(const float* c, const float* bias, int64_t rows, int64_t n, uint16_t* y, double* s, double* s2) {
   if (!s) {
     each_block(rows, [&](int64_t r0, int64_t r1) {
@@ -345,7 +335,6 @@ namespace fasthg {
 namespace bf16rows {
 bool available() { return false; }
 void activation(const uint16_t*, int64_t, int64_t, const Channels&, uint16_t*) {}
-void activation_pairs(const uint16_t*, const uint16_t*, int64_t, const Channels&, uint16_t*) {}
 void store(const float*, const float*, int64_t, int64_t, uint16_t*, double*, double*) {}
 void masked_grad(const float*, const uint16_t*, int64_t, int64_t, const Channels&, double*, double*, uint16_t*,
                  const Pairs&) {}

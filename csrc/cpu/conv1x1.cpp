@@ -112,9 +112,8 @@ struct BnParams {
       : mean(vec(m)), invstd(vec(s)), weight(vec(w)), bias(vec(b)), scale(invstd.size()) {
     for (size_t k = 0; k < scale.size(); ++k) scale[k] = invstd[k] * weight[k];
   }
-  bf16rows::Channels channels(int64_t k0 = 0) const {  // from channel k0 on
-    if constexpr (std::is_same_v<T, float>)
-      return {mean.data() + k0, scale.data() + k0, bias.data() + k0, invstd.data() + k0};
+  bf16rows::Channels channels() const {
+    if constexpr (std::is_same_v<T, float>) return {mean.data(), scale.data(), bias.data(), invstd.data()};
     TORCH_INTERNAL_ASSERT(false, "bf16rows takes float constants");
   }
   static Buffer<T> vec(const at::Tensor& t) {
