@@ -90,12 +90,10 @@ inline __m512i pairs(__m512 a0, __m512 a1) {
   return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
 }
 
+// 16 pairs into dst, the lanes in m (a pair is a float's 32 bits).
 template <bool Full>
 inline __attribute__((always_inline)) void put_pairs(uint16_t* dst, __m512i v, __mmask16 m) {
-  if (Full)
-    _mm512_storeu_si512(dst, v);
-  else
-    _mm512_mask_storeu_epi32(dst, m, v);
+  store<Full>(reinterpret_cast<float*>(dst), _mm512_castsi512_ps(v), m);
 }
 
 // total[k .. k + 16) += v's lanes in double, those in m: a group's float sums folded into
