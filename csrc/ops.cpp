@@ -100,6 +100,12 @@ TORCH_LIBRARY(fasthg, m) {
   m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, bool input_grad, "
         "ScalarType? grad_weight_dtype=None) -> "
         "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // A float32 (or float64) 3x3 convolution, stride 1, zero padding 1, one group, by Winograd's
+  // F(2x2, 3x3), and its backward (the input gradient where input_grad, else an empty tensor):
+  // fasthg.ops.conv2d's on CPUs with AVX2 or AVX-512, csrc/cpu/conv3x3_winograd.cpp.
+  m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("conv3x3_winograd_backward(Tensor grad_out, Tensor x, Tensor weight, bool input_grad) -> "
+        "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Which GEMM kernel the CPU unit runs for a dtype here: avx512, avx2 or plain
   // (csrc/cpu/gemm_panels.h), or amx for bfloat16 on AMX CPUs (csrc/cpu/brgemm_bf16.h)
   m.def("cpu_gemm_kernel(ScalarType dtype) -> str");

@@ -110,7 +110,10 @@ def test_module_values_and_gradients_against_float64(dtype, k, bias, poison):
     conv, ref = _module_pair(8, 6, k, seed=k, bias=bias)
     x = torch.randn(2, 8, 48, 47).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        assert conv2d_module.fuses(x, conv) == (dtype == torch.bfloat16 and conv2d_module.amx_available())
+        # float32 3x3: the Winograd kernel (tests/test_conv3x3_winograd.py), where it runs
+        want_fused = conv2d_module.amx_available() if dtype == torch.bfloat16 else (
+            k == 3 and conv2d_module.winograd_available())
+        assert conv2d_module.fuses(x, conv) == want_fused
         out = conv(x)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     x64 = x.detach().double().requires_grad_()
@@ -125,8 +128,10 @@ def test_module_values_and_gradients_against_float64(dtype, k, bias, poison):
 
 
 def test_module_is_nn_conv2d_where_it_does_not_fuse(monkeypatch):
-    """eager backend, NCHW, float32, float64, stride 2, dilation, groups, even kernels, odd
-    channel counts, no gradient: nn.Conv2d's own forward, exactly."""
+    """eager backend, NCHW, float64, stride 2, dilation, groups, even kernels, odd channel
+    counts (bf16), no gradient: nn.Conv2d's own forward, exactly (float32 3x3s too, with too few
+    pixels for the Winograd kernel)."""
+    monkeypatch.setattr(conv2d_module, "_WINOGRAD_PIXELS_PER_WEIGHT", 1e9)
     monkeypatch.setattr(conv2d_module._Conv2d, "apply", lambda *a: pytest.fail("fused"))
     cl = torch.channels_last
     cases = [(dict(backend="eager"), cl, True), (dict(), torch.contiguous_format, True),

@@ -38,6 +38,7 @@
 #include "brgemm_bf16.h"
 #include "channel_passes.h"
 #include "gemm_panels.h"
+#include "tiles.h"
 
 namespace fasthg {
 namespace gemm {
@@ -56,6 +57,11 @@ const Kernel<float>& best_float_kernel() {
   return chosen;
 }
 
+template <>
+Kernel<float> kernel_for<float>() { return best_float_kernel(); }
+template <>
+Kernel<double> kernel_for<double>() { return plain_kernel<double>(); }
+
 }  // namespace gemm
 
 namespace {
@@ -66,31 +72,6 @@ constexpr const char* kBwd = "bn_relu_conv1x1_backward";
 // Rows (pixels) per tile: the activation tile and the output tile (C channels and Cout
 // columns of floats each) stay in a core's L2 at the hourglass's widths (256).
 constexpr int64_t kTileRows = 192;
-
-// The tiles of rows_total rows: each thread's share (parallel_for over count() hands thread p
-// the tiles [p k, (p + 1) k)) equal to within `multiple` rows, in k tiles of at most about
-// kTileRows, a multiple of `multiple` but each share's last. (One run of equal tiles over all
-// rows left a short tile at the end: 4x32x32 split 2112/1984 rows between two threads.)
-struct Tiles {
-  int64_t total, share, k, rows;  // rows: a tile's most
-  Tiles(int64_t rows_total, int64_t multiple)
-      : total(rows_total), share(round_up((rows_total + at::get_num_threads() - 1) / at::get_num_threads(), multiple)),
-        k((share + kTileRows - 1) / kTileRows), rows(round_up((share + k - 1) / k, multiple)) {}
-  int64_t count() const { return k * at::get_num_threads(); }
-  // Tile t's first row and its rows (none: past the end).
-  int64_t first(int64_t t) const { return t / k * share + t % k * rows; }
-  int64_t size(int64_t t) const {
-    const int64_t m0 = first(t), end = std::min(total, (t / k + 1) * share);
-    return std::max<int64_t>(0, std::min(m0 + rows, end) - m0);
-  }
-};
-
-template <typename T>
-gemm::Kernel<T> kernel_for();
-template <>
-gemm::Kernel<float> kernel_for<float>() { return gemm::best_float_kernel(); }
-template <>
-gemm::Kernel<double> kernel_for<double>() { return gemm::plain_kernel<double>(); }
 
 // Whether a call's GEMMs run on AMX: bfloat16 where amx::bf16_runs says so.
 template <typename scalar_t>
@@ -323,10 +304,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
                     const at::Tensor& bn_b, const at::Tensor& conv_w, const at::Tensor& conv_b, const at::Tensor& y,
                     at::Tensor* sums) {
   using T = at::opmath_type<scalar_t>;
-  const gemm::Kernel<T> kern = kernel_for<T>();
+  const gemm::Kernel<T> kern = gemm::kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
   const bool amx = on_amx<scalar_t>(c, cout);
-  const Tiles tiles(rows_total, amx ? 16 : kern.mr);
+  const Tiles tiles(rows_total, amx ? 16 : kern.mr, kTileRows);
   const int64_t np = amx ? cout : round_up(cout, kern.nr), tile = tiles.rows;
   const BnParams<T> bn(mean, invstd, bn_w, bn_b);
   // W^T as B
@@ -391,9 +372,9 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                      const at::Tensor& sum_g, const at::Tensor& sum_gx, const at::Tensor& grad_w,
                      const at::Tensor& grad_b) {
   using T = at::opmath_type<scalar_t>;
-  const gemm::Kernel<T> kern = kernel_for<T>();
+  const gemm::Kernel<T> kern = gemm::kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const Tiles tiles(rows_total, kern.mr);
+  const Tiles tiles(rows_total, kern.mr, kTileRows);
   const int64_t tile = tiles.rows;
   const int64_t nc = round_up(c, kern.nr);     // grad-activation columns (and dW's)
   const int64_t ga = round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
@@ -454,7 +435,7 @@ void backward_amx(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<
                   const at::Tensor& sum_gx, const at::Tensor& grad_w, const at::Tensor& grad_b) {
   using scalar_t = c10::BFloat16;
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
-  const Tiles tiles(rows_total, 16);
+  const Tiles tiles(rows_total, 16, kTileRows);
   const int64_t tile = tiles.rows, tile2 = round_up(tile, 2);
   const Buffer<scalar_t> wv = weight_pairs(in<scalar_t>(conv_w), cout, c, false);  // W as B
   const scalar_t* xp = in<scalar_t>(x);

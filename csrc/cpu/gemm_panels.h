@@ -61,5 +61,13 @@ constexpr Kernel<T> plain_kernel() {
 // benchmarks of the other paths).
 const Kernel<float>& best_float_kernel();
 
+// The kernel for T: best_float_kernel for float, the plain loops for double (gradcheck).
+template <typename T>
+Kernel<T> kernel_for();
+template <>
+Kernel<float> kernel_for<float>();
+template <>
+Kernel<double> kernel_for<double>();
+
 }  // namespace gemm
 }  // namespace fasthg

@@ -27,6 +27,7 @@ from fasthg.ops import _backend
 from fasthg.ops import conv1x1 as _conv1x1
 from fasthg.ops.conv1x1 import bn_relu_conv1x1, bn_relu_conv1x1_with_skip
 from fasthg.ops.conv2d import backward as conv_backward
+from fasthg.ops.conv2d import forward as conv_forward
 from fasthg.ops.conv2d import compute_dtype  # (relu(bn(x)) has x's dtype)
 from fasthg.ops.bn_relu import (_OPS, _affine, _as_dtype, _batch_statistics, _grad_means, _sync_group,
                                  _takes_sums, _train_backward, _update_running_stats, batch_norm_args, bn_relu,
@@ -81,8 +82,7 @@ class _BNReLUConvRecompute(torch.autograd.Function):
         biases = [None if b is None else b.to(dtype) for b in conv_params[1::2]]
         ctx.param_dtypes = tuple(w.dtype for w in conv_params[0::2])
         y = y.to(dtype)
-        outs = tuple(torch.ops.aten.convolution(y, w, b, *g, False, [0, 0], 1)
-                     for w, b, g in zip(weights, biases, geometry))
+        outs = tuple(conv_forward(y, w, b, *g, 1) for w, b, g in zip(weights, biases, geometry))
         # y dies here: only x and the statistics (and the parameters) are kept.
         ctx.save_for_backward(x, weight, bias, mean, invstd, *weights)
         ctx.which, ctx.group, ctx.count, ctx.geometry = which, group, count, geometry

@@ -1,29 +1,37 @@
-"""conv2d(x, conv): the convolution, with its backward from fasthg's AMX kernel
-(fasthg::conv2d_backward, csrc/cpu/conv2d.cpp) where that runs: bfloat16 on AMX CPUs, a
-stride-1 convolution with an odd square kernel, zero padding k // 2, no dilation, one group,
-even channel counts, channels_last input (the hourglass's 1x1 and 3x3 convolutions). There
-oneDNN's bf16 weight gradient takes 2-3x its own forward; fasthg's computes the weight and
-bias gradients, and for 1x1 convolutions the input gradient in the same pass over the output
-gradient. The forward (and a 3x3 input gradient) stay oneDNN's. Everywhere else, and with
-backend="eager", it is the module's own forward.
+"""conv2d(x, conv): the convolution on fasthg's CPU kernels where they pay, for training:
 
-`backward` is the same choice for the other fasthg ops that run a convolution's backward
-(conv_add, the recomputing BN-ReLU-conv unit).
+- bfloat16 on AMX CPUs (fasthg::conv2d_backward, csrc/cpu/conv2d.cpp): the backward of a
+  stride-1 convolution with an odd square kernel, zero padding k // 2, no dilation, one group,
+  even channel counts, channels_last input (the hourglass's 1x1 and 3x3 convolutions). There
+  oneDNN's bf16 weight gradient takes 2-3x its own forward; fasthg's computes the weight and
+  bias gradients, and for 1x1 convolutions the input gradient in the same pass over the output
+  gradient. The forward (and a 3x3 input gradient) stay oneDNN's.
+- float32 3x3 convolutions (stride 1, padding 1, one group) on CPUs with AVX2 or AVX-512, large
+  enough maps (fasthg::conv3x3_winograd, csrc/cpu/conv3x3_winograd.cpp): forward, input and
+  weight gradients by Winograd's F(2x2, 3x3), 16 multiplies per 2x2 output tile in place of 36.
+
+Everywhere else, and with backend="eager", it is the module's own forward.
+
+`forward` and `backward` are the same choices for the other fasthg ops that run a
+convolution (conv_add's backward, the recomputing BN-ReLU-conv unit).
 """
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
 
 from fasthg.ops import _backend, _ext
 
 
-def _amx() -> bool:
+def _gemm_kernel(dtype, op: str) -> str:
     ops = getattr(torch.ops, "fasthg", None)
-    if _ext.LOAD_ERROR is not None or not hasattr(ops, "conv2d_backward"):
-        return False
-    return torch.ops.fasthg.cpu_gemm_kernel(torch.bfloat16) == "amx"
+    if _ext.LOAD_ERROR is not None or not hasattr(ops, op):
+        return "none"
+    return torch.ops.fasthg.cpu_gemm_kernel(dtype)
 
 
-_AMX = _amx()  # once, at import: torch.compile traces through amx_available
+# Once, at import: torch.compile traces through amx_available and winograd_available.
+_AMX = _gemm_kernel(torch.bfloat16, "conv2d_backward") == "amx"
+_WINOGRAD = _gemm_kernel(torch.float32, "conv3x3_winograd") in ("avx512", "avx2")
 
 
 def amx_available() -> bool:
@@ -38,7 +46,42 @@ _PIXELS_PER_WEIGHT = 0.1
 _SMALL_WEIGHTS = {1: 256 * 256, 3: 128 * 128}
 
 
+def winograd_available() -> bool:
+    """Whether fasthg's extension is built and its float32 GEMM kernel runs AVX2 or AVX-512 here
+    (csrc/cpu/gemm_panels.h), the Winograd 3x3 convolution's condition."""
+    return _WINOGRAD
+
+
+# Pixels (batch x height x width) per weight element (cout x cin) from which the Winograd
+# convolution ran faster than oneDNN's, forward and backward (a 2-core AVX-512 Xeon,
+# HISTORY.md): 128 channels from 16x16 maps at batch 4 (1,024 pixels); below, its weight
+# transform and short blocks cost more than the 2.25x fewer multiplies save.
+_WINOGRAD_PIXELS_PER_WEIGHT = 0.05
+# Up to 256 x 256 channels: larger transformed weights (16 cin cout floats) leave the L2.
+_WINOGRAD_MAX_WEIGHTS = 256 * 256
+
+
+def _winograd_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    if device_type != "cpu" or dtype != torch.float32 or len(x_shape) != 4 or len(w_shape) != 4:
+        return False
+    cout, cin, kh, kw = w_shape
+    if (kh, kw) != (3, 3) or cin != x_shape[1] or (tuple(stride), tuple(padding), tuple(dilation), groups) != (
+            (1, 1), (1, 1), (1, 1), 1):
+        return False
+    pixels = x_shape[0] * x_shape[2] * x_shape[3]
+    return (cout * cin <= _WINOGRAD_MAX_WEIGHTS and pixels > 0 and pixels >= _WINOGRAD_PIXELS_PER_WEIGHT * cout * cin
+            and winograd_available())
+
+
+def runs_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
+    """Whether this convolution of x runs on fasthg's Winograd kernel (forward and backward)."""
+    dtype = x.dtype if weight.dtype == x.dtype else None
+    return _winograd_takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
+
+
 def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    if _winograd_takes(dtype, device_type, x_shape, w_shape, stride, padding, dilation, groups):
+        return True
     if device_type != "cpu" or dtype != torch.bfloat16 or len(x_shape) != 4 or len(w_shape) != 4:
         return False
     cout, cin, k, kw = w_shape
@@ -58,8 +101,8 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
 
 
 def backward_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
-    """Whether the backward of this convolution of x runs on fasthg's AMX kernel (bf16, the
-    geometry it has, enough pixels per weight element)."""
+    """Whether the backward of this convolution of x runs on fasthg's kernels: the AMX one
+    (bf16, the geometry it has, enough pixels per weight element) or the Winograd one."""
     dtype = x.dtype if weight.dtype == x.dtype else None
     return _takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
 
@@ -69,7 +112,10 @@ def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups,
     the gradients mask asks for, from fasthg's kernel where it runs; the weight and bias
     gradients in param_dtype (the parameters' own dtype, where weight is their autocast cast)."""
     mask = [mask[0], mask[1], has_bias and mask[2]]
-    if (mask[1] or mask[2]) and backward_fuses(x, weight, stride, padding, dilation, groups):
+    if (mask[1] or mask[2]) and runs_winograd(x, weight, stride, padding, dilation, groups):
+        gx, gw, gb = torch.ops.fasthg.conv3x3_winograd_backward(grad, x, weight, mask[0])
+        gx, gw, gb = gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
+    elif (mask[1] or mask[2]) and backward_fuses(x, weight, stride, padding, dilation, groups):
         # the kernel writes float32 from its float sums itself; other dtypes are cast below
         direct = torch.float32 if param_dtype == torch.float32 else None
         gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, mask[0], direct)
@@ -88,8 +134,21 @@ def _fake_backward(grad_out, x, weight, input_grad, grad_weight_dtype=None):
     return gx, torch.empty_like(weight, dtype=dtype), weight.new_empty(weight.shape[:1], dtype=dtype)
 
 
+def _fake_winograd(x, weight, bias=None):
+    y = x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+    return y.contiguous(memory_format=suggest_memory_format(x))  # (as the kernel's output)
+
+
+def _fake_winograd_backward(grad_out, x, weight, input_grad):
+    gx = x.new_empty(x.shape).contiguous(memory_format=suggest_memory_format(x)) if input_grad else x.new_empty(0)
+    return gx, torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+
+
 if _ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, "fasthg", None), "conv2d_backward"):
     torch.library.register_fake("fasthg::conv2d_backward", _fake_backward)
+if _ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, "fasthg", None), "conv3x3_winograd"):
+    torch.library.register_fake("fasthg::conv3x3_winograd", _fake_winograd)
+    torch.library.register_fake("fasthg::conv3x3_winograd_backward", _fake_winograd_backward)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -101,7 +160,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
-    """Whether conv2d takes fasthg's AMX backward: a backend other than eager, an nn.Conv2d (or
+    """Whether conv2d takes fasthg's kernels: a backend other than eager, an nn.Conv2d (or
     fasthg.nn.Conv2d) with numeric zero padding, x channels_last, gradients wanted, and the
     geometry, dtype and size backward_fuses takes."""
     if backend not in _backend.BACKENDS:
@@ -135,11 +194,18 @@ def backward_grads(ctx, grad):
     return backward(grad, x, w, has_bias, stride, padding, dilation, groups, ctx.needs_input_grad[:3], param_dtype)
 
 
+def forward(x, weight, bias, stride, padding, dilation, groups):
+    """aten.convolution(x, weight, bias, ...), on fasthg's Winograd kernel where runs_winograd."""
+    if runs_winograd(x, weight, stride, padding, dilation, groups) and (bias is None or bias.dtype == x.dtype):
+        return torch.ops.fasthg.conv3x3_winograd(x, weight, bias)
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+
+
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dtype, stride, padding, dilation, groups):
         w, b = save_cast(ctx, x, weight, bias, dtype, stride, padding, dilation, groups)
-        return torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0, 0], groups)
+        return forward(x, w, b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -147,7 +213,7 @@ class _Conv2d(torch.autograd.Function):
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, backend: str = "auto") -> torch.Tensor:
-    """conv(x), its backward on fasthg's AMX kernel where `fuses` says so."""
+    """conv(x), on fasthg's kernels where `fuses` says so."""
     if not fuses(x, conv, backend):
         return nn.Conv2d.forward(conv, x)
     dtype = compute_dtype(x)

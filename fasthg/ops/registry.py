@@ -60,9 +60,10 @@ TRITON_ONLY_KERNELS = ("conv1x1",)  # fasthg.ops.conv1x1.bn_relu_conv1x1
 
 # fasthg:: schemas of csrc/ops.cpp that no registered op owns: the conv1x1 unit's CPU kernels
 # (csrc/cpu/conv1x1.cpp; fasthg.ops.conv1x1), the name of the CPU GEMM kernel they run, and
-# the convolution's backward on AMX (csrc/cpu/conv2d.cpp; fasthg.ops.conv2d).
+# the convolution's backward on AMX (csrc/cpu/conv2d.cpp) and the Winograd 3x3 convolution
+# (csrc/cpu/conv3x3_winograd.cpp), both fasthg.ops.conv2d's.
 UNREGISTERED_SCHEMAS = ("bn_relu_conv1x1_forward", "bn_relu_conv1x1_backward", "cpu_gemm_kernel",
-                         "conv2d_backward")
+                         "conv2d_backward", "conv3x3_winograd", "conv3x3_winograd_backward")
 
 # Feature-map sizes (height = width) at which the bars apply.
 BAR_LEVELS = (64, 32)
