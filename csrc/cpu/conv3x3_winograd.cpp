@@ -43,6 +43,11 @@ constexpr int64_t kBlockTiles = 48;
 // float sums.
 constexpr int64_t kWeightBlockTiles = 48;
 
+// The distance between a block's planes (which a transform writes or reads all 16 of per
+// channel): a cache line more than a multiple of 64 bytes, so that they never lie a multiple
+// of 4 KiB apart and compete for the same L1 sets.
+inline int64_t plane_stride(int64_t n) { return round_up(n, 16) + 16; }
+
 // The output's 2x2 tiles in (image, tile row, tile column) order.
 struct Grid {
   int64_t h, w, th, tw;
@@ -178,10 +183,9 @@ struct Transformed {
 // w [cout][cin][3][3]; flip: the input gradient's weight (w turned by 180 degrees, its
 // input and output channels swapped).
 template <typename T>
-Transformed<T> transform_weight(const at::Tensor& weight, bool flip, int64_t nr) {
-  const at::Tensor w = weight.contiguous();
-  const T* wp = in<T>(w);
-  const int64_t co = w.size(0), ci = w.size(1);
+Transformed<T> transform_weight(const at::Tensor& w, bool flip, int64_t nr) {
+  const T* wp = in<T>(w);  // in its own layout (channels_last in a channels_last model): no copy
+  const int64_t co = w.size(0), ci = w.size(1), so = w.stride(0), si = w.stride(1), sa = w.stride(2), sb = w.stride(3);
   Transformed<T> t{flip ? co : ci, flip ? ci : co, 0, {}};
   t.cp = round_up(t.cout, nr);
   t.u.resize(kPoints * t.cin * t.cp);
@@ -190,8 +194,11 @@ Transformed<T> transform_weight(const at::Tensor& weight, bool flip, int64_t nr)
     std::vector<double> g(9 * t.cp, 0.0), u(kPoints * t.cp);
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t j = 0; j < t.cout; ++j) {
-        const T* k = wp + (flip ? p * ci + j : j * ci + p) * 9;
-        for (int tap = 0; tap < 9; ++tap) g[tap * t.cp + j] = flip ? k[8 - tap] : k[tap];
+        const T* k = wp + (flip ? p * so + j * si : j * so + p * si);
+        for (int tap = 0; tap < 9; ++tap) {
+          const int a = flip ? 2 - tap / 3 : tap / 3, b = flip ? 2 - tap % 3 : tap % 3;
+          g[tap * t.cp + j] = k[a * sa + b * sb];
+        }
       }
       const int64_t cp = t.cp;
 #pragma omp simd
@@ -221,7 +228,7 @@ void forward_tiles(const T* x, int64_t n, int64_t h, int64_t w, const Transforme
   const Tiles tiles(n * grid.th * grid.tw, kern.mr, kBlockTiles);
   const std::vector<T> zeros(std::max(c, cout), T(0));
   const T* b = bias ? bias : zeros.data();
-  const int64_t pv = tiles.rows * c, pm = tiles.rows * cp;  // plane strides
+  const int64_t pv = plane_stride(tiles.rows * c), pm = plane_stride(tiles.rows * cp);
   at::parallel_for(0, tiles.count(), 1, [&](int64_t b0, int64_t b1) {
     Scratch<T> v(kPoints * pv), m(kPoints * pm);
     Scratch<T> dump(4 * cout);  // a pixel each
@@ -258,14 +265,14 @@ void forward_tiles(const T* x, int64_t n, int64_t h, int64_t w, const Transforme
 // V in panels of nr channels; each thread sums its 16 (cout x c) products in float, the bias
 // (every tile's four gradient pixels, point 5 of A g A^T) in double.
 template <typename T>
-void weight_grad_tiles(const T* g, const T* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t cout, T* gw,
-                       T* gb) {
+void weight_grad_tiles(const T* g, const T* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t cout,
+                       const at::Tensor& grad_weight, T* gb) {
   const gemm::Kernel<T> kern = gemm::kernel_for<T>();
   const Grid grid(h, w);
   const int64_t nr = kern.nr, cp = round_up(c, nr), mp = round_up(cout, kern.mr);
   const Tiles tiles(n * grid.th * grid.tw, 1, kWeightBlockTiles);
   const std::vector<T> zeros(std::max(c, cout), T(0));
-  const int64_t pa = tiles.rows * mp, pb = tiles.rows * cp;  // plane strides
+  const int64_t pa = plane_stride(tiles.rows * mp), pb = plane_stride(tiles.rows * cp);
   std::vector<Scratch<T>> acc(at::get_num_threads());  // read before the loop: inside, nested counts
   std::vector<std::vector<double>> bias_acc(acc.size());
   at::parallel_for(0, tiles.count(), 1, [&](int64_t b0, int64_t b1) {
@@ -307,13 +314,16 @@ void weight_grad_tiles(const T* g, const T* x, int64_t n, int64_t h, int64_t w, 
     }
   });
   const T* total = sum_into_first(acc, kPoints * mp * cp);
+  T* gw = out<T>(grad_weight);  // in the weight's layout
+  const int64_t so = grad_weight.stride(0), si = grad_weight.stride(1), sa = grad_weight.stride(2),
+                sb = grad_weight.stride(3);
   at::parallel_for(0, cout, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t i = 0; i < c; ++i) {
         double du[4][4], dw[3][3];
         for (int e = 0; e < kPoints; ++e) du[e / 4][e % 4] = total ? double(total[(e * mp + o) * cp + i]) : 0.0;
         weight_transform_adjoint(du, dw);
-        for (int k = 0; k < 9; ++k) gw[(o * c + i) * 9 + k] = static_cast<T>(dw[k / 3][k % 3]);
+        for (int k = 0; k < 9; ++k) gw[o * so + i * si + k / 3 * sa + k % 3 * sb] = static_cast<T>(dw[k / 3][k % 3]);
       }
   });
   for (int64_t o = 0; o < cout; ++o) {
@@ -366,18 +376,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   at::Tensor gx = input_grad ? at::empty(x.sizes(), x.options().memory_format(cl)) : x.new_empty({0});
-  at::Tensor gw = at::empty(weight.sizes(), weight.options());  // [cout][c][3][3], contiguous
+  at::Tensor gw = at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   at::Tensor gb = at::empty({cout}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBwd, [&] {
     if (input_grad && gx.numel() > 0) {
       const auto u = transform_weight<scalar_t>(weight, true, gemm::kernel_for<scalar_t>().nr);
       forward_tiles<scalar_t>(in<scalar_t>(gc), n, h, w, u, nullptr, out<scalar_t>(gx));
     }
-    weight_grad_tiles<scalar_t>(in<scalar_t>(gc), in<scalar_t>(xc), n, h, w, c, cout, out<scalar_t>(gw),
-                                out<scalar_t>(gb));
+    weight_grad_tiles<scalar_t>(in<scalar_t>(gc), in<scalar_t>(xc), n, h, w, c, cout, gw, out<scalar_t>(gb));
   });
-  return {input_grad ? gx.contiguous(x.suggest_memory_format()) : gx,
-          gw.contiguous(weight.suggest_memory_format()), gb};
+  return {input_grad ? gx.contiguous(x.suggest_memory_format()) : gx, gw, gb};
 }
 
 }  // namespace
