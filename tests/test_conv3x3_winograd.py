@@ -217,3 +217,66 @@ def test_module_and_the_recomputing_unit_take_it(memory, monkeypatch, poison):
     for a, b in zip(got, exp):
         assert rel_err(a, b) < 1e-5
     assert calls == ["conv3x3_winograd", "conv3x3_winograd_backward"]
+
+
+# The float32 1x1 backward as two GEMMs (fasthg.ops.conv2d._gemm_backward): large enough maps.
+
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
+def test_float32_1x1_backward_as_gemms(mask, monkeypatch, poison):
+    monkeypatch.setattr(conv2d_module, "_GEMM_MIN_PIXELS", 0)
+    monkeypatch.setattr(conv2d_module, "_GEMM_MIN_CHANNELS", 0)
+    torch.manual_seed(9)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 9, 5, 7).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(9, 6, 1, 1).contiguous(memory_format=torch.channels_last)
+    geo = ([1, 1], [0, 0], [1, 1], 1)
+    got = conv2d_module.backward(grad, x, weight, True, *geo, list(mask))
+    want = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), [9], *geo[:3], False,
+                                               [0, 0], 1, [True, True, True])
+    for g, w, m, like in zip(got, want, mask, (x, weight, None)):
+        assert (g is None) == (not m)
+        if m:
+            assert g.shape == w.shape and rel_err(g, w) < 1e-6
+        if m and like is not None:
+            assert g.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gemm_routing():
+    x = torch.randn(4, 128, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert conv2d_module.fuses(x, nn.Conv2d(128, 256, 1))  # the hourglass's 1x1s at 64x64
+    assert not conv2d_module.fuses(x[:, :, :32, :32], nn.Conv2d(128, 256, 1))  # too few pixels
+    assert not conv2d_module.fuses(x, nn.Conv2d(128, 16, 1))  # too few channels
+    assert not conv2d_module.fuses(x, nn.Conv2d(128, 256, 1, stride=2))
+    assert not conv2d_module.fuses(x.contiguous(), nn.Conv2d(128, 256, 1))  # NCHW
+
+
+@pytest.mark.skipif(not conv2d_module.winograd_available(), reason="no AVX2/AVX-512 GEMM kernel here")
+def test_compiles_fullgraph():
+    torch.manual_seed(10)
+    conv = Conv2d(8, 6, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert _routes(x, conv)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    out, want = compiled(x), conv(x)
+    torch.testing.assert_close(out, want)
+    got = torch.autograd.grad(out.sum(), [x, conv.weight, conv.bias])
+    exp = torch.autograd.grad(want.sum(), [x, conv.weight, conv.bias])
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_benchmark_runs(tmp_path):
+    """python -m fasthg.bench.conv2d at tiny shapes: it runs, and its rows, table and chart are
+    whole (timings here mean nothing)."""
+    from fasthg.bench import conv2d as bench
+
+    rows = bench.run([(8, 8, 3, 8), (8, 8, 1, 4)], batch=1, dtypes=[torch.float32], repeats=1, warmup=1,
+                     out_dir=str(tmp_path))
+    assert [(r["k"], r["mode"]) for r in rows] == [(3, "forward"), (3, "forward+backward"), (1, "forward"),
+                                                  (1, "forward+backward")]
+    assert rows[0]["route"] == ("winograd" if conv2d_module.winograd_available() else "onednn")
+    assert rows[2]["route"] == "onednn"  # 16 pixels: below the GEMM route's size
+    assert all(r["onednn_ms"] > 0 and r["fasthg_ms"] > 0 for r in rows)
+    assert (tmp_path / "conv2d.md").read_text().count("| float32 |") == 4
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "conv2d.png").read_bytes()[:4] == b"\x89PNG"
