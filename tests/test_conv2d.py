@@ -112,7 +112,7 @@ def test_module_values_and_gradients_against_float64(dtype, k, bias, poison):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         # float32 3x3: the Winograd kernel (tests/test_conv3x3_winograd.py), where it runs
         want_fused = conv2d_module.amx_available() if dtype == torch.bfloat16 else (
-            k == 3 and conv2d_module.winograd_available())
+            k == 3 and conv2d_module.fma_available())
         assert conv2d_module.fuses(x, conv) == want_fused
         out = conv(x)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)

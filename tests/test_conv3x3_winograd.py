@@ -173,7 +173,7 @@ def _routes(x, conv, dtype=torch.float32):
 
 
 def test_routing():
-    on = conv2d_module.winograd_available()
+    on = conv2d_module.fma_available()
     x = torch.randn(4, 128, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
     conv = nn.Conv2d(128, 128, 3, padding=1)
     assert _routes(x, conv) == on  # the hourglass's 3x3 at 16x16
@@ -189,7 +189,7 @@ def test_routing():
         assert not conv2d_module.fuses(x, conv)  # inference keeps oneDNN's
 
 
-@pytest.mark.skipif(not conv2d_module.winograd_available(), reason="no AVX2/AVX-512 GEMM kernel here")
+@pytest.mark.skipif(not conv2d_module.fma_available(), reason="no AVX2/AVX-512 GEMM kernel here")
 @pytest.mark.parametrize("memory", ["default", "recompute"])
 def test_module_and_the_recomputing_unit_take_it(memory, monkeypatch, poison):
     """fasthg.nn.Conv2d and bn_relu_conv (memory="recompute") run forward and backward on it,
@@ -219,38 +219,39 @@ def test_module_and_the_recomputing_unit_take_it(memory, monkeypatch, poison):
     assert calls == ["conv3x3_winograd", "conv3x3_winograd_backward"]
 
 
-# The float32 1x1 backward as two GEMMs (fasthg.ops.conv2d._gemm_backward): large enough maps.
+# The float32 1x1 backward on fasthg::conv2d_backward (the unit's float kernel without its
+# BN-ReLU), routed from large enough maps.
 
-@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
-def test_float32_1x1_backward_as_gemms(mask, monkeypatch, poison):
-    monkeypatch.setattr(conv2d_module, "_GEMM_MIN_PIXELS", 0)
-    monkeypatch.setattr(conv2d_module, "_GEMM_MIN_CHANNELS", 0)
-    torch.manual_seed(9)
-    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(2, 9, 5, 7).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(9, 6, 1, 1).contiguous(memory_format=torch.channels_last)
-    geo = ([1, 1], [0, 0], [1, 1], 1)
-    got = conv2d_module.backward(grad, x, weight, True, *geo, list(mask))
-    want = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), [9], *geo[:3], False,
-                                               [0, 0], 1, [True, True, True])
-    for g, w, m, like in zip(got, want, mask, (x, weight, None)):
-        assert (g is None) == (not m)
-        if m:
-            assert g.shape == w.shape and rel_err(g, w) < 1e-6
-        if m and like is not None:
-            assert g.is_contiguous(memory_format=torch.channels_last)
+@needs_native
+@pytest.mark.parametrize("shape", [(2, 6, 9, 5, 7), (1, 70, 130, 3, 11), (3, 64, 16, 20, 12)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_float32_1x1_backward(shape, layout, input_grad, poison):
+    n, cin, cout, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, cin, h, w, generator=g).contiguous(memory_format=layout)
+    grad = torch.randn(n, cout, h, w, generator=g).contiguous(memory_format=layout)
+    weight = torch.randn(cout, cin, 1, 1, generator=g).contiguous(memory_format=layout)
+    gx, gw, gb = torch.ops.fasthg.conv2d_backward(grad, x, weight, input_grad)
+    want = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), [cout], [1, 1], [0, 0],
+                                               [1, 1], False, [0, 0], 1, [True, True, True])
+    assert gx.numel() == 0 if not input_grad else (gx.is_contiguous(memory_format=layout)
+                                                   and rel_err(gx, want[0]) < 1e-6)
+    for got, ref in [(gw, want[1]), (gb, want[2])]:
+        assert got.dtype == torch.float32 and got.shape == ref.shape and rel_err(got, ref) < 1e-6
 
 
-def test_gemm_routing():
+def test_float32_1x1_routing():
     x = torch.randn(4, 128, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert conv2d_module.fuses(x, nn.Conv2d(128, 256, 1))  # the hourglass's 1x1s at 64x64
+    assert conv2d_module.fuses(x, nn.Conv2d(128, 256, 1)) == conv2d_module.fma_available()  # the hourglass's at 64x64
     assert not conv2d_module.fuses(x[:, :, :32, :32], nn.Conv2d(128, 256, 1))  # too few pixels
     assert not conv2d_module.fuses(x, nn.Conv2d(128, 16, 1))  # too few channels
     assert not conv2d_module.fuses(x, nn.Conv2d(128, 256, 1, stride=2))
     assert not conv2d_module.fuses(x.contiguous(), nn.Conv2d(128, 256, 1))  # NCHW
+    assert not conv2d_module.fuses(x.bfloat16(), nn.Conv2d(128, 256, 1).bfloat16()) or conv2d_module.amx_available()
 
 
-@pytest.mark.skipif(not conv2d_module.winograd_available(), reason="no AVX2/AVX-512 GEMM kernel here")
+@pytest.mark.skipif(not conv2d_module.fma_available(), reason="no AVX2/AVX-512 GEMM kernel here")
 def test_compiles_fullgraph():
     torch.manual_seed(10)
     conv = Conv2d(8, 6, 3, padding=1).to(memory_format=torch.channels_last)
@@ -274,7 +275,7 @@ def test_the_benchmark_runs(tmp_path):
                      out_dir=str(tmp_path))
     assert [(r["k"], r["mode"]) for r in rows] == [(3, "forward"), (3, "forward+backward"), (1, "forward"),
                                                   (1, "forward+backward")]
-    assert rows[0]["route"] == ("winograd" if conv2d_module.winograd_available() else "onednn")
+    assert rows[0]["route"] == ("winograd" if conv2d_module.fma_available() else "onednn")
     assert rows[2]["route"] == "onednn"  # 16 pixels: below the GEMM route's size
     assert all(r["onednn_ms"] > 0 and r["fasthg_ms"] > 0 for r in rows)
     assert (tmp_path / "conv2d.md").read_text().count("| float32 |") == 4

@@ -38,6 +38,7 @@
 #include "brgemm_bf16.h"
 #include "channel_passes.h"
 #include "gemm_panels.h"
+#include "conv1x1_cpu.h"
 #include "tiles.h"
 
 namespace fasthg {
@@ -155,13 +156,17 @@ void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<
 
 // The same activation packed as a B operand: panels of nr channels, [rows][nr] each (zero
 // channels beyond c).
+// (bn null: x itself, a plain convolution's input)
 template <typename scalar_t, typename T>
-void activation_panels(const scalar_t* x, int64_t rows, int64_t c, int64_t nr, const BnParams<T>& bn, T* dst) {
+void activation_panels(const scalar_t* x, int64_t rows, int64_t c, int64_t nr, const BnParams<T>* bn, T* dst) {
   for (int64_t q = 0; q < round_up(c, nr) / nr; ++q) {
     const int64_t k0 = q * nr, width = std::min(nr, c - k0);
     for (int64_t r = 0; r < rows; ++r) {
       T* pr = dst + (q * rows + r) * nr;
-      activation_row(x + r * c + k0, width, bn, k0, pr);
+      if (bn)
+        activation_row(x + r * c + k0, width, *bn, k0, pr);
+      else
+        std::copy(x + r * c + k0, x + r * c + k0 + width, pr);
       std::fill(pr + width, pr + nr, T(0));
     }
   }
@@ -365,12 +370,12 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
 
 // Fills g (x's sizes, NHWC) with the ReLU-masked gradient of the activation and returns, in
 // the math type, the BN's sums of g and g * xhat and the convolution's weight and bias
-// gradients.
+// gradients. With bn null, a plain 1x1 convolution's backward (conv1x1_backward): the
+// activation is x, g the input gradient G W (none where g is undefined), no BN sums.
 template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-                     const at::Tensor& bn_w, const at::Tensor& bn_b, const at::Tensor& conv_w, const at::Tensor& g,
-                     const at::Tensor& sum_g, const at::Tensor& sum_gx, const at::Tensor& grad_w,
-                     const at::Tensor& grad_b) {
+void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const BnParams<at::opmath_type<scalar_t>>* bn,
+                     const at::Tensor& conv_w, const at::Tensor& g, const at::Tensor& sum_g, const at::Tensor& sum_gx,
+                     const at::Tensor& grad_w, const at::Tensor& grad_b) {
   using T = at::opmath_type<scalar_t>;
   const gemm::Kernel<T> kern = gemm::kernel_for<T>();
   const int64_t c = x.size(1), cout = conv_w.size(0), rows_total = x.numel() / c;
@@ -378,11 +383,10 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   const int64_t tile = tiles.rows;
   const int64_t nc = round_up(c, kern.nr);     // grad-activation columns (and dW's)
   const int64_t ga = round_up(cout, kern.mr);  // gradient tile's row stride: dW's A rows
-  const BnParams<T> bn(mean, invstd, bn_w, bn_b);
   const Buffer<T> wp = weight_panels<scalar_t, T>(in<scalar_t>(conv_w), cout, c, c, 1, kern.nr);  // W as B
   const scalar_t* xp = in<scalar_t>(x);
   const scalar_t* gyp = in<scalar_t>(grad_y);
-  scalar_t* gp = out<scalar_t>(g);
+  scalar_t* gp = g.defined() ? out<scalar_t>(g) : nullptr;
   const int nthreads = at::get_num_threads();
   std::vector<Buffer<T>> dw(nthreads);  // dW [ga][nc] per thread, summed after
   ThreadSums acc(3, std::max(c, cout));
@@ -408,17 +412,22 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
       const int64_t next = t + 1 < t1 ? tiles.size(t + 1) : 0, m1 = tiles.first(t + 1);
       kern.run(gt.data(), 1, ga, act.data(), dwt.data(), nc, ga, nc, rows, true, gyp + m1 * cout,
                next * cout * static_cast<int64_t>(sizeof(scalar_t)));
+      if (!gp) continue;
       // dA = G W, masked by the recomputed ReLU; the BN's sums from the masked values as stored.
       kern.run(gt.data(), ga, 1, wp.data(), cbuf.data(), nc, rows_p, nc, cout, false, xp + m1 * c,
                next * c * static_cast<int64_t>(sizeof(scalar_t)));
-      for (int64_t r = 0; r < rows; ++r) {
-        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, bn, c, gp + (m0 + r) * c, psg, psgx);
+      for (int64_t r = 0; r < rows && !bn; ++r)
+        std::copy(cbuf.data() + r * nc, cbuf.data() + r * nc + c, gp + (m0 + r) * c);
+      for (int64_t r = 0; r < rows && bn; ++r) {
+        masked_grad_row(cbuf.data() + r * nc, xp + (m0 + r) * c, *bn, c, gp + (m0 + r) * c, psg, psgx);
         fold_two(r, rows, psg, psgx, sg, sgx, c);
       }
     }
   });
-  acc.store(0, out<T>(sum_g), c);
-  acc.store(1, out<T>(sum_gx), c);
+  if (bn) {
+    acc.store(0, out<T>(sum_g), c);
+    acc.store(1, out<T>(sum_gx), c);
+  }
   acc.store(2, out<T>(grad_b), cout);
   store_weight_grad(dw, cout, c, nc, grad_w);
 }
@@ -565,7 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor g = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::ChannelsLast));
   FASTHG_BN_RELU_DISPATCH(x.scalar_type(), kBwd, [&] {
-    backward_kernel<scalar_t>(gyc, xc, m, s, w, b, cw, g, sum_g, sum_gx, grad_w, grad_b);
+    const BnParams<at::opmath_type<scalar_t>> bn(m, s, w, b);
+    backward_kernel<scalar_t>(gyc, xc, &bn, cw, g, sum_g, sum_gx, grad_w, grad_b);
   });
   // The BN's elementwise backward on the masked gradient (masking again is a no-op). In eval
   // the statistics are constants: no mean terms.
@@ -575,6 +585,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor grad_x = bn_relu_backward_elemt_skip_cpu(g, xc, m, s, w, b, mean_g, mean_gx, grad_skip ? &skip : nullptr);
   return {grad_x.contiguous(x.suggest_memory_format()), sum_gx, sum_g, grad_w, grad_b};
 }
+
+}  // namespace
+
+void conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& grad_x,
+                      const at::Tensor& grad_w, const at::Tensor& grad_b) {
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                        grad_y.is_contiguous(at::MemoryFormat::ChannelsLast) && grad_w.is_contiguous());
+  backward_kernel<float>(grad_y, x, nullptr, weight.contiguous(), grad_x, at::Tensor(), at::Tensor(), grad_w, grad_b);
+}
+
+namespace {
 
 std::string gemm_kernel_cpu(at::ScalarType dtype) {
   if (dtype == at::kDouble) return gemm::plain_kernel<double>().name;

@@ -7,7 +7,9 @@
 // gradient comes from the same band pass; a kxk's is oneDNN's (as fast as its forward).
 // Stride 1, zero padding k / 2, dilation 1, one group: the hourglass's convolutions. Other
 // dtypes and CPUs without AMX take ATen's convolution_backward, so that the op is defined
-// everywhere; fasthg.ops.conv2d calls it only where it runs on AMX and pays.
+// everywhere; fasthg.ops.conv2d calls it only where it runs on AMX and pays. A float32 1x1's
+// gradients come from the 1x1 unit's float kernel without its BN-ReLU (conv1x1_cpu.h) on CPUs
+// with AVX2 or AVX-512: one pass over the output gradient for the three.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
@@ -19,6 +21,7 @@
 #include <cstring>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -26,6 +29,8 @@
 #include "bf16_rows.h"
 #include "brgemm_bf16.h"
 #include "channel_passes.h"
+#include "conv1x1_cpu.h"
+#include "gemm_panels.h"
 
 namespace fasthg {
 namespace {
@@ -164,6 +169,13 @@ void backward_amx(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
   store_weight_grads(acc, bias_acc, cout, c, k, swap, gw, gb);
 }
 
+// Whether float32 runs on the FMA GEMM kernels (AVX2 or AVX-512), where a 1x1's backward is
+// the BN-ReLU-conv1x1 unit's kernel without its BN-ReLU (conv1x1_cpu.h).
+bool float_kernel_runs() {
+  const std::string name = gemm::best_float_kernel().name;
+  return name == "avx512" || name == "avx2";
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                             const at::Tensor& weight, bool input_grad,
                                                             std::optional<at::ScalarType> grad_weight_dtype) {
@@ -187,6 +199,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
               x.scalar_type(), " on ", x.device(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
   const auto fmt = x.suggest_memory_format();
   const at::Tensor none = x.new_empty({0});
+  if (x.scalar_type() == at::kFloat && k == 1 && x.numel() > 0 && cout > 0 && float_kernel_runs()) {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
+    at::Tensor gx = input_grad ? at::empty(x.sizes(), x.options().memory_format(cl)) : at::Tensor();
+    at::Tensor gw = at::empty(weight.sizes(), weight.options()), gb = at::empty({cout}, weight.options());
+    conv1x1_backward(gc, xc, weight, gx, gw, gb);
+    return {input_grad ? gx.contiguous(fmt) : none, gw.contiguous(weight.suggest_memory_format()), gb};
+  }
   if (x.scalar_type() != at::kBFloat16 || !amx::bf16_runs(x.size(1), cout) || x.numel() == 0) {
     auto grads = at::convolution_backward(grad_out, x, weight, at::IntArrayRef{cout}, {1, 1}, {p, p}, {1, 1}, false,
                                           {0, 0}, 1, {input_grad, true, true});

@@ -2,7 +2,7 @@
 eager PyTorch), forward and forward+backward (gradients of x, the weight and the bias), at the
 hourglass's convolutions (batch 4, channels_last): the 3x3 128 -> 128 at every map size and
 the 64 -> 64 of the first residual at 128x128 (float32: Winograd's F(2x2, 3x3)), the 1x1s
-that run outside the BN-ReLU-conv unit (float32: the backward as two GEMMs), and in bfloat16
+that run outside the BN-ReLU-conv unit (float32: the backward on the unit's FMA kernel), and in bfloat16
 on AMX CPUs the same shapes with fasthg's AMX backward. A row per shape says which kernel
 fasthg.ops.conv2d routes it to ("onednn" where it keeps oneDNN's). Timed round-robin with
 fasthg.bench.harness over inputs rotated through twice the last-level cache.
@@ -38,7 +38,7 @@ def route(x: torch.Tensor, conv: nn.Conv2d, dtype) -> str:
     geo = (conv.stride, conv.padding, conv.dilation, conv.groups)
     if conv2d_module.runs_winograd(x.to(dtype), w, *geo):
         return "winograd"
-    return "gemm" if dtype == torch.float32 else "amx"
+    return "fma" if dtype == torch.float32 else "amx"
 
 
 def calls(n: int, cin: int, cout: int, k: int, hw: int, dtype, cache_bytes: int) -> Dict[str, Dict[str, Callable]]:

@@ -6,6 +6,8 @@
   oneDNN's bf16 weight gradient takes 2-3x its own forward; fasthg's computes the weight and
   bias gradients, and for 1x1 convolutions the input gradient in the same pass over the output
   gradient. The forward (and a 3x3 input gradient) stay oneDNN's.
+- float32 1x1 convolutions on large maps, on CPUs with AVX2 or AVX-512: the backward on
+  fasthg::conv2d_backward too, the BN-ReLU-conv1x1 unit's float kernel without its BN-ReLU.
 - float32 3x3 convolutions (stride 1, padding 1, one group) on CPUs with AVX2 or AVX-512, large
   enough maps (fasthg::conv3x3_winograd, csrc/cpu/conv3x3_winograd.cpp): forward, input and
   weight gradients by Winograd's F(2x2, 3x3), 16 multiplies per 2x2 output tile in place of 36.
@@ -29,9 +31,9 @@ def _gemm_kernel(dtype, op: str) -> str:
     return torch.ops.fasthg.cpu_gemm_kernel(dtype)
 
 
-# Once, at import: torch.compile traces through amx_available and winograd_available.
+# Once, at import: torch.compile traces through amx_available and fma_available.
 _AMX = _gemm_kernel(torch.bfloat16, "conv2d_backward") == "amx"
-_WINOGRAD = _gemm_kernel(torch.float32, "conv3x3_winograd") in ("avx512", "avx2")
+_FMA = _gemm_kernel(torch.float32, "conv3x3_winograd") in ("avx512", "avx2")
 
 
 def amx_available() -> bool:
@@ -46,10 +48,10 @@ _PIXELS_PER_WEIGHT = 0.1
 _SMALL_WEIGHTS = {1: 256 * 256, 3: 128 * 128}
 
 
-def winograd_available() -> bool:
+def fma_available() -> bool:
     """Whether fasthg's extension is built and its float32 GEMM kernel runs AVX2 or AVX-512 here
-    (csrc/cpu/gemm_panels.h), the Winograd 3x3 convolution's condition."""
-    return _WINOGRAD
+    (csrc/cpu/gemm_panels.h): the condition of the float32 routes (Winograd 3x3, 1x1 backward)."""
+    return _FMA
 
 
 # Pixels (batch x height x width) per weight element (cout x cin) from which the Winograd
@@ -70,7 +72,7 @@ def _winograd_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, 
         return False
     pixels = x_shape[0] * x_shape[2] * x_shape[3]
     return (cout * cin <= _WINOGRAD_MAX_WEIGHTS and pixels > 0 and pixels >= _WINOGRAD_PIXELS_PER_WEIGHT * cout * cin
-            and winograd_available())
+            and fma_available())
 
 
 def runs_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
@@ -79,44 +81,29 @@ def runs_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return _winograd_takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
 
 
-# float32 1x1 convolutions (stride 1, no padding): the backward as two GEMMs on ATen's matmul
-# (MKL) over the map's pixel rows, channels_last with no copy, and a column sum; oneDNN's took
-# 10-35% longer at the hourglass's 64x64 and 128x128 maps (batch 4), as long at 32x32, and
-# less with 16 channels (a 2-core AVX-512 Xeon, HISTORY.md).
-_GEMM_MIN_PIXELS = 16384
-_GEMM_MIN_CHANNELS = 64
+# float32 1x1 convolutions (stride 1, no padding): the backward on fasthg::conv2d_backward, the
+# 1x1 unit's float kernel without its BN-ReLU (one pass over the output gradient for the three
+# gradients). oneDNN's took 8-26% longer at the hourglass's 64x64 and 128x128 maps (batch 4),
+# as long at 32x32, and less with 16 channels (a 2-core AVX-512 Xeon, HISTORY.md).
+_FLOAT_1X1_MIN_PIXELS = 16384
+_FLOAT_1X1_MIN_CHANNELS = 64
 
 
-def _gemm_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+def _float_1x1_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
     if device_type != "cpu" or dtype != torch.float32 or len(x_shape) != 4 or len(w_shape) != 4:
         return False
     cout, cin, kh, kw = w_shape
     if (kh, kw) != (1, 1) or cin != x_shape[1] or (tuple(stride), tuple(padding), tuple(dilation), groups) != (
             (1, 1), (0, 0), (1, 1), 1):
         return False
-    return x_shape[0] * x_shape[2] * x_shape[3] >= _GEMM_MIN_PIXELS and min(cin, cout) >= _GEMM_MIN_CHANNELS
-
-
-def _gemm_backward(grad, x, weight, mask):
-    """A float32 1x1 convolution's (grad_x, grad_weight, grad_bias) from channels_last x and
-    grad as [pixels, channels] matrices: grad W, grad^T X, grad's column sums."""
-    n, cin, h, w = x.shape
-    cout = weight.shape[0]
-    g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, cout)
-    gx = gw = gb = None
-    if mask[0]:
-        gx = (g @ weight.reshape(cout, cin)).view(n, h, w, cin).permute(0, 3, 1, 2)
-    if mask[1]:
-        gw = (g.t() @ x.permute(0, 2, 3, 1).reshape(-1, cin)).view(cout, cin, 1, 1)
-    if mask[2]:
-        gb = g.sum(0)
-    return gx, gw, gb
+    return (x_shape[0] * x_shape[2] * x_shape[3] >= _FLOAT_1X1_MIN_PIXELS and min(cin, cout) >= _FLOAT_1X1_MIN_CHANNELS
+            and fma_available())
 
 
 def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
     if _winograd_takes(dtype, device_type, x_shape, w_shape, stride, padding, dilation, groups):
         return True
-    if _gemm_takes(dtype, device_type, x_shape, w_shape, stride, padding, dilation, groups):
+    if _float_1x1_takes(dtype, device_type, x_shape, w_shape, stride, padding, dilation, groups):
         return True
     if device_type != "cpu" or dtype != torch.bfloat16 or len(x_shape) != 4 or len(w_shape) != 4:
         return False
@@ -138,7 +125,8 @@ def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation,
 
 def backward_fuses(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
     """Whether the backward of this convolution of x runs on fasthg's kernels: the AMX one
-    (bf16, the geometry it has, enough pixels per weight element) or the Winograd one."""
+    (bf16, the geometry it has, enough pixels per weight element), the Winograd one (float32
+    3x3) or the float one of large float32 1x1s."""
     dtype = x.dtype if weight.dtype == x.dtype else None
     return _takes(dtype, x.device.type, x.shape, weight.shape, stride, padding, dilation, groups)
 
@@ -151,10 +139,6 @@ def backward(grad, x, weight, has_bias: bool, stride, padding, dilation, groups,
     if (mask[1] or mask[2]) and runs_winograd(x, weight, stride, padding, dilation, groups):
         gx, gw, gb = torch.ops.fasthg.conv3x3_winograd_backward(grad, x, weight, mask[0])
         gx, gw, gb = gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
-    elif x.is_contiguous(memory_format=torch.channels_last) and _gemm_takes(
-            x.dtype if weight.dtype == x.dtype else None, x.device.type, x.shape, weight.shape, stride, padding,
-            dilation, groups):
-        gx, gw, gb = _gemm_backward(grad, x, weight, mask)
     elif (mask[1] or mask[2]) and backward_fuses(x, weight, stride, padding, dilation, groups):
         # the kernel writes float32 from its float sums itself; other dtypes are cast below
         direct = torch.float32 if param_dtype == torch.float32 else None
