@@ -117,3 +117,30 @@ def require_backend(device: str, backend: str, op: str = None):
         pytest.skip("no CUDA device visible")
     if backend not in fasthg.ops.available(device, op):
         pytest.skip(f"{backend} has no {op or 'complete'} kernel set for {device} in this build")
+
+
+def in_threads(n: int, fn):
+    """fn() with torch's intra-op thread count at n, restored after."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def under_gemm_kernels(script: str, kernels=("avx2", "plain")):
+    """{kernel: stdout words} of `python -c script` run from the repository root once per
+    FASTHG_GEMM value (the CPU GEMM kernel is read once per process); each run must succeed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    words = {}
+    for kernel in kernels:
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "FASTHG_GEMM": kernel}, timeout=300)
+        assert out.returncode == 0, out.stderr
+        words[kernel] = out.stdout.split()
+    return words
+

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from conftest import in_threads, rel_err
 from fasthg import ops
 from fasthg.nn import Conv2d
 
@@ -300,12 +300,7 @@ def test_conv_add_and_the_recomputing_unit_take_it(memory, monkeypatch):
 def test_one_thread_and_many_agree():
     """Per-thread accumulators, summed once: the thread count changes only float rounding."""
     x, grad, weight = _inputs((3, 8, 6, 20, 12, 3), torch.bfloat16, torch.channels_last, seed=8)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fasthg.conv2d_backward(grad, x, weight, True)
-    finally:
-        torch.set_num_threads(threads)
+    one = in_threads(1, lambda: torch.ops.fasthg.conv2d_backward(grad, x, weight, True))
     many = torch.ops.fasthg.conv2d_backward(grad, x, weight, True)
     want = _reference(x, grad, weight)
     for a, b, ref in zip(one, many, want):

@@ -2,15 +2,12 @@
 3x3 convolution by Winograd's F(2x2, 3x3), against a float64 convolution; and where
 fasthg.ops.conv2d routes to it."""
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from conftest import in_threads, rel_err, under_gemm_kernels
 from fasthg.nn import Conv2d
 
 conv2d_module = importlib.import_module("fasthg.ops.conv2d")
@@ -134,12 +131,7 @@ def test_bad_arguments_are_clear_errors():
 def test_one_thread_and_many_agree():
     """Per-thread weight-gradient sums, summed once: the thread count changes only rounding."""
     x, grad, weight, _ = _inputs((3, 8, 6, 20, 12), torch.float32, torch.channels_last, seed=7)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fasthg.conv3x3_winograd_backward(grad, x, weight, True)
-    finally:
-        torch.set_num_threads(threads)
+    one = in_threads(1, lambda: torch.ops.fasthg.conv3x3_winograd_backward(grad, x, weight, True))
     many = torch.ops.fasthg.conv3x3_winograd_backward(grad, x, weight, True)
     for a, b in zip(one, many):
         assert rel_err(a, b) < 1e-6
@@ -154,13 +146,8 @@ def test_every_native_gemm_kernel_agrees():
         "x, g, w, b = t._inputs((2, 70, 20, 9, 8), torch.float32, torch.channels_last, 9)\n"
         "got = (torch.ops.fasthg.conv3x3_winograd(x, w, b),) + torch.ops.fasthg.conv3x3_winograd_backward(g, x, w, True)\n"
         "print(torch.ops.fasthg.cpu_gemm_kernel(torch.float32), max(rel_err(a, r) for a, r in zip(got, t._reference(x, g, w, b))))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for kernel in ("avx2", "plain"):
-        out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
-                             env={**os.environ, "FASTHG_GEMM": kernel}, timeout=300)
-        assert out.returncode == 0, out.stderr
-        name, err = out.stdout.split()
-        assert name in (kernel, "plain") and float(err) < TOLS[torch.float32], out.stdout
+    for kernel, (name, err) in under_gemm_kernels(script).items():
+        assert name in (kernel, "plain") and float(err) < TOLS[torch.float32], (name, err)
 
 
 # Routing (fasthg.ops.conv2d): float32 3x3 convolutions with enough pixels per weight element,

@@ -18,7 +18,7 @@ def _panels(rows) -> Dict[Tuple[str, str], List[dict]]:
     return panels
 
 
-def _grouped_bars(ax, groups: List[str], series: Dict[str, Dict[str, float]]):
+def grouped_bars(ax, groups: List[str], series: Dict[str, Dict[str, float]]):
     """Bars of each series side by side within each group on the x axis, labelled with their values."""
     width = 0.8 / max(1, len(series))
     for k, (name, values) in enumerate(series.items()):
@@ -27,6 +27,48 @@ def _grouped_bars(ax, groups: List[str], series: Dict[str, Dict[str, float]]):
         bars = ax.bar(xs, ys, width, label=name)
         ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=6, padding=1)
     ax.set_xticks(range(len(groups)), groups, fontsize=7 if len(groups) <= 6 else 6)
+
+
+def speedup_panel(ax, groups: List[str], series: Dict[str, Dict[str, float]], ylabel: str, title: str) -> None:
+    """A panel of speedups (grouped_bars) with the 1x line, for the per-kernel benchmarks."""
+    grouped_bars(ax, groups, series)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def speedup_figure(rows: List[dict], panel, series, group, ylabel: str, title, suptitle: str, path: str,
+                   stacked: bool = False) -> None:
+    """The per-kernel benchmarks' PNG: a speedup_panel per value of panel(row) (side by side, or
+    stacked), a bar per series(row) in each group(row), titled title(panel value, its rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(panel(r) for r in rows))
+    grid, size = ((len(keys), 1), (11, 3.6 * len(keys))) if stacked else ((1, len(keys)), (6 * len(keys), 3.8))
+    fig, axes = plt.subplots(*grid, figsize=size, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        these = [r for r in rows if panel(r) == key]
+        bars: Dict[str, Dict[str, float]] = {}
+        for r in these:
+            bars.setdefault(series(r), {})[group(r)] = r["speedup"]
+        speedup_panel(ax, list(dict.fromkeys(group(r) for r in these)), bars, ylabel, title(key, these))
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def save_png(fig, path: str) -> None:
+    """Writes fig to path as a PNG through one rename (a reader never sees half a file), and
+    closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(f"{path}.tmp", dpi=110, format="png")
+    plt.close(fig)
+    os.replace(f"{path}.tmp", path)
 
 
 def speedup_chart(result, path: str, bars: Dict[Tuple[str, str], float], bar_levels=()) -> int:
@@ -70,7 +112,7 @@ def speedup_chart(result, path: str, bars: Dict[Tuple[str, str], float], bar_lev
             if (op, mode) in bars:
                 ax.axhline(bars[op, mode], color="tab:red", ls="--", lw=0.8,
                            label=f"bar {bars[op, mode]:g}x (native float32, {', '.join(map(str, bar_levels))})")
-        _grouped_bars(ax, groups, series)
+        grouped_bars(ax, groups, series)
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.axhline(1.0, color="k", lw=0.8)
@@ -80,7 +122,5 @@ def speedup_chart(result, path: str, bars: Dict[Tuple[str, str], float], bar_lev
         ax.set_visible(False)
     fig.suptitle(f"fasthg vs eager on {result['device']}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(f"{path}.tmp", dpi=110, format="png")  # then one rename, as bench.json's
-    plt.close(fig)
-    os.replace(f"{path}.tmp", path)
+    save_png(fig, path)
     return len(panels)

@@ -14,8 +14,6 @@ Float32 convolutions on both sides are IEEE float32 (cuDNN's TF32 is switched of
 timing, as the Triton kernels' float32 dots are IEEE), so both compute the same thing.
 """
 import argparse
-import json
-import os
 from typing import Callable, Dict, List
 
 import torch
@@ -23,7 +21,10 @@ import torch.nn.functional as F
 
 from fasthg import ops
 from fasthg.bench import traffic
-from fasthg.bench.harness import Rotation, dtype_name, last_level_cache_bytes, medians_and_spreads, interleaved_samples
+from fasthg.bench.chart import speedup_figure
+from fasthg.bench.harness import (Rotation, add_run_args, dtype_name, interleaved_samples, last_level_cache_bytes,
+                                  markdown_table, medians_and_spreads, run_args_dtypes,
+                                  write_results)
 from fasthg.device import cpu_description, resolve as resolve_device
 from fasthg.ops import conv1x1 as unit
 from fasthg.ops.conv1x1 import bn_relu_conv1x1
@@ -128,65 +129,33 @@ def run(device: str = "auto", levels=LEVELS, units=UNITS, batch: int = 16, dtype
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()
-        with open(os.path.join(out_dir, "conv1x1.json"), "w") as f:
-            json.dump({"device": name, "rows": rows}, f, indent=1)
-        with open(os.path.join(out_dir, "conv1x1.md"), "w") as f:
-            f.write(f"{name}\n\n{table(rows)}\n")
-        try:
-            chart(rows, name, os.path.join(out_dir, "conv1x1.png"))
-        except ImportError:  # matplotlib
-            pass
+        write_results(out_dir, "conv1x1", name, rows, table(rows), chart)
     return rows
+
+
+def _shape(r) -> str:
+    return f"{r['cin']}->{r['cout']}\n{r['level']}x{r['level']}"
 
 
 def chart(rows, device_name: str, path: str) -> None:
     """conv1x1.png: the unit's speedup over the unfused composition, a panel per mode, the
     shapes along x, a bar per dtype."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fused = [r for r in rows if r["backend"] != "unfused"]
-    modes = list(dict.fromkeys(r["mode"] for r in fused))
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 3.8), squeeze=False)
-    for ax, mode in zip(axes.flat, modes):
-        these = [r for r in fused if r["mode"] == mode]
-        groups = list(dict.fromkeys(f"{r['cin']}->{r['cout']}\n{r['level']}x{r['level']}" for r in these))
-        dtypes = list(dict.fromkeys(r["dtype"] for r in these))
-        width = 0.8 / len(dtypes)
-        for k, dt in enumerate(dtypes):
-            vals = {f"{r['cin']}->{r['cout']}\n{r['level']}x{r['level']}": r["speedup"] for r in these if r["dtype"] == dt}
-            xs = [g + (k - (len(dtypes) - 1) / 2) * width for g in range(len(groups)) if groups[g] in vals]
-            ys = [vals[g] for g in groups if g in vals]
-            bars = ax.bar(xs, ys, width, label=f"{dt} {these[0]['backend']}")
-            ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=6, padding=1)
-        ax.set_xticks(range(len(groups)), groups, fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_ylabel("speedup over BN-ReLU + conv (x)", fontsize=8)
-        ax.set_title(f"bn_relu_conv1x1 {mode}, batch {these[0]['batch']}, channels_last", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"fused BN-ReLU-conv1x1 unit on {device_name}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp", dpi=110, format="png")
-    plt.close(fig)
-    os.replace(f"{path}.tmp", path)
+    speedup_figure([r for r in rows if r["backend"] != "unfused"], lambda r: r["mode"],
+                   lambda r: f"{r['dtype']} {r['backend']}", _shape, "speedup over BN-ReLU + conv (x)",
+                   lambda mode, these: f"bn_relu_conv1x1 {mode}, batch {these[0]['batch']}, channels_last",
+                   f"fused BN-ReLU-conv1x1 unit on {device_name}", path)
 
 
 def table(rows) -> str:
     which = next((r["backend"] for r in rows if r["backend"] != "unfused"), "fused")
     conv = "oneDNN" if which == "native" else "cuDNN"
-    lines = [f"bn_relu_conv1x1: {which} (fused, x's statistics included) vs fused BN-ReLU + {conv} conv + "
-             f"statistics pass (unfused), channels_last; speedup = unfused / {which}, same run",
-             "| dtype | shape | Cin->Cout | mode | backend | median ms | spread | speedup | GB/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dtype']} | {r['batch']}x{r['level']}x{r['level']} | {r['cin']}->{r['cout']} | {r['mode']} "
-                     f"| {r['backend']} | {r['median_ms']:.3f} | {r['spread']:.0%} | {r['speedup']:.2f}x "
-                     f"| {r['gb_s']:.0f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        f"bn_relu_conv1x1: {which} (fused, x's statistics included) vs fused BN-ReLU + {conv} conv + statistics "
+        f"pass (unfused), channels_last; speedup = unfused / {which}, same run",
+        ["dtype", "shape", "Cin->Cout", "mode", "backend", "median ms", "spread", "speedup", "GB/s"],
+        [[r["dtype"], f"{r['batch']}x{r['level']}x{r['level']}", f"{r['cin']}->{r['cout']}", r["mode"], r["backend"],
+          f"{r['median_ms']:.3f}", f"{r['spread']:.0%}", f"{r['speedup']:.2f}x", f"{r['gb_s']:.0f}"] for r in rows])
 
 
 def main(argv=None):
@@ -196,18 +165,9 @@ def main(argv=None):
                     help="the unit's backend (auto: native on the CPU, Triton on CUDA; triton on the CPU is the "
                          "interpreter: a check, not a speed)")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="feature-map sizes, comma-separated")
-    ap.add_argument("--batch", type=int, default=16, help="images per batch")
-    ap.add_argument("--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32 (default: both on CUDA)")
-    ap.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
-    ap.add_argument("--out", default=None, help="folder for conv1x1.json and conv1x1.md")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="CPU: time with glibc keeping freed memory (as fasthg train does; fasthg.bench.malloc)")
+    add_run_args(ap, 16, "conv1x1.json, conv1x1.md and conv1x1.png", "default: both on CUDA")
     a = ap.parse_args(argv)
-    if a.keep_freed_memory:
-        from fasthg.bench import malloc
-
-        malloc.keep_freed_memory()
-    dtypes = [getattr(torch, d) for d in a.dtypes.split(",")] if a.dtypes else None
+    dtypes = run_args_dtypes(a)
     rows = run(a.device, [int(v) for v in a.levels.split(",")], batch=a.batch, dtypes=dtypes, repeats=a.repeats,
                out_dir=a.out, backend=a.backend)
     print(table(rows))

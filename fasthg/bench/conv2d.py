@@ -11,14 +11,15 @@ fasthg.bench.harness over inputs rotated through twice the last-level cache.
 """
 import argparse
 import importlib
-import json
-import os
 from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
-from fasthg.bench.harness import Rotation, dtype_name, interleaved_samples, last_level_cache_bytes, medians_and_spreads
+from fasthg.bench.chart import speedup_figure
+from fasthg.bench.harness import (Rotation, add_run_args, dtype_name, interleaved_samples, last_level_cache_bytes,
+                                  markdown_table, medians_and_spreads, run_args_dtypes,
+                                  write_results)
 from fasthg.device import cpu_description
 from fasthg.nn import Conv2d
 
@@ -95,16 +96,8 @@ def run(shapes=SHAPES, batch: int = 4, dtypes=None, repeats: int = 20, warmup: i
                              "onednn_ms": med["onednn"] * 1e3, "fasthg_ms": med["fasthg"] * 1e3,
                              "spread": max(spreads.values()), "speedup": med["onednn"] / med["fasthg"]})
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         name = cpu_description()
-        with open(os.path.join(out_dir, "conv2d.json"), "w") as f:
-            json.dump({"device": name, "rows": rows}, f, indent=1)
-        with open(os.path.join(out_dir, "conv2d.md"), "w") as f:
-            f.write(f"{name}\n\n{table(rows)}\n")
-        try:
-            chart(rows, name, os.path.join(out_dir, "conv2d.png"))
-        except ImportError:  # matplotlib
-            pass
+        write_results(out_dir, "conv2d", name, rows, table(rows), chart)
     return rows
 
 
@@ -114,66 +107,31 @@ def _label(r) -> str:
 
 def chart(rows, device_name: str, path: str) -> None:
     """conv2d.png: fasthg's speedup over oneDNN per shape, a panel per dtype, a bar per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(11, 3.6 * len(dtypes)), squeeze=False)
-    for ax, dt in zip(axes.flat, dtypes):
-        these = [r for r in rows if r["dtype"] == dt]
-        shapes = list(dict.fromkeys(_label(r) for r in these))
-        modes = list(dict.fromkeys(r["mode"] for r in these))
-        width = 0.8 / len(modes)
-        for j, mode in enumerate(modes):
-            vals = {_label(r): r["speedup"] for r in these if r["mode"] == mode}
-            xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(shapes))]
-            bars = ax.bar(xs, [vals[s] for s in shapes], width, label=mode)
-            ax.bar_label(bars, labels=[f"{vals[s]:.2f}" for s in shapes], fontsize=6, padding=1)
-        ax.set_xticks(range(len(shapes)), shapes, fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_ylabel("speedup over oneDNN (x)", fontsize=8)
-        ax.set_title(f"fasthg.ops.conv2d, {dt}, batch {these[0]['batch']}, channels_last", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"fasthg's convolution kernels vs oneDNN on {device_name}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp", dpi=110, format="png")
-    plt.close(fig)
-    os.replace(f"{path}.tmp", path)
+    speedup_figure(rows, lambda r: r["dtype"], lambda r: r["mode"], _label, "speedup over oneDNN (x)",
+                   lambda dt, these: f"fasthg.ops.conv2d, {dt}, batch {these[0]['batch']}, channels_last",
+                   f"fasthg's convolution kernels vs oneDNN on {device_name}", path, stacked=True)
 
 
 def table(rows) -> str:
-    lines = ["fasthg.ops.conv2d (route: the kernel it runs; onednn where it keeps oneDNN's) vs nn.Conv2d on "
-             "oneDNN, channels_last; speedup = oneDNN / fasthg, same run",
-             "| dtype | shape | conv | route | mode | oneDNN ms | fasthg ms | spread | speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dtype']} | {r['batch']}x{r['level']}x{r['level']} | {r['k']}x{r['k']} "
-                     f"{r['cin']}->{r['cout']} | {r['route']} | {r['mode']} | {r['onednn_ms']:.3f} "
-                     f"| {r['fasthg_ms']:.3f} | {r['spread']:.0%} | {r['speedup']:.2f}x |")
-    return "\n".join(lines)
+    return markdown_table(
+        "fasthg.ops.conv2d (route: the kernel it runs; onednn where it keeps oneDNN's) vs nn.Conv2d on oneDNN, "
+        "channels_last; speedup = oneDNN / fasthg, same run",
+        ["dtype", "shape", "conv", "route", "mode", "oneDNN ms", "fasthg ms", "spread", "speedup"],
+        [[r["dtype"], f"{r['batch']}x{r['level']}x{r['level']}", f"{r['k']}x{r['k']} {r['cin']}->{r['cout']}",
+          r["route"], r["mode"], f"{r['onednn_ms']:.3f}", f"{r['fasthg_ms']:.3f}", f"{r['spread']:.0%}",
+          f"{r['speedup']:.2f}x"] for r in rows])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fasthg.bench.conv2d", description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default=None, help="only these map sizes, comma-separated")
-    ap.add_argument("--batch", type=int, default=4, help="images per batch")
-    ap.add_argument("--dtypes", default=None, help="comma-separated (default: float32, and bfloat16 on AMX CPUs)")
-    ap.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
-    ap.add_argument("--out", default=None, help="folder for conv2d.json, conv2d.md and conv2d.png")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="time with glibc keeping freed memory (as fasthg train does; fasthg.bench.malloc)")
+    add_run_args(ap, 4, "conv2d.json, conv2d.md and conv2d.png", "default: float32, and bfloat16 on AMX CPUs")
     a = ap.parse_args(argv)
-    if a.keep_freed_memory:
-        from fasthg.bench import malloc
-
-        malloc.keep_freed_memory()
+    dtypes = run_args_dtypes(a)
     shapes = SHAPES
     if a.levels:
         levels = {int(v) for v in a.levels.split(",")}
         shapes = [s for s in SHAPES if s[3] in levels]
-    dtypes = [getattr(torch, d) for d in a.dtypes.split(",")] if a.dtypes else None
     rows = run(shapes, batch=a.batch, dtypes=dtypes, repeats=a.repeats, out_dir=a.out)
     print(table(rows))
 

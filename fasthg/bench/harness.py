@@ -7,7 +7,7 @@ twice the last-level cache, so no call finds its inputs in cache from the one be
 import glob
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -148,3 +148,47 @@ def compiled(fn, device=None):
         # after each compilation, and whatever was timed next ran slower.
         torch._inductor.config.compile_threads = 1
     return torch.compile(fn, dynamic=False)
+
+
+def add_run_args(ap, batch: int, files: str, dtypes_help: str) -> None:
+    """The options the per-kernel benchmarks (python -m fasthg.bench.conv1x1, .conv2d) share."""
+    ap.add_argument("--batch", type=int, default=batch, help="images per batch")
+    ap.add_argument("--dtypes", default=None, help=f"comma-separated, e.g. bfloat16,float32 ({dtypes_help})")
+    ap.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
+    ap.add_argument("--out", default=None, help=f"folder for {files}")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="CPU: time with glibc keeping freed memory (as fasthg train does; fasthg.bench.malloc)")
+
+
+def run_args_dtypes(a) -> Optional[List[torch.dtype]]:
+    """add_run_args' dtypes (None: the benchmark's default), after keeping freed memory where asked."""
+    if a.keep_freed_memory:
+        from fasthg.bench import malloc
+
+        malloc.keep_freed_memory()
+    return [getattr(torch, d) for d in a.dtypes.split(",")] if a.dtypes else None
+
+
+def write_results(out_dir: str, stem: str, device_name: str, rows: List[dict], table: str, chart) -> None:
+    """out_dir/stem.json (rows), stem.md (the table) and stem.png (chart(rows, device_name, path),
+    where matplotlib is installed): the per-kernel benchmarks' files."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump({"device": device_name, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(f"{device_name}\n\n{table}\n")
+    try:
+        chart(rows, device_name, os.path.join(out_dir, f"{stem}.png"))
+    except ImportError:  # matplotlib
+        pass
+
+
+def markdown_table(title: str, header: List[str], cells: List[List[str]]) -> str:
+    """A title line, then a Markdown table of the header and one row of cells each."""
+    lines = [title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+

@@ -63,16 +63,25 @@ _WINOGRAD_PIXELS_PER_WEIGHT = 0.05
 _WINOGRAD_MAX_WEIGHTS = 256 * 256
 
 
-def _winograd_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+def _float_conv(dtype, device_type: str, x_shape, w_shape, k: int, stride, padding, dilation, groups):
+    """(pixels, cin, cout) of a float32 CPU convolution with a k x k kernel, stride 1, padding
+    k // 2, one group, on CPUs with the FMA kernels; None for any other."""
     if device_type != "cpu" or dtype != torch.float32 or len(x_shape) != 4 or len(w_shape) != 4:
-        return False
+        return None
     cout, cin, kh, kw = w_shape
-    if (kh, kw) != (3, 3) or cin != x_shape[1] or (tuple(stride), tuple(padding), tuple(dilation), groups) != (
-            (1, 1), (1, 1), (1, 1), 1):
+    p = k // 2
+    if (kh, kw) != (k, k) or cin != x_shape[1] or (tuple(stride), tuple(padding), tuple(dilation), groups) != (
+            (1, 1), (p, p), (1, 1), 1) or not fma_available():
+        return None
+    return x_shape[0] * x_shape[2] * x_shape[3], cin, cout
+
+
+def _winograd_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    conv = _float_conv(dtype, device_type, x_shape, w_shape, 3, stride, padding, dilation, groups)
+    if conv is None:
         return False
-    pixels = x_shape[0] * x_shape[2] * x_shape[3]
-    return (cout * cin <= _WINOGRAD_MAX_WEIGHTS and pixels > 0 and pixels >= _WINOGRAD_PIXELS_PER_WEIGHT * cout * cin
-            and fma_available())
+    pixels, cin, cout = conv
+    return cout * cin <= _WINOGRAD_MAX_WEIGHTS and 0 < pixels and pixels >= _WINOGRAD_PIXELS_PER_WEIGHT * cout * cin
 
 
 def runs_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
@@ -90,14 +99,11 @@ _FLOAT_1X1_MIN_CHANNELS = 64
 
 
 def _float_1x1_takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
-    if device_type != "cpu" or dtype != torch.float32 or len(x_shape) != 4 or len(w_shape) != 4:
+    conv = _float_conv(dtype, device_type, x_shape, w_shape, 1, stride, padding, dilation, groups)
+    if conv is None:
         return False
-    cout, cin, kh, kw = w_shape
-    if (kh, kw) != (1, 1) or cin != x_shape[1] or (tuple(stride), tuple(padding), tuple(dilation), groups) != (
-            (1, 1), (0, 0), (1, 1), 1):
-        return False
-    return (x_shape[0] * x_shape[2] * x_shape[3] >= _FLOAT_1X1_MIN_PIXELS and min(cin, cout) >= _FLOAT_1X1_MIN_CHANNELS
-            and fma_available())
+    pixels, cin, cout = conv
+    return pixels >= _FLOAT_1X1_MIN_PIXELS and min(cin, cout) >= _FLOAT_1X1_MIN_CHANNELS
 
 
 def _takes(dtype, device_type: str, x_shape, w_shape, stride, padding, dilation, groups) -> bool:
