@@ -268,3 +268,26 @@ def test_the_benchmark_runs(tmp_path):
     assert (tmp_path / "conv2d.md").read_text().count("| float32 |") == 4
     pytest.importorskip("matplotlib")
     assert (tmp_path / "conv2d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(not conv2d_module.fma_available(), reason="no AVX2/AVX-512 GEMM kernel here")
+def test_inference_forward_takes_it(monkeypatch):
+    """Without gradients a float32 3x3 runs the Winograd forward (as close to float64 as
+    oneDNN's); under bf16 autocast, or with backend="eager", nn.Conv2d's."""
+    calls = []
+    real = torch.ops.fasthg.conv3x3_winograd
+    monkeypatch.setattr(torch.ops.fasthg, "conv3x3_winograd", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(11)
+    conv = Conv2d(128, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 128, 24, 20).contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        assert conv2d_module.infers_winograd(x, conv)
+        out = conv(x)
+        assert rel_err(out, want) < TOLS[torch.float32] and out.is_contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not conv2d_module.infers_winograd(x, conv)
+            conv(x)
+        assert not conv2d_module.infers_winograd(x, conv, backend="eager")
+        assert not conv2d_module.infers_winograd(x.contiguous(), conv)
+    assert calls == [1]

@@ -12,6 +12,7 @@
   enough maps (fasthg::conv3x3_winograd, csrc/cpu/conv3x3_winograd.cpp): forward, input and
   weight gradients by Winograd's F(2x2, 3x3), 16 multiplies per 2x2 output tile in place of 36.
 
+Without gradients (inference) a float32 3x3 runs the Winograd forward where training would.
 Everywhere else, and with backend="eager", it is the module's own forward.
 
 `forward` and `backward` are the same choices for the other fasthg ops that run a
@@ -189,20 +190,37 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
-    """Whether conv2d takes fasthg's kernels: a backend other than eager, an nn.Conv2d (or
-    fasthg.nn.Conv2d) with numeric zero padding, x channels_last, gradients wanted, and the
-    geometry, dtype and size backward_fuses takes."""
+def _routable(x: torch.Tensor, conv: nn.Module, backend: str) -> bool:
+    """A backend other than eager, an nn.Conv2d (or fasthg.nn.Conv2d) with numeric zero
+    padding, a 4-D channels_last x."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
     if backend == "eager" or not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
         return False
-    if isinstance(conv.padding, str) or not torch.is_grad_enabled() or x.dim() != 4:
-        return False
-    if not (x.requires_grad or conv.weight.requires_grad) or not x.is_contiguous(memory_format=torch.channels_last):
+    return not isinstance(conv.padding, str) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _wants_grad(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+
+
+def fuses(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
+    """Whether conv2d trains on fasthg's kernels: _routable (a backend other than eager, an
+    nn.Conv2d or fasthg.nn.Conv2d with numeric zero padding, x channels_last), gradients
+    wanted, and the geometry, dtype and size backward_fuses takes."""
+    if not _routable(x, conv, backend) or not _wants_grad(x, conv):
         return False
     return _takes(compute_dtype(x), x.device.type, x.shape, conv.weight.shape, conv.stride, conv.padding,
                   conv.dilation, conv.groups)
+
+
+def infers_winograd(x: torch.Tensor, conv: nn.Module, backend: str = "auto") -> bool:
+    """Whether conv2d runs an inference forward (no gradient wanted) on the Winograd kernel:
+    _routable, float32 (no autocast to another dtype), and the size runs_winograd takes."""
+    if not _routable(x, conv, backend) or _wants_grad(x, conv) or compute_dtype(x) != torch.float32:
+        return False
+    bias_ok = conv.bias is None or conv.bias.dtype == x.dtype
+    return bias_ok and runs_winograd(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def save_cast(ctx, x, weight, bias, dtype, stride, padding, dilation, groups):
@@ -243,8 +261,10 @@ class _Conv2d(torch.autograd.Function):
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, backend: str = "auto") -> torch.Tensor:
-    """conv(x), on fasthg's kernels where `fuses` says so."""
+    """conv(x), on fasthg's kernels where `fuses` (training) or `infers_winograd` says so."""
     if not fuses(x, conv, backend):
+        if infers_winograd(x, conv, backend):
+            return torch.ops.fasthg.conv3x3_winograd(x, conv.weight, conv.bias)
         return nn.Conv2d.forward(conv, x)
     dtype = compute_dtype(x)
     return _Conv2d.apply(x.to(dtype), conv.weight, conv.bias, dtype, list(conv.stride), list(conv.padding),
