@@ -155,8 +155,7 @@ void activation_rows(const scalar_t* x, int64_t rows, int64_t c, const BnParams<
 }
 
 // The same activation packed as a B operand: panels of nr channels, [rows][nr] each (zero
-// channels beyond c).
-// (bn null: x itself, a plain convolution's input)
+// channels beyond c); with bn null, x itself (a plain convolution's input).
 template <typename scalar_t, typename T>
 void activation_panels(const scalar_t* x, int64_t rows, int64_t c, int64_t nr, const BnParams<T>* bn, T* dst) {
   for (int64_t q = 0; q < round_up(c, nr) / nr; ++q) {
