@@ -58,16 +58,21 @@ struct Grid {
   bool inside(int64_t y, int64_t x) const { return y >= 0 && y < h && x >= 0 && x < w; }
 };
 
+// The N x N c-channel pixels of tile t's window, rows y0 + lo .. y0 + lo + N - 1 (likewise
+// the columns): p[i][j] the pixel's channels, or outside(i, j) past the map's edge.
+template <int N, typename P, typename F>
+void window(P data, const Grid& g, int64_t c, int64_t t, int64_t lo, F outside, P (&p)[N][N]) {
+  P img = data + g.image(t) * g.h * g.w * c;
+  const int64_t y0 = g.y0(t) + lo, x0 = g.x0(t) + lo;
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j)
+      p[i][j] = g.inside(y0 + i, x0 + j) ? img + ((y0 + i) * g.w + x0 + j) * c : outside(i, j);
+}
+
 // The 4x4 patch of c-channel pixels around tile t (rows y0 - 1 .. y0 + 2, zeros outside).
 template <typename T>
 void patch(const T* data, const Grid& g, int64_t c, int64_t t, const T* zeros, const T* (&d)[4][4]) {
-  const T* img = data + g.image(t) * g.h * g.w * c;
-  const int64_t y0 = g.y0(t), x0 = g.x0(t);
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int64_t y = y0 - 1 + i, x = x0 - 1 + j;
-      d[i][j] = g.inside(y, x) ? img + (y * g.w + x) * c : zeros;
-    }
+  window<4>(data, g, c, t, -1, [&](int, int) { return zeros; }, d);
 }
 
 // V = B^T d B of channels [k0, k0 + n) of a patch: point e (row-major 4x4) to v[e * plane + k].
@@ -247,13 +252,9 @@ void forward_tiles(const T* x, int64_t n, int64_t h, int64_t w, const Transforme
       for (int e = 0; e < kPoints; ++e)
         kern.run(v.data() + e * pv, c, 1, u.point(e), m.data() + e * pm, cp, mp, cp, c, false, nullptr, 0);
       for (int64_t i = 0; i < nt; ++i) {
-        const int64_t t = t0 + i, y0 = grid.y0(t), x0 = grid.x0(t);
-        T* img = y + grid.image(t) * h * w * cout;
+        const int64_t t = t0 + i;
         T* out[2][2];
-        for (int a = 0; a < 2; ++a)
-          for (int bb = 0; bb < 2; ++bb)
-            out[a][bb] = grid.inside(y0 + a, x0 + bb) ? img + ((y0 + a) * w + x0 + bb) * cout
-                                                      : dump.data() + (2 * a + bb) * cout;
+        window<2>(y, grid, cout, t, 0, [&](int a, int bb) { return dump.data() + (2 * a + bb) * cout; }, out);
         output_transform(m.data() + i * cp, pm, cout, b, out);
       }
     }
@@ -289,12 +290,9 @@ void weight_grad_tiles(const T* g, const T* x, int64_t n, int64_t h, int64_t w, 
         db.assign(cout, 0.0);
       }
       for (int64_t i = 0; i < nt; ++i) {
-        const int64_t t = t0 + i, y0 = grid.y0(t), x0 = grid.x0(t);
-        const T* img = g + grid.image(t) * h * w * cout;
+        const int64_t t = t0 + i;
         const T* gt[2][2];
-        for (int r = 0; r < 2; ++r)
-          for (int s = 0; s < 2; ++s)
-            gt[r][s] = grid.inside(y0 + r, x0 + s) ? img + ((y0 + r) * w + x0 + s) * cout : zeros.data();
+        window<2>(g, grid, cout, t, 0, [&](int, int) { return zeros.data(); }, gt);
         grad_transform(gt, cout, a.data() + i * mp, pa);
         const T* sum4 = a.data() + 5 * pa + i * mp;
         for (int64_t k = 0; k < cout; ++k) db[k] += sum4[k];
